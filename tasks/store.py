@@ -1,0 +1,179 @@
+"""DuckDB: the one place a run's samples, token losses, selections and metrics live.
+
+Workers never write to DuckDB (a DuckDB file has one writer process). They write
+Parquet shards atomically; the driver loads a shard with delete-then-insert inside one
+transaction, so a retried or resumed shard replaces its rows and never duplicates them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id BIGINT PRIMARY KEY, uid VARCHAR, source VARCHAR, part SMALLINT, task VARCHAR,
+    answer VARCHAR, content_hash VARCHAR, n_tokens INTEGER, n_response INTEGER, truncated BOOLEAN,
+    answer_start INTEGER, answer_end INTEGER,
+    input_ids INTEGER[], response_mask BOOLEAN[], truth UTINYINT[]
+);
+-- One row per response (target) token: the candidate pool of every selection, with
+-- ground-truth labels when the input carries them (NULL otherwise).
+CREATE TABLE IF NOT EXISTS response_tokens (sample_id BIGINT, pos INTEGER, token_id INTEGER, truth UTINYINT);
+CREATE TABLE IF NOT EXISTS quarantine (source VARCHAR, row_index BIGINT, reason VARCHAR, raw VARCHAR);
+-- Raw per-token losses, one row per (model, response token). 'model' is 'base' or
+-- 'ref-<t>' (base + adapter of iteration t); base losses are computed once.
+CREATE TABLE IF NOT EXISTS token_losses (
+    model VARCHAR, shard INTEGER, sample_id BIGINT, pos INTEGER, token_id INTEGER, loss FLOAT
+);
+CREATE TABLE IF NOT EXISTS shards_done (model VARCHAR, shard INTEGER, n_tokens BIGINT, finished_at TIMESTAMP,
+    PRIMARY KEY (model, shard));
+-- score = loss_base - loss_ref = log p_ref - log p_base, per iteration's reference.
+CREATE TABLE IF NOT EXISTS token_scores (
+    iteration INTEGER, sample_id BIGINT, pos INTEGER, token_id INTEGER,
+    base_loss FLOAT, ref_loss FLOAT, score FLOAT
+);
+CREATE TABLE IF NOT EXISTS selected_tokens (selection VARCHAR, sample_id BIGINT, pos INTEGER);
+CREATE TABLE IF NOT EXISTS selections (
+    selection VARCHAR PRIMARY KEY, method VARCHAR, k DOUBLE, iteration INTEGER, threshold DOUBLE,
+    n_candidates BIGINT, n_kept BIGINT, precision DOUBLE, recall DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    variant VARCHAR, iteration INTEGER, metric VARCHAR, task VARCHAR, value DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS stage_log (stage VARCHAR, key VARCHAR, seconds DOUBLE, detail VARCHAR, finished_at TIMESTAMP);
+"""
+
+
+class DatabaseBusy(RuntimeError):
+    pass
+
+
+class FingerprintMismatch(RuntimeError):
+    pass
+
+
+def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -> duckdb.DuckDBPyConnection:
+    """Open (and create) a run database.
+
+    A second process gets ``DatabaseBusy`` with the holder named, optionally after
+    waiting ``wait_s`` seconds for the lock; DuckDB's own lock keeps the file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise DatabaseBusy(
+                    f"database busy: {path} is open in another tokenclean process ({e}). "
+                    "Wait for it to finish, or use another run name."
+                ) from e
+            time.sleep(0.5)
+    if not read_only:
+        con.execute(SCHEMA)
+    return con
+
+
+def get_meta(con, key: str) -> str | None:
+    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(con, key: str, value) -> None:
+    con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value if isinstance(value, str) else json.dumps(value)])
+
+
+def check_fingerprint(con, fingerprint: dict) -> bool:
+    """True if the stored samples were tokenised exactly like this; False if none stored yet.
+
+    Raises on a mismatch: scores and selections are indexed by token position, so a
+    different tokenizer, template or max length would silently misalign every label.
+    """
+    stored = get_meta(con, "fingerprint")
+    if stored is None:
+        return False
+    stored = json.loads(stored)
+    diffs = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
+    if diffs:
+        lines = ", ".join(f"{k}: stored {a!r} != now {b!r}" for k, (a, b) in diffs.items())
+        raise FingerprintMismatch(
+            f"this run's database was tokenised differently ({lines}). Token positions would not line up "
+            "with stored scores; start a new run (another run name or workdir) instead."
+        )
+    return True
+
+
+def insert_samples(con, samples: pa.Table, quarantine: list[dict]) -> None:
+    """Samples, their response-token pool and quarantined rows, in one transaction."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.register("_new_samples", samples)
+        con.execute("INSERT INTO samples SELECT * FROM _new_samples")
+        con.unregister("_new_samples")
+        con.execute(
+            """INSERT INTO response_tokens
+               SELECT sample_id, pos, token_id, truth FROM (
+                 SELECT sample_id, unnest(range(n_tokens)) AS pos, unnest(input_ids) AS token_id,
+                        unnest(response_mask) AS is_target, unnest(truth) AS truth
+                 FROM samples WHERE sample_id NOT IN (SELECT DISTINCT sample_id FROM response_tokens))
+               WHERE is_target"""
+        )
+        if quarantine:
+            q = pa.Table.from_pylist(quarantine, schema=pa.schema(
+                [("source", pa.string()), ("row_index", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]))
+            con.register("_new_q", q)
+            con.execute("INSERT INTO quarantine SELECT * FROM _new_q")
+            con.unregister("_new_q")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def load_loss_shard(con, model: str, shard: int, path: Path) -> int:
+    """Idempotent: a shard loaded twice leaves exactly one copy of its rows."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute("DELETE FROM token_losses WHERE model = ? AND shard = ?", [model, shard])
+        con.execute(
+            "INSERT INTO token_losses SELECT ?, ?, sample_id, pos, token_id, loss FROM read_parquet(?)",
+            [model, shard, str(path)],
+        )
+        n = con.execute("SELECT count(*) FROM token_losses WHERE model = ? AND shard = ?", [model, shard]).fetchone()[0]
+        con.execute("INSERT OR REPLACE INTO shards_done VALUES (?, ?, ?, now())", [model, shard, n])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return n
+
+
+def log_stage(con, stage: str, key: str, seconds: float, detail: dict | None = None) -> None:
+    con.execute("INSERT INTO stage_log VALUES (?, ?, ?, ?, now())", [stage, key, seconds, json.dumps(detail or {})])
+
+
+def record_metric(con, variant: str, iteration: int, metric: str, value: float, task: str | None = None) -> None:
+    con.execute(
+        "DELETE FROM metrics WHERE variant = ? AND iteration = ? AND metric = ? AND task IS NOT DISTINCT FROM ?",
+        [variant, iteration, metric, task],
+    )
+    con.execute("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, now())", [variant, iteration, metric, task, value])

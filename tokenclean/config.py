@@ -1,0 +1,182 @@
+"""Typed run configuration: one YAML file, overridable from the command line.
+
+Every stage reads its own sub-model, so a stage can be tested with a config built in
+Python and a run is reproducible from the YAML that is copied into its workdir.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # A typo in a YAML key must fail loudly, not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    paths: list[str] = Field(default_factory=list, description="JSONL / Parquet files, or hf:NAME[:split]")
+    eval_paths: list[str] = Field(default_factory=list, description="held-out set; else eval_fraction of paths")
+    eval_fraction: float = 0.1
+    max_length: int = 2048
+    seed: int = 0
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _frac(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("eval_fraction must be in [0, 1)")
+        return v
+
+
+class ModelConfig(_Strict):
+    base: str = Field("embedded", description="HF model id/path, or 'embedded' for the built-in tiny Llama")
+    tokenizer: str | None = Field(None, description="defaults to the base model's tokenizer")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+class ScoreConfig(_Strict):
+    backend: Literal["transformers", "vllm"] = "transformers"
+    batch_tokens: int = Field(16384, description="token budget per forward batch (padding included)")
+    lm_head_chunk: int = Field(2048, description="rows of hidden states per lm_head+CE chunk")
+    shard_samples: int = Field(512, description="samples per scoring shard (unit of retry / resume)")
+
+
+class SelectConfig(_Strict):
+    k: float = Field(0.6, description="fraction of response tokens kept")
+    seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError("k must be in (0, 1]")
+        return v
+
+
+class LoraConfig(_Strict):
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(_Strict):
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    schedule: Literal["linear", "constant"] = "linear"
+    epochs: int = 1
+    batch_tokens: int = Field(8192, description="token budget per optimiser step (padding included)")
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class EvalConfig(_Strict):
+    batch_tokens: int = 16384
+    max_samples: int | None = None
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="ray://host:10001 or 'auto'; None starts a local cluster")
+    num_cpus: int | None = None
+    num_gpus_per_task: float = Field(0.0, description="set to 1 to pin one scoring task per GPU")
+    enabled: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "default"
+    workdir: str = "runs"
+    mode: Literal["fixed", "self_evolving"] = "self_evolving"
+    iterations: int = Field(2, description="T: the data is split into D0..DT")
+    baselines: list[Literal["full", "random", "local", "global"]] = Field(
+        default_factory=lambda: ["full", "random", "local", "global"]
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    warmup_train: TrainConfig | None = Field(None, description="training of the reference on D0; defaults to train")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.iterations < 1:
+            raise ValueError("iterations (T) must be >= 1")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir) / self.name
+
+    @property
+    def db_path(self) -> Path:
+        return self.run_dir / "tokenclean.duckdb"
+
+    @property
+    def reference_train(self) -> TrainConfig:
+        return self.warmup_train or self.train
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for key in keys[:-1]:
+        cur = cur.setdefault(key, {})
+        if not isinstance(cur, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a section")
+    cur[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=3` strings -> nested dict; values are parsed as YAML so `k=0.5`, `paths=[a,b]` work."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(out, key.strip(), yaml.safe_load(raw))
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"config file not found: {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{p}: top level must be a mapping")
+        # Relative data paths are relative to the YAML file, not to the caller's cwd.
+        data = raw.get("data") or {}
+        for key in ("paths", "eval_paths"):
+            if key in data:
+                data[key] = [_resolve(p.parent, x) for x in data[key]]
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return RunConfig.model_validate(raw)
+
+
+def _resolve(root: Path, entry: str) -> str:
+    if entry.startswith("hf:") or Path(entry).is_absolute():
+        return entry
+    return str((root / entry).resolve())
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
