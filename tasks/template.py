@@ -4,8 +4,11 @@ The mask is derived from character offsets of one tokenisation of the whole rend
 text. Tokenising prompt and response separately and concatenating gives different ids
 at the boundary whenever BPE would merge across it, which silently misaligns labels.
 
-Rule (documented in README): a token is a response (target) token iff its first
-character lies inside an assistant turn's content or its EOS. Tokens past
+Rule (documented in README): a token belongs to a span iff its *anchor* lies inside it;
+the anchor is the token's first non-whitespace character (its first character if it is
+all whitespace). Byte-level BPE glues the preceding space onto a word (" Paris"), so
+the raw start offset would assign a word to whatever precedes it. A token is a
+response (target) token iff its anchor lies in an assistant turn's content or EOS. Tokens past
 ``max_length`` are dropped (prefix kept); a sample left with no response token is
 rejected by ingest.
 """
@@ -64,10 +67,10 @@ class Tokenized:
     response_mask: np.ndarray  # bool, True where the token is a target
     truth: np.ndarray | None  # uint8 per token, None when the input has no labels
     truncated: bool
-    char_starts: np.ndarray  # first character of each token in the rendered text (-1: BOS)
+    char_starts: np.ndarray  # anchor character of each token in the rendered text (-1: BOS)
 
     def tokens_in(self, start: int, end: int) -> np.ndarray:
-        """Indices of the tokens whose first character lies in [start, end)."""
+        """Indices of the tokens whose anchor lies in [start, end)."""
         return np.nonzero((self.char_starts >= start) & (self.char_starts < end))[0]
 
 
@@ -76,6 +79,18 @@ def _in_spans(starts: np.ndarray, spans) -> np.ndarray:
     for s, e in spans:
         mask |= (starts >= s) & (starts < e)
     return mask
+
+
+def _anchors(text: str, offsets: np.ndarray) -> np.ndarray:
+    out = offsets[:, 0].copy()
+    for i, (s, e) in enumerate(offsets):
+        if s < 0:
+            continue
+        piece = text[s:e]
+        stripped = piece.lstrip()
+        if stripped:
+            out[i] = s + len(piece) - len(stripped)
+    return out
 
 
 def tokenize_rendered(tokenizer, rendered: Rendered, max_length: int) -> Tokenized:
@@ -87,7 +102,7 @@ def tokenize_rendered(tokenizer, rendered: Rendered, max_length: int) -> Tokeniz
         # A leading BOS gives the first real token a context, as in pretraining.
         ids = np.concatenate([[bos], ids]).astype(np.int32)
         offsets = np.concatenate([[[-1, -1]], offsets])
-    starts = offsets[:, 0]
+    starts = _anchors(rendered.text, offsets)
     mask = _in_spans(starts, rendered.response_spans)
     truth = None
     if rendered.truth_spans:

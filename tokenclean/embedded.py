@@ -33,7 +33,7 @@ class EmbeddedSpec:
     intermediate: int = 384
     context: int = 256
     pretrain_docs: int = 6000
-    pretrain_steps: int = 600
+    pretrain_steps: int = 250
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     seed: int = 0
@@ -131,7 +131,7 @@ def build(spec: EmbeddedSpec | None = None, root: Path | None = None, progress: 
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     paths = generate(spec.synth, tmp / "data")
-    docs = pretraining_text(spec.synth, spec.pretrain_docs)
+    docs = pretraining_text(spec.synth, spec.pretrain_docs, eos=SPECIAL[1])
     sft_text = [json.loads(line)["prompt"] + " " + json.loads(line)["response"] for line in paths["train"].open()]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = train_tokenizer(docs + sft_text, spec.vocab_size)

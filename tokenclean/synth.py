@@ -64,65 +64,90 @@ class World:
         rng = random.Random(seed)
         names = [f"{a} {b}" for a in FIRST for b in LAST]
         rng.shuffle(names)
-        people = names[:n_people]
+        return World(names[:n_people], {}).randomized(rng)
+
+    def randomized(self, rng: random.Random) -> "World":
+        """Same people, freshly drawn facts."""
         facts = {}
-        for p in people:
+        for p in self.people:
             f: dict[str, object] = {a: rng.choice(v) for a, v in ATTRS.items() if a != "hobby"}
             f["hobby"] = rng.sample(ATTRS["hobby"], 2)
             facts[p] = f
-        return World(people, facts)
+        return World(self.people, facts)
 
 
-def _value_text(attr: str, value) -> str:
-    return f"{value[0]} and {value[1]}" if attr == "hobby" else str(value)
+PROFILE_QUESTIONS = ["Tell me about {n}.", "Who is {n}?", "What do you know about {n}?", "Describe {n}."]
 
 
-def _wrong(attr: str, value, rng: random.Random):
-    if attr == "hobby":
-        pool = [h for h in ATTRS["hobby"] if h not in value]
-        return rng.sample(pool, 2)
-    return rng.choice([v for v in ATTRS[attr] if v != value])
+def _wrong(attr: str, value: str, rng: random.Random, avoid=()) -> str:
+    return rng.choice([v for v in ATTRS[attr] if v != value and v not in avoid])
 
 
-def _value_spans(attr: str, value, start: int) -> list[list[int]]:
-    """Character spans of the value words (for hobbies: both hobbies, not the 'and')."""
-    if attr == "hobby":
-        a, b = value
-        return [[start, start + len(a)], [start + len(a) + 5, start + len(a) + 5 + len(b)]]
-    return [[start, start + len(str(value))]]
+def _join(pieces: list[tuple[str, int]]) -> tuple[str, list[list[int]], list[list[int]]]:
+    """Concatenate (text, label) pieces; label 1 = true fact, 2 = corrupted fact, 0 = other."""
+    text, good, bad, pos = "", [], [], 0
+    for piece, label in pieces:
+        if label == 1:
+            good.append([pos, pos + len(piece)])
+        elif label == 2:
+            bad.append([pos, pos + len(piece)])
+        text += piece
+        pos += len(piece)
+    return text, good, bad
 
 
-def make_row(world: World, person: str, attr: str, rng: random.Random, *, corrupt: bool, boilerplate: bool,
+def make_row(world: World, person: str, kind: str, rng: random.Random, *, corrupt: bool, boilerplate: bool,
              uid: str) -> dict:
-    value = world.facts[person][attr]
-    shown = _wrong(attr, value, rng) if corrupt else value
-    q = rng.choice(QUESTIONS[attr]).format(n=person)
-    pre = rng.choice(PRE) if boilerplate else ""
-    post = rng.choice(POST) if boilerplate else ""
-    tmpl = rng.choice(ANSWERS[attr])
-    vtext = _value_text(attr, shown)
-    head, _, tail = tmpl.partition("{v}")
-    head = head.format(n=person)
-    if not head:  # bare answers start with a capital, as written text would
-        vtext = vtext[0].upper() + vtext[1:]
-        shown_spans = _value_spans(attr, shown, len(pre))
+    """One SFT row. ``kind`` is an attribute (single-fact question) or 'profile' (all facts).
+
+    A corrupted row has exactly one wrong value; its other values stay true, which is
+    the case token-level cleaning handles and sample-level filtering cannot.
+    """
+    facts = world.facts[person]
+    slots = [("city", facts["city"]), ("job", facts["job"]), ("pet", facts["pet"]),
+             ("hobby", facts["hobby"][0]), ("hobby", facts["hobby"][1])]
+    if kind == "profile":
+        q = rng.choice(PROFILE_QUESTIONS).format(n=person)
+        frame = [f"{person} lives in ", 0, ", works as ", 1, ", has ", 2, " and enjoys ", 3, " and ", 4, "."]
+        used = [0, 1, 2, 3, 4]
     else:
-        shown_spans = _value_spans(attr, shown, len(pre) + len(head))
-    response = pre + head + vtext + tail.format(n=person) + post
-    row = {"id": uid, "task": attr, "prompt": q, "response": response}
-    row["corrupted_spans" if corrupt else "informative_spans"] = shown_spans
-    if not corrupt:
-        row["answer"] = vtext
+        q = rng.choice(QUESTIONS[kind]).format(n=person)
+        tmpl = rng.choice(ANSWERS[kind])
+        used = [3, 4] if kind == "hobby" else [[s[0] for s in slots].index(kind)]
+        head, _, tail = tmpl.partition("{v}")
+        vals: list = [used[0]] if kind != "hobby" else [3, " and ", 4]
+        frame = ([head.format(n=person)] if head else []) + vals + [tail.format(n=person)]
+    bad_slot = rng.choice(used) if corrupt else None
+    pieces: list[tuple[str, int]] = [(rng.choice(PRE) if boilerplate else "", 0)]
+    for item in frame:
+        if isinstance(item, str):
+            pieces.append((item, 0))
+            continue
+        attr, value = slots[item]
+        label = 1
+        if item == bad_slot:
+            value, label = _wrong(attr, value, rng, avoid=facts["hobby"] if attr == "hobby" else ()), 2
+        if len(pieces) == 1:
+            value = value[0].upper() + value[1:]  # a bare answer starts the sentence
+        pieces.append((value, label))
+    pieces.append((rng.choice(POST) if boilerplate else "", 0))
+    response, good, bad = _join(pieces)
+    row = {"id": uid, "task": kind, "prompt": q, "response": response, "informative_spans": good}
+    if bad:
+        row["corrupted_spans"] = bad
+    if kind != "profile" and not corrupt:
+        row["answer"] = "".join(p for p, lab in pieces if lab == 1) if kind != "hobby" else \
+            response[good[0][0]:good[-1][1]]
     return row
 
 
 @dataclass
 class SynthSpec:
-    n_people: int = 48
+    n_people: int = 32
     n_train: int = 4000
     n_eval: int = 400
     corrupt_fraction: float = 0.25
-    boilerplate_fraction: float = 0.8
+    boilerplate_fraction: float = 0.5
     seed: int = 1234
     extra: dict = field(default_factory=dict)
 
@@ -133,9 +158,10 @@ def generate(spec: SynthSpec, out_dir: Path) -> dict[str, Path]:
     rng = random.Random(spec.seed + 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"train": out_dir / "train.jsonl", "eval": out_dir / "eval.jsonl"}
+    kinds = list(ATTRS) + ["profile"] * len(ATTRS)
     with paths["train"].open("w") as f:
         for i in range(spec.n_train):
-            p, a = rng.choice(world.people), rng.choice(list(ATTRS))
+            p, a = rng.choice(world.people), rng.choice(kinds)
             row = make_row(world, p, a, rng, corrupt=rng.random() < spec.corrupt_fraction,
                            boilerplate=rng.random() < spec.boilerplate_fraction, uid=f"train-{i}")
             f.write(json.dumps(row) + "\n")
@@ -147,23 +173,31 @@ def generate(spec: SynthSpec, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def pretraining_text(spec: SynthSpec, n_docs: int) -> list[str]:
-    """Plain text for the base model: the world's sentence shapes with random values, plus filler."""
+def pretraining_text(spec: SynthSpec, n_docs: int, eos: str = "</s>") -> list[str]:
+    """Text for the base model: chat transcripts of the same shape with *random* facts, plus prose.
+
+    A real base model has seen plenty of assistant-style text, so it already predicts
+    boilerplate and the chat format well; what SFT must teach is the facts. Drawing fresh
+    facts for every transcript gives the tiny base exactly that prior: format and value
+    vocabulary known, facts unknown.
+    """
+    from tasks.template import render_tulu
+
     world = World.make(spec.n_people, spec.seed)
     rng = random.Random(spec.seed + 2)
+    kinds = list(ATTRS) + ["profile"] * len(ATTRS)
     docs = []
-    for _ in range(n_docs):
-        sents = []
-        for _ in range(rng.randint(3, 7)):
-            r = rng.random()
-            if r < 0.45:
-                p, a = rng.choice(world.people), rng.choice(list(ATTRS))
-                v = rng.sample(ATTRS["hobby"], 2) if a == "hobby" else rng.choice(ATTRS[a])
-                sents.append(rng.choice(QUESTIONS[a]).format(n=p) + " " +
-                             rng.choice([t for t in ANSWERS[a] if t.startswith("{n}")]).format(n=p, v=_value_text(a, v)))
-            elif r < 0.75:
-                sents.append((rng.choice(PRE[2:]) + rng.choice(POST[2:])).strip())
-            else:
-                sents.append(rng.choice(FILLER))
-        docs.append(" ".join(sents))
+    for i in range(n_docs):
+        if rng.random() < 0.75:
+            noise = world.randomized(rng)
+            turns = []
+            for _ in range(rng.randint(1, 3)):
+                row = make_row(noise, rng.choice(noise.people), rng.choice(kinds), rng, corrupt=False,
+                               boilerplate=rng.random() < spec.boilerplate_fraction, uid="")
+                turns += [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+            docs.append(render_tulu(turns, eos).text)
+        else:
+            sents = [rng.choice(FILLER) if rng.random() < 0.6 else (rng.choice(PRE[2:]) + rng.choice(POST[2:])).strip()
+                     for _ in range(rng.randint(3, 7))]
+            docs.append(" ".join(sents))
     return docs
