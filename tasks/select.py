@@ -17,9 +17,18 @@ import time
 METHODS = ("global", "local", "random", "full")
 
 
+def sql_parts(parts: list[int]) -> str:
+    """SQL list literal of part numbers (ints only, so safe to inline)."""
+    return ",".join(str(int(p)) for p in parts)
+
+
 def materialize_scores(con, iteration: int, ref_model: str, parts: list[int], base_model: str = "base") -> dict:
     """token_scores for one iteration: join stored base and reference losses (base computed once)."""
-    con.execute("DELETE FROM token_scores WHERE iteration = ?", [iteration])
+    in_parts = sql_parts(parts)
+    # Only this pool's rows are replaced: iteration t means "scored by theta_t", and the
+    # fixed-model and self-evolving flows share theta_1's scores over different pools.
+    con.execute(f"DELETE FROM token_scores WHERE iteration = ? AND sample_id IN "
+                f"(SELECT sample_id FROM samples WHERE part IN ({in_parts}))", [iteration])
     con.execute(
         f"""
         INSERT INTO token_scores
@@ -27,20 +36,20 @@ def materialize_scores(con, iteration: int, ref_model: str, parts: list[int], ba
         FROM token_losses b
         JOIN token_losses r ON r.sample_id = b.sample_id AND r.pos = b.pos AND r.model = ?
         JOIN samples s ON s.sample_id = b.sample_id
-        WHERE b.model = ? AND s.part IN ({",".join(str(int(p)) for p in parts)})
+        WHERE b.model = ? AND s.part IN ({in_parts})
         """,
         [iteration, ref_model, base_model],
     )
     n, bad = con.execute(
-        "SELECT count(*), count(*) FILTER (WHERE NOT isfinite(score)) FROM token_scores WHERE iteration = ?",
-        [iteration],
+        f"SELECT count(*), count(*) FILTER (WHERE NOT isfinite(score)) FROM token_scores WHERE iteration = ? "
+        f"AND sample_id IN (SELECT sample_id FROM samples WHERE part IN ({in_parts}))", [iteration],
     ).fetchone()
     return {"n_scores": n, "n_nonfinite": bad}
 
 
 def _candidates_sql(parts: list[int], iteration: int | None) -> str:
     """Candidate tokens of the pool: with scores when an iteration is given, else every response token."""
-    in_parts = ",".join(str(int(p)) for p in parts)
+    in_parts = sql_parts(parts)
     if iteration is None:
         return f"""SELECT rt.sample_id, rt.pos, NULL::FLOAT AS score FROM response_tokens rt
                    JOIN samples s USING (sample_id) WHERE s.part IN ({in_parts})"""
@@ -86,7 +95,7 @@ def select_tokens(con, selection: str, method: str, k: float, parts: list[int], 
     if iteration is not None:
         n_bad = con.execute(
             f"SELECT count(*) FROM token_scores ts JOIN samples s USING (sample_id) WHERE ts.iteration = ? "
-            f"AND s.part IN ({','.join(str(int(p)) for p in parts)}) AND NOT isfinite(ts.score)", [iteration]
+            f"AND s.part IN ({sql_parts(parts)}) AND NOT isfinite(ts.score)", [iteration]
         ).fetchone()[0]
     con.execute("DELETE FROM selections WHERE selection = ?", [selection])
     con.execute(
@@ -98,19 +107,24 @@ def select_tokens(con, selection: str, method: str, k: float, parts: list[int], 
             "recall": recall, "seconds": time.perf_counter() - t0}
 
 
-def selection_quality(con, selection: str, parts: list[int]) -> tuple[float | None, float | None]:
-    """Precision/recall of kept tokens against ground-truth labels, when the data carries them."""
-    in_parts = ",".join(str(int(p)) for p in parts)
+def selection_quality(con, selection: str | list[str], parts: list[int]) -> tuple[float | None, float | None]:
+    """Precision/recall of kept tokens against ground-truth labels, when the data carries them.
+
+    Several selections (the self-evolving iterations, each over its own D_t) are scored
+    as their union over the union of their pools.
+    """
+    in_parts = sql_parts(parts)
+    names = [selection] if isinstance(selection, str) else list(selection)
     row = con.execute(
         f"""
         WITH pool AS (SELECT rt.sample_id, rt.pos, rt.truth FROM response_tokens rt JOIN samples s USING (sample_id)
                       WHERE s.part IN ({in_parts}) AND rt.truth IS NOT NULL),
              kept AS (SELECT p.truth FROM pool p JOIN selected_tokens st
-                      ON st.sample_id = p.sample_id AND st.pos = p.pos AND st.selection = ?)
+                      ON st.sample_id = p.sample_id AND st.pos = p.pos AND st.selection IN (SELECT unnest(?)))
         SELECT (SELECT count(*) FROM pool), (SELECT count(*) FILTER (WHERE truth = 1) FROM pool),
                (SELECT count(*) FROM kept), (SELECT count(*) FILTER (WHERE truth = 1) FROM kept)
         """,
-        [selection],
+        [names],
     ).fetchone()
     n_pool, n_inf, n_kept, n_kept_inf = row
     if not n_pool:
@@ -118,3 +132,26 @@ def selection_quality(con, selection: str, parts: list[int]) -> tuple[float | No
     precision = n_kept_inf / n_kept if n_kept else math.nan
     recall = n_kept_inf / n_inf if n_inf else math.nan
     return precision, recall
+
+
+def load_selected(con, selection: str):
+    """Training samples of a selection: input ids with a label mask at the kept positions.
+
+    Samples that lost every token are absent (the inner join drops them).
+    """
+    import numpy as np
+
+    from tasks.train import TrainSample
+
+    rows = con.execute(
+        """SELECT s.sample_id, any_value(s.input_ids), list(st.pos) FROM selected_tokens st
+           JOIN samples s USING (sample_id) WHERE st.selection = ? GROUP BY s.sample_id ORDER BY s.sample_id""",
+        [selection],
+    ).fetchall()
+    out = []
+    for _, ids, pos in rows:
+        ids = np.asarray(ids, dtype=np.int32)
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[np.asarray(pos, dtype=np.int64)] = True
+        out.append(TrainSample(ids, mask))
+    return out

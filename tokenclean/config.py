@@ -17,6 +17,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class EmbeddedConfig(_Strict):
+    """Size of the built-in default (tokenizer + tiny Llama + synthetic SFT set)."""
+
+    n_people: int = 16
+    n_train: int = 4000
+    n_eval: int = 400
+    corrupt_fraction: float = 0.25
+    pretrain_steps: int = 250
+    seed: int = 1234
+
+
 class DataConfig(_Strict):
     paths: list[str] = Field(default_factory=list, description="JSONL / Parquet files, or hf:NAME[:split]")
     eval_paths: list[str] = Field(default_factory=list, description="held-out set; else eval_fraction of paths")
@@ -92,7 +103,7 @@ class RayConfig(_Strict):
 class RunConfig(_Strict):
     name: str = "default"
     workdir: str = "runs"
-    mode: Literal["fixed", "self_evolving"] = "self_evolving"
+    mode: Literal["fixed", "self_evolving", "both"] = "both"
     iterations: int = Field(2, description="T: the data is split into D0..DT")
     baselines: list[Literal["full", "random", "local", "global"]] = Field(
         default_factory=lambda: ["full", "random", "local", "global"]
@@ -105,6 +116,7 @@ class RunConfig(_Strict):
     warmup_train: TrainConfig | None = Field(None, description="training of the reference on D0; defaults to train")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

@@ -1,0 +1,123 @@
+"""The two token-cleaning flows of Pang et al. (2025), written to read like the paper.
+
+Adapters are named after the paper's thetas: ``theta-1`` is the base fine-tuned on the
+warm-up split D0 (full tokens); ``theta-(t+1)`` is theta-t fine-tuned on cleaned D_t.
+Token scores of iteration t are ``loss_base - loss_theta_t``. Base losses are scored
+once per token and reused by every iteration and both flows.
+
+Flows take the config as a plain dict (Prefect records flow parameters as JSON) and
+open the run database themselves, so each flow run is self-contained and resumable:
+ingest, shards, adapters and metrics already finished are reused, not redone.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.prepare import RunContext, prepare
+from flows.scoring import check_integrity, score_model
+from tasks.select import load_selected, materialize_scores
+from tasks.steps import evaluate_task, select_task, train_task
+from tokenclean.config import RunConfig
+
+
+def _train(ctx: RunContext, selection: str, name: str, init_adapter: str | None, warmup: bool = False) -> str:
+    cfg = ctx.cfg
+    out = ctx.adapter_dir(name)
+    train_task(ctx.con, ctx.base_path, load_selected(ctx.con, selection),
+               cfg.reference_train if warmup else cfg.train, out, init_adapter=init_adapter, label=name,
+               device=cfg.model.device, dtype=cfg.model.dtype)
+    return out
+
+
+def _evaluate(ctx: RunContext, adapter: str | None, variant: str, iteration: int) -> dict:
+    done = ctx.con.execute("SELECT count(*) FROM metrics WHERE variant = ? AND iteration = ?",
+                           [variant, iteration]).fetchone()[0]
+    if done:
+        return {}
+    cfg = ctx.cfg
+    return evaluate_task(ctx.con, ctx.base_path, adapter, variant, iteration, batch_tokens=cfg.eval.batch_tokens,
+                         max_samples=cfg.eval.max_samples, device=cfg.model.device, dtype=cfg.model.dtype)
+
+
+def _score(ctx: RunContext, model_key: str, adapter: str | None, parts: list[int]) -> None:
+    stats = score_model(ctx, model_key, adapter, parts)
+    check = check_integrity(ctx.con, model_key, parts)
+    get_run_logger().info("scored %s over D%s: %s; integrity %s", model_key, parts, stats, check)
+    if not check["ok"]:
+        raise RuntimeError(f"token_losses integrity check failed for {model_key}: {check}")
+    if stats["nonfinite"]:
+        get_run_logger().warning("%s: %d non-finite token losses; they are excluded from ranking",
+                                 model_key, stats["nonfinite"])
+
+
+def warmup_reference(ctx: RunContext) -> str:
+    """theta_1 = base fine-tuned with LoRA on D0, every response token kept."""
+    select_task(ctx.con, "warmup/D0", "full", 1.0, [0], iteration=None, seed=0)
+    return _train(ctx, "warmup/D0", "theta-1", None, warmup=True)
+
+
+def run_fixed_model(ctx: RunContext) -> None:
+    """Fixed-model cleaning and the baselines: one reference (theta_1) scores the whole pool once."""
+    cfg, pool = ctx.cfg, ctx.train_parts
+    theta1 = warmup_reference(ctx)
+    _evaluate(ctx, None, "base", 0)
+    _evaluate(ctx, theta1, "reference", 0)
+    _score(ctx, "base", None, pool)
+    needs_scores = any(m in ("global", "local") for m in cfg.baselines)
+    if needs_scores:
+        _score(ctx, "theta-1", theta1, pool)
+        materialize_scores(ctx.con, 1, "theta-1", pool)
+    for method in cfg.baselines:
+        selection = f"fixed/{method}"
+        select_task(ctx.con, selection, method, cfg.select.k, pool,
+                    iteration=1 if method in ("global", "local") else None, seed=cfg.select.seed)
+        adapter = _train(ctx, selection, f"fixed-{method}", None)
+        _evaluate(ctx, adapter, method, 1)
+
+
+def run_self_evolving(ctx: RunContext) -> str:
+    """Algorithm 1: for t = 1..T score D_t with (theta_0, theta_t), keep the top-k, train theta_t -> theta_{t+1}."""
+    cfg = ctx.cfg
+    theta = warmup_reference(ctx)  # theta_1
+    _score(ctx, "base", None, list(range(1, cfg.iterations + 1)))  # base losses: once, reused every iteration
+    for t in range(1, cfg.iterations + 1):
+        _score(ctx, f"theta-{t}", theta, [t])
+        materialize_scores(ctx.con, t, f"theta-{t}", [t])
+        selection = f"self-evolving/iter-{t}"
+        select_task(ctx.con, selection, "global", cfg.select.k, [t], iteration=t, seed=cfg.select.seed)
+        theta = _train(ctx, selection, f"theta-{t + 1}", init_adapter=theta)
+        _evaluate(ctx, theta, "self-evolving", t)
+    return theta
+
+
+def _with_context(cfg: RunConfig, body):
+    ctx = prepare(cfg)
+    try:
+        return body(ctx)
+    finally:
+        ctx.con.close()
+
+
+@flow(name="fixed-model-cleaning", log_prints=True)
+def fixed_model_cleaning(config: dict) -> str:
+    cfg = RunConfig.model_validate(config)
+    _with_context(cfg, run_fixed_model)
+    return str(cfg.run_dir)
+
+
+@flow(name="self-evolving-cleaning", log_prints=True)
+def self_evolving_cleaning(config: dict) -> str:
+    cfg = RunConfig.model_validate(config)
+    return _with_context(cfg, run_self_evolving)
+
+
+def run(cfg: RunConfig) -> None:
+    """Run the flows the config's mode asks for, on the configured Ray task runner."""
+    from flows.runtime import prefect_api, task_runner
+
+    config = cfg.model_dump(mode="json")
+    with prefect_api():
+        if cfg.mode in ("fixed", "both"):
+            fixed_model_cleaning.with_options(task_runner=task_runner(cfg.ray))(config)
+        if cfg.mode in ("self_evolving", "both"):
+            self_evolving_cleaning.with_options(task_runner=task_runner(cfg.ray))(config)

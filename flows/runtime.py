@@ -1,0 +1,65 @@
+"""Where flows run: a Prefect API every process can reach, and the Ray task runner.
+
+Prefect's default ephemeral API lives inside the driver process; Ray workers cannot see
+it and would each start a private one, so their task runs would vanish from the
+dashboard. When no ``PREFECT_API_URL`` is configured we therefore start one local API
+server as a subprocess and export its URL before Ray starts, so workers inherit it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from tokenclean.config import RayConfig
+
+
+@contextlib.contextmanager
+def prefect_api():
+    """Yield the API URL in use; start a local server for the duration if none is configured."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The default 20 s is too short for the first start (database migrations) on a busy 2-core box.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from prefect.settings import PREFECT_API_URL
+
+    url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server.api_url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def ray_address(cfg: RayConfig) -> str | None:
+    return cfg.address or os.environ.get("TOKENCLEAN_RAY_ADDRESS") or None
+
+
+def task_runner(cfg: RayConfig):
+    """RayTaskRunner on a local cluster (default) or the given address; threads if Ray is off."""
+    if not cfg.enabled:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_ray import RayTaskRunner
+
+    passed = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
+              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL")
+    env = {k: os.environ[k] for k in passed if k in os.environ}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    address = ray_address(cfg)
+    init: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if address is None:
+        # Local cluster: no dashboard (it wants extra ports and a process per node).
+        init |= {"include_dashboard": False, "num_cpus": cfg.num_cpus or os.cpu_count() or 1}
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # "local" forces a fresh cluster even if a stale /tmp/ray/ray_current_cluster
+        # points at a dead one (plain ray.init() would try to join it).
+        address = "local"
+    return RayTaskRunner(address=address, init_kwargs=init)

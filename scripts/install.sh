@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install tokenclean with the pinned CPU environment (idempotent).
+# On a GPU machine, install a CUDA torch first and then `pip install -e .` instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements/ci.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+echo "tokenclean installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,100 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.ingest import EVAL_PART, assign_part, ingest
+
+
+def _write_jsonl(path, rows):
+    with open(path, "wb") as f:
+        for r in rows:
+            f.write(r if isinstance(r, bytes) else (json.dumps(r) + "\n").encode())
+    return str(path)
+
+
+GOOD = [
+    {"id": "a", "prompt": "What is 2+2?", "response": "4."},
+    {"id": "b", "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello there."}]},
+    {"prompt": "Name a colour.", "response": "Blue.", "task": "colour", "answer": "Blue"},
+]
+BAD = [  # (row, expected reason fragment)
+    (b'{"prompt": "x", "response": \n', "not JSON"),
+    (b'{"prompt": "caf\xe9", "response": "ok"}\n', "not valid UTF-8"),
+    ({"prompt": "q", "response": ""}, "empty or whitespace-only response"),
+    ({"prompt": "q", "response": "   \n "}, "empty or whitespace-only response"),
+    ({"prompt": "q"}, "missing field 'response'"),
+    ({"prompt": 3, "response": "r"}, "field 'prompt' must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "role must be one of"),
+    ({"messages": "hello"}, "non-empty list"),
+    ([1, 2, 3], "must be a JSON object"),
+    ({"id": "a", "prompt": "dup", "response": "dup"}, "duplicate id 'a'"),
+    ({"prompt": "q", "response": "r", "answer": "zzz"}, "does not occur in the response"),
+    ({"prompt": "q", "response": "abc", "informative_spans": [[0, 9]]}, "outside the response"),
+    ({"prompt": "long " * 400, "response": "r"}, "no response token within max_length"),
+    ({"text": "only text"}, "neither 'messages' nor 'prompt'"),
+]
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_good_rows_kept(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "in.jsonl", GOOD + [row for row, _ in BAD])
+    res = ingest([path], [], tokenizer, max_length=128, eval_fraction=0.0, n_parts=2, seed=0)
+    assert res.n_read == len(GOOD) + len(BAD)
+    assert res.samples.num_rows == len(GOOD)
+    assert res.samples.column("uid").to_pylist()[:2] == ["a", "b"]
+    reasons = [q["reason"] for q in res.quarantine]
+    assert len(reasons) == len(BAD)
+    for (_, expected), got in zip(BAD, reasons):
+        assert expected in got, (expected, got)
+    assert all(q["source"].endswith("in.jsonl") and q["row_index"] >= 3 for q in res.quarantine)
+
+
+def test_answer_span_and_truth_are_token_aligned(tmp_path, tokenizer):
+    resp = "Sure! The colour is deep blue. Bye."
+    row = {"prompt": "Colour?", "response": resp, "answer": "deep blue",
+           "informative_spans": [[resp.index("deep"), resp.index("deep") + 9]]}
+    res = ingest([_write_jsonl(tmp_path / "a.jsonl", [row])], [], tokenizer, max_length=128, eval_fraction=0.0,
+                 n_parts=1, seed=0)
+    r = res.samples.to_pylist()[0]
+    ans = r["input_ids"][r["answer_start"]:r["answer_end"]]
+    assert tokenizer.decode(ans).strip() == "deep blue"
+    labelled = [t for t, lab in zip(r["input_ids"], r["truth"]) if lab == 1]
+    assert tokenizer.decode(labelled).strip() == "deep blue"
+
+
+def test_parquet_and_hf_dataset_inputs_match_jsonl(tmp_path, tokenizer):
+    import datasets
+
+    rows = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(20)]
+    j = _write_jsonl(tmp_path / "d.jsonl", rows)
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), p)
+    hf_dir = tmp_path / "hf"
+    datasets.Dataset.from_list(rows).save_to_disk(str(hf_dir))
+    kw = dict(max_length=128, eval_fraction=0.2, n_parts=3, seed=1)
+    out = [ingest([e], [], tokenizer, **kw).samples for e in (j, str(p), f"hf:{hf_dir}")]
+    for o in out[1:]:
+        assert o.column("input_ids").to_pylist() == out[0].column("input_ids").to_pylist()
+        assert o.column("part").to_pylist() == out[0].column("part").to_pylist()
+    assert out[0].num_rows == 20
+
+
+def test_unknown_format_and_missing_file_fail_clearly(tmp_path, tokenizer):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unsupported format"):
+        ingest([str(tmp_path / "x.csv")], [], tokenizer, max_length=64, eval_fraction=0, n_parts=1, seed=0)
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        ingest([str(tmp_path / "nope.jsonl")], [], tokenizer, max_length=64, eval_fraction=0, n_parts=1, seed=0)
+
+
+def test_split_is_deterministic_and_balanced():
+    parts = [assign_part(f"id-{i}", 0, 0.1, 3, False) for i in range(6000)]
+    assert parts == [assign_part(f"id-{i}", 0, 0.1, 3, False) for i in range(6000)]
+    assert abs(parts.count(EVAL_PART) / 6000 - 0.1) < 0.02
+    for p in range(3):
+        assert abs(parts.count(p) / 6000 - 0.3) < 0.03
+    assert assign_part("id-1", 0, 0.1, 3, True) == EVAL_PART
+    assert parts != [assign_part(f"id-{i}", 1, 0.1, 3, False) for i in range(6000)]

@@ -1,0 +1,159 @@
+"""DuckDB store and SQL selection on a real database file, with hand-made scores."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tasks import store
+from tasks.ingest import SAMPLE_SCHEMA
+from tasks.select import load_selected, materialize_scores, select_tokens
+
+
+def _samples(n_samples: int, n_resp: int, rng) -> pa.Table:
+    """Samples of 2 prompt tokens + n_resp response tokens, random truth labels."""
+    rows = []
+    for i in range(n_samples):
+        n = 2 + n_resp
+        rows.append({"sample_id": i, "uid": f"u{i}", "source": "t", "part": i % 2, "task": None, "answer": None,
+                     "content_hash": str(i), "n_tokens": n, "n_response": n_resp, "truncated": False,
+                     "answer_start": -1, "answer_end": -1, "input_ids": list(range(n)),
+                     "response_mask": [False, False] + [True] * n_resp,
+                     "truth": [0, 0] + [int(x) for x in rng.integers(0, 2, n_resp)]})
+    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def _losses(model, scores_by_token):
+    sid, pos, loss = zip(*scores_by_token)
+    return pa.table({"sample_id": pa.array(sid, pa.int64()), "pos": pa.array(pos, pa.int32()),
+                     "token_id": pa.array(pos, pa.int32()), "loss": pa.array(loss, pa.float32())})
+
+
+@pytest.fixture
+def db(tmp_path):
+    rng = np.random.default_rng(0)
+    con = store.connect(tmp_path / "run.duckdb")
+    store.insert_samples(con, _samples(10, 5, rng), [{"source": "t", "row_index": 99, "reason": "bad", "raw": "x"}])
+    # base loss 2.0 everywhere; reference loss makes score = a distinct value per token
+    toks = [(s, p) for s in range(10) for p in range(2, 7)]
+    score = {t: float(i % 17) / 4 for i, t in enumerate(toks)}
+    for model, f in (("base", lambda t: 2.0), ("theta-1", lambda t: 2.0 - score[t])):
+        path = tmp_path / f"{model}.parquet"
+        store.write_parquet_atomic(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
+        store.load_loss_shard(con, model, 0, path)
+    materialize_scores(con, 1, "theta-1", [0, 1])
+    yield con, score
+    con.close()
+
+
+def test_response_token_pool_and_quarantine(db):
+    con, _ = db
+    assert con.execute("SELECT count(*) FROM response_tokens").fetchone()[0] == 50
+    assert con.execute("SELECT min(pos) FROM response_tokens").fetchone()[0] == 2
+    assert con.execute("SELECT reason FROM quarantine").fetchall() == [("bad",)]
+
+
+def test_loading_a_shard_twice_never_duplicates(db, tmp_path):
+    con, _ = db
+    store.load_loss_shard(con, "base", 0, tmp_path / "base.parquet")
+    n, distinct = con.execute("SELECT count(*), count(DISTINCT (sample_id, pos)) FROM token_losses "
+                              "WHERE model = 'base'").fetchone()
+    assert n == distinct == 50
+
+
+def test_scores_are_base_minus_reference(db):
+    con, score = db
+    rows = con.execute("SELECT sample_id, pos, base_loss, ref_loss, score FROM token_scores").fetchall()
+    assert len(rows) == 50
+    for s, p, b, r, sc in rows:
+        assert sc == pytest.approx(b - r) and sc == pytest.approx(score[(s, p)], abs=1e-6)
+
+
+def test_global_keeps_exact_top_k_with_deterministic_ties(db):
+    con, score = db
+    out = select_tokens(con, "g", "global", 0.3, [0, 1], iteration=1)
+    assert out["n_kept"] == 15 and out["n_candidates"] == 50
+    kept = set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection = 'g'").fetchall())
+    expected = sorted(score, key=lambda t: (-score[t], t[0], t[1]))[:15]
+    assert kept == set(expected)
+    assert out["threshold"] == pytest.approx(min(score[t] for t in expected))
+    # global selection can empty a sample entirely
+    per_sample = dict(con.execute("SELECT sample_id, count(*) FROM selected_tokens WHERE selection='g' "
+                                  "GROUP BY 1").fetchall())
+    assert len(per_sample) < 10
+
+
+def test_local_keeps_ceil_k_per_sample(db):
+    con, score = db
+    select_tokens(con, "l", "local", 0.3, [0, 1], iteration=1)
+    per_sample = dict(con.execute("SELECT sample_id, count(*) FROM selected_tokens WHERE selection='l' "
+                                  "GROUP BY 1").fetchall())
+    assert per_sample == {s: math.ceil(0.3 * 5) for s in range(10)}
+    for s in range(10):
+        kept = {p for (p,) in con.execute("SELECT pos FROM selected_tokens WHERE selection='l' AND sample_id=?",
+                                          [s]).fetchall()}
+        best = sorted(range(2, 7), key=lambda p: (-score[(s, p)], p))[:2]
+        assert kept == set(best)
+
+
+def test_random_is_exact_count_and_seeded(db):
+    con, _ = db
+    a = select_tokens(con, "r0", "random", 0.5, [0, 1], seed=0)
+    select_tokens(con, "r0b", "random", 0.5, [0, 1], seed=0)
+    select_tokens(con, "r1", "random", 0.5, [0, 1], seed=1)
+    get = lambda n: set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection=?", [n]).fetchall())
+    assert a["n_kept"] == 25 and get("r0") == get("r0b") and get("r0") != get("r1")
+
+
+def test_pool_restricts_to_parts_and_precision_recall(db):
+    con, _ = db
+    out = select_tokens(con, "f0", "full", 1.0, [0])
+    assert out["n_kept"] == 25  # samples 0,2,4,6,8
+    n_inf = con.execute("SELECT count(*) FROM response_tokens rt JOIN samples s USING (sample_id) "
+                        "WHERE s.part = 0 AND rt.truth = 1").fetchone()[0]
+    assert out["recall"] == 1.0 and out["precision"] == pytest.approx(n_inf / 25)
+
+
+def test_nonfinite_scores_are_reported_not_ranked(db, tmp_path):
+    con, _ = db
+    con.execute("UPDATE token_scores SET score = 'nan'::FLOAT WHERE sample_id = 3 AND pos = 2")
+    con.execute("UPDATE token_scores SET score = 'inf'::FLOAT WHERE sample_id = 4 AND pos = 2")
+    out = select_tokens(con, "g2", "global", 1.0, [0, 1], iteration=1)
+    assert out["n_candidates"] == 48 and out["n_nonfinite_skipped"] == 2
+    kept = set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection='g2'").fetchall())
+    assert (3, 2) not in kept and (4, 2) not in kept
+
+
+def test_load_selected_builds_label_masks_and_drops_empty_samples(db):
+    con, _ = db
+    con.execute("INSERT INTO selected_tokens VALUES ('m', 1, 3), ('m', 1, 5), ('m', 4, 2)")
+    samples = load_selected(con, "m")
+    assert len(samples) == 2
+    assert samples[0].label_mask.nonzero()[0].tolist() == [3, 5]
+    assert samples[1].label_mask.nonzero()[0].tolist() == [2]
+
+
+def test_fingerprint_mismatch_is_refused(db):
+    con, _ = db
+    fp = {"tokenizer": "abc", "template": "tulu-v2", "max_length": 2048}
+    assert store.check_fingerprint(con, fp) is False
+    store.set_meta(con, "fingerprint", fp)
+    assert store.check_fingerprint(con, fp) is True
+    with pytest.raises(store.FingerprintMismatch, match="max_length: stored 2048 != now 1024"):
+        store.check_fingerprint(con, fp | {"max_length": 1024})
+
+
+def test_second_process_gets_database_busy(tmp_path):
+    path = tmp_path / "busy.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(path)!r}); "
+                               "print('ready', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(store.DatabaseBusy, match="database busy"):
+            store.connect(path, wait_s=0.5)
+    finally:
+        holder.kill()
+        holder.wait()
+    store.connect(path).close()  # free again once the holder is gone

@@ -1,0 +1,108 @@
+"""`tokenclean` command line: run a config, run the demo, inspect a run."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Token-level cleaning of SFT data.")
+
+SET_HELP = "Override a config key, e.g. --set select.k=0.5 --set train.lr=2e-4 (repeatable)."
+
+
+def _quiet_env() -> None:
+    # Ray and Prefect talk a lot at INFO; keep the terminal for our own progress bars.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _report(cfg) -> None:
+    from tasks.store import connect
+    from tokenclean.summary import comparison, format_table, run_overview, stage_times
+
+    con = connect(cfg.db_path, read_only=True)
+    try:
+        ov = run_overview(con)
+        typer.echo(f"\nrun {cfg.run_dir}: {json.dumps(ov['ingest'])}")
+        typer.echo(format_table(comparison(con)))
+        typer.echo("\nstage timings (s): " + ", ".join(f"{s}:{k}={t:.1f}" for s, k, t in stage_times(con)))
+    finally:
+        con.close()
+
+
+def _run(cfg) -> None:
+    from flows.cleaning import run
+
+    t0 = time.perf_counter()
+    run(cfg)
+    _report(cfg)
+    typer.echo(f"total wall time: {time.perf_counter() - t0:.1f} s")
+
+
+@app.command("run")
+def run_cmd(config: Path = typer.Argument(..., help="YAML run config"),
+            set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Run the flows a config asks for (fixed-model, self-evolving or both)."""
+    from tokenclean.config import load_config
+
+    _quiet_env()
+    _run(load_config(config, set_ or []))
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("runs"), help="where the run directory goes"),
+         set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Build the embedded tiny model + data if needed, run both flows and every baseline, print the table."""
+    from tokenclean.config import load_config
+
+    _quiet_env()
+    with resources.as_file(resources.files("tokenclean") / "configs" / "demo.yaml") as path:
+        cfg = load_config(path, [f"workdir={workdir}", *(set_ or [])])
+    _run(cfg)
+
+
+@app.command()
+def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclean.duckdb"),
+            sample: Optional[int] = typer.Option(None, help="show one sample's tokens"),
+            selection: str = typer.Option("fixed/global", help="selection whose kept tokens --sample marks")) -> None:
+    """Summarise a run: ingest, quarantine, scores, selections, metrics; or show one sample's kept tokens."""
+    from tasks.store import connect, get_meta
+    from tokenclean.summary import comparison, format_table, run_overview
+
+    db = run / "tokenclean.duckdb" if run.is_dir() else run
+    if not db.exists():
+        raise typer.BadParameter(f"no tokenclean database at {db}")
+    con = connect(db, read_only=True)
+    try:
+        if sample is None:
+            typer.echo(json.dumps(run_overview(con), indent=2, default=str))
+            typer.echo(format_table(comparison(con)))
+            return
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(get_meta(con, "base_model"))
+        row = con.execute("SELECT input_ids, response_mask FROM samples WHERE sample_id = ?", [sample]).fetchone()
+        if row is None:
+            raise typer.BadParameter(f"no sample {sample}")
+        kept = {r[0] for r in con.execute("SELECT pos FROM selected_tokens WHERE selection = ? AND sample_id = ?",
+                                          [selection, sample]).fetchall()}
+        scores = dict(con.execute("SELECT pos, score FROM token_scores WHERE sample_id = ? ORDER BY iteration DESC",
+                                  [sample]).fetchall())
+        for pos, (tid, is_target) in enumerate(zip(*row)):
+            mark = "KEEP" if pos in kept else ("drop" if is_target else "    ")
+            s = f"{scores[pos]:+.3f}" if pos in scores else ""
+            typer.echo(f"{pos:5d} {mark} {s:>8} {tok.decode([tid])!r}")
+    finally:
+        con.close()
+
+
+if __name__ == "__main__":
+    app()
