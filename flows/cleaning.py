@@ -53,15 +53,16 @@ def _score(ctx: RunContext, model_key: str, adapter: str | None, parts: list[int
 def warmup_reference(ctx: RunContext) -> str:
     """theta_1 = base fine-tuned with LoRA on D0, every response token kept."""
     select_task(ctx.con, "warmup/D0", "full", 1.0, [0], iteration=None, seed=0)
-    return _train(ctx, "warmup/D0", "theta-1", None, warmup=True)
+    theta1 = _train(ctx, "warmup/D0", "theta-1", None, warmup=True)
+    _evaluate(ctx, None, "base", 0)
+    _evaluate(ctx, theta1, "reference", 0)
+    return theta1
 
 
 def run_fixed_model(ctx: RunContext) -> None:
     """Fixed-model cleaning and the baselines: one reference (theta_1) scores the whole pool once."""
     cfg, pool = ctx.cfg, ctx.train_parts
     theta1 = warmup_reference(ctx)
-    _evaluate(ctx, None, "base", 0)
-    _evaluate(ctx, theta1, "reference", 0)
     _score(ctx, "base", None, pool)
     needs_scores = any(m in ("global", "local") for m in cfg.baselines)
     if needs_scores:
@@ -109,6 +110,18 @@ def fixed_model_cleaning(config: dict) -> str:
 def self_evolving_cleaning(config: dict) -> str:
     cfg = RunConfig.model_validate(config)
     return _with_context(cfg, run_self_evolving)
+
+
+@flow(name="score-pool", log_prints=True)
+def score_pool(config: dict, model_key: str = "base", adapter: str | None = None) -> dict:
+    """Score every training part with one model (base, or base + adapter), e.g. after a data refresh."""
+    cfg = RunConfig.model_validate(config)
+
+    def body(ctx):
+        _score(ctx, model_key, adapter, ctx.train_parts)
+        return check_integrity(ctx.con, model_key, ctx.train_parts)
+
+    return _with_context(cfg, body)
 
 
 def run(cfg: RunConfig) -> None:

@@ -33,6 +33,9 @@ def prefect_api():
     try:
         yield server.api_url
     finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # send buffered run logs before the server goes away
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 
@@ -50,7 +53,7 @@ def task_runner(cfg: RayConfig):
     from prefect_ray import RayTaskRunner
 
     passed = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
-              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL")
+              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "TOKENCLEAN_FAULT")
     env = {k: os.environ[k] for k in passed if k in os.environ}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     address = ray_address(cfg)

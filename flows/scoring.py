@@ -72,7 +72,7 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
     total = sum(lengths[i] for _, ids in todo for i in ids)
     t0 = time.perf_counter()
     stats = {"model": model_key, "shards": len(plan), "skipped": len(plan) - len(todo) - n_recovered,
-             "recovered": n_recovered, "scored": 0, "tokens": 0, "nonfinite": 0}
+             "recovered": n_recovered, "scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}}
     bar = tqdm(total=total, desc=f"score {model_key}", unit="tok", unit_scale=True, disable=not progress or not todo)
     pending: dict = {}
     queue = list(todo)
@@ -82,7 +82,8 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
             while queue and len(pending) < max_in_flight:
                 shard, ids = queue.pop(0)
                 fut = score_shard_task.with_options(task_run_name=f"score-{model_key}-{shard}").submit(
-                    ctx.base_path, adapter, shard, load_shard_samples(con, ids), batch_tokens=cfg.score.batch_tokens,
+                    ctx.base_path, adapter, model_key, shard, load_shard_samples(con, ids),
+                    batch_tokens=cfg.score.batch_tokens,
                     chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype)
                 pending[fut] = shard
             fut = next(iter(as_completed(list(pending))))
@@ -94,11 +95,13 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
             losses = res["table"].column("loss").to_numpy()
             stats["nonfinite"] += int((~np.isfinite(losses)).sum())
             stats["scored"] += 1
+            stats["workers"].setdefault(str(res["pid"]), set()).add(res["model_id"])
             stats["tokens"] += res["n_tokens"]
             bar.update(res["n_tokens"])
             elapsed = time.perf_counter() - t0
             bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", shards=f"{stats['scored']}/{len(todo)}")
     bar.close()
+    stats["workers"] = {pid: len(models) for pid, models in stats["workers"].items()}  # model loads per worker
     stats["seconds"] = time.perf_counter() - t0
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
     if stats["scored"] or n_recovered:

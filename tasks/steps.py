@@ -7,7 +7,10 @@ process (DuckDB has one writer); only ``score_shard_task`` is shipped to Ray wor
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -19,15 +22,52 @@ from tasks.store import log_stage
 from tasks.train import train_lora
 
 
+FAULT_ENV = "TOKENCLEAN_FAULT"
+
+
+def _inject_fault(model: str, shard: int, table=None):
+    """Chaos hook for the reliability tests: ``TOKENCLEAN_FAULT=kind:model:shard:marker[,...]``.
+
+    ``kill`` SIGKILLs the worker process the first time it scores that shard (the marker
+    file makes it happen once); ``nan`` poisons the shard's first two losses with NaN/inf.
+    Unset in normal runs, where this is a no-op.
+    """
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
+        kind, f_model, f_shard, marker = spec.split(":", 3)
+        if f_model == model and int(f_shard) == shard:
+            table = _apply_fault(kind, marker, table)
+    return table
+
+
+def _apply_fault(kind: str, marker: str, table):
+    if kind == "kill" and table is None and not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "nan" and table is not None and table.num_rows >= 2:
+        import numpy as np
+        import pyarrow as pa
+
+        loss = table.column("loss").to_numpy().copy()
+        loss[:2] = [np.nan, np.inf]
+        table = table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss, pa.float32()))
+    return table
+
+
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def score_shard_task(base_path: str, adapter: str | None, shard: int, samples: list, *, batch_tokens: int,
-                     chunk: int, device: str, dtype: str) -> dict:
-    """Runs on a Ray worker: losses come back through the object store, so no shared disk is needed."""
+def score_shard_task(base_path: str, adapter: str | None, model: str, shard: int, samples: list, *,
+                     batch_tokens: int, chunk: int, device: str, dtype: str) -> dict:
+    """Runs on a Ray worker: losses come back through the object store, so no shared disk is needed.
+
+    The model is cached per worker process (``process_model``): Ray reuses workers, so
+    weights load once per worker, not once per shard; ``pid``/``model_id`` prove it.
+    """
     t0 = time.perf_counter()
+    _inject_fault(model, shard)
     sm = process_model(base_path, device, dtype)
     table = sm.losses(samples, adapter=adapter, batch_tokens=batch_tokens, chunk=chunk)
+    table = _inject_fault(model, shard, table)
     return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "pid": os.getpid(), "model_id": id(sm)}
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)

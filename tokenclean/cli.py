@@ -38,11 +38,33 @@ def _report(cfg) -> None:
         con.close()
 
 
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _load(config, overrides):
+    from pydantic import ValidationError
+
+    from tokenclean.config import load_config
+
+    try:
+        return load_config(config, overrides)
+    except ValidationError as e:
+        _fail(f"invalid config {config}:\n{e}")
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 def _run(cfg) -> None:
     from flows.cleaning import run
+    from tasks.store import DatabaseBusy, FingerprintMismatch
 
     t0 = time.perf_counter()
-    run(cfg)
+    try:
+        run(cfg)
+    except (DatabaseBusy, FingerprintMismatch, FileNotFoundError) as e:
+        _fail(str(e))
     _report(cfg)
     typer.echo(f"total wall time: {time.perf_counter() - t0:.1f} s")
 
@@ -51,21 +73,17 @@ def _run(cfg) -> None:
 def run_cmd(config: Path = typer.Argument(..., help="YAML run config"),
             set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Run the flows a config asks for (fixed-model, self-evolving or both)."""
-    from tokenclean.config import load_config
-
     _quiet_env()
-    _run(load_config(config, set_ or []))
+    _run(_load(config, set_ or []))
 
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path("runs"), help="where the run directory goes"),
          set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Build the embedded tiny model + data if needed, run both flows and every baseline, print the table."""
-    from tokenclean.config import load_config
-
     _quiet_env()
     with resources.as_file(resources.files("tokenclean") / "configs" / "demo.yaml") as path:
-        cfg = load_config(path, [f"workdir={workdir}", *(set_ or [])])
+        cfg = _load(path, [f"workdir={workdir}", *(set_ or [])])
     _run(cfg)
 
 
@@ -102,6 +120,23 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
             typer.echo(f"{pos:5d} {mark} {s:>8} {tok.decode([tid])!r}")
     finally:
         con.close()
+
+
+@app.command()
+def report(run: Path = typer.Argument(..., help="run directory or its tokenclean.duckdb"),
+           out: Optional[Path] = typer.Option(None, help="HTML file to write (default RUN/report.html)"),
+           selection: str = typer.Option("fixed/global", help="selection whose kept tokens the samples highlight"),
+           samples: int = typer.Option(8, help="how many sample responses to show")) -> None:
+    """Write a self-contained HTML report of a run (histograms, kept fractions, trends, samples)."""
+    from tokenclean.report import build_report
+
+    _quiet_env()
+    db = run / "tokenclean.duckdb" if run.is_dir() else run
+    if not db.exists():
+        raise typer.BadParameter(f"no tokenclean database at {db}")
+    if out is None:
+        out = (run if run.is_dir() else run.parent) / "report.html"
+    typer.echo(str(build_report(db, out, selection=selection, n_samples=samples)))
 
 
 if __name__ == "__main__":

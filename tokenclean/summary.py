@@ -26,9 +26,12 @@ def _metric(con, variant: str, metric: str, task: str | None = None):
 def comparison(con) -> list[dict]:
     rows = []
     for label, variant, sels in VARIANTS:
-        if isinstance(sels, str):
-            sels = [r[0] for r in con.execute("SELECT selection FROM selections WHERE selection LIKE ? ORDER BY 1",
-                                              [sels]).fetchall()]
+        if sels is not None:  # only the selections this run actually made
+            pattern = sels if isinstance(sels, str) else None
+            sels = [r[0] for r in con.execute(
+                "SELECT selection FROM selections WHERE (? IS NOT NULL AND selection LIKE ?) "
+                "OR selection IN (SELECT unnest(?)) ORDER BY 1",
+                [pattern, pattern, [] if pattern else sels]).fetchall()]
         if _metric(con, variant, "response_loss") is None and not sels:
             continue
         row = {"variant": label, "kept": None, "precision": None, "recall": None}
