@@ -128,6 +128,7 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
            selection: str = typer.Option("fixed/global", help="selection whose kept tokens the samples highlight"),
            samples: int = typer.Option(8, help="how many sample responses to show")) -> None:
     """Write a self-contained HTML report of a run (histograms, kept fractions, trends, samples)."""
+    from tasks.store import DatabaseBusy
     from tokenclean.report import build_report
 
     _quiet_env()
@@ -136,7 +137,12 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
         raise typer.BadParameter(f"no tokenclean database at {db}")
     if out is None:
         out = (run if run.is_dir() else run.parent) / "report.html"
-    typer.echo(str(build_report(db, out, selection=selection, n_samples=samples)))
+    try:
+        path = build_report(db, out, selection=selection, n_samples=samples)
+    except DatabaseBusy as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2)
+    typer.echo(str(path))
 
 
 if __name__ == "__main__":

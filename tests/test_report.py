@@ -1,0 +1,377 @@
+"""`tokenclean report`: HTML built from a real run database, checked as text and rendered in headless Chromium.
+
+The run database is made with the real ingest, store and selection functions on the tiny
+embedded model's tokenizer and data; only the token losses are synthetic (seeded random),
+so no scoring or training runs here.
+"""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tasks import store
+from tasks.ingest import assign_part, ingest
+from tasks.select import materialize_scores, select_tokens
+from tokenclean.report import build_report, classify_trend, token_pieces
+
+SEED, N_PARTS = 0, 3
+INJECTED = "<script>alert('pwn')</script> What is the motto of Q&A <b>club</b>?"
+TREND_SERIES = {  # task: reference@0, self-evolving@1..3
+    "rising": [0.20, 0.30, 0.30, 0.50],
+    "falling": [0.60, 0.50, 0.45, 0.30],
+    "unstable": [0.30, 0.50, 0.20, 0.40],
+    "flat": [0.40, 0.405, 0.40, 0.40],
+}
+SELECTIONS = [  # name, method, parts, iteration
+    ("fixed/global", "global", [0, 1, 2], 1),
+    ("fixed/local", "local", [0, 1, 2], 1),
+    ("fixed/random", "random", [0, 1, 2], None),
+    ("fixed/full", "full", [0, 1, 2], None),
+    ("self-evolving/iter-1", "global", [1], 1),
+    ("self-evolving/iter-2", "global", [2], 2),
+]
+
+
+def _uids_in_parts(prefix: str, parts: set[int], n: int) -> list[str]:
+    out, i = [], 0
+    while len(out) < n:
+        uid = f"{prefix}-{i}"
+        if assign_part(uid, SEED, 0.0, N_PARTS, False) in parts:
+            out.append(uid)
+        i += 1
+    return out
+
+
+def _extra_source(path: Path) -> None:
+    """A second training source: an HTML/script injection, ordinary rows, and rows that must be quarantined."""
+    inj, *rest = _uids_in_parts("extra", {1, 2}, 5)
+    rows = [{"id": inj, "task": "motto", "prompt": INJECTED, "response": "Our motto is <i>always</i> \"1 < 2 & 3 > 2\".",
+             "answer": "always"}]
+    rows += [{"id": u, "task": "motto", "prompt": f"Question {u}?", "response": f"The answer for {u} is yes."}
+             for u in rest]
+    lines = [json.dumps(r) for r in rows]
+    lines += ["{not json", json.dumps({"id": "empty", "prompt": "hi", "response": "   "})]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_losses(con, tmp: Path, model: str, shift: float, rng) -> None:
+    rows = con.execute("SELECT sample_id, pos, token_id FROM response_tokens ORDER BY sample_id, pos").fetchnumpy()
+    tbl = pa.table({k: rows[k] for k in ("sample_id", "pos", "token_id")})
+    loss = rng.gamma(2.0, 1.0, tbl.num_rows).astype(np.float32) + np.float32(shift)
+    t = pa.table({"sample_id": tbl["sample_id"].cast(pa.int64()), "pos": tbl["pos"].cast(pa.int32()),
+                  "token_id": tbl["token_id"].cast(pa.int32()), "loss": pa.array(loss, pa.float32())})
+    path = tmp / "losses" / f"{model}.parquet"
+    store.write_parquet_atomic(t, path)
+    store.load_loss_shard(con, model, 0, path)
+
+
+@pytest.fixture(scope="module")
+def run_db(tiny, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("report-run")
+    extra = tmp / "extra.jsonl"
+    _extra_source(extra)
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    res = ingest([str(tiny.train), str(extra)], [str(tiny.eval)], tok, max_length=256, eval_fraction=0.0,
+                 n_parts=N_PARTS, seed=SEED)
+    db = tmp / "tokenclean.duckdb"
+    con = store.connect(db)
+    store.insert_samples(con, res.samples, res.quarantine)
+    store.set_meta(con, "ingest_summary", {"rows_read": res.n_read, "samples": res.samples.num_rows,
+                                           "quarantined": len(res.quarantine), "truncated": 0})
+    store.set_meta(con, "base_model", str(tiny.model))
+    rng = np.random.default_rng(1234)
+    for model, shift in (("base", 0.5), ("theta-1", 0.0), ("theta-2", -0.2)):
+        _write_losses(con, tmp, model, shift, rng)
+    materialize_scores(con, 1, "theta-1", [0, 1, 2])
+    materialize_scores(con, 2, "theta-2", [2])
+    sel_out = {name: select_tokens(con, name, method, 0.6, parts, iteration=it, seed=0)
+               for name, method, parts, it in SELECTIONS}
+    for variant, it, loss, em in (("base", 0, 2.0, 0.05), ("reference", 0, 1.5, 0.3), ("full", 1, 1.2, 0.4),
+                                  ("random", 1, 1.3, 0.35), ("local", 1, 1.1, 0.45), ("global", 1, 1.0, 0.5)):
+        store.record_metric(con, variant, it, "response_loss", loss)
+        store.record_metric(con, variant, it, "answer_exact_match", em)
+    for task, series in TREND_SERIES.items():
+        store.record_metric(con, "reference", 0, "answer_exact_match", series[0], task=task)
+        for t, v in enumerate(series[1:], start=1):
+            store.record_metric(con, "self-evolving", t, "answer_exact_match", v, task=task)
+    for t in (1, 2, 3):
+        store.record_metric(con, "self-evolving", t, "answer_exact_match", 0.4 + 0.05 * t)
+        store.record_metric(con, "self-evolving", t, "response_loss", 1.0 - 0.05 * t)
+    con.close()
+    out = build_report(db, tmp / "report.html", selection="fixed/global", n_samples=8)
+    return {"db": db, "html": out, "text": out.read_text(), "selections": sel_out, "tokenizer": tok}
+
+
+def test_classify_trend_definitions():
+    assert classify_trend([0.1, 0.1, 0.2]) == "rising"
+    assert classify_trend([0.5, 0.4, 0.4, 0.1]) == "falling"
+    assert classify_trend([0.1, 0.3, 0.2, 0.4]) == "unstable"  # net gain, but not monotone
+    assert classify_trend([0.3, 0.3001, 0.3005]) == "flat"
+    assert classify_trend([0.5]) == classify_trend([None, 0.5]) == "n/a"
+    assert classify_trend([0.2, None, 0.5]) == "rising"  # missing points are skipped
+    for task, series in TREND_SERIES.items():
+        assert classify_trend(series) == task
+
+
+def test_report_sections_and_thresholds(run_db):
+    text = run_db["text"]
+    for anchor in ("overview", "scores", "sources", "comparison", "trends", "samples"):
+        assert f'<section id="{anchor}">' in text
+    assert "could not be built" not in text
+    # one histogram per scored iteration, each global selection's threshold drawn on its own iteration's chart
+    charts = re.findall(r"<h3>iteration (\d+)</h3><figure>(.*?)</figure>", text, re.S)
+    assert [c[0] for c in charts] == ["1", "2"]
+    by_iter = dict(charts)
+    for name, method, _, it in SELECTIONS:
+        thr = run_db["selections"][name]["threshold"]
+        line = f'class="threshold" data-selection="{name}"'
+        if method == "global":
+            assert line in by_iter[str(it)] and f"keep score &gt;= {thr:.4g}" in by_iter[str(it)]
+            assert all(line not in c for i, c in by_iter.items() if i != str(it))
+        else:
+            assert line not in text
+    assert len(re.findall(r'<rect class="bar"', by_iter["1"])) > 10
+    # overview: ingest summary and the quarantine reasons
+    assert "rows_read" in text and "quarantine reason" in text
+    assert "not JSON" in text or "JSON" in text
+
+
+def test_histogram_counts_match_sql(run_db):
+    con = store.connect(run_db["db"], read_only=True)
+    try:
+        n1 = con.execute("SELECT count(*) FROM token_scores WHERE iteration = 1").fetchone()[0]
+    finally:
+        con.close()
+    chart = re.search(r"<h3>iteration 1</h3><figure>(.*?)</figure>", run_db["text"], re.S).group(1)
+    counts = [int(c) for c in re.findall(r"<title>bin \d+: (\d+) tokens</title>", chart)]
+    assert sum(counts) == n1 and f"iteration 1: {n1} scored tokens" in chart
+
+
+def test_kept_fraction_per_source_equals_sql(run_db):
+    con = store.connect(run_db["db"], read_only=True)
+    try:
+        sources = [r[0] for r in con.execute("SELECT DISTINCT source FROM samples ORDER BY 1").fetchall()]
+        assert "extra.jsonl" in sources and "train.jsonl" in sources
+        expected = {}
+        for name, _, parts, _ in SELECTIONS:
+            for src, kept, pool in con.execute(
+                    """SELECT s.source, count(st.sample_id), count(*) FROM response_tokens rt
+                       JOIN samples s USING (sample_id)
+                       LEFT JOIN selected_tokens st ON st.selection = ? AND st.sample_id = rt.sample_id
+                                                    AND st.pos = rt.pos
+                       WHERE s.part IN (SELECT unnest(?)) GROUP BY s.source""", [name, parts]).fetchall():
+                expected[(name, src)] = kept / pool
+    finally:
+        con.close()
+    got = {(html.unescape(s), html.unescape(src)): float(f) for s, src, f in re.findall(
+        r'class="frac" data-selection="([^"]*)" data-source="([^"]*)" data-fraction="([^"]*)"', run_db["text"])}
+    assert set(got) == set(expected)
+    for key, frac in expected.items():
+        assert got[key] == pytest.approx(frac, abs=1e-12), key
+    assert got[("fixed/full", "train.jsonl")] == 1.0
+    assert got[("fixed/global", "train.jsonl")] != got[("fixed/global", "extra.jsonl")]
+
+
+def test_trend_table(run_db):
+    text = run_db["text"]
+    for task in TREND_SERIES:
+        assert re.search(rf'<span class="trend trend-{task}" data-task="{task}">{task}</span>', text), task
+    assert "rising</b> = every step is non-decreasing" in text  # the definition is spelled out
+    assert "<th>reference (0)</th><th>iter 1</th><th>iter 2</th><th>iter 3</th>" in text
+
+
+def test_comparison_table_reused(run_db):
+    section = re.search(r'<section id="comparison">(.*?)</section>', run_db["text"], re.S).group(1)
+    for label in ("base (no SFT)", "fixed-model global top-k", "self-evolving (Alg. 1)", "RHO local top-k"):
+        assert html.escape(label) in section
+
+
+def test_samples_escape_html_and_mark_kept_tokens(run_db):
+    text = run_db["text"]
+    assert "<script" not in text.lower() and "<b>club" not in text and "<i>always" not in text
+    samples = re.findall(r'<div class="sample" data-sample-id="(\d+)">(.*?)</div></div>', text, re.S)
+    assert len(samples) == 8
+    shown = {}
+    for sid, body in samples:
+        toks = re.search(r'<div class="toks">(.*)', body, re.S).group(1)
+        shown[int(sid)] = html.unescape(re.sub(r"<[^>]+>", "", toks))
+    # the injected prompt is shown as text, byte for byte, and round-robin sampling reached the extra source
+    assert any(INJECTED in s and "1 < 2 & 3 > 2" in s for s in shown.values())
+    con = store.connect(run_db["db"], read_only=True)
+    try:
+        for sid, body in samples:
+            kept = {r[0] for r in con.execute("SELECT pos FROM selected_tokens WHERE selection = 'fixed/global' "
+                                              "AND sample_id = ?", [int(sid)]).fetchall()}
+            ids, mask = con.execute("SELECT input_ids, response_mask FROM samples WHERE sample_id = ?",
+                                    [int(sid)]).fetchone()
+            # the whole rendered sample decodes to the tokenizer's own decode of the sequence
+            assert shown[int(sid)] == run_db["tokenizer"].decode(ids, skip_special_tokens=False,
+                                                                 clean_up_tokenization_spaces=False)
+            marks = re.findall(r'<span class="tk ([pkd])( mixed)?[^"]*" title="pos (\d+) ', body)
+            for cls, mixed, pos in marks:
+                pos = int(pos)
+                if mixed:  # several tokens of one character, not all kept
+                    continue
+                assert cls == ("p" if not mask[pos] else "k" if pos in kept else "d"), (sid, pos)
+            assert any(c == "k" for c, _, _ in marks) or not kept
+    finally:
+        con.close()
+    assert "score +" in text or "score -" in text
+
+
+def test_token_pieces_concatenate_to_decode(run_db):
+    tok = run_db["tokenizer"]
+    ids = tok("Zoë said «héllo» — naïve 日本 </s>")["input_ids"]
+    pieces = token_pieces(tok, ids)
+    assert "".join(t for _, t in pieces) == tok.decode(ids, skip_special_tokens=False,
+                                                       clean_up_tokenization_spaces=False)
+    assert [p for g, _ in pieces for p in g] == list(range(len(ids)))
+    assert not any("\ufffd" in t for _, t in pieces)
+
+
+def test_missing_pieces_become_notes(tiny, tmp_path):
+    """A run with samples only (no scores, selections, metrics) and a tokenizer that moved away."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    res = ingest([str(tiny.train)], [], tok, max_length=256, eval_fraction=0.2, n_parts=2, seed=SEED)
+    db = tmp_path / "run" / "tokenclean.duckdb"
+    con = store.connect(db)
+    store.insert_samples(con, res.samples, [])
+    store.set_meta(con, "base_model", str(tmp_path / "gone"))
+    con.close()
+    text = build_report(db.parent, tmp_path / "r.html", selection="nope", n_samples=3).read_text()
+    assert "could not be built" not in text
+    assert "No token scores in this run" in text
+    assert "no self-evolving iterations" in text
+    assert "No ingest summary" in text
+    assert "No selections with kept tokens" in text
+    assert "could not be loaded" in text and "[" in text  # token ids instead of text
+    assert text.count('class="sample"') == 3
+
+
+def test_cli_report_writes_default_path(run_db, tmp_path):
+    from typer.testing import CliRunner
+
+    from tokenclean.cli import app
+
+    run_dir = tmp_path / "cli-run"
+    run_dir.mkdir()
+    shutil.copy(run_db["db"], run_dir / "tokenclean.duckdb")
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--selection", "self-evolving/iter-2"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().endswith("report.html") and (run_dir / "report.html").exists()
+    assert "Selection <b>self-evolving/iter-2</b>" in (run_dir / "report.html").read_text()
+
+
+# ------------------------------------------------------------------------ Chromium
+
+def _png_pixels(path: Path) -> np.ndarray:
+    """Decode an 8-bit RGB/RGBA PNG (all five filter types) into an (h, w, channels) array."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, ihdr = 8, [], None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat.append(body)
+        pos += 12 + n
+    w, h, depth, ctype, _, _, interlace = ihdr
+    assert depth == 8 and ctype in (2, 6) and interlace == 0, ihdr
+    bpp = 3 if ctype == 2 else 4
+    raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8).reshape(h, 1 + w * bpp)
+    out = np.zeros((h, w * bpp), dtype=np.uint8)
+    prev = np.zeros(w * bpp, dtype=np.int32)
+    for y in range(h):
+        f, line = raw[y, 0], raw[y, 1:].astype(np.int32)
+        if f == 0:
+            cur = line
+        elif f == 1:
+            cur = np.cumsum(line.reshape(w, bpp), axis=0).reshape(-1) % 256
+        elif f == 2:
+            cur = (line + prev) % 256
+        else:
+            cur, up, x = [0] * (w * bpp), prev.tolist(), line.tolist()
+            for i in range(w * bpp):
+                a = cur[i - bpp] if i >= bpp else 0
+                b = up[i]
+                if f == 3:
+                    cur[i] = (x[i] + (a + b) // 2) & 255
+                else:
+                    c = up[i - bpp] if i >= bpp else 0
+                    p = a + b - c
+                    pa_, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    cur[i] = (x[i] + (a if pa_ <= pb and pa_ <= pc else b if pb <= pc else c)) & 255
+            cur = np.asarray(cur, dtype=np.int32)
+        out[y] = cur
+        prev = cur
+    return out.reshape(h, w, bpp)[:, :, :3]
+
+
+def _near(px: np.ndarray, hex_color: str, tol: int = 6) -> int:
+    rgb = np.array([int(hex_color[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(px.astype(np.int32) - rgb).max(axis=2) <= tol).sum())
+
+
+def _chromium() -> str:
+    exe = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+    if exe is None:
+        pytest.fail("headless Chromium is required to check the HTML report renders, and `chromium` is not "
+                    "installed: run `apt-get install -y chromium` (Debian package `chromium`).")
+    return exe
+
+
+def _run_chromium(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def test_report_renders_in_headless_chromium(run_db, tmp_path):
+    exe = _chromium()
+    url = run_db["html"].resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    res = _run_chromium(exe, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2000", url)
+    assert shot.exists(), f"no screenshot; chromium said:\n{res.stderr[-3000:]}"
+    assert shot.stat().st_size > 20_000
+    px = _png_pixels(shot)
+    assert px.shape[:2] == (2000, 1200)
+    colours = np.unique(px.reshape(-1, 3)[::7], axis=0)
+    assert len(colours) > 50, "screenshot is (nearly) a single colour"
+    assert _near(px, "#7a9cc6") > 2000, "histogram bars not rendered"
+    assert _near(px, "#6cbf84") > 500, "kept-fraction bars not rendered"
+
+    # the whole page (the samples come last): kept tokens green, dropped tokens red
+    shot2 = tmp_path / "page.png"
+    _run_chromium(exe, tmp_path / "profile", f"--screenshot={shot2}", "--window-size=1200,8000", url)
+    px2 = _png_pixels(shot2)
+    assert _near(px2, "#c8efd0") > 2000 and _near(px2, "#fbd3d3") > 1000, "token highlighting not rendered"
+
+    dom = _run_chromium(exe, tmp_path / "profile", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-3000:]
+    assert "<svg" in dom.stdout and 'class="threshold"' in dom.stdout
+    assert '<table class="kept">' in dom.stdout and '<table class="trends">' in dom.stdout
+    assert dom.stdout.count('class="sample"') == 8
+    assert "<script" not in dom.stdout.lower()
+    keep = os.environ.get("TOKENCLEAN_REPORT_SHOTS")  # set to a folder to look at the screenshots
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for f in (shot, shot2, run_db["html"]):
+            shutil.copy(f, Path(keep) / f.name)

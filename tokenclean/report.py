@@ -1,0 +1,536 @@
+"""A run's self-contained HTML report: inline CSS and SVG, no scripts, no network.
+
+Sections: run overview, score histograms with selection thresholds, kept-token fraction
+per source dataset, the comparison table, per-task exact match across self-evolving
+iterations (the Matthew-effect view) and sample responses with kept tokens highlighted.
+
+Every aggregate over token-level tables (``token_scores``, ``selected_tokens``) is
+computed in DuckDB; Python only sees bins and per-group counts. Each section is built
+on its own: a missing or broken piece becomes a note in the report, never an exception.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import math
+import traceback
+from pathlib import Path
+
+TREND_EPS = 0.01
+N_BINS = 60
+PALETTE = ["#d62728", "#1f77b4", "#9467bd", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#17becf"]
+
+TREND_DEFINITION = (
+    "Trend of answer exact match over the series reference (iteration 0), self-evolving iteration 1, …, T "
+    f"(missing points skipped): <b>rising</b> = every step is non-decreasing and the net gain (last − first) "
+    f"is &gt; {TREND_EPS}; <b>falling</b> = every step is non-increasing and the net loss (first − last) is "
+    f"&gt; {TREND_EPS}; <b>flat</b> = all values lie within {TREND_EPS} of each other; <b>unstable</b> = "
+    "anything else (the series changes direction, or moves monotonically by no more than the tolerance); "
+    "<b>n/a</b> = fewer than two points."
+)
+
+
+def esc(v) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def classify_trend(values, eps: float = TREND_EPS) -> str:
+    """rising / falling / flat / unstable / n/a for a series of metric values (None/NaN skipped)."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if len(xs) < 2:
+        return "n/a"
+    if max(xs) - min(xs) <= eps:
+        return "flat"
+    steps = [b - a for a, b in zip(xs, xs[1:])]
+    net = xs[-1] - xs[0]
+    if all(d >= 0 for d in steps) and net > eps:
+        return "rising"
+    if all(d <= 0 for d in steps) and -net > eps:
+        return "falling"
+    return "unstable"
+
+
+def _fmt(v, fmt="{:.3f}") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "NaN" if math.isnan(v) else fmt.format(v)
+    return str(v)
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """Cells are already-escaped HTML."""
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    span = hi - lo
+    if span <= 0 or not math.isfinite(span):
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+# --------------------------------------------------------------------------- sections
+
+def _overview(con) -> str:
+    from tasks.store import get_meta
+    from tokenclean.summary import run_overview
+
+    ov = run_overview(con)
+    parts = []
+    ing = ov["ingest"]
+    if ing:
+        parts.append(_table(["ingest", "value"], [[esc(k), esc(v)] for k, v in ing.items()], "kv"))
+    else:
+        parts.append(_note("No ingest summary in meta (key 'ingest_summary')."))
+    part_names = {-1: "held-out (eval)"}
+    parts.append(_table(["part", "samples"], [[esc(part_names.get(p, f"D{p}")), esc(n)]
+                                              for p, n in ov["samples_by_part"].items()], "kv"))
+    q = ov["quarantine_reasons"]
+    if q:
+        parts.append(_table(["quarantine reason (numbers and quoted values elided)", "rows"],
+                            [[esc(r), esc(n)] for r, n in q.items()], "kv"))
+    else:
+        parts.append(_note("No quarantined rows."))
+    if ov["token_losses"]:
+        parts.append(_table(["model", "token losses"], [[esc(m), esc(n)] for m, n in ov["token_losses"].items()],
+                            "kv"))
+    base = get_meta(con, "base_model")
+    meta = f"<p>base model: <code>{esc(base)}</code></p>" if base else _note("No base model recorded in meta.")
+    return meta + '<div class="row">' + "".join(parts) + "</div>"
+
+
+def _histogram_svg(bins: list[int], lo: float, hi: float, lines: list[tuple[str, float, str]],
+                   title: str) -> str:
+    W, H, L, R, T, B = 820, 260, 60, 20, 34, 42
+    pw, ph = W - L - R, H - T - B
+    ymax = max(bins) if bins and max(bins) > 0 else 1
+    nb = len(bins)
+    sx = (lambda x: L + (x - lo) / (hi - lo) * pw) if hi > lo else (lambda x: L + pw / 2)
+    out = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'viewBox="0 0 {W} {H}" role="img"><title>{esc(title)}</title>',
+           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>']
+    bw = pw / max(nb, 1)
+    for i, c in enumerate(bins):
+        if c <= 0:
+            continue
+        h = c / ymax * ph
+        out.append(f'<rect class="bar" x="{L + i * bw:.2f}" y="{T + ph - h:.2f}" width="{max(bw - 0.6, 0.5):.2f}" '
+                   f'height="{h:.2f}" fill="#7a9cc6"><title>{esc(f"bin {i}: {c} tokens")}</title></rect>')
+    for t in _nice_ticks(lo, hi):
+        x = sx(t)
+        out.append(f'<line x1="{x:.2f}" y1="{T + ph}" x2="{x:.2f}" y2="{T + ph + 5}" stroke="#555"/>'
+                   f'<text x="{x:.2f}" y="{T + ph + 18}" text-anchor="middle" class="tick">{esc(f"{t:g}")}</text>')
+    if lo < 0 < hi:
+        out.append(f'<line x1="{sx(0):.2f}" y1="{T}" x2="{sx(0):.2f}" y2="{T + ph}" stroke="#999" '
+                   'stroke-dasharray="2 3"/>')
+    out.append(f'<text x="{L - 6}" y="{T + 10}" text-anchor="end" class="tick">{ymax}</text>'
+               f'<text x="{L - 6}" y="{T + ph}" text-anchor="end" class="tick">0</text>'
+               f'<text x="{L + pw / 2}" y="{H - 6}" text-anchor="middle" class="axis">'
+               'score = loss_base − loss_ref</text>'
+               f'<text x="14" y="{T + ph / 2}" text-anchor="middle" class="axis" '
+               f'transform="rotate(-90 14 {T + ph / 2})">tokens</text>')
+    for j, (name, thr, color) in enumerate(lines):
+        x = sx(thr)
+        out.append(f'<line class="threshold" data-selection="{esc(name)}" x1="{x:.2f}" y1="{T - 4}" x2="{x:.2f}" '
+                   f'y2="{T + ph}" stroke="{color}" stroke-width="2" stroke-dasharray="6 3">'
+                   f'<title>{esc(f"{name}: keep score >= {thr:.4g}")}</title></line>')
+        anchor = "start" if x < L + pw * 0.7 else "end"
+        dx = 4 if anchor == "start" else -4
+        out.append(f'<text x="{x + dx:.2f}" y="{T + 8 + 13 * j}" text-anchor="{anchor}" class="thr" '
+                   f'fill="{color}">{esc(f"{name} ≥ {thr:.3g}")}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _histograms(con) -> str:
+    stats = con.execute(
+        """SELECT iteration, count(*) AS n, count(*) FILTER (WHERE NOT isfinite(score)) AS bad,
+                  min(score) FILTER (WHERE isfinite(score)), max(score) FILTER (WHERE isfinite(score)),
+                  approx_quantile(score, 0.001) FILTER (WHERE isfinite(score)),
+                  approx_quantile(score, 0.999) FILTER (WHERE isfinite(score)),
+                  avg(score) FILTER (WHERE isfinite(score))
+           FROM token_scores GROUP BY iteration ORDER BY iteration""").fetchall()
+    if not stats:
+        return _note("No token scores in this run (token_scores is empty): nothing was scored yet.")
+    sels = con.execute("SELECT selection, method, k, iteration, threshold FROM selections "
+                       "WHERE threshold IS NOT NULL AND iteration IS NOT NULL ORDER BY selection").fetchall()
+    color = {s[0]: PALETTE[i % len(PALETTE)] for i, s in enumerate(sels)}
+    out = [f"<p>Bins are computed in DuckDB ({N_BINS} equal-width bins over the 0.1–99.9% quantile range, widened to "
+           "include every threshold; values outside fall into the edge bins). A dashed line marks each global "
+           "selection's threshold: tokens scoring at or above it were kept.</p>"]
+    for it, n, bad, mn, mx, qlo, qhi, mean in stats:
+        lines = [(s[0], float(s[4]), color[s[0]]) for s in sels if s[3] == it and math.isfinite(s[4])]
+        if mn is None:
+            out.append(f"<h3>iteration {esc(it)}</h3>" + _note(f"all {n} scores are non-finite"))
+            continue
+        lo, hi = float(qlo), float(qhi)
+        for _, thr, _ in lines:
+            lo, hi = min(lo, thr), max(hi, thr)
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        pad = (hi - lo) * 0.02
+        lo, hi = lo - pad, hi + pad
+        w = (hi - lo) / N_BINS
+        rows = con.execute(
+            f"""SELECT least(greatest(floor((score - ?) / ?)::BIGINT, 0), {N_BINS - 1}) AS b, count(*)
+                FROM token_scores WHERE iteration = ? AND isfinite(score) GROUP BY b""", [lo, w, it]).fetchall()
+        bins = [0] * N_BINS
+        for b, c in rows:
+            bins[int(b)] = int(c)
+        out_lo, out_hi = (mn < lo), (mx > hi)
+        cap = (f"iteration {it}: {n} scored tokens, mean {mean:.3f}, min {mn:.3f}, max {mx:.3f}"
+               + (f", {bad} non-finite (not ranked)" if bad else "")
+               + (" — range clipped, outliers in the edge bins" if out_lo or out_hi else ""))
+        out.append(f"<h3>iteration {esc(it)}</h3><figure>"
+                   + _histogram_svg(bins, lo, hi, lines, f"score histogram, iteration {it}")
+                   + f"<figcaption>{esc(cap)}</figcaption></figure>")
+        if not lines:
+            out.append(_note("No global selection with a threshold ranks this iteration's scores."))
+    return "".join(out)
+
+
+def kept_by_source(con) -> list[dict]:
+    """Kept tokens / response tokens per (selection, source).
+
+    A selection's pool is the set of parts (D_t) its kept tokens come from; the denominator
+    is every response token of that source in those parts.
+    """
+    rows = con.execute(
+        """WITH k AS (SELECT st.selection, s.part, s.source, count(*) AS n
+                      FROM selected_tokens st JOIN samples s USING (sample_id) GROUP BY ALL),
+                pool AS (SELECT p.selection, s.source, sum(s.n_response) AS n
+                         FROM (SELECT DISTINCT selection, part FROM k) p JOIN samples s ON s.part = p.part
+                         GROUP BY ALL),
+                kept AS (SELECT selection, source, sum(n) AS n FROM k GROUP BY ALL)
+           SELECT pool.selection, pool.source, coalesce(kept.n, 0)::BIGINT, pool.n::BIGINT
+           FROM pool LEFT JOIN kept USING (selection, source) ORDER BY 1, 2""").fetchall()
+    return [{"selection": s, "source": src, "kept": int(k), "pool": int(p),
+             "fraction": (k / p) if p else None} for s, src, k, p in rows]
+
+
+def _kept_section(con) -> str:
+    rows = kept_by_source(con)
+    if not rows:
+        return _note("No selections with kept tokens in this run.")
+    meta = {r[0]: r[1:] for r in con.execute(
+        "SELECT selection, method, k, iteration, n_kept, n_candidates FROM selections").fetchall()}
+    body = []
+    for r in rows:
+        m = meta.get(r["selection"])
+        frac = r["fraction"]
+        pct = 0.0 if frac is None else max(0.0, min(100.0, frac * 100))
+        bar = (f'<div class="bar-cell"><div class="bar-fill" style="width:{pct:.1f}%"></div>'
+               f'<span>{esc(_fmt(frac))}</span></div>')
+        body.append([esc(r["selection"]), esc(m[0] if m else "?"), esc(_fmt(m[1], "{:g}") if m else "?"),
+                     esc(r["source"]), f'<span class="num">{r["kept"]}</span>', f'<span class="num">{r["pool"]}</span>',
+                     f'<span class="frac" data-selection="{esc(r["selection"])}" data-source="{esc(r["source"])}" '
+                     f'data-fraction="{frac if frac is not None else ""}">{bar}</span>'])
+    return ("<p>Fraction of a source's response tokens kept by each selection, over the parts (D<sub>t</sub>) the "
+            "selection drew from. A global top-k keeps k of the whole pool, so sources can differ widely.</p>"
+            + _table(["selection", "method", "k", "source", "kept", "response tokens", "kept fraction"], body,
+                     "kept"))
+
+
+def _comparison_section(con) -> str:
+    from tokenclean.summary import comparison
+
+    rows = comparison(con)
+    if not rows:
+        return _note("No variants evaluated or selected yet.")
+    body = [[esc(r["variant"]), esc(_fmt(r["kept"])), esc(_fmt(r["precision"])), esc(_fmt(r["recall"])),
+             esc(_fmt(r["eval_loss"])), esc(_fmt(r["exact_match"]))] for r in rows]
+    note = ""
+    if all(r["precision"] is None for r in rows):
+        note = _note("No ground-truth token labels in this data: precision and recall are not available.")
+    return _table(["variant", "kept/pool", "precision", "recall", "held-out loss", "exact match"], body,
+                  "comparison") + note
+
+
+def _sparkline(values: list) -> str:
+    pts = [(i, float(v)) for i, v in enumerate(values) if v is not None and math.isfinite(float(v))]
+    if len(pts) < 2:
+        return ""
+    W, H, P = 110, 26, 3
+    n = len(values)
+    ys = [v for _, v in pts]
+    lo, hi = min(ys), max(ys)
+    span = hi - lo or 1.0
+    xy = " ".join(f"{P + i / max(n - 1, 1) * (W - 2 * P):.1f},{H - P - (v - lo) / span * (H - 2 * P):.1f}"
+                  for i, v in pts)
+    return (f'<svg class="spark" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">'
+            f'<polyline points="{xy}" fill="none" stroke="#333" stroke-width="1.5"/></svg>')
+
+
+def task_trends(con, metric: str = "answer_exact_match") -> dict:
+    """Per task (None = all tasks) the series reference@0, self-evolving@1..T and its trend."""
+    iters = [r[0] for r in con.execute(
+        "SELECT DISTINCT iteration FROM metrics WHERE variant = 'self-evolving' AND metric = ? ORDER BY 1",
+        [metric]).fetchall()]
+    ref = dict(con.execute("SELECT task, value FROM metrics WHERE variant = 'reference' AND iteration = 0 "
+                           "AND metric = ?", [metric]).fetchall())
+    se = con.execute("SELECT task, iteration, value FROM metrics WHERE variant = 'self-evolving' AND metric = ?",
+                     [metric]).fetchall()
+    by_task: dict = {}
+    for task, it, v in se:
+        by_task.setdefault(task, {})[it] = v
+    tasks = sorted(set(by_task) | (set(ref) if iters else set()), key=lambda t: (t is not None, t or ""))
+    out = {}
+    for t in tasks:
+        series = [ref.get(t)] + [by_task.get(t, {}).get(i) for i in iters]
+        out[t] = {"series": series, "trend": classify_trend(series)}
+    return {"iterations": iters, "has_reference": bool(ref), "tasks": out}
+
+
+def _trend_section(con) -> str:
+    tr = task_trends(con)
+    if not tr["iterations"]:
+        return _note("This run has no self-evolving iterations with answer exact match "
+                     "(metrics variant 'self-evolving'): nothing to show across iterations.")
+    parts = [f"<p>{TREND_DEFINITION}</p>"]
+    if not tr["has_reference"]:
+        parts.append(_note("No reference (theta_1) evaluation at iteration 0: series start at iteration 1."))
+    head = ["task", "reference (0)"] + [f"iter {esc(i)}" for i in tr["iterations"]] + ["net Δ", "", "trend"]
+    body, counts = [], {}
+    for task, d in tr["tasks"].items():
+        s = d["series"]
+        xs = [v for v in s if v is not None]
+        net = (xs[-1] - xs[0]) if len(xs) >= 2 else None
+        counts[d["trend"]] = counts.get(d["trend"], 0) + (task is not None)
+        label = "<i>all tasks</i>" if task is None else esc(task)
+        body.append([label] + [esc(_fmt(v)) for v in s] + [esc(_fmt(net, "{:+.3f}")), _sparkline(s),
+                     f'<span class="trend trend-{esc(d["trend"]).replace("/", "")}" data-task="{esc(task)}">'
+                     f'{esc(d["trend"])}</span>'])
+    parts.append(_table(head, body, "trends"))
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()) if n)
+    if summary:
+        parts.append(f"<p>Tasks: {esc(summary)}.</p>")
+    return "".join(parts)
+
+
+def _load_tokenizer(con):
+    from tasks.store import get_meta
+
+    path = get_meta(con, "base_model")
+    if not path:
+        return None, "no base_model in meta: showing token ids instead of text"
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path), None
+    except Exception as e:  # a moved model directory must not stop the report
+        return None, f"tokenizer at {path} could not be loaded ({type(e).__name__}: {e}); showing token ids"
+
+
+def token_pieces(tok, ids: list[int]) -> list[tuple[list[int], str]]:
+    """Incremental detokenisation: (token positions, text) groups that concatenate to the decoded text.
+
+    A piece is the text a token adds to its predecessor's decode, so leading spaces survive
+    (SentencePiece) and bytes of one character split over several tokens (byte-level BPE)
+    are grouped instead of printed as replacement characters.
+    """
+    if tok is None:
+        return [([i], f"[{t}]") for i, t in enumerate(ids)]
+
+    def dec(x):
+        return tok.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    out, prefix, read, pending = [], 0, 0, []
+    for i in range(len(ids)):
+        pending.append(i)
+        prefix_text = dec(ids[prefix:read])
+        new_text = dec(ids[prefix:i + 1])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            out.append((pending, new_text[len(prefix_text):]))
+            pending, prefix, read = [], read, i + 1
+    if pending:
+        out.append((pending, dec(ids[pending[0]:])))
+    return out
+
+
+def _pick_selection(con, selection: str) -> tuple[tuple | None, str | None]:
+    rows = con.execute("SELECT selection, method, k, iteration, threshold, n_kept, n_candidates FROM selections "
+                       "ORDER BY (method = 'global') DESC, selection").fetchall()
+    for r in rows:
+        if r[0] == selection:
+            return r, None
+    if not rows:
+        return None, f"selection {selection!r} not found and the run has no selections: samples shown unmarked"
+    alt = rows[0]
+    return alt, (f"selection {selection!r} not found; showing {alt[0]!r} instead "
+                 f"(available: {', '.join(r[0] for r in rows)})")
+
+
+def _samples_section(con, selection: str, n_samples: int) -> str:
+    sel, note = _pick_selection(con, selection)
+    notes = [note] if note else []
+    name = sel[0] if sel else None
+    it = sel[3] if sel else None
+    if it is None:
+        it = con.execute("SELECT max(iteration) FROM token_scores").fetchone()[0]
+        if it is not None and sel is not None:
+            notes.append(f"{name} ranks no scores; hover titles show iteration {it}'s scores")
+    if sel is not None:
+        parts = [r[0] for r in con.execute(
+            "SELECT DISTINCT s.part FROM selected_tokens st JOIN samples s USING (sample_id) WHERE st.selection = ?",
+            [name]).fetchall()]
+    else:
+        parts = [r[0] for r in con.execute("SELECT DISTINCT part FROM samples WHERE part >= 0").fetchall()]
+    if not parts or n_samples <= 0:
+        return "".join(_note(n) for n in notes) + _note("No samples to show.")
+    # Round-robin over sources (first by sample id within each), so every dataset is seen.
+    rows = con.execute(
+        """WITH pick AS (
+             SELECT sample_id, source, row_number() OVER (PARTITION BY source ORDER BY sample_id) AS rn
+             FROM samples WHERE part IN (SELECT unnest(?)) ORDER BY rn, source, sample_id LIMIT ?)
+           SELECT s.sample_id, s.uid, s.source, s.part, s.task, s.input_ids, s.response_mask, s.truth
+           FROM pick JOIN samples s USING (sample_id) ORDER BY pick.rn, pick.source, pick.sample_id""",
+        [parts, n_samples]).fetchall()
+    ids_shown = [r[0] for r in rows]
+    kept_all: dict[int, set] = {}
+    if name:
+        for sid, pos in con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection = ? "
+                                    "AND sample_id IN (SELECT unnest(?))", [name, ids_shown]).fetchall():
+            kept_all.setdefault(sid, set()).add(pos)
+    scores_all: dict[int, dict] = {}
+    if it is not None:
+        for sid, pos, score in con.execute("SELECT sample_id, pos, score FROM token_scores WHERE iteration = ? "
+                                           "AND sample_id IN (SELECT unnest(?))", [it, ids_shown]).fetchall():
+            scores_all.setdefault(sid, {})[pos] = score
+    tok, tnote = _load_tokenizer(con)
+    if tnote:
+        notes.append(tnote)
+    if rows and all(r[7] is None for r in rows):
+        notes.append("no ground-truth token labels in these samples")
+    if sel is None:
+        desc = "Selection <b>–</b> (no kept tokens to mark)"
+    else:
+        desc = (f"Selection <b>{esc(name)}</b> (method {esc(sel[1])}, k = {esc(_fmt(sel[2], '{:g}'))}"
+                + (f", scores of iteration {esc(sel[3])}" if sel[3] is not None else "")
+                + (f", threshold {esc(_fmt(sel[4], '{:.4g}'))}" if sel[4] is not None else "") + ")")
+    out = ["".join(_note(n) for n in notes),
+           f"<p>{desc}. Legend: "
+           '<span class="tk p">prompt</span> <span class="tk k">kept</span> <span class="tk d">dropped</span> '
+           '<span class="tk k t1">informative fact</span> <span class="tk d t2">corrupted fact</span> '
+           "(underlines only when the data has labels). Hover a token for its position and score.</p>"]
+    for sid, uid, source, part, task, ids, mask, truth in rows:
+        kept = kept_all.get(sid, set())
+        scores = scores_all.get(sid, {})
+        spans = []
+        for group, text in token_pieces(tok, list(ids)):
+            resp = [p for p in group if mask[p]]
+            if not resp:
+                cls = "p"
+            elif all(p in kept for p in resp):
+                cls = "k"
+            elif any(p in kept for p in resp):
+                cls = "k mixed"
+            else:
+                cls = "d"
+            if truth is not None:
+                lab = max(truth[p] for p in group)
+                if lab:
+                    cls += f" t{lab}"
+            title = "; ".join(
+                f"pos {p} · id {ids[p]}"
+                + (f" · score {scores[p]:+.4f}" if p in scores and scores[p] is not None else "")
+                + ("" if not mask[p] else " · kept" if p in kept else " · dropped") for p in group)
+            spans.append(f'<span class="tk {cls}" title="{esc(title)}">{esc(text)}</span>')
+        n_resp = sum(1 for m in mask if m)
+        n_kept = sum(1 for p in kept if p < len(mask) and mask[p])
+        head = (f"sample {sid} · uid {uid} · source {source} · D{part} · task {task or '–'} · "
+                f"kept {n_kept}/{n_resp} response tokens")
+        out.append(f'<div class="sample" data-sample-id="{esc(sid)}"><div class="shead">{esc(head)}</div>'
+                   f'<div class="toks">{"".join(spans)}</div></div>')
+    return "".join(out)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',DejaVu Sans,sans-serif;margin:24px auto;max-width:1120px;
+color:#222;line-height:1.4;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
+h3{margin:18px 0 4px;font-size:1.05em}
+table{border-collapse:collapse;margin:8px 16px 8px 0;font-size:0.9em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:middle}
+th{background:#f2f4f7}tbody tr:nth-child(even){background:#fafbfc}
+.row{display:flex;flex-wrap:wrap;align-items:flex-start}.note{color:#8a5a00;background:#fff8e6;
+border-left:4px solid #f0b429;padding:6px 10px}
+.sub{color:#666}figure{margin:4px 0}figcaption{color:#555;font-size:0.85em}
+.tick{font-size:11px;fill:#444}.axis{font-size:12px;fill:#333}.thr{font-size:12px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px}
+.bar-cell{position:relative;width:180px;height:18px;background:#eef1f5}
+.bar-fill{position:absolute;left:0;top:0;bottom:0;background:#6cbf84}
+.bar-cell span{position:relative;padding-left:6px;font-variant-numeric:tabular-nums}
+.num{font-variant-numeric:tabular-nums}
+.trend{font-weight:600;padding:1px 6px;border-radius:3px}.trend-rising{background:#d9f2df;color:#176b2c}
+.trend-falling{background:#fbdada;color:#9b1c1c}.trend-unstable{background:#fff1c2;color:#7a5b00}
+.trend-flat{background:#e8eaee;color:#444}.trend-na{color:#888}
+.sample{border:1px solid #ddd;border-radius:6px;margin:12px 0;overflow:hidden}
+.shead{background:#f2f4f7;padding:4px 10px;font-size:0.85em;color:#333}
+.toks{padding:8px 10px;font-family:'DejaVu Sans Mono',Menlo,Consolas,monospace;font-size:13px;
+white-space:pre-wrap;word-break:break-word;line-height:1.7}
+.tk.k,.tk.d{box-shadow:inset -1px 0 0 #fff}.tk.p{color:#999}.tk.k{background:#c8efd0;color:#0d4a1c}.tk.d{background:#fbd3d3;color:#8a1111;
+text-decoration:line-through}.tk.mixed{background:#e6efc0}
+.tk.t1{border-bottom:2px solid #1f5fbf}.tk.t2{border-bottom:2px dotted #e07b00}
+code{background:#f2f4f7;padding:1px 4px;border-radius:3px}
+"""
+
+
+def _section(title: str, anchor: str, build, *args) -> str:
+    try:
+        body = build(*args)
+    except Exception as e:  # one broken piece must not lose the rest of the report
+        body = _note(f"this section could not be built: {type(e).__name__}: {e}") + (
+            f"<pre class='sub'>{esc(traceback.format_exc(limit=3))}</pre>")
+    return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def build_report(db_path, out_path, *, selection: str = "fixed/global", n_samples: int = 8) -> Path:
+    """Write the run's HTML report to ``out_path`` and return that path.
+
+    ``db_path`` is the run's DuckDB file or its run directory; it is opened read-only.
+    """
+    from tasks.store import connect
+
+    db_path = Path(db_path)
+    if db_path.is_dir():
+        db_path = db_path / "tokenclean.duckdb"
+    if not db_path.exists():
+        raise FileNotFoundError(f"no tokenclean database at {db_path}")
+    out_path = Path(out_path)
+    con = connect(db_path, read_only=True)
+    try:
+        sections = [
+            _section("Run overview", "overview", _overview, con),
+            _section("Token score histograms", "scores", _histograms, con),
+            _section("Kept-token fraction per source dataset", "sources", _kept_section, con),
+            _section("Comparison of variants", "comparison", _comparison_section, con),
+            _section("Per-task exact match across self-evolving iterations (Matthew effect)", "trends",
+                     _trend_section, con),
+            _section(f"Sample responses ({n_samples})", "samples", _samples_section, con, selection, n_samples),
+        ]
+    finally:
+        con.close()
+    title = f"tokenclean report — {db_path.parent.name or db_path.name}"
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    nav = " · ".join(f'<a href="#{a}">{t}</a>' for a, t in [
+        ("overview", "overview"), ("scores", "scores"), ("sources", "sources"), ("comparison", "comparison"),
+        ("trends", "trends"), ("samples", "samples")])
+    doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+           f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+           f'<body><h1>{esc(title)}</h1><p class="sub">{esc(str(db_path))} · generated {esc(when)} · {nav}</p>'
+           + "".join(sections) + "</body></html>\n")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(out_path)
+    return out_path
