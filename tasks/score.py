@@ -1,12 +1,21 @@
 """Teacher-forced per-token losses: the math of scoring, with no orchestration in it.
 
+Throughput: by default samples are *packed* (``tasks.packing``): several samples share
+one row of up to ``batch_tokens`` tokens, ``position_ids`` restart per sample and
+attention is block-diagonal causal (PyTorch's flash varlen kernel on CUDA, per-sample
+SDPA elsewhere), so no FLOP is spent on padding. ``packed=False`` keeps the older
+length-sorted padded batches (``plan_batches``; ``padding_waste`` measures their cost).
+
 Memory discipline: the decoder's hidden states are gathered at target positions only,
 then pushed through lm_head + cross-entropy in chunks of ``lm_head_chunk`` rows, so
 the (tokens x vocab) fp32 logits tensor never exists (at 128k vocab and 16k tokens it
-would be 8 GiB). Batches are length-sorted under a token budget to keep padding low.
+would be 8 GiB). The decoder runs with ``use_cache=False`` (no KV cache is kept).
 
 One process holds the base weights once; a reference model is the same weights with
 a LoRA adapter switched on (``ScoringModel``), so base and reference share memory.
+
+pyarrow is imported lazily (``score_samples`` and the schemas), so the torch-level
+functions (``score_arrays`` and below) run where only torch + transformers exist.
 """
 from __future__ import annotations
 
@@ -15,14 +24,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
-import torch.nn.functional as F
 
-LOSS_SCHEMA = pa.schema(
-    [("sample_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32()), ("loss", pa.float32())]
-)
-EVAL_SCHEMA = LOSS_SCHEMA.append(pa.field("correct", pa.bool_()))
+from tasks.packing import VARLEN_ATTN, attn_implementation, pack_arrays, plan_packs, register_varlen_attention
+
+__all__ = [
+    "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "resolve_device", "resolve_dtype", "chunked_token_nll",
+    "compile_pointwise", "plan_batches", "plan_packs", "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays",
+    "score_samples", "ScoringModel", "process_model", "score_shard",
+]
+
+_SCHEMAS: dict = {}
+
+
+def _schemas() -> dict:
+    if not _SCHEMAS:
+        import pyarrow as pa
+
+        loss = pa.schema([("sample_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32()),
+                          ("loss", pa.float32())])
+        _SCHEMAS["LOSS_SCHEMA"] = loss
+        _SCHEMAS["EVAL_SCHEMA"] = loss.append(pa.field("correct", pa.bool_()))
+    return _SCHEMAS
+
+
+def __getattr__(name: str):  # PEP 562: LOSS_SCHEMA / EVAL_SCHEMA without importing pyarrow at module load
+    if name in ("LOSS_SCHEMA", "EVAL_SCHEMA"):
+        return _schemas()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -37,21 +66,55 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, with_correct: bool):
+    """fp32 NLL (logsumexp - target logit) of one chunk of model-dtype logits, and optionally argmax == target."""
+    logits = logits.float()
+    loss = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None]).squeeze(1)
+    return loss, (logits.argmax(-1) == targets) if with_correct else None
+
+
+_CE = {"fn": _ce_chunk}
+
+
 def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int,
                       with_correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NLL of ``targets`` (N,) given ``hidden`` (N, H): lm_head + CE in fp32, ``chunk`` rows at a time.
+
+    Per chunk: logits = lm_head(h) in the model dtype (as an HF forward computes them),
+    upcast to fp32, loss = logsumexp(logits) - logits[target] (no log-softmax tensor is
+    written). Peak extra memory is about ``chunk x vocab`` x 6 bytes.
 
     ``with_correct`` also returns whether the target is the argmax (greedy decoding's
     choice), which is what the teacher-forced exact-match metric needs.
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     correct = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device) if with_correct else None
+    ce = _CE["fn"]
     for i in range(0, hidden.shape[0], chunk):
-        logits = lm_head(hidden[i : i + chunk]).float()
-        out[i : i + chunk] = F.cross_entropy(logits, targets[i : i + chunk], reduction="none")
+        loss, ok = ce(lm_head(hidden[i : i + chunk]), targets[i : i + chunk], with_correct)
+        out[i : i + chunk] = loss
         if with_correct:
-            correct[i : i + chunk] = logits.argmax(-1) == targets[i : i + chunk]
+            correct[i : i + chunk] = ok
     return out, correct
+
+
+def compile_pointwise(model) -> None:
+    """Opt-in: ``torch.compile`` (dynamic shapes) each decoder layer's RMSNorms and MLP, and the chunk CE.
+
+    Fuses what eager runs as separate memory-bound kernels (RMSNorm's fp32 upcast/pow/
+    mean/rsqrt/mul chain, SiLU(gate) * up, the CE's upcast + logsumexp + gather);
+    the matmuls stay cuBLAS. Attention is not compiled (the varlen call takes host
+    lists). Affects this process's chunk CE for every model. Costs compile time at the
+    first batches; worth it only for long runs.
+    """
+    decoder, _ = _decoder_and_head(model)
+    for layer in decoder.layers:
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            mod = getattr(layer, name, None)
+            if mod is not None:
+                mod.compile(dynamic=True)
+    decoder.norm.compile(dynamic=True)
+    _CE["fn"] = torch.compile(_ce_chunk, dynamic=True)
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
@@ -87,6 +150,15 @@ def _decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+def _nan_where(losses: torch.Tensor, first: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A target at position 0 has no context to be predicted from: its loss is NaN (never ranked)."""
+    if isinstance(first, np.ndarray):
+        if not first.any():
+            return losses
+        first = torch.from_numpy(first).to(losses.device)
+    return losses.masked_fill(first, float("nan"))
+
+
 @torch.no_grad()
 def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: torch.Tensor, chunk: int,
                        with_correct: bool = False):
@@ -96,10 +168,31 @@ def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: tor
     state at p-1. Returns a flat fp32 tensor ordered like ``target.nonzero()``.
     """
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state  # (B, L, H)
+    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, L, H)
     rows, cols = target.nonzero(as_tuple=True)
-    h = hidden[rows, cols - 1]
-    return chunked_token_nll(h, ids[rows, cols], head, chunk, with_correct)
+    h = hidden[rows, (cols - 1).clamp_min(0)]
+    losses, correct = chunked_token_nll(h, ids[rows, cols], head, chunk, with_correct)
+    return _nan_where(losses, cols == 0), correct
+
+
+@torch.no_grad()
+def packed_token_losses(model, ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                        cu_host: list[int], max_len: int, target_index: torch.Tensor, chunk: int,
+                        with_correct: bool = False):
+    """Per-target losses for one packed row (see ``tasks.packing``).
+
+    ``ids``/``position_ids``: (1, T); ``cu_seqlens``: (n+1,) int32 on the device and the
+    same as a host list; ``target_index``: (K,) positions in the row whose token is a
+    target (its loss comes from the hidden state one position earlier, which must be in
+    the same sample: callers NaN out targets at a sample's position 0).
+    """
+    decoder, head = _decoder_and_head(model)
+    register_varlen_attention()
+    with attn_implementation(decoder.config, VARLEN_ATTN):
+        hidden = decoder(input_ids=ids, position_ids=position_ids, use_cache=False, tc_cu_seqlens=cu_seqlens,
+                         tc_cu_host=cu_host, tc_max_len=max_len).last_hidden_state[0]  # (T, H)
+    h = hidden[(target_index - 1).clamp_min(0)]
+    return chunked_token_nll(h, ids[0, target_index], head, chunk, with_correct)
 
 
 @dataclass
@@ -109,37 +202,80 @@ class ShardSample:
     target: np.ndarray  # bool mask over input_ids
 
 
-def score_samples(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
-                  progress=None, with_correct: bool = False) -> pa.Table:
-    """Losses of every target token of ``samples`` as an Arrow table (sample_id, pos, token_id, loss[, correct])."""
+def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
+                 progress=None, with_correct: bool = False, packed: bool = True) -> dict[str, np.ndarray]:
+    """Losses of every target token of ``samples`` as numpy columns (no pyarrow needed).
+
+    Keys: sample_id (int64), pos (int32), token_id (int32), loss (float32)[, correct (bool)].
+    Rows come pack by pack (or batch by batch); order within is by sample then position.
+    Device results stay on the device until the end (one transfer, no per-batch sync).
+    ``progress(n)`` is called after each batch with its number of real tokens.
+    """
+    device = torch.device(device)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
-    out_sid, out_pos, out_tok, out_loss, out_ok = [], [], [], [], []
-    for batch in plan_batches(lengths, batch_tokens):
-        width = int(lengths[batch].max())
-        ids = np.zeros((len(batch), width), dtype=np.int64)
-        attn = np.zeros((len(batch), width), dtype=np.int64)
-        tgt = np.zeros((len(batch), width), dtype=bool)
-        for r, i in enumerate(batch):
-            s = samples[i]
-            n = len(s.input_ids)
-            ids[r, :n], attn[r, :n], tgt[r, :n] = s.input_ids, 1, s.target
-        t_ids, t_attn, t_tgt = (torch.from_numpy(a).to(device) for a in (ids, attn, tgt))
-        losses, correct = batch_token_losses(model, t_ids, t_attn, t_tgt, chunk, with_correct)
-        losses = losses.cpu().numpy()
-        rows, cols = np.nonzero(tgt)
-        out_sid.append(np.array([samples[batch[r]].sample_id for r in rows], dtype=np.int64))
-        out_pos.append(cols.astype(np.int32))
-        out_tok.append(ids[rows, cols].astype(np.int32))
-        out_loss.append(losses.astype(np.float32))
+    host_cols: dict[str, list[np.ndarray]] = {"sample_id": [], "pos": [], "token_id": []}
+    dev_loss: list[torch.Tensor] = []
+    dev_ok: list[torch.Tensor] = []
+    sids = np.array([s.sample_id for s in samples], dtype=np.int64)
+    plan = plan_packs(lengths, batch_tokens) if packed else plan_batches(lengths, batch_tokens)
+    for batch in plan:
+        if packed:
+            ids, pos, cu, max_len, t_index, t_row, t_pos = pack_arrays(
+                [samples[i].input_ids for i in batch], [samples[i].target for i in batch])
+            if len(t_index) == 0:
+                if progress is not None:
+                    progress(int(len(ids)))
+                continue
+            d_ids = torch.from_numpy(ids).to(device)[None]
+            d_pos = torch.from_numpy(pos).to(device)[None]
+            d_cu = torch.from_numpy(cu).to(device)
+            d_t = torch.from_numpy(t_index).to(device)
+            losses, correct = packed_token_losses(model, d_ids, d_pos, d_cu, cu.tolist(), max_len, d_t, chunk,
+                                                  with_correct)
+            losses = _nan_where(losses, t_pos == 0)
+            host_cols["sample_id"].append(sids[batch][t_row])
+            host_cols["pos"].append(t_pos.astype(np.int32))
+            host_cols["token_id"].append(ids[t_index].astype(np.int32))
+            n_real = len(ids)
+        else:
+            width = int(lengths[batch].max())
+            ids = np.zeros((len(batch), width), dtype=np.int64)
+            attn = np.zeros((len(batch), width), dtype=np.int64)
+            tgt = np.zeros((len(batch), width), dtype=bool)
+            for r, i in enumerate(batch):
+                s = samples[i]
+                n = len(s.input_ids)
+                ids[r, :n], attn[r, :n], tgt[r, :n] = s.input_ids, 1, s.target
+            t_ids, t_attn, t_tgt = (torch.from_numpy(a).to(device) for a in (ids, attn, tgt))
+            losses, correct = batch_token_losses(model, t_ids, t_attn, t_tgt, chunk, with_correct)
+            rows, cols = np.nonzero(tgt)
+            host_cols["sample_id"].append(sids[batch][rows])
+            host_cols["pos"].append(cols.astype(np.int32))
+            host_cols["token_id"].append(ids[rows, cols].astype(np.int32))
+            n_real = int(lengths[batch].sum())
+        dev_loss.append(losses)
         if with_correct:
-            out_ok.append(correct.cpu().numpy())
+            dev_ok.append(correct)
         if progress is not None:
-            progress(int(attn.sum()))
-    schema = EVAL_SCHEMA if with_correct else LOSS_SCHEMA
-    if not out_sid:
-        return schema.empty_table()
-    cols = [out_sid, out_pos, out_tok, out_loss] + ([out_ok] if with_correct else [])
-    return pa.table([np.concatenate(c) for c in cols], schema=schema)
+            progress(n_real)
+    out = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64 if k == "sample_id" else np.int32))
+           for k, v in host_cols.items()}
+    out["loss"] = (torch.cat(dev_loss).cpu().numpy().astype(np.float32, copy=False) if dev_loss
+                   else np.zeros(0, dtype=np.float32))
+    if with_correct:
+        out["correct"] = torch.cat(dev_ok).cpu().numpy() if dev_ok else np.zeros(0, dtype=bool)
+    return out
+
+
+def score_samples(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
+                  progress=None, with_correct: bool = False, packed: bool = True):
+    """Losses of every target token of ``samples`` as an Arrow table (sample_id, pos, token_id, loss[, correct])."""
+    import pyarrow as pa
+
+    cols = score_arrays(model, samples, batch_tokens=batch_tokens, chunk=chunk, device=device,
+                        progress=progress, with_correct=with_correct, packed=packed)
+    schema = _schemas()["EVAL_SCHEMA" if with_correct else "LOSS_SCHEMA"]
+    return pa.table([cols[f.name] for f in schema], schema=schema)
 
 
 class ScoringModel:
@@ -147,15 +283,18 @@ class ScoringModel:
 
     ``losses(samples, adapter=None)`` scores with the base model, ``adapter=path``
     with base + that LoRA adapter. Loading a second adapter reuses the base weights.
+    ``compile=True`` applies ``compile_pointwise`` (faster on GPU after a one-time compile).
     """
 
-    def __init__(self, base_path: str, *, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, base_path: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.base_path = base_path
         self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype).to(self.device).eval()
+        if compile:
+            compile_pointwise(self.model)
         self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
 
     def _activate(self, adapter: str | None):
@@ -175,10 +314,11 @@ class ScoringModel:
         return self._adapters[key]
 
     def losses(self, samples: list[ShardSample], *, adapter: str | None, batch_tokens: int, chunk: int,
-               progress=None, with_correct: bool = False) -> pa.Table:
+               progress=None, with_correct: bool = False, packed: bool = True):
+        """Arrow table of per-target losses (see ``score_samples``) with base or base + ``adapter``."""
         name = self._activate(adapter)
         kw = dict(batch_tokens=batch_tokens, chunk=chunk, device=self.device, progress=progress,
-                  with_correct=with_correct)
+                  with_correct=with_correct, packed=packed)
         if name is None and self._adapters:
             with self.model.disable_adapter():
                 return score_samples(self.model, samples, **kw)
@@ -188,22 +328,23 @@ class ScoringModel:
 _PROCESS_MODELS: dict[tuple, ScoringModel] = {}
 
 
-def process_model(base_path: str, device: str = "auto", dtype: str = "auto") -> ScoringModel:
+def process_model(base_path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> ScoringModel:
     """One ScoringModel per worker process: Ray reuses workers, so weights load once."""
-    key = (str(base_path), device, dtype)
+    key = (str(base_path), device, dtype, compile)
     if key not in _PROCESS_MODELS:
         _PROCESS_MODELS.clear()  # a new base replaces the old one instead of doubling memory
-        _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype)
+        _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype, compile=compile)
     return _PROCESS_MODELS[key]
 
 
 def score_shard(base_path: str, adapter: str | None, samples: list[ShardSample], out_path: str, *,
-                batch_tokens: int, chunk: int, device: str = "auto", dtype: str = "auto") -> dict:
+                batch_tokens: int, chunk: int, device: str = "auto", dtype: str = "auto",
+                compile: bool = False) -> dict:
     """Score one shard and write its Parquet atomically; the unit a worker runs and retries."""
     from tasks.store import write_parquet_atomic
 
     t0 = time.perf_counter()
-    sm = process_model(base_path, device, dtype)
+    sm = process_model(base_path, device, dtype, compile)
     table = sm.losses(samples, adapter=adapter, batch_tokens=batch_tokens, chunk=chunk)
     losses = table.column("loss").to_numpy()
     n_bad = int((~np.isfinite(losses)).sum())
