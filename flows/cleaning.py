@@ -91,10 +91,31 @@ def run_self_evolving(ctx: RunContext) -> str:
     return theta
 
 
+def publish_summary(ctx: RunContext) -> None:
+    """Prefect artifacts for the ops dashboard: the comparison table and per-task metrics."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tokenclean.summary import comparison, format_table
+
+    rows = comparison(ctx.con)
+    create_markdown_artifact(
+        f"## Token cleaning: `{ctx.cfg.name}`\n\n```\n{format_table(rows)}\n```\n\n"
+        f"k = {ctx.cfg.select.k}, T = {ctx.cfg.iterations}, base = `{ctx.base_path}`",
+        key="token-cleaning-summary", description="variants compared on held-out data")
+    metrics = ctx.con.execute(
+        "SELECT variant, iteration, coalesce(task, 'all') AS task, metric, round(value, 4) AS value FROM metrics "
+        "ORDER BY variant, iteration, task, metric").fetchall()
+    if metrics:
+        create_table_artifact([dict(zip(("variant", "iteration", "task", "metric", "value"), m)) for m in metrics],
+                              key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
+
+
 def _with_context(cfg: RunConfig, body):
     ctx = prepare(cfg)
     try:
-        return body(ctx)
+        out = body(ctx)
+        publish_summary(ctx)
+        return out
     finally:
         ctx.con.close()
 

@@ -35,7 +35,7 @@ def prefect_api():
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # send buffered run logs before the server goes away
+        APILogHandler().flush()  # send buffered run logs before the server goes away
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 

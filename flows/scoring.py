@@ -9,6 +9,7 @@ loaded with delete-then-insert: a retried or re-run shard replaces, never duplic
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 
 import numpy as np
@@ -74,6 +75,7 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
     stats = {"model": model_key, "shards": len(plan), "skipped": len(plan) - len(todo) - n_recovered,
              "recovered": n_recovered, "scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}}
     bar = tqdm(total=total, desc=f"score {model_key}", unit="tok", unit_scale=True, disable=not progress or not todo)
+    artifact = _progress_artifact(model_key, len(todo)) if todo else None
     pending: dict = {}
     queue = list(todo)
     dev, dtype = cfg.model.device, cfg.model.dtype
@@ -100,6 +102,11 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
             bar.update(res["n_tokens"])
             elapsed = time.perf_counter() - t0
             bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", shards=f"{stats['scored']}/{len(todo)}")
+            if artifact is not None:
+                from prefect.artifacts import update_progress_artifact
+
+                update_progress_artifact(artifact, 100.0 * stats["tokens"] / max(1, total),
+                                         description=f"{stats['tokens'] / elapsed:,.0f} tok/s")
     bar.close()
     stats["workers"] = {pid: len(models) for pid, models in stats["workers"].items()}  # model loads per worker
     stats["seconds"] = time.perf_counter() - t0
@@ -107,6 +114,17 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
     if stats["scored"] or n_recovered:
         store.log_stage(con, "score", model_key, stats["seconds"], stats)
     return stats
+
+
+def _progress_artifact(model_key: str, n_shards: int):
+    """A Prefect progress artifact, so the UI shows scoring progress live (None outside a run)."""
+    from prefect.artifacts import create_progress_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return None
+    key = "score-" + re.sub(r"[^a-z0-9-]+", "-", model_key.lower())
+    return create_progress_artifact(0.0, key=key, description=f"scoring {model_key}: {n_shards} shards")
 
 
 def check_integrity(con, model_key: str, parts: list[int]) -> dict:

@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-TINY = {"n_people": 6, "n_train": 300, "n_eval": 60, "pretrain_steps": 40, "corrupt_fraction": 0.25, "seed": 7}
+TINY = {"n_people": 6, "n_train": 300, "n_eval": 60, "pretrain_steps": 60, "corrupt_fraction": 0.25, "seed": 7}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,7 +55,9 @@ def tiny_config(workdir: Path, name: str = "t", **overrides) -> dict:
         "model": {"base": "embedded"}, "embedded": dict(TINY),
         "data": {"max_length": 256},
         "score": {"batch_tokens": 4096, "shard_samples": 64},
-        "train": {"lr": 5e-3, "batch_tokens": 2048, "lora": {"r": 8, "alpha": 16}},
+        "train": {"lr": 2e-3, "batch_tokens": 2048, "lora": {"r": 8, "alpha": 16}},
+        # the reference must learn the facts of D0 to score with, as in the demo config
+        "warmup_train": {"lr": 5e-3, "batch_tokens": 1024, "epochs": 3, "lora": {"r": 16, "alpha": 64}},
         "ray": {"num_cpus": 2},
     }
     for k, v in overrides.items():

@@ -89,14 +89,21 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
 
     from flows.runtime import prefect_api
 
-    async def names():
+    async def read():
         async with get_client() as c:
             runs = await c.read_flow_runs()
-            return [(r.name, r.state_type.value) for r in runs]
+            arts = await c.read_artifacts()
+            return [(r.name, r.state_type.value) for r in runs], arts
 
     with prefect_api():
-        runs = asyncio.run(names())
+        runs, arts = asyncio.run(read())
     assert runs and all(state == "COMPLETED" for _, state in runs)
+    by_key = {a.key: a for a in arts if a.key}
+    assert "fixed/global" not in by_key  # keys are slugs
+    assert "self-evolving (Alg. 1)" in by_key["token-cleaning-summary"].data
+    assert {"score-base", "score-theta-1", "token-cleaning-metrics"} <= set(by_key)
+    progress = [a for a in arts if a.type == "progress" and a.key == "score-base"]
+    assert progress and float(progress[0].data) == 100.0
 
 
 def test_changed_max_length_is_refused(finished_run):
