@@ -1,0 +1,209 @@
+"""lm-evaluation-harness hook on the tiny real model: local task, PEFT adapter, offline, DuckDB metrics."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from tasks.lm_eval_hook import (
+    FACTS_TASK,
+    evaluate,
+    record_lm_eval,
+    run_lm_eval,
+    write_facts_jsonl,
+)
+
+LIMIT = 18  # every (person, attribute) doc of the 6-person test world
+
+
+@pytest.fixture(scope="module")
+def facts(tiny, tmp_path_factory):
+    """The facts task's data for the test session's world (not the demo world shipped with the task)."""
+    return write_facts_jsonl(tmp_path_factory.mktemp("facts") / "facts.jsonl", TINY["n_people"], TINY["seed"])
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny, tokenizer, tmp_path_factory):
+    """A LoRA adapter trained on the test world's SFT data: it has learnt (some of) the facts."""
+    from tasks.ingest import ingest
+    from tasks.train import TrainSample, train_lora
+    from tokenclean.config import LoraConfig, TrainConfig
+
+    res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=1, seed=0)
+    samples = [TrainSample(np.array(r["input_ids"], dtype=np.int32), np.array(r["response_mask"]))
+               for r in res.samples.to_pylist()]
+    cfg = TrainConfig(lr=5e-3, batch_tokens=2048, epochs=3, lora=LoraConfig(r=16, alpha=64, dropout=0.0))
+    out = tmp_path_factory.mktemp("lm_eval_adapter") / "theta"
+    train_lora(str(tiny.model), samples, cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, facts, adapter, tmp_path_factory):
+    """lm-eval on the base and on base+adapter, from an unrelated cwd, with the loaded model types recorded."""
+    import os
+
+    from lm_eval.models.huggingface import HFLM
+
+    seen = []
+    init = HFLM.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        seen.append(type(self.model).__name__)
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("elsewhere"))  # relative paths in task YAMLs must not depend on cwd
+    HFLM.__init__ = spy
+    try:
+        t0 = time.perf_counter()
+        kw = {"data_files": {FACTS_TASK: str(facts)}, "limit": LIMIT, "batch_size": 8, "log_samples": True}
+        base = evaluate(str(tiny.model), None, [FACTS_TASK], **kw)
+        tuned = evaluate(str(tiny.model), str(adapter), [FACTS_TASK], **kw)
+        seconds = time.perf_counter() - t0
+    finally:
+        HFLM.__init__ = init
+        os.chdir(cwd)
+    return {"base": base, "tuned": tuned, "models": seen, "seconds": seconds}
+
+
+def _lls(out) -> np.ndarray:
+    docs = sorted(out["samples"][FACTS_TASK], key=lambda s: s["doc_id"])
+    return np.array([float(r[0]) for s in docs for r in s["filtered_resps"]])
+
+
+def _gold_margin(out) -> float:
+    """Mean of (gold choice loglikelihood - best other choice's)."""
+    margins = []
+    for s in out["samples"][FACTS_TASK]:
+        ll, gold = [float(r[0]) for r in s["filtered_resps"]], s["doc"]["gold"]
+        margins.append(ll[gold] - max(v for i, v in enumerate(ll) if i != gold))
+    return float(np.mean(margins))
+
+
+def test_local_task_runs_on_base_and_adapter(runs, facts):
+    base, tuned = runs["base"], runs["tuned"]
+    assert runs["models"] == ["LlamaForCausalLM", "PeftModelForCausalLM"], runs["models"]
+    assert tuned["config"]["model_args"]["peft"].endswith("theta")
+    n_docs = len(facts.read_text().splitlines())
+    for out in (base, tuned):
+        samples = out["samples"][FACTS_TASK]
+        assert len(samples) == min(LIMIT, n_docs)
+        assert all(len(s["filtered_resps"]) == len(s["doc"]["choices"]) for s in samples)
+        res = out["results"][FACTS_TASK]
+        assert 0.0 <= res["acc,none"] <= 1.0
+        # acc is the fraction of docs whose gold choice has the highest loglikelihood
+        acc = np.mean([int(np.argmax([float(r[0]) for r in s["filtered_resps"]])) == s["doc"]["gold"]
+                       for s in samples])
+        assert res["acc,none"] == pytest.approx(acc)
+    a, b = _lls(base), _lls(tuned)
+    assert a.shape == b.shape and np.abs(a - b).max() > 1e-3, "the adapter did not change any loglikelihood"
+    # the adapter was trained on this world's facts: it ranks the true value higher than the base does
+    assert _gold_margin(tuned) > _gold_margin(base)
+    assert runs["seconds"] < 90
+
+
+def test_loglikelihoods_match_a_direct_forward_pass(tiny, tokenizer, runs):
+    """The task renders the Tulu prompt and scores ' <value>' exactly as our own forward pass does."""
+    from transformers import AutoModelForCausalLM
+
+    s = min(runs["base"]["samples"][FACTS_TASK], key=lambda s: s["doc_id"])
+    doc = s["doc"]
+    ctx = f"<|user|>\n{doc['question']}\n<|assistant|>\n{doc['prefix']}"
+    assert [tuple(a) for a in s["arguments"]] == [(ctx, " " + c) for c in doc["choices"]]
+    model = AutoModelForCausalLM.from_pretrained(tiny.model).eval()
+    ctx_ids = tokenizer(ctx, add_special_tokens=False).input_ids
+    for choice, resp in zip(doc["choices"][:3], s["filtered_resps"][:3]):
+        full = tokenizer(ctx + " " + choice, add_special_tokens=False).input_ids
+        assert full[:len(ctx_ids)] == ctx_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([full])).logits[0].float(), -1)
+        want = sum(logp[p - 1, full[p]].item() for p in range(len(ctx_ids), len(full)))
+        assert float(resp[0]) == pytest.approx(want, abs=1e-3)
+
+
+def test_run_lm_eval_flattens_and_record_writes_duckdb(tiny, facts, tmp_path):
+    from tasks.store import connect
+
+    results = run_lm_eval(str(tiny.model), None, [FACTS_TASK], data_files={FACTS_TASK: str(facts)}, limit=6,
+                          batch_size=4)
+    assert set(results) == {FACTS_TASK}
+    metrics = results[FACTS_TASK]
+    assert {"acc", "acc_norm", "acc_stderr"} <= set(metrics) and 0.0 <= metrics["acc"] <= 1.0
+    con = connect(tmp_path / "run" / "tokenclean.duckdb")
+    n = record_lm_eval(con, "base", 0, results)
+    record_lm_eval(con, "base", 0, results)  # re-recording replaces, never duplicates
+    rows = con.execute("SELECT metric, value FROM metrics WHERE variant = 'base' AND iteration = 0 AND task = ?",
+                       [f"lm-eval:{FACTS_TASK}"]).fetchall()
+    con.close()
+    assert n == len(rows) >= 3
+    assert dict(rows)["acc"] == pytest.approx(metrics["acc"])
+    assert all(math.isfinite(v) for _, v in rows)
+
+
+def test_bad_inputs_are_clear_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        run_lm_eval(str(tiny.model), str(tmp_path), [FACTS_TASK])
+    with pytest.raises(ValueError, match="unknown local task"):
+        run_lm_eval(str(tiny.model), None, [FACTS_TASK], data_files={"nope": "x.jsonl"})
+
+
+def test_shipped_task_data_is_the_demo_world():
+    from tasks.lm_eval_hook import TASKS_DIR, facts_rows
+    from tokenclean.config import EmbeddedConfig
+
+    e = EmbeddedConfig()
+    shipped = [json.loads(line) for line in (TASKS_DIR / f"{FACTS_TASK}.jsonl").read_text().splitlines()]
+    assert shipped == facts_rows(e.n_people, e.seed)
+
+
+def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs, tmp_path):
+    """What `tokenclean lm-eval RUN --adapter NAME` calls: base from the run DB, facts of the run's world."""
+    import shutil
+
+    import yaml
+
+    from tasks.lm_eval_hook import run_lm_eval_for_run
+    from tasks.store import connect, set_meta
+
+    run = tmp_path / "run"
+    con = connect(run / "tokenclean.duckdb")
+    set_meta(con, "base_model", str(tiny.model))
+    con.close()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"base": "embedded"}, "embedded": dict(TINY)}))
+    shutil.copytree(adapter, run / "adapters" / "theta-1")
+    res = run_lm_eval_for_run(run, "theta-1", [FACTS_TASK], limit=LIMIT)
+    # the same adapter on the same (regenerated) world gives exactly the adapter run's numbers
+    assert res[FACTS_TASK]["acc"] == pytest.approx(runs["tuned"]["results"][FACTS_TASK]["acc,none"])
+    assert res[FACTS_TASK]["acc_norm"] == pytest.approx(runs["tuned"]["results"][FACTS_TASK]["acc_norm,none"])
+    con = connect(run / "tokenclean.duckdb", read_only=True)
+    rows = dict(con.execute("SELECT metric, value FROM metrics WHERE variant = 'theta-1' AND task = ?",
+                            [f"lm-eval:{FACTS_TASK}"]).fetchall())
+    con.close()
+    assert rows["acc"] == pytest.approx(res[FACTS_TASK]["acc"])
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        run_lm_eval_for_run(run, "missing", [FACTS_TASK], limit=2)
+
+
+def test_never_opens_a_network_connection(tiny, facts, monkeypatch):
+    """Offline by default, even with the HF offline variables unset: any connect attempt fails the run."""
+    import socket
+
+    for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(k, raising=False)
+    attempts = []
+
+    def refuse(self, address, *a, **kw):
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"network access attempted: {address}")
+        return real(self, address, *a, **kw)
+
+    real = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    res = run_lm_eval(str(tiny.model), None, [FACTS_TASK], data_files={FACTS_TASK: str(facts)}, limit=2)
+    assert attempts == [] and 0.0 <= res[FACTS_TASK]["acc"] <= 1.0
