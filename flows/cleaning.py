@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.prepare import RunContext, prepare
+from flows.prepare import RunContext, ingest_summary, prepare
 from flows.scoring import check_integrity, score_model
 from tasks.select import load_selected, materialize_scores
 from tasks.steps import evaluate_task, select_task, train_task
@@ -110,8 +110,8 @@ def publish_summary(ctx: RunContext) -> None:
                               key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
 
 
-def _with_context(cfg: RunConfig, body):
-    ctx = prepare(cfg)
+def _with_context(cfg: RunConfig, body, refresh: bool = False):
+    ctx = prepare(cfg, refresh=refresh)
     try:
         out = body(ctx)
         publish_summary(ctx)
@@ -143,6 +143,41 @@ def score_pool(config: dict, model_key: str = "base", adapter: str | None = None
         return check_integrity(ctx.con, model_key, ctx.train_parts)
 
     return _with_context(cfg, body)
+
+
+def refresh_ranking(ctx: RunContext) -> dict:
+    """A scheduled refresh: new/changed samples are scored (base losses reused), the pool re-ranked."""
+    pool = ctx.train_parts
+    theta1 = warmup_reference(ctx)
+    _score(ctx, "base", None, pool)
+    _score(ctx, "theta-1", theta1, pool)
+    materialize_scores(ctx.con, 1, "theta-1", pool)
+    out = select_task(ctx.con, "fixed/global", "global", ctx.cfg.select.k, pool, iteration=1,
+                      seed=ctx.cfg.select.seed)
+    return {"refresh": ingest_summary(ctx.con).get("refresh"), "selection": out}
+
+
+@flow(name="refresh-token-ranking", log_prints=True)
+def refresh_token_ranking(config: dict) -> dict:
+    """Re-read the inputs; score only what is new or changed; re-rank the whole pool globally."""
+    cfg = RunConfig.model_validate(config)
+    return _with_context(cfg, refresh_ranking, refresh=True)
+
+
+@flow(name="scheduled-refresh", log_prints=True)
+def scheduled_refresh(config: dict) -> dict:
+    """Entry point for deployments: builds the configured Ray task runner, then refreshes."""
+    from flows.runtime import task_runner
+
+    cfg = RunConfig.model_validate(config)
+    return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(config)
+
+
+def refresh(cfg: RunConfig) -> dict:
+    from flows.runtime import prefect_api
+
+    with prefect_api():
+        return scheduled_refresh(cfg.model_dump(mode="json"))
 
 
 def run(cfg: RunConfig) -> None:

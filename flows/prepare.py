@@ -67,7 +67,8 @@ def content_fingerprint(entries: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
+def prepare(cfg: RunConfig, *, progress: bool = True, refresh: bool = False) -> RunContext:
+    """Open the run; ingest on first use. ``refresh`` re-reads changed inputs incrementally."""
     from transformers import AutoTokenizer
 
     base_path, paths, eval_paths = resolve_inputs(cfg)
@@ -80,7 +81,15 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         "parts": cfg.iterations + 1, "eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.seed,
         "content": content_fingerprint(paths + ["--eval--"] + eval_paths),
     }
-    if not store.check_fingerprint(con, fingerprint):
+    tokenisation = {k: v for k, v in fingerprint.items() if k != "content"}
+    stored = store.get_meta(con, "fingerprint")
+    if stored is not None:
+        store.check_fingerprint(con, tokenisation)  # raises on a tokenizer/template/length change
+    if stored is None or json.loads(stored).get("content") != fingerprint["content"]:
+        if stored is not None and not refresh:
+            raise store.FingerprintMismatch(
+                "the input data changed since this run ingested it; run `tokenclean refresh` to score only "
+                "new and changed samples, or use a new run name")
         t0 = time.perf_counter()
         res = ingest(paths, eval_paths, tokenizer, max_length=cfg.data.max_length,
                      eval_fraction=0.0 if eval_paths else cfg.data.eval_fraction, n_parts=cfg.iterations + 1,
@@ -88,12 +97,15 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         if res.samples.num_rows == 0:
             raise ValueError(f"no usable rows in {paths}: all {res.n_read} rows were quarantined "
                              f"(first reason: {res.quarantine[0]['reason'] if res.quarantine else 'empty input'})")
-        store.insert_samples(con, res.samples, res.quarantine)
         summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
                    "truncated": int(sum(res.samples.column("truncated").to_pylist()))}
+        if stored is None:
+            store.insert_samples(con, res.samples, res.quarantine)
+        else:
+            summary["refresh"] = store.apply_refresh(con, res.samples, res.quarantine)
         store.set_meta(con, "ingest_summary", summary)
         store.set_meta(con, "fingerprint", fingerprint)
-        store.log_stage(con, "ingest", "all", time.perf_counter() - t0, summary)
+        store.log_stage(con, "refresh" if stored else "ingest", "all", time.perf_counter() - t0, summary)
     store.set_meta(con, "base_model", base_path)
     dump_config(cfg, run_dir / "config.yaml")
     n_eval = con.execute("SELECT count(*) FROM samples WHERE part = ?", [EVAL_PART]).fetchone()[0]

@@ -1,10 +1,11 @@
 """Fan a model's scoring out over Ray, shard by shard, resumably.
 
-Shards are deterministic (part, then sample_id order, ``score.shard_samples`` per
-shard), so a restarted run asks for exactly the shards it asked for before and skips
-those recorded in ``shards_done``. A shard's losses come back to the driver through
-Ray's object store, are written to ``shards/<model>/shard-N.parquet`` atomically, then
-loaded with delete-then-insert: a retried or re-run shard replaces, never duplicates.
+Work is planned from what is missing: samples with no losses yet for the model are
+chunked into shards of ``score.shard_samples``. A restarted run and an incremental
+refresh therefore send exactly the unscored samples. A shard's losses come back to the
+driver through Ray's object store, are written to ``shards/<model>/shard-N.parquet``
+atomically, then loaded in one transaction (delete-then-insert): a retried shard
+replaces, never duplicates, and a sample has either all its losses or none.
 """
 from __future__ import annotations
 
@@ -19,16 +20,50 @@ from tasks.score import ShardSample
 from tasks.select import sql_parts
 from tasks.steps import score_shard_task
 
-SHARD_STRIDE = 1_000_000  # shard id = part * stride + index within the part
+def unscored_samples(con, model_key: str, parts: list[int]) -> list[int]:
+    """Samples of ``parts`` with no loss yet under ``model_key`` (a shard loads all or nothing)."""
+    return [r[0] for r in con.execute(
+        f"""SELECT sample_id FROM samples WHERE part IN ({sql_parts(parts)}) AND sample_id NOT IN
+            (SELECT DISTINCT sample_id FROM token_losses WHERE model = ?) ORDER BY part, sample_id""",
+        [model_key]).fetchall()]
 
 
-def plan_shards(con, parts: list[int], shard_samples: int) -> list[tuple[int, list[int]]]:
-    plan = []
-    for part in parts:
-        ids = [r[0] for r in con.execute("SELECT sample_id FROM samples WHERE part = ? ORDER BY sample_id", [part]).fetchall()]
-        for j in range(0, len(ids), shard_samples):
-            plan.append((part * SHARD_STRIDE + j // shard_samples, ids[j : j + shard_samples]))
-    return plan
+def plan_shards(con, model_key: str, parts: list[int], shard_samples: int) -> list[tuple[int, list[int]]]:
+    """Chunks of the unscored samples, numbered after the shards already loaded.
+
+    Planning from what is missing (not from a fixed list) is what makes a resumed run
+    and an incremental refresh the same operation: only samples without losses are sent.
+    """
+    ids = unscored_samples(con, model_key, parts)
+    start = con.execute("SELECT coalesce(max(shard) + 1, 0) FROM shards_done WHERE model = ?", [model_key]).fetchone()[0]
+    return [(start + j // shard_samples, ids[j : j + shard_samples]) for j in range(0, len(ids), shard_samples)]
+
+
+def recover_orphan_shards(con, model_key: str, shard_dir) -> tuple[int, int]:
+    """Load shards written to Parquet but never loaded (the run died in between).
+
+    A shard is loaded only if none of its samples has losses yet; otherwise it is stale
+    (its samples were re-scored under another shard id) and is deleted.
+    """
+    import pyarrow.parquet as pq
+
+    if not shard_dir.exists():
+        return 0, 0
+    done = {r[0] for r in con.execute("SELECT shard FROM shards_done WHERE model = ?", [model_key]).fetchall()}
+    n_shards = n_samples = 0
+    for path in sorted(shard_dir.glob("shard-*.parquet")):
+        shard = int(path.stem.split("-")[1])
+        if shard in done:
+            continue
+        ids = sorted(set(pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()))
+        clash = con.execute("SELECT count(*) FROM token_losses WHERE model = ? AND sample_id IN (SELECT unnest(?))",
+                            [model_key, ids]).fetchone()[0]
+        if clash:
+            path.unlink()
+            continue
+        store.load_loss_shard(con, model_key, shard, path)
+        n_shards, n_samples = n_shards + 1, n_samples + len(ids)
+    return n_shards, n_samples
 
 
 def load_shard_samples(con, sample_ids: list[int]) -> list[ShardSample]:
@@ -55,25 +90,17 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
     from tqdm.auto import tqdm
 
     con, cfg = ctx.con, ctx.cfg
-    plan = plan_shards(con, parts, cfg.score.shard_samples)
-    done = {r[0] for r in con.execute("SELECT shard FROM shards_done WHERE model = ?", [model_key]).fetchall()}
     shard_dir = ctx.run_dir / "shards" / model_key
-    todo = []
-    n_recovered = 0
-    for shard, ids in plan:
-        if shard in done:
-            continue
-        path = shard_dir / f"shard-{shard:08d}.parquet"
-        if path.exists():  # written, but the run died before loading it
-            store.load_loss_shard(con, model_key, shard, path)
-            n_recovered += 1
-        else:
-            todo.append((shard, ids))
+    n_total = con.execute(f"SELECT count(*) FROM samples WHERE part IN ({sql_parts(parts)})").fetchone()[0]
+    rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir)
+    todo = plan_shards(con, model_key, parts, cfg.score.shard_samples)
+    n_todo = sum(len(ids) for _, ids in todo)
     lengths = dict(con.execute("SELECT sample_id, n_tokens FROM samples").fetchall()) if todo else {}
     total = sum(lengths[i] for _, ids in todo for i in ids)
     t0 = time.perf_counter()
-    stats = {"model": model_key, "shards": len(plan), "skipped": len(plan) - len(todo) - n_recovered,
-             "recovered": n_recovered, "scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}}
+    stats = {"model": model_key, "samples_total": n_total, "samples_skipped": n_total - n_todo - rec_samples,
+             "shards_recovered": rec_shards, "samples_recovered": rec_samples, "shards_scored": 0,
+             "samples_scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}}
     bar = tqdm(total=total, desc=f"score {model_key}", unit="tok", unit_scale=True, disable=not progress or not todo)
     artifact = _progress_artifact(model_key, len(todo)) if todo else None
     pending: dict = {}
@@ -86,7 +113,7 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
                 fut = score_shard_task.with_options(task_run_name=f"score-{model_key}-{shard}").submit(
                     ctx.base_path, adapter, model_key, shard, load_shard_samples(con, ids),
                     batch_tokens=cfg.score.batch_tokens,
-                    chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype)
+                    chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend)
                 pending[fut] = shard
             fut = next(iter(as_completed(list(pending))))
             pending.pop(fut)
@@ -96,12 +123,13 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
             store.load_loss_shard(con, model_key, res["shard"], path)
             losses = res["table"].column("loss").to_numpy()
             stats["nonfinite"] += int((~np.isfinite(losses)).sum())
-            stats["scored"] += 1
+            stats["shards_scored"] += 1
+            stats["samples_scored"] += res["n_samples"]
             stats["workers"].setdefault(str(res["pid"]), set()).add(res["model_id"])
             stats["tokens"] += res["n_tokens"]
             bar.update(res["n_tokens"])
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", shards=f"{stats['scored']}/{len(todo)}")
+            bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", shards=f"{stats['shards_scored']}/{len(todo)}")
             if artifact is not None:
                 from prefect.artifacts import update_progress_artifact
 
@@ -111,7 +139,7 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
     stats["workers"] = {pid: len(models) for pid, models in stats["workers"].items()}  # model loads per worker
     stats["seconds"] = time.perf_counter() - t0
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
-    if stats["scored"] or n_recovered:
+    if stats["shards_scored"] or rec_shards:
         store.log_stage(con, "score", model_key, stats["seconds"], stats)
     return stats
 

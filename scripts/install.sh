@@ -3,6 +3,11 @@
 # On a GPU machine, install a CUDA torch first and then `pip install -e .` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Headless Chromium renders the HTML report in the tests (Debian package `chromium`).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the report rendering test will fail" >&2
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

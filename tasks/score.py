@@ -19,7 +19,6 @@ functions (``score_arrays`` and below) run where only torch + transformers exist
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tasks.packing import VARLEN_ATTN, attn_implementation, pack_arrays, plan_pa
 __all__ = [
     "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "resolve_device", "resolve_dtype", "chunked_token_nll",
     "compile_pointwise", "plan_batches", "plan_packs", "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays",
-    "score_samples", "ScoringModel", "process_model", "score_shard",
+    "score_samples", "ScoringModel", "process_model",
 ]
 
 _SCHEMAS: dict = {}
@@ -335,23 +334,3 @@ def process_model(base_path: str, device: str = "auto", dtype: str = "auto", com
         _PROCESS_MODELS.clear()  # a new base replaces the old one instead of doubling memory
         _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype, compile=compile)
     return _PROCESS_MODELS[key]
-
-
-def score_shard(base_path: str, adapter: str | None, samples: list[ShardSample], out_path: str, *,
-                batch_tokens: int, chunk: int, device: str = "auto", dtype: str = "auto",
-                compile: bool = False) -> dict:
-    """Score one shard and write its Parquet atomically; the unit a worker runs and retries."""
-    from tasks.store import write_parquet_atomic
-
-    t0 = time.perf_counter()
-    sm = process_model(base_path, device, dtype, compile)
-    table = sm.losses(samples, adapter=adapter, batch_tokens=batch_tokens, chunk=chunk)
-    losses = table.column("loss").to_numpy()
-    n_bad = int((~np.isfinite(losses)).sum())
-    write_parquet_atomic(table, Path(out_path))
-    return {
-        "n_tokens": int(sum(len(s.input_ids) for s in samples)),
-        "n_targets": table.num_rows,
-        "n_nonfinite": n_bad,
-        "seconds": time.perf_counter() - t0,
-    }

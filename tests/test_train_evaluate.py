@@ -1,5 +1,4 @@
 """LoRA training on selected tokens and held-out evaluation, on the tiny real model."""
-import json
 
 import numpy as np
 import pytest

@@ -77,6 +77,58 @@ def run_cmd(config: Path = typer.Argument(..., help="YAML run config"),
     _run(_load(config, set_ or []))
 
 
+@app.command("refresh")
+def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an existing run"),
+                set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+    """Re-read the inputs, score only new/changed samples (stored base losses reused), re-rank globally."""
+    from flows.cleaning import refresh
+    from tasks.store import DatabaseBusy, FingerprintMismatch
+
+    _quiet_env()
+    cfg = _load(config, set_ or [])
+    try:
+        out = refresh(cfg)
+    except (DatabaseBusy, FingerprintMismatch, FileNotFoundError) as e:
+        _fail(str(e))
+    sel = out["selection"]
+    typer.echo(f"refresh: {json.dumps(out['refresh'])}; kept {sel['n_kept']}/{sel['n_candidates']} tokens "
+               f"(threshold {sel['threshold']})")
+
+
+@app.command()
+def serve(config: Path = typer.Argument(..., help="YAML run config"),
+          cron: Optional[str] = typer.Option(None, help="refresh schedule, e.g. '0 3 * * 1' (Mondays 03:00)"),
+          interval: Optional[int] = typer.Option(None, help="refresh every N seconds instead of cron"),
+          name: Optional[str] = typer.Option(None, help="deployment name (default: the run name)")) -> None:
+    """Register and serve the scheduled-refresh deployment (cron or interval) with Prefect.
+
+    Needs a Prefect server (`prefect server start`, PREFECT_API_URL set): schedules
+    live there, and its UI is the ops dashboard. Blocks until interrupted.
+    """
+    from prefect import serve as prefect_serve
+    from prefect.deployments.runner import EntrypointType
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.cleaning import scheduled_refresh
+
+    _quiet_env()
+    if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
+        _fail("serve needs a Prefect server: run `prefect server start` and set PREFECT_API_URL "
+              "(e.g. http://127.0.0.1:4200/api)")
+    if cron and interval:
+        _fail("give --cron or --interval, not both")
+    cfg = _load(config, [])
+    params = {"config": cfg.model_dump(mode="json")}
+    # Module-path entrypoint: a flow loaded from a file path lives in a module Ray
+    # workers cannot import ('cleaning' instead of 'flows.cleaning').
+    dep = scheduled_refresh.to_deployment(name=name or cfg.name, parameters=params, cron=cron, interval=interval,
+                                          description=f"token-cleaning refresh of {cfg.run_dir}",
+                                          entrypoint_type=EntrypointType.MODULE_PATH)
+    typer.echo(f"serving deployment scheduled-refresh/{name or cfg.name} "
+               f"({'cron ' + cron if cron else f'every {interval}s' if interval else 'no schedule'})")
+    prefect_serve(dep)
+
+
 @app.command()
 def demo(workdir: Path = typer.Option(Path("runs"), help="where the run directory goes"),
          set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
@@ -143,6 +195,26 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2)
     typer.echo(str(path))
+
+
+@app.command("lm-eval")
+def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
+                adapter: Optional[str] = typer.Option(None, help="adapter name under RUN/adapters (default: base)"),
+                tasks: list[str] = typer.Option(["tokenclean_facts"], "--tasks", help="lm-eval task (repeatable)"),
+                limit: Optional[int] = typer.Option(None, help="examples per task"),
+                iteration: int = typer.Option(0), batch_size: int = typer.Option(8),
+                device: str = typer.Option("cpu")) -> None:
+    """Run lm-evaluation-harness tasks on the base model or an adapter; record into the run's metrics."""
+    from tasks.lm_eval_hook import run_lm_eval_for_run
+    from tasks.store import DatabaseBusy
+
+    _quiet_env()
+    try:
+        res = run_lm_eval_for_run(run, adapter, tasks, iteration=iteration, limit=limit,
+                                  batch_size=batch_size, device=device)
+    except (FileNotFoundError, ValueError, DatabaseBusy) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

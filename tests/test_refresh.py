@@ -1,0 +1,143 @@
+"""Scheduled-refresh behaviour: only new/changed samples are scored, stored base losses
+are reused, the pool is re-ranked globally; and `tokenclean serve` serves a deployment."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tasks import store
+from tokenclean.config import RunConfig
+from tests.conftest import tiny_config
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def data(tiny, tmp_path):
+    rows = _rows(tiny.train)[:160]
+    train = tmp_path / "train.jsonl"
+    _write(train, rows)
+    return rows, train
+
+
+def _cfg(tmp_path, train, tiny):
+    cfg = tiny_config(tmp_path, name="r", mode="fixed")
+    cfg["data"] = {"paths": [str(train)], "eval_paths": [str(tiny.eval)], "max_length": 256}
+    cfg["score"] = {"batch_tokens": 4096, "shard_samples": 32}
+    return RunConfig.model_validate(cfg)
+
+
+def _base_losses(cfg):
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        return {(uid, pos): loss for uid, pos, loss in con.execute(
+            "SELECT s.uid, t.pos, t.loss FROM token_losses t JOIN samples s USING (sample_id) "
+            "WHERE t.model = 'base'").fetchall()}, con.execute(
+            "SELECT detail FROM stage_log WHERE stage = 'score' AND key = 'base' ORDER BY finished_at").fetchall()
+    finally:
+        con.close()
+
+
+def test_refresh_scores_only_new_and_changed_samples(tiny, tmp_path, data):
+    from flows.cleaning import refresh
+
+    rows, train = data
+    cfg = _cfg(tmp_path, train, tiny)
+    first = refresh(cfg)
+    assert first["refresh"] is None and first["selection"]["n_kept"] > 0
+    before, _ = _base_losses(cfg)
+
+    changed = rows[:10]
+    for r in changed:
+        r["response"] = r["response"] + " Thanks!"
+        r.pop("answer", None)
+    removed = rows[150:155]
+    added = [dict(r, id=f"new-{i}") for i, r in enumerate(_rows(tiny.train)[200:220])]
+    _write(train, rows[:150] + rows[155:] + added)
+    second = refresh(cfg)
+    n_eval = len(_rows(tiny.eval))  # the held-out file is re-read too, unchanged
+    assert second["refresh"] == {"unchanged": 145 + n_eval, "changed": 10, "added": 20, "removed": 5}
+
+    after, log = _base_losses(cfg)
+    last = json.loads(log[-1][0])
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        n_new_train = con.execute("SELECT count(*) FROM samples WHERE part >= 0 AND uid IN (SELECT unnest(?))",
+                                  [[r["id"] for r in changed + added]]).fetchone()[0]
+        n_pool = con.execute("SELECT count(*) FROM response_tokens rt JOIN samples s USING (sample_id) "
+                             "WHERE s.part >= 0").fetchone()[0]
+        kept = con.execute("SELECT n_kept, n_candidates FROM selections WHERE selection = 'fixed/global'").fetchone()
+        gone = con.execute("SELECT count(*) FROM samples WHERE uid IN (SELECT unnest(?))",
+                           [[r["id"] for r in removed]]).fetchone()[0]
+    finally:
+        con.close()
+    assert last["samples_scored"] == n_new_train  # nothing unchanged was scored again
+    unchanged = {r["id"] for r in rows[10:150]}
+    for (uid, pos), loss in before.items():
+        if uid in unchanged:
+            assert after[(uid, pos)] == loss  # stored base losses reused untouched
+    assert gone == 0 and not any(uid in {r["id"] for r in removed} for uid, _ in after)
+    assert kept == (round(cfg.select.k * n_pool), n_pool)  # re-ranked over the whole refreshed pool
+
+
+def test_changed_input_without_refresh_is_refused(tiny, tmp_path, data):
+    from flows.prepare import prepare
+
+    rows, train = data
+    cfg = _cfg(tmp_path, train, tiny)
+    prepare(cfg, progress=False).con.close()
+    _write(train, rows[:100])
+    with pytest.raises(store.FingerprintMismatch, match="tokenclean refresh"):
+        prepare(cfg, progress=False)
+
+
+def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.runtime import prefect_api
+
+    _, train = data
+    cfg = _cfg(tmp_path, train, tiny)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with prefect_api() as url:
+        env = dict(os.environ, PREFECT_API_URL=url)
+        proc = subprocess.Popen([sys.executable, "-m", "tokenclean.cli", "serve", str(path), "--cron", "0 3 * * 1",
+                                 "--name", "weekly"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            async def deployment():
+                async with get_client() as c:
+                    for _ in range(240):
+                        try:
+                            return await c.read_deployment_by_name("scheduled-refresh/weekly")
+                        except Exception:
+                            await asyncio.sleep(0.5)
+                    raise TimeoutError("deployment never registered")
+
+            dep = asyncio.run(deployment())
+            assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 1"]
+            run = run_deployment("scheduled-refresh/weekly", timeout=600)
+            assert run.state.is_completed(), run.state
+        finally:
+            proc.terminate()
+            out = proc.communicate(timeout=60)[0]
+    assert "serving deployment scheduled-refresh/weekly" in out
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        assert con.execute("SELECT n_kept FROM selections WHERE selection = 'fixed/global'").fetchone()[0] > 0
+    finally:
+        con.close()
