@@ -29,7 +29,8 @@ def _inject_fault(model: str, shard: int, table=None):
     """Chaos hook for the reliability tests: ``TOKENCLEAN_FAULT=kind:model:shard:marker[,...]``.
 
     ``kill`` SIGKILLs the worker process the first time it scores that shard (the marker
-    file makes it happen once); ``nan`` poisons the shard's first two losses with NaN/inf.
+    file makes it happen once); ``stall`` holds that shard for 120 s, once (a run that is
+    reliably mid-scoring); ``nan`` poisons the shard's first two losses with NaN/inf.
     Unset in normal runs, where this is a no-op.
     """
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
@@ -40,9 +41,11 @@ def _inject_fault(model: str, shard: int, table=None):
 
 
 def _apply_fault(kind: str, marker: str, table):
-    if kind == "kill" and table is None and not Path(marker).exists():
+    if kind in ("kill", "stall") and table is None and not Path(marker).exists():
         Path(marker).write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(120)
     if kind == "nan" and table is not None and table.num_rows >= 2:
         import numpy as np
         import pyarrow as pa

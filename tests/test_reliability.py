@@ -47,7 +47,8 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "tokenclean.cli", "run", str(path)]
-    env = dict(os.environ)
+    # Shard 3 stalls on its first attempt, so the run is certainly mid-scoring when killed.
+    env = dict(os.environ, TOKENCLEAN_FAULT=f"stall:base:3:{tmp_path / 'stalled'}")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard_dir = tmp_path / "killed" / "shards" / "base"
     busy_checked = False
@@ -59,7 +60,8 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
                 second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
                 assert second.returncode == 2 and "database busy" in second.stderr, second.stderr[-2000:]
                 busy_checked = True
-            if shard_dir.exists() and len(list(shard_dir.glob("*.parquet"))) >= 2:
+            stalled = (tmp_path / "stalled").exists()
+            if stalled and shard_dir.exists() and len(list(shard_dir.glob("*.parquet"))) >= 2:
                 break
             assert proc.poll() is None, "run finished before it could be killed"
             time.sleep(0.2)
@@ -67,7 +69,7 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
             pytest.fail("scoring never started")
     finally:
         _kill_tree(proc)
-    assert busy_checked
+    assert busy_checked and (tmp_path / "stalled").exists()
     n_before = len(list(shard_dir.glob("*.parquet")))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
