@@ -113,7 +113,8 @@ def score_model(ctx, model_key: str, adapter: str | None, parts: list[int], *, p
                 fut = score_shard_task.with_options(task_run_name=f"score-{model_key}-{shard}").submit(
                     ctx.base_path, adapter, model_key, shard, load_shard_samples(con, ids),
                     batch_tokens=cfg.score.batch_tokens,
-                    chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend)
+                    chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
+                    compile=cfg.score.compile)
                 pending[fut] = shard
             fut = next(iter(as_completed(list(pending))))
             pending.pop(fut)

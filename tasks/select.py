@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import time
 
+from tasks.ranking import global_threshold, global_topk_sql
+
 METHODS = ("global", "local", "random", "full")
 
 
@@ -73,8 +75,11 @@ def select_tokens(con, selection: str, method: str, k: float, parts: list[int], 
     if method == "full":
         kept_sql = f"SELECT sample_id, pos FROM ({cand})"
     elif method == "global":
-        kept_sql = f"""SELECT sample_id, pos FROM ({cand})
-                       ORDER BY score DESC, sample_id, pos LIMIT {n_keep}"""
+        # Exact threshold by a few aggregate passes, then a streamed filter: 3-4x faster and
+        # 2.6x less memory than ORDER BY ... LIMIT at 1e8 tokens (docs/benchmarks.md).
+        info = global_threshold(con, cand, n_keep, n_total=n_cand)
+        kept_sql = global_topk_sql(cand, n_keep, info)
+        threshold = info["threshold"]
     elif method == "random":
         kept_sql = f"""SELECT sample_id, pos FROM ({cand})
                        ORDER BY hash({int(seed)}, sample_id, pos), sample_id, pos LIMIT {n_keep}"""
@@ -86,10 +91,6 @@ def select_tokens(con, selection: str, method: str, k: float, parts: list[int], 
                          FROM ({cand})) WHERE rn <= ceil({float(k)} * n)"""
     con.execute(f"INSERT INTO selected_tokens SELECT ?, sample_id, pos FROM ({kept_sql})", [selection])
     n_kept = con.execute("SELECT count(*) FROM selected_tokens WHERE selection = ?", [selection]).fetchone()[0]
-    if method == "global" and n_keep:
-        threshold = con.execute(
-            "SELECT min(ts.score) FROM selected_tokens st JOIN token_scores ts USING (sample_id, pos) "
-            "WHERE st.selection = ? AND ts.iteration = ?", [selection, iteration]).fetchone()[0]
     precision, recall = selection_quality(con, selection, parts)
     n_bad = 0
     if iteration is not None:

@@ -59,10 +59,10 @@ def _apply_fault(kind: str, marker: str, table):
 _VLLM: dict = {}
 
 
-def _scorer(backend: str, base_path: str, device: str, dtype: str):
+def _scorer(backend: str, base_path: str, device: str, dtype: str, compile: bool = False):
     """The per-process scoring model: transformers (default) or vLLM's prompt_logprobs."""
     if backend != "vllm":
-        return process_model(base_path, device, dtype)
+        return process_model(base_path, device, dtype, compile)
     if base_path not in _VLLM:
         import torch
 
@@ -76,7 +76,8 @@ def _scorer(backend: str, base_path: str, device: str, dtype: str):
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def score_shard_task(base_path: str, adapter: str | None, model: str, shard: int, samples: list, *,
-                     batch_tokens: int, chunk: int, device: str, dtype: str, backend: str = "transformers") -> dict:
+                     batch_tokens: int, chunk: int, device: str, dtype: str, backend: str = "transformers",
+                     compile: bool = False) -> dict:
     """Runs on a Ray worker: losses come back through the object store, so no shared disk is needed.
 
     The model is cached per worker process (``process_model``): Ray reuses workers, so
@@ -84,7 +85,7 @@ def score_shard_task(base_path: str, adapter: str | None, model: str, shard: int
     """
     t0 = time.perf_counter()
     _inject_fault(model, shard)
-    sm = _scorer(backend, base_path, device, dtype)
+    sm = _scorer(backend, base_path, device, dtype, compile)
     table = sm.losses(samples, adapter=adapter, batch_tokens=batch_tokens, chunk=chunk)
     table = _inject_fault(model, shard, table)
     return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),

@@ -6,6 +6,7 @@ transaction, so a retried or resumed shard replaces its rows and never duplicate
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -86,6 +87,18 @@ def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -
     return con
 
 
+@contextlib.contextmanager
+def transaction(con):
+    """All or nothing: a crash or error inside leaves the database as it was."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
 def get_meta(con, key: str) -> str | None:
     row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
     return row[0] if row else None
@@ -117,29 +130,28 @@ def check_fingerprint(con, fingerprint: dict) -> bool:
 
 def insert_samples(con, samples: pa.Table, quarantine: list[dict]) -> None:
     """Samples, their response-token pool and quarantined rows, in one transaction."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        con.register("_new_samples", samples)
-        con.execute("INSERT INTO samples SELECT * FROM _new_samples")
-        con.unregister("_new_samples")
-        con.execute(
-            """INSERT INTO response_tokens
-               SELECT sample_id, pos, token_id, truth FROM (
-                 SELECT sample_id, unnest(range(n_tokens)) AS pos, unnest(input_ids) AS token_id,
-                        unnest(response_mask) AS is_target, unnest(truth) AS truth
-                 FROM samples WHERE sample_id NOT IN (SELECT DISTINCT sample_id FROM response_tokens))
-               WHERE is_target"""
-        )
-        if quarantine:
-            q = pa.Table.from_pylist(quarantine, schema=pa.schema(
-                [("source", pa.string()), ("row_index", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]))
-            con.register("_new_q", q)
-            con.execute("INSERT INTO quarantine SELECT * FROM _new_q")
-            con.unregister("_new_q")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
+    with transaction(con):
+        _insert_samples(con, samples, quarantine)
+
+
+def _insert_samples(con, samples: pa.Table, quarantine: list[dict]) -> None:
+    con.register("_new_samples", samples)
+    con.execute("INSERT INTO samples SELECT * FROM _new_samples")
+    con.unregister("_new_samples")
+    con.execute(
+        """INSERT INTO response_tokens
+           SELECT sample_id, pos, token_id, truth FROM (
+             SELECT sample_id, unnest(range(n_tokens)) AS pos, unnest(input_ids) AS token_id,
+                    unnest(response_mask) AS is_target, unnest(truth) AS truth
+             FROM samples WHERE sample_id NOT IN (SELECT DISTINCT sample_id FROM response_tokens))
+           WHERE is_target"""
+    )
+    if quarantine:
+        q = pa.Table.from_pylist(quarantine, schema=pa.schema(
+            [("source", pa.string()), ("row_index", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]))
+        con.register("_new_q", q)
+        con.execute("INSERT INTO quarantine SELECT * FROM _new_q")
+        con.unregister("_new_q")
 
 
 def apply_refresh(con, fresh: pa.Table, quarantine: list[dict]) -> dict:
@@ -150,8 +162,7 @@ def apply_refresh(con, fresh: pa.Table, quarantine: list[dict]) -> dict:
     with everything derived from them; changed and new ones are inserted with fresh ids,
     so the next scoring pass sees exactly them as unscored.
     """
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.register("_fresh", fresh)
         counts = con.execute(
             """SELECT count(*) FILTER (WHERE s.uid IS NOT NULL AND s.content_hash = f.content_hash),
@@ -170,13 +181,7 @@ def apply_refresh(con, fresh: pa.Table, quarantine: list[dict]) -> dict:
         con.execute("DROP TABLE _stale")
         con.unregister("_fresh")
         con.execute("DELETE FROM quarantine")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    # A crash between the two transactions leaves samples missing, never duplicated;
-    # the next refresh compares against what is stored and inserts them again.
-    insert_samples(con, new, quarantine)
+        _insert_samples(con, new, quarantine)
     return {"unchanged": counts[0], "changed": counts[1], "added": counts[2], "removed": removed}
 
 
@@ -189,8 +194,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
 
 def load_loss_shard(con, model: str, shard: int, path: Path) -> int:
     """Idempotent: a shard loaded twice leaves exactly one copy of its rows."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         con.execute("DELETE FROM token_losses WHERE model = ? AND shard = ?", [model, shard])
         con.execute(
             "INSERT INTO token_losses SELECT ?, ?, sample_id, pos, token_id, loss FROM read_parquet(?)",
@@ -198,10 +202,6 @@ def load_loss_shard(con, model: str, shard: int, path: Path) -> int:
         )
         n = con.execute("SELECT count(*) FROM token_losses WHERE model = ? AND shard = ?", [model, shard]).fetchone()[0]
         con.execute("INSERT OR REPLACE INTO shards_done VALUES (?, ?, ?, now())", [model, shard, n])
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return n
 
 

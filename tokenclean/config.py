@@ -55,6 +55,8 @@ class ScoreConfig(_Strict):
     batch_tokens: int = Field(16384, description="token budget per forward batch (padding included)")
     lm_head_chunk: int = Field(2048, description="rows of hidden states per lm_head+CE chunk")
     shard_samples: int = Field(512, description="samples per scoring shard (unit of retry / resume)")
+    compile: bool = Field(False, description="torch.compile norms/MLP/CE on GPU workers (+17-34% tok/s on H100; "
+                                              "needs Triton and a C compiler on the workers)")
 
 
 class SelectConfig(_Strict):
