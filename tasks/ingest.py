@@ -73,7 +73,7 @@ def read_rows(entry: str) -> Iterator[RawRow]:
 
         spec = entry[3:]
         name, _, split = spec.partition(":")
-        if Path(name).is_dir() and (Path(name) / "dataset_info.json").exists() or (Path(name) / "state.json").exists():
+        if Path(name).is_dir():  # a dataset saved with save_to_disk
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split or "train"]

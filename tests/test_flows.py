@@ -39,6 +39,14 @@ def test_every_response_token_scored_once_per_model(finished_run):
     assert dupes == 0
 
 
+def test_each_ray_worker_loads_the_model_once(finished_run):
+    details = [json.loads(d) for (d,) in _q(finished_run, "SELECT detail FROM stage_log WHERE stage = 'score'")]
+    assert details and all(d["workers"] for d in details)
+    for d in details:  # worker pid -> distinct model objects that scored its shards
+        assert set(d["workers"].values()) == {1}, d["workers"]
+    assert sum(d["shards_scored"] for d in details) > sum(len(d["workers"]) for d in details)
+
+
 def test_algorithm_1_artifacts(finished_run):
     cfg = finished_run
     adapters = sorted(p.name for p in (cfg.run_dir / "adapters").iterdir())

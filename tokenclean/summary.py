@@ -5,7 +5,7 @@ import json
 
 from tasks.select import selection_quality
 
-VARIANTS = [  # (label, metrics variant, selections, pool description)
+VARIANTS = [  # (label, metrics variant, its selections: names, a LIKE pattern, or None)
     ("base (no SFT)", "base", None),
     ("reference theta_1 (D0, full)", "reference", None),
     ("full tokens", "full", ["fixed/full"]),
