@@ -216,20 +216,15 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
           f"targets={sum(int(s.target.sum()) for s in samples)} mean_len={lengths.mean():.0f} "
           f"floor={floor_s:.3f}s", flush=True)
 
-    variants = {
-        "packed": lambda: score_arrays(model, samples, batch_tokens=args.batch_tokens, chunk=args.chunk,
-                                       device=device, packed=True),
-        "bucketed": lambda: score_arrays(model, samples, batch_tokens=args.batch_tokens, chunk=args.chunk,
-                                         device=device, packed=False),
-        "naive": lambda: naive_losses(model, samples, rows=rows, device=device, seed=args.seed),
-    }
-    warmups = {
-        "packed": lambda: score_arrays(model, warm, batch_tokens=args.batch_tokens, chunk=args.chunk,
-                                       device=device, packed=True),
-        "bucketed": lambda: score_arrays(model, warm, batch_tokens=args.batch_tokens, chunk=args.chunk,
-                                         device=device, packed=False),
-        "naive": lambda: naive_losses(model, warm, rows=rows, device=device, seed=args.seed),
-    }
+    def runner(variant: str, batch):
+        """The scoring call of one variant over ``batch`` (timed samples, or the warm-up subset)."""
+        if variant == "naive":
+            return lambda: naive_losses(model, batch, rows=rows, device=device, seed=args.seed)
+        return lambda: score_arrays(model, batch, batch_tokens=args.batch_tokens, chunk=args.chunk,
+                                    device=device, packed=variant == "packed")
+
+    variants = {v: runner(v, samples) for v in ("packed", "bucketed", "naive")}
+    warmups = {v: runner(v, warm) for v in ("packed", "bucketed", "naive")}
     computed = {
         "packed": n_tok,
         "bucketed": int(sum(int(lengths[b].max()) * len(b) for b in plan_batches(lengths, args.batch_tokens))),
