@@ -11,6 +11,10 @@ ingest, shards, adapters and metrics already finished are reused, not redone.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 
 from flows.prepare import RunContext, ingest_summary, prepare
@@ -20,12 +24,29 @@ from tasks.steps import evaluate_task, select_task, train_task
 from tokenclean.config import RunConfig
 
 
+def _train_digest(ctx: RunContext, selection: str, tcfg, init_adapter: str | None) -> str:
+    """What an adapter was trained from: the kept tokens, the train config, the starting adapter."""
+    n, h = ctx.con.execute("SELECT count(*), coalesce(sum(hash(sample_id, pos)) % 18446744073709551557, 0) "
+                           "FROM selected_tokens WHERE selection = ?", [selection]).fetchone()
+    parent = None
+    if init_adapter and (Path(init_adapter) / "train.json").exists():
+        parent = json.loads((Path(init_adapter) / "train.json").read_text()).get("digest")
+    blob = json.dumps([n, str(h), tcfg.model_dump(mode="json"), ctx.base_path, parent], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _train(ctx: RunContext, selection: str, name: str, init_adapter: str | None, warmup: bool = False) -> str:
     cfg = ctx.cfg
+    tcfg = cfg.reference_train if warmup else cfg.train
     out = ctx.adapter_dir(name)
-    train_task(ctx.con, ctx.base_path, load_selected(ctx.con, selection),
-               cfg.reference_train if warmup else cfg.train, out, init_adapter=init_adapter, label=name,
-               device=cfg.model.device, dtype=cfg.model.dtype)
+    stats = train_task(ctx.con, ctx.base_path, load_selected(ctx.con, selection), tcfg, out,
+                       init_adapter=init_adapter, label=name, device=cfg.model.device, dtype=cfg.model.dtype,
+                       digest=_train_digest(ctx, selection, tcfg, init_adapter))
+    if not stats.get("reused"):
+        # Losses scored by an earlier version of this adapter are stale: drop them so the
+        # next scoring pass redoes them (adapter names double as model keys).
+        ctx.con.execute("DELETE FROM token_losses WHERE model = ?", [name])
+        ctx.con.execute("DELETE FROM shards_done WHERE model = ?", [name])
     return out
 
 
@@ -63,9 +84,8 @@ def run_fixed_model(ctx: RunContext) -> None:
     """Fixed-model cleaning and the baselines: one reference (theta_1) scores the whole pool once."""
     cfg, pool = ctx.cfg, ctx.train_parts
     theta1 = warmup_reference(ctx)
-    _score(ctx, "base", None, pool)
-    needs_scores = any(m in ("global", "local") for m in cfg.baselines)
-    if needs_scores:
+    if any(m in ("global", "local") for m in cfg.baselines):
+        _score(ctx, "base", None, pool)
         _score(ctx, "theta-1", theta1, pool)
         materialize_scores(ctx.con, 1, "theta-1", pool)
     for method in cfg.baselines:
@@ -148,7 +168,10 @@ def score_pool(config: dict, model_key: str = "base", adapter: str | None = None
 def refresh_ranking(ctx: RunContext) -> dict:
     """A scheduled refresh: new/changed samples are scored (base losses reused), the pool re-ranked."""
     pool = ctx.train_parts
-    theta1 = warmup_reference(ctx)
+    theta1 = ctx.adapter_dir("theta-1")
+    if not (Path(theta1) / "train.json").exists():
+        theta1 = warmup_reference(ctx)
+    # else: the reference stays fixed across refreshes, so its stored losses stay valid
     _score(ctx, "base", None, pool)
     _score(ctx, "theta-1", theta1, pool)
     materialize_scores(ctx.con, 1, "theta-1", pool)

@@ -95,8 +95,9 @@ def score_shard_task(base_path: str, adapter: str | None, model: str, shard: int
 
 @task(name="train-adapter", cache_policy=NO_CACHE)
 def train_task(con, base_path: str, samples: list, cfg, out_dir: str, *, init_adapter: str | None, label: str,
-               device: str, dtype: str) -> dict:
-    stats = train_lora(base_path, samples, cfg, out_dir, init_adapter=init_adapter, device=device, dtype=dtype)
+               device: str, dtype: str, digest: str | None = None) -> dict:
+    stats = train_lora(base_path, samples, cfg, out_dir, init_adapter=init_adapter, device=device, dtype=dtype,
+                       digest=digest)
     if not stats.get("reused"):
         log_stage(con, "train", label, stats["seconds"], stats)
     get_run_logger().info("train %s: %s", label, {k: stats[k] for k in ("steps", "label_tokens", "final_loss")})

@@ -75,14 +75,21 @@ def load_for_training(base_path: str, cfg: TrainConfig, init_adapter: str | None
 
 def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out_dir: str | Path, *,
                init_adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-               progress: bool = True) -> dict:
-    """Train and save an adapter to ``out_dir``; a finished ``out_dir`` is reused, not retrained."""
+               progress: bool = True, digest: str | None = None) -> dict:
+    """Train and save an adapter to ``out_dir``.
+
+    A finished ``out_dir`` is reused only if it was trained from the same inputs
+    (``digest``: selection, config and starting adapter); after a data refresh the
+    digest changes and the adapter is retrained instead of silently going stale.
+    """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     done = out_dir / "train.json"
     if done.exists():
-        return json.loads(done.read_text()) | {"reused": True}
+        prev = json.loads(done.read_text())
+        if prev.get("digest") == digest:
+            return prev | {"reused": True}
     samples = [s for s in samples if s.label_mask.any()]
     if not samples:
         raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
@@ -132,7 +139,7 @@ def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out
     model.save_pretrained(tmp)
     stats = {"steps": len(plan), "samples": len(samples), "tokens": n_tok, "label_tokens": n_lab,
              "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "seconds": seconds,
-             "tokens_per_s": n_tok / seconds if seconds else 0.0, "init_adapter": init_adapter}
+             "tokens_per_s": n_tok / seconds if seconds else 0.0, "init_adapter": init_adapter, "digest": digest}
     (tmp / "train.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

@@ -141,3 +141,21 @@ def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
         assert con.execute("SELECT n_kept FROM selections WHERE selection = 'fixed/global'").fetchone()[0] > 0
     finally:
         con.close()
+
+
+def test_rerun_after_refresh_retrains_stale_adapters(tiny, tmp_path, data):
+    """Adapters are reused only for the data they were trained on."""
+    from flows.cleaning import refresh, run
+
+    rows, train = data
+    cfg = _cfg(tmp_path, train, tiny).model_copy(update={"baselines": ["global"]})
+    run(cfg)
+    info = lambda name: json.loads((cfg.run_dir / "adapters" / name / "train.json").read_text())
+    before = {n: info(n)["digest"] for n in ("theta-1", "fixed-global")}
+    run(cfg)  # nothing changed: everything reused
+    assert {n: info(n)["digest"] for n in before} == before
+    _write(train, rows[:150] + [dict(r, id=f"new-{i}") for i, r in enumerate(_rows(tiny.train)[200:230])])
+    refresh(cfg)
+    assert info("theta-1")["digest"] == before["theta-1"]  # the reference stays fixed across refreshes
+    run(cfg)
+    assert info("fixed-global")["digest"] != before["fixed-global"]
