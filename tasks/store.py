@@ -134,10 +134,14 @@ def insert_samples(con, samples: pa.Table, quarantine: list[dict]) -> None:
         _insert_samples(con, samples, quarantine)
 
 
-def _insert_samples(con, samples: pa.Table, quarantine: list[dict]) -> None:
-    con.register("_new_samples", samples)
-    con.execute("INSERT INTO samples SELECT * FROM _new_samples")
-    con.unregister("_new_samples")
+def _insert_samples(con, samples: pa.Table | str, quarantine: list[dict]) -> None:
+    """``samples``: an Arrow table, or the SQL of a relation with the samples schema."""
+    if isinstance(samples, pa.Table):
+        con.register("_new_samples", samples)
+        con.execute("INSERT INTO samples SELECT * FROM _new_samples")
+        con.unregister("_new_samples")
+    else:
+        con.execute(f"INSERT INTO samples {samples}")
     con.execute(
         """INSERT INTO response_tokens
            SELECT sample_id, pos, token_id, truth FROM (
@@ -174,14 +178,13 @@ def apply_refresh(con, fresh: pa.Table, quarantine: list[dict]) -> dict:
                        (SELECT 1 FROM _fresh f WHERE f.uid = s.uid AND f.content_hash = s.content_hash)""")
         for table in ("response_tokens", "token_losses", "token_scores", "selected_tokens", "samples"):
             con.execute(f"DELETE FROM {table} WHERE sample_id IN (SELECT sample_id FROM _stale)")
-        start = con.execute("SELECT coalesce(max(sample_id) + 1, 0) FROM samples").fetchone()[0]
-        new = con.execute(
-            """SELECT * REPLACE (? + row_number() OVER (ORDER BY sample_id) - 1 AS sample_id) FROM _fresh f
-               WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.uid = f.uid)""", [start]).to_arrow_table()
+        start = int(con.execute("SELECT coalesce(max(sample_id) + 1, 0) FROM samples").fetchone()[0])
         con.execute("DROP TABLE _stale")
-        con.unregister("_fresh")
         con.execute("DELETE FROM quarantine")
-        _insert_samples(con, new, quarantine)
+        _insert_samples(con, f"""SELECT * REPLACE ({start} + row_number() OVER (ORDER BY sample_id) - 1 AS sample_id)
+                                 FROM _fresh f WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.uid = f.uid)""",
+                        quarantine)
+        con.unregister("_fresh")
     return {"unchanged": counts[0], "changed": counts[1], "added": counts[2], "removed": removed}
 
 
