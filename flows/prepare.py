@@ -76,6 +76,21 @@ def prepare(cfg: RunConfig, *, progress: bool = True, refresh: bool = False) -> 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     con = store.connect(cfg.db_path)
+    try:
+        _ingest_once(cfg, con, tokenizer, paths, eval_paths, progress=progress, refresh=refresh)
+        store.set_meta(con, "base_model", base_path)
+        dump_config(cfg, run_dir / "config.yaml")
+        n_eval = con.execute("SELECT count(*) FROM samples WHERE part = ?", [EVAL_PART]).fetchone()[0]
+        if n_eval == 0:
+            raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
+    except BaseException:
+        con.close()  # release the file lock for whoever runs next
+        raise
+    return RunContext(cfg, con, base_path, run_dir)
+
+
+def _ingest_once(cfg: RunConfig, con, tokenizer, paths: list[str], eval_paths: list[str], *, progress: bool,
+                 refresh: bool) -> None:
     fingerprint = {
         "tokenizer": tokenizer_fingerprint(tokenizer), "template": TEMPLATE_NAME, "max_length": cfg.data.max_length,
         "parts": cfg.iterations + 1, "eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.seed,
@@ -106,12 +121,6 @@ def prepare(cfg: RunConfig, *, progress: bool = True, refresh: bool = False) -> 
         store.set_meta(con, "ingest_summary", summary)
         store.set_meta(con, "fingerprint", fingerprint)
         store.log_stage(con, "refresh" if stored else "ingest", "all", time.perf_counter() - t0, summary)
-    store.set_meta(con, "base_model", base_path)
-    dump_config(cfg, run_dir / "config.yaml")
-    n_eval = con.execute("SELECT count(*) FROM samples WHERE part = ?", [EVAL_PART]).fetchone()[0]
-    if n_eval == 0:
-        raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
-    return RunContext(cfg, con, base_path, run_dir)
 
 
 def ingest_summary(con) -> dict:
