@@ -106,7 +106,7 @@ def compile_pointwise(model) -> None:
     lists). Affects this process's chunk CE for every model. Costs compile time at the
     first batches; worth it only for long runs.
     """
-    decoder, _ = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     for layer in decoder.layers:
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
             mod = getattr(layer, name, None)
@@ -140,7 +140,8 @@ def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     return 1.0 - float(lengths.sum()) / padded if padded else 0.0
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
+    """Decoder and lm_head of a (PEFT-wrapped) causal LM; refuses models whose logits are not lm_head(h)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     for attr in ("final_logit_softcapping", "logit_scale"):
@@ -166,7 +167,7 @@ def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: tor
     ``target[b, p]`` marks token p of row b as a target; its loss comes from the hidden
     state at p-1. Returns a flat fp32 tensor ordered like ``target.nonzero()``.
     """
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, L, H)
     rows, cols = target.nonzero(as_tuple=True)
     h = hidden[rows, (cols - 1).clamp_min(0)]
@@ -185,7 +186,7 @@ def packed_token_losses(model, ids: torch.Tensor, position_ids: torch.Tensor, cu
     target (its loss comes from the hidden state one position earlier, which must be in
     the same sample: callers NaN out targets at a sample's position 0).
     """
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     register_varlen_attention()
     with attn_implementation(decoder.config, VARLEN_ATTN):
         hidden = decoder(input_ids=ids, position_ids=position_ids, use_cache=False, tc_cu_seqlens=cu_seqlens,

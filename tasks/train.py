@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.score import plan_batches, resolve_device, resolve_dtype
+from tasks.score import decoder_and_head, plan_batches, resolve_device, resolve_dtype
 from tokenclean.config import TrainConfig
 
 
@@ -101,8 +101,7 @@ def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     plan = [b for _ in range(cfg.epochs) for b in _batches(samples, cfg.batch_tokens, cfg.seed + _)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(plan)))
-    decoder = model.get_base_model().get_decoder()
-    head = model.get_base_model().get_output_embeddings()
+    decoder, head = decoder_and_head(model)
     t0, n_tok, n_lab, losses = time.perf_counter(), 0, 0, []
     bar = tqdm(plan, desc=f"train {out_dir.name}", disable=not progress, unit="step")
     for batch in bar:

@@ -132,7 +132,8 @@ def build(spec: EmbeddedSpec | None = None, root: Path | None = None, progress: 
     shutil.rmtree(tmp, ignore_errors=True)
     paths = generate(spec.synth, tmp / "data")
     docs = pretraining_text(spec.synth, spec.pretrain_docs, eos=SPECIAL[1])
-    sft_text = [json.loads(line)["prompt"] + " " + json.loads(line)["response"] for line in paths["train"].open()]
+    sft_rows = [json.loads(line) for line in paths["train"].open()]
+    sft_text = [r["prompt"] + " " + r["response"] for r in sft_rows]
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     tokenizer = train_tokenizer(docs + sft_text, spec.vocab_size)
     t_tok = time.perf_counter() - t0
