@@ -10,7 +10,7 @@ cache:
 
 * ``order_by``   CREATE TEMP TABLE kept AS SELECT ... ORDER BY score DESC, sample_id, pos LIMIT n_keep
                  (what tasks/select.py's "global" method does today).
-* ``bracket``    tasks.ranking.global_threshold (default strategy: sampled bracket, one exact pass)
+* ``bracket``    tokenclean.tasks.store.ranking.global_threshold (default strategy: sampled bracket, one exact pass)
                  + the global_topk_sql filter into kept.
 * ``histogram``  the same with strategy="histogram" (bucket passes).
 * ``quantile``   the same with strategy="quantile" (quantile_disc, then a proving count pass).
@@ -138,7 +138,7 @@ def worker(method: str, db: str, n_keep: int, threads, memory_limit, relation: s
     """One method in this (fresh) process; prints a JSON line. Peak RSS is measured by the parent."""
     import numpy as np
 
-    from tasks.ranking import global_threshold, global_topk_sql
+    from tokenclean.tasks.store.ranking import global_threshold, global_topk_sql
 
     con = _connect(db, threads, memory_limit)
     res = {"method": method, "settings": _settings(con), "rss_start_mib": _maxrss_mib()}

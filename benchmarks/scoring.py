@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.packing import flash_varlen_available  # noqa: E402
-from tasks.score import ShardSample, compile_pointwise, plan_batches, score_arrays  # noqa: E402
+from tokenclean.tasks.packing import flash_varlen_available  # noqa: E402
+from tokenclean.tasks.score import ShardSample, compile_pointwise, plan_batches, score_arrays  # noqa: E402
 
 LLAMA_COMMON = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
                     hidden_act="silu", attention_bias=False, mlp_bias=False)

@@ -1,82 +1,34 @@
 """The two token-cleaning flows of Pang et al. (2025), written to read like the paper.
 
-Adapters are named after the paper's thetas: ``theta-1`` is the base fine-tuned on the
-warm-up split D0 (full tokens); ``theta-(t+1)`` is theta-t fine-tuned on cleaned D_t.
-Token scores of iteration t are ``loss_base - loss_theta_t``. Base losses are scored
-once per token and reused by every iteration and both flows.
+Names follow the variants a user compares: ``base``, ``reference`` (theta_1: the base
+fine-tuned on the warm-up split D0, full tokens), the fixed-model variants ``full``,
+``random``, ``local``, ``global``, and ``self-evolving@t`` (theta_(t+1) = theta_t fine-tuned
+on cleaned D_t). The same name is used for a variant's selection, adapter, losses and
+metrics. Token scores of a reference are ``loss_base - loss_ref``; base losses are
+scored once per sample and reused by every iteration and both flows.
 
-Flows take the config as a plain dict (Prefect records flow parameters as JSON) and
-open the run database themselves, so each flow run is self-contained and resumable:
-ingest, shards, adapters and metrics already finished are reused, not redone.
+Every step goes through ``tokenclean.flows.artifacts``: its result is stored under a key
+derived from its inputs and reused only under that key, so a re-run with a changed
+setting recomputes exactly what the setting reaches.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+from prefect import flow
 
-from prefect import flow, get_run_logger
-
-from flows.prepare import RunContext, ingest_summary, prepare
-from flows.scoring import check_integrity, score_model
-from tasks.select import load_selected, materialize_scores
-from tasks.steps import evaluate_task, select_task, train_task
+from tokenclean.flows.artifacts import (
+    Model, base, ensure_adapter, ensure_eval, ensure_losses, ensure_scores, ensure_selection,
+)
+from tokenclean.flows.prepare import RunContext, prepare
+from tokenclean.tasks import store
 from tokenclean.config import RunConfig
 
 
-def _train_digest(ctx: RunContext, selection: str, tcfg, init_adapter: str | None) -> str:
-    """What an adapter was trained from: the kept tokens, the train config, the starting adapter."""
-    n, h = ctx.con.execute("SELECT count(*), coalesce(sum(hash(sample_id, pos)) % 18446744073709551557, 0) "
-                           "FROM selected_tokens WHERE selection = ?", [selection]).fetchone()
-    parent = None
-    if init_adapter and (Path(init_adapter) / "train.json").exists():
-        parent = json.loads((Path(init_adapter) / "train.json").read_text()).get("digest")
-    blob = json.dumps([n, str(h), tcfg.model_dump(mode="json"), ctx.base_path, parent], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _train(ctx: RunContext, selection: str, name: str, init_adapter: str | None, warmup: bool = False) -> str:
-    cfg = ctx.cfg
-    tcfg = cfg.reference_train if warmup else cfg.train
-    out = ctx.adapter_dir(name)
-    stats = train_task(ctx.con, ctx.base_path, load_selected(ctx.con, selection), tcfg, out,
-                       init_adapter=init_adapter, label=name, device=cfg.model.device, dtype=cfg.model.dtype,
-                       digest=_train_digest(ctx, selection, tcfg, init_adapter))
-    if not stats.get("reused"):
-        # Losses scored by an earlier version of this adapter are stale: drop them so the
-        # next scoring pass redoes them (adapter names double as model keys).
-        ctx.con.execute("DELETE FROM token_losses WHERE model = ?", [name])
-        ctx.con.execute("DELETE FROM shards_done WHERE model = ?", [name])
-    return out
-
-
-def _evaluate(ctx: RunContext, adapter: str | None, variant: str, iteration: int) -> dict:
-    done = ctx.con.execute("SELECT count(*) FROM metrics WHERE variant = ? AND iteration = ?",
-                           [variant, iteration]).fetchone()[0]
-    if done:
-        return {}
-    cfg = ctx.cfg
-    return evaluate_task(ctx.con, ctx.base_path, adapter, variant, iteration, batch_tokens=cfg.eval.batch_tokens,
-                         max_samples=cfg.eval.max_samples, device=cfg.model.device, dtype=cfg.model.dtype)
-
-
-def _score(ctx: RunContext, model_key: str, adapter: str | None, parts: list[int]) -> None:
-    stats = score_model(ctx, model_key, adapter, parts)
-    check = check_integrity(ctx.con, model_key, parts)
-    get_run_logger().info("scored %s over D%s: %s; integrity %s", model_key, parts, stats, check)
-    if not check["ok"]:
-        raise RuntimeError(f"token_losses integrity check failed for {model_key}: {check}")
-    if stats["nonfinite"]:
-        get_run_logger().warning("%s: %d non-finite token losses; they are excluded from ranking",
-                                 model_key, stats["nonfinite"])
-
-
-def warmup_reference(ctx: RunContext) -> str:
+def warmup_reference(ctx: RunContext) -> Model:
     """theta_1 = base fine-tuned with LoRA on D0, every response token kept."""
-    select_task(ctx.con, "warmup/D0", "full", 1.0, [0], iteration=None, seed=0)
-    theta1 = _train(ctx, "warmup/D0", "theta-1", None, warmup=True)
-    _evaluate(ctx, None, "base", 0)
-    _evaluate(ctx, theta1, "reference", 0)
+    d0 = ensure_selection(ctx, "reference", 0, "full", [0])
+    theta1 = ensure_adapter(ctx, "reference", 0, d0, ctx.cfg.reference_train)
+    ensure_eval(ctx, "base", 0, base(ctx))
+    ensure_eval(ctx, "reference", 0, theta1)
     return theta1
 
 
@@ -84,30 +36,29 @@ def run_fixed_model(ctx: RunContext) -> None:
     """Fixed-model cleaning and the baselines: one reference (theta_1) scores the whole pool once."""
     cfg, pool = ctx.cfg, ctx.train_parts
     theta1 = warmup_reference(ctx)
+    scores = None
     if any(m in ("global", "local") for m in cfg.baselines):
-        _score(ctx, "base", None, pool)
-        _score(ctx, "theta-1", theta1, pool)
-        materialize_scores(ctx.con, 1, "theta-1", pool)
+        ensure_losses(ctx, "base", 0, base(ctx), pool)
+        ensure_losses(ctx, "reference", 0, theta1, pool)
+        scores = ensure_scores(ctx, "reference", 0, theta1, pool)
     for method in cfg.baselines:
-        selection = f"fixed/{method}"
-        select_task(ctx.con, selection, method, cfg.select.k, pool,
-                    iteration=1 if method in ("global", "local") else None, seed=cfg.select.seed)
-        adapter = _train(ctx, selection, f"fixed-{method}", None)
-        _evaluate(ctx, adapter, method, 1)
+        kept = ensure_selection(ctx, method, 1, method, pool, scores)
+        adapter = ensure_adapter(ctx, method, 1, kept, cfg.train)
+        ensure_eval(ctx, method, 1, adapter)
 
 
-def run_self_evolving(ctx: RunContext) -> str:
-    """Algorithm 1: for t = 1..T score D_t with (theta_0, theta_t), keep the top-k, train theta_t -> theta_{t+1}."""
+def run_self_evolving(ctx: RunContext) -> Model:
+    """Algorithm 1: for t = 1..T score D_t with (theta_0, theta_t), keep the top-k, train theta_t -> theta_(t+1)."""
     cfg = ctx.cfg
     theta = warmup_reference(ctx)  # theta_1
-    _score(ctx, "base", None, list(range(1, cfg.iterations + 1)))  # base losses: once, reused every iteration
+    ensure_losses(ctx, "base", 0, base(ctx), list(range(1, cfg.iterations + 1)))  # once, reused every iteration
     for t in range(1, cfg.iterations + 1):
-        _score(ctx, f"theta-{t}", theta, [t])
-        materialize_scores(ctx.con, t, f"theta-{t}", [t])
-        selection = f"self-evolving/iter-{t}"
-        select_task(ctx.con, selection, "global", cfg.select.k, [t], iteration=t, seed=cfg.select.seed)
-        theta = _train(ctx, selection, f"theta-{t + 1}", init_adapter=theta)
-        _evaluate(ctx, theta, "self-evolving", t)
+        scorer = ("reference", 0) if t == 1 else ("self-evolving", t - 1)  # theta_t
+        ensure_losses(ctx, *scorer, theta, [t])
+        scores = ensure_scores(ctx, "self-evolving", t, theta, [t])
+        kept = ensure_selection(ctx, "self-evolving", t, "global", [t], scores)
+        theta = ensure_adapter(ctx, "self-evolving", t, kept, cfg.train, parent=theta)
+        ensure_eval(ctx, "self-evolving", t, theta)
     return theta
 
 
@@ -115,25 +66,27 @@ def publish_summary(ctx: RunContext) -> None:
     """Prefect artifacts for the ops dashboard: the comparison table and per-task metrics."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tokenclean.summary import comparison, format_table
+    from tokenclean.summary import comparison, format_table, metrics_rows
 
     rows = comparison(ctx.con)
     create_markdown_artifact(
         f"## Token cleaning: `{ctx.cfg.name}`\n\n```\n{format_table(rows)}\n```\n\n"
         f"k = {ctx.cfg.select.k}, T = {ctx.cfg.iterations}, base = `{ctx.base_path}`",
         key="token-cleaning-summary", description="variants compared on held-out data")
-    metrics = ctx.con.execute(
-        "SELECT variant, iteration, coalesce(task, 'all') AS task, metric, round(value, 4) AS value FROM metrics "
-        "ORDER BY variant, iteration, task, metric").fetchall()
+    metrics = metrics_rows(ctx.con)
     if metrics:
-        create_table_artifact([dict(zip(("variant", "iteration", "task", "metric", "value"), m)) for m in metrics],
-                              key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
+        create_table_artifact(metrics, key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
 
 
-def _with_context(cfg: RunConfig, body, refresh: bool = False):
-    ctx = prepare(cfg, refresh=refresh)
+def _with_context(flow_name: str, cfg: RunConfig, body):
+    """Open the run, record this flow run (its outputs are named under it), run ``body``, publish."""
+    ctx = prepare(cfg)
     try:
+        ctx.flow_run = store.start_flow_run(ctx.con, flow_name, cfg.model_dump(mode="json"), ctx.dataset)
+        store.record_output(ctx.con, ctx.flow_run, "base", 0, "model", ctx.base_model, False)
+        store.record_output(ctx.con, ctx.flow_run, "data", 0, "dataset", ctx.dataset, ctx.ingest.get("ingested", False))
         out = body(ctx)
+        store.finish_flow_run(ctx.con, ctx.flow_run)
         publish_summary(ctx)
         return out
     finally:
@@ -143,61 +96,50 @@ def _with_context(cfg: RunConfig, body, refresh: bool = False):
 @flow(name="fixed-model-cleaning", log_prints=True)
 def fixed_model_cleaning(config: dict) -> str:
     cfg = RunConfig.model_validate(config)
-    _with_context(cfg, run_fixed_model)
+    _with_context("fixed-model-cleaning", cfg, run_fixed_model)
     return str(cfg.run_dir)
 
 
 @flow(name="self-evolving-cleaning", log_prints=True)
 def self_evolving_cleaning(config: dict) -> str:
     cfg = RunConfig.model_validate(config)
-    return _with_context(cfg, run_self_evolving)
-
-
-@flow(name="score-pool", log_prints=True)
-def score_pool(config: dict, model_key: str = "base", adapter: str | None = None) -> dict:
-    """Score every training part with one model (base, or base + adapter), e.g. after a data refresh."""
-    cfg = RunConfig.model_validate(config)
-
-    def body(ctx):
-        _score(ctx, model_key, adapter, ctx.train_parts)
-        return check_integrity(ctx.con, model_key, ctx.train_parts)
-
-    return _with_context(cfg, body)
+    _with_context("self-evolving-cleaning", cfg, run_self_evolving)
+    return str(cfg.run_dir)
 
 
 def refresh_ranking(ctx: RunContext) -> dict:
-    """A scheduled refresh: new/changed samples are scored (base losses reused), the pool re-ranked."""
+    """A scheduled refresh: the fixed-model global ranking over the current inputs.
+
+    Keys make it incremental: unchanged samples keep their losses, only new or changed
+    ones are scored; the reference is retrained only if D0 itself changed.
+    """
     pool = ctx.train_parts
-    theta1 = ctx.adapter_dir("theta-1")
-    if not (Path(theta1) / "train.json").exists():
-        theta1 = warmup_reference(ctx)
-    # else: the reference stays fixed across refreshes, so its stored losses stay valid
-    _score(ctx, "base", None, pool)
-    _score(ctx, "theta-1", theta1, pool)
-    materialize_scores(ctx.con, 1, "theta-1", pool)
-    out = select_task(ctx.con, "fixed/global", "global", ctx.cfg.select.k, pool, iteration=1,
-                      seed=ctx.cfg.select.seed)
-    return {"refresh": ingest_summary(ctx.con).get("refresh"), "selection": out}
+    theta1 = warmup_reference(ctx)
+    ensure_losses(ctx, "base", 0, base(ctx), pool)
+    ensure_losses(ctx, "reference", 0, theta1, pool)
+    scores = ensure_scores(ctx, "reference", 0, theta1, pool)
+    kept = ensure_selection(ctx, "global", 1, "global", pool, scores)
+    return {"refresh": ctx.ingest.get("changes"), "selection": store.selection_record(ctx.con, kept)}
 
 
 @flow(name="refresh-token-ranking", log_prints=True)
 def refresh_token_ranking(config: dict) -> dict:
     """Re-read the inputs; score only what is new or changed; re-rank the whole pool globally."""
     cfg = RunConfig.model_validate(config)
-    return _with_context(cfg, refresh_ranking, refresh=True)
+    return _with_context("refresh-token-ranking", cfg, refresh_ranking)
 
 
 @flow(name="scheduled-refresh", log_prints=True)
 def scheduled_refresh(config: dict) -> dict:
     """Entry point for deployments: builds the configured Ray task runner, then refreshes."""
-    from flows.runtime import task_runner
+    from tokenclean.flows.runtime import task_runner
 
     cfg = RunConfig.model_validate(config)
     return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(config)
 
 
 def refresh(cfg: RunConfig) -> dict:
-    from flows.runtime import prefect_api
+    from tokenclean.flows.runtime import prefect_api
 
     with prefect_api():
         return scheduled_refresh(cfg.model_dump(mode="json"))
@@ -205,7 +147,7 @@ def refresh(cfg: RunConfig) -> dict:
 
 def run(cfg: RunConfig) -> None:
     """Run the flows the config's mode asks for, on the configured Ray task runner."""
-    from flows.runtime import prefect_api, task_runner
+    from tokenclean.flows.runtime import prefect_api, task_runner
 
     config = cfg.model_dump(mode="json")
     with prefect_api():

@@ -1,21 +1,19 @@
-"""Resolve model and data, open the run database, ingest once.
+"""Resolve model and data, open the run database, ingest what is new.
 
-Re-running a run resumes it: if the database already holds samples tokenised with
-the same fingerprint, ingest is skipped. A different tokenizer, template or max length
-is refused (positions would not line up with stored scores); changed input content
-is refused too, rather than silently mixing two datasets in one ranking.
+Nothing here is refused for being different from last time: the inputs, tokenizer,
+template, max length and split define a dataset key; a key already stored is reused
+(ingest skipped), a new one is ingested, and samples whose content was seen before keep
+their ids and therefore their losses. The base model is identified by its weights'
+content hash plus the settings that change its numbers (dtype, device, backend, compile).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import store
-from tasks.ingest import EVAL_PART, ingest
-from tasks.template import TEMPLATE_NAME, tokenizer_fingerprint
+from tokenclean.tasks import keys, store
+from tokenclean.tasks.ingest import ingest, tokenization_of
 from tokenclean.config import RunConfig, dump_config
 
 
@@ -25,13 +23,20 @@ class RunContext:
     con: object  # duckdb connection, owned by the flow process
     base_path: str
     run_dir: Path
+    dataset: str  # key of the ingested dataset this run works on
+    base_model: str  # key of the base model (weights + numerics settings)
+    ingest: dict = field(default_factory=dict)  # what prepare did: ingested or reused, counts
+    flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
 
     @property
     def train_parts(self) -> list[int]:
         return list(range(self.cfg.iterations + 1))
 
-    def adapter_dir(self, name: str) -> str:
-        return str(self.run_dir / "adapters" / name)
+    def adapter_dir(self, key: str) -> Path:
+        return self.run_dir / "adapters" / key
+
+    def shard_dir(self, model_key: str) -> Path:
+        return self.run_dir / "shards" / model_key
 
 
 def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
@@ -54,75 +59,61 @@ def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
     return cfg.model.base, paths, eval_paths
 
 
-def content_fingerprint(entries: list[str]) -> str:
-    h = hashlib.sha256()
-    for entry in entries:
-        h.update(entry.encode())
-        p = Path(entry)
-        files = sorted(p.iterdir()) if p.is_dir() else [p] if p.exists() else []
-        for f in files:
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
+def base_model_identity(cfg: RunConfig, base_path: str) -> dict:
+    """What makes the base model's losses what they are: its weights and the numerics settings."""
+    return {"name": cfg.model.base, "weights": keys.weights_hash(keys.resolve_model_dir(base_path)),
+            "dtype": cfg.model.dtype, "device": cfg.model.device, "backend": cfg.score.backend,
+            "compile": cfg.score.compile}
 
 
-def prepare(cfg: RunConfig, *, progress: bool = True, refresh: bool = False) -> RunContext:
-    """Open the run; ingest on first use. ``refresh`` re-reads changed inputs incrementally."""
+def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
+    """Open the run; ingest the inputs unless a dataset with the same key is already stored."""
     from transformers import AutoTokenizer
 
     base_path, paths, eval_paths = resolve_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base_path)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path)
     try:
-        _ingest_once(cfg, con, tokenizer, paths, eval_paths, progress=progress, refresh=refresh)
-        store.set_meta(con, "base_model", base_path)
+        tokenization = tokenization_of(tokenizer, cfg.data.max_length)
+        split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
+                 "seed": cfg.data.seed}
+        inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths)
+        dataset = keys.dataset_key(tokenization, inputs, split)
+        info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
+                            inputs, cfg.model.tokenizer or base_path, progress=progress)
+        base_model = keys.base_model_key(identity)
+        store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
-        n_eval = con.execute("SELECT count(*) FROM samples WHERE part = ?", [EVAL_PART]).fetchone()[0]
-        if n_eval == 0:
+        if store.samples_by_part(con, dataset).get(store.EVAL_PART, 0) == 0:
             raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
     except BaseException:
         con.close()  # release the file lock for whoever runs next
         raise
-    return RunContext(cfg, con, base_path, run_dir)
+    return RunContext(cfg, con, base_path, run_dir, dataset, base_model, info)
 
 
-def _ingest_once(cfg: RunConfig, con, tokenizer, paths: list[str], eval_paths: list[str], *, progress: bool,
-                 refresh: bool) -> None:
-    fingerprint = {
-        "tokenizer": tokenizer_fingerprint(tokenizer), "template": TEMPLATE_NAME, "max_length": cfg.data.max_length,
-        "parts": cfg.iterations + 1, "eval_fraction": cfg.data.eval_fraction, "split_seed": cfg.data.seed,
-        "content": content_fingerprint(paths + ["--eval--"] + eval_paths),
-    }
-    tokenisation = {k: v for k, v in fingerprint.items() if k != "content"}
-    stored = store.get_meta(con, "fingerprint")
-    if stored is not None:
-        store.check_fingerprint(con, tokenisation)  # raises on a tokenizer/template/length change
-    if stored is None or json.loads(stored).get("content") != fingerprint["content"]:
-        if stored is not None and not refresh:
-            raise store.FingerprintMismatch(
-                "the input data changed since this run ingested it; run `tokenclean refresh` to score only "
-                "new and changed samples, or use a new run name")
-        t0 = time.perf_counter()
-        res = ingest(paths, eval_paths, tokenizer, max_length=cfg.data.max_length,
-                     eval_fraction=0.0 if eval_paths else cfg.data.eval_fraction, n_parts=cfg.iterations + 1,
-                     seed=cfg.data.seed, progress=progress)
-        if res.samples.num_rows == 0:
-            raise ValueError(f"no usable rows in {paths}: all {res.n_read} rows were quarantined "
-                             f"(first reason: {res.quarantine[0]['reason'] if res.quarantine else 'empty input'})")
-        summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
-                   "truncated": int(sum(res.samples.column("truncated").to_pylist()))}
-        if stored is None:
-            store.insert_samples(con, res.samples, res.quarantine)
-        else:
-            summary["refresh"] = store.apply_refresh(con, res.samples, res.quarantine)
-        store.set_meta(con, "ingest_summary", summary)
-        store.set_meta(con, "fingerprint", fingerprint)
-        store.log_stage(con, "refresh" if stored else "ingest", "all", time.perf_counter() - t0, summary)
-
-
-def ingest_summary(con) -> dict:
-    raw = store.get_meta(con, "ingest_summary")
-    return json.loads(raw) if raw else {}
+def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
+                 inputs: str, tokenizer_path: str, *, progress: bool) -> dict:
+    summary = store.dataset_summary(con, dataset)
+    if summary is not None:
+        return {"ingested": False, **summary}
+    t0 = time.perf_counter()
+    res = ingest(paths, eval_paths, tokenizer, max_length=max_length, eval_fraction=split["eval_fraction"],
+                 n_parts=split["parts"], seed=split["seed"], tokenization=tokenization, progress=progress)
+    if res.samples.num_rows == 0:
+        raise ValueError(f"no usable rows in {paths}: all {res.n_read} rows were quarantined "
+                         f"(first reason: {res.quarantine[0]['reason'] if res.quarantine else 'empty input'})")
+    summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
+               "truncated": int(sum(res.samples.column("truncated").to_pylist()))}
+    previous = store.last_ingested_dataset(con)
+    described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
+                 "tokenizer": tokenizer_path, "max_length": max_length, "split": split}
+    summary |= store.insert_dataset(con, dataset, res.samples, res.quarantine, described, summary)
+    if previous is not None and previous != dataset:
+        summary["changes"] = store.dataset_diff(con, previous, dataset)
+        store.set_dataset_summary(con, dataset, summary)
+    store.log_stage(con, None, "ingest", "dataset", dataset, time.perf_counter() - t0, summary)
+    return {"ingested": True, **summary}

@@ -13,22 +13,42 @@ import os
 from tokenclean.config import RayConfig
 
 
+STARTUP_TIMEOUT_S = 180
+
+
+def start_local_server(attempts: int = 2):
+    """Start a local Prefect API server subprocess; return it once it answers /health.
+
+    The first start on a fresh machine runs the database migrations, which on a busy
+    2-core box can take longer than Prefect's default 20 s; the timeout is passed to
+    ``start`` explicitly because Prefect reads its settings at import, before any
+    environment variable we could set here. A start that still fails (a port taken
+    between probe and bind, a slow first migration) is retried once on a new port.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for attempt in range(attempts):
+        server = SubprocessASGIServer()
+        try:
+            server.start(timeout=STARTUP_TIMEOUT_S)
+            return server
+        except RuntimeError:
+            server.stop()
+            if attempt == attempts - 1:
+                raise
+
+
 @contextlib.contextmanager
 def prefect_api():
     """Yield the API URL in use; start a local server for the duration if none is configured."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The default 20 s is too short for the first start (database migrations) on a busy 2-core box.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from prefect.settings import PREFECT_API_URL
 
     url = os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
     if url:
         yield url
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
+    server = start_local_server()
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         yield server.api_url
@@ -52,8 +72,9 @@ def task_runner(cfg: RayConfig):
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_ray import RayTaskRunner
 
+    # PYTHONPATH lets workers import a custom scorer (score.backend: package.module:Factory).
     passed = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
-              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "TOKENCLEAN_FAULT")
+              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "PYTHONPATH")
     env = {k: os.environ[k] for k in passed if k in os.environ}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     address = ray_address(cfg)

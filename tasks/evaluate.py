@@ -9,28 +9,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.score import ShardSample, process_model
-from tasks.store import record_metric
+from tokenclean.tasks import store
+from tokenclean.tasks.score import ShardSample, process_model
 
 
-def load_eval_samples(con, max_samples: int | None = None):
-    sql = ("SELECT sample_id, task, input_ids, response_mask, answer_start, answer_end FROM samples "
-           "WHERE part = -1 ORDER BY sample_id")
-    if max_samples:
-        sql += f" LIMIT {int(max_samples)}"
-    rows = con.execute(sql).fetchall()
+def load_eval_samples(con, dataset: str, max_samples: int | None = None):
+    rows = store.eval_rows(con, dataset, max_samples)
     samples = [ShardSample(r[0], np.asarray(r[2], dtype=np.int32), np.asarray(r[3], dtype=bool)) for r in rows]
     meta = {r[0]: {"task": r[1], "answer": (r[4], r[5])} for r in rows}
     return samples, meta
 
 
 def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_tokens: int, chunk: int = 2048,
-                   device: str = "auto", dtype: str = "auto") -> dict:
+                   device: str = "auto", dtype: str = "auto", base_key: str | None = None,
+                   adapter_key: str | None = None) -> dict:
     """Metrics of base (+ adapter) on the eval samples: {'overall': {...}, 'by_task': {task: {...}}}."""
     if not samples:
         raise ValueError("no held-out samples (part = -1): set data.eval_paths or data.eval_fraction > 0")
-    sm = process_model(base_path, device, dtype)
-    table = sm.losses(samples, adapter=adapter, batch_tokens=batch_tokens, chunk=chunk, with_correct=True)
+    sm = process_model(base_path, device, dtype, model_key=base_key)
+    table = sm.losses(samples, adapter=adapter, adapter_key=adapter_key, batch_tokens=batch_tokens, chunk=chunk,
+                      with_correct=True)
     sid = table.column("sample_id").to_numpy()
     pos = table.column("pos").to_numpy()
     loss = table.column("loss").to_numpy()
@@ -66,9 +64,8 @@ def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_
     return {"overall": agg(per_sample.values()), "by_task": {t: agg(v) for t, v in sorted(by_task.items())}}
 
 
-def record_eval(con, variant: str, iteration: int, result: dict) -> None:
-    for metric, value in result["overall"].items():
-        record_metric(con, variant, iteration, metric, float(value))
-    for task, metrics in result["by_task"].items():
-        for metric, value in metrics.items():
-            record_metric(con, variant, iteration, metric, float(value), task=task)
+def metric_rows(result: dict) -> list[tuple[str, str | None, float]]:
+    """(metric, task, value) rows of an ``evaluate_model`` result; task None is the overall figure."""
+    rows = [(m, None, float(v)) for m, v in result["overall"].items()]
+    rows += [(m, t, float(v)) for t, metrics in result["by_task"].items() for m, v in metrics.items()]
+    return rows

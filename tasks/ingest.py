@@ -21,15 +21,19 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from tasks.template import (
+from tokenclean.tasks.template import (
     ROLES,
     TRUTH_CORRUPTED,
     TRUTH_INFORMATIVE,
+    TEMPLATE_NAME,
     render_tulu,
     tokenize_rendered,
+    tokenizer_fingerprint,
 )
 
-EVAL_PART = -1
+from tokenclean.tasks.keys import sample_id as content_sample_id
+from tokenclean.tasks.keys import tokenization_key
+from tokenclean.tasks.store.data import EVAL_PART  # noqa: F401  (re-exported: the held-out part)
 
 
 class RowError(ValueError):
@@ -178,7 +182,10 @@ def normalize(obj: Any) -> Normalized:
     task = obj.get("task")
     if task is not None and not isinstance(task, str):
         raise RowError("field 'task' must be a string")
-    content_hash = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+    # Everything that shapes the stored sample (its tokens, labels, answer span, task) is
+    # hashed: an edit to any of them makes a new sample, never a stale one.
+    content_hash = hashlib.sha256(json.dumps({"messages": messages, "task": task, "answer": answer,
+                                              "truth": sorted(truth)}, sort_keys=True).encode()).hexdigest()[:16]
     uid = obj.get("id")
     if uid is None:
         uid = content_hash
@@ -201,9 +208,8 @@ def assign_part(uid: str, seed: int, eval_fraction: float, n_parts: int, is_eval
 SAMPLE_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),
+        ("tokenization", pa.string()),
         ("uid", pa.string()),
-        ("source", pa.string()),
-        ("part", pa.int16()),
         ("task", pa.string()),
         ("answer", pa.string()),
         ("content_hash", pa.string()),
@@ -217,6 +223,9 @@ SAMPLE_SCHEMA = pa.schema(
         ("truth", pa.list_(pa.uint8())),
     ]
 )
+# What ingest returns per sample: the stored sample, plus where this dataset has it.
+INGEST_SCHEMA = SAMPLE_SCHEMA.append(pa.field("part", pa.int16())).append(pa.field("source", pa.string())) \
+    .append(pa.field("row_index", pa.int64()))
 
 
 @dataclass
@@ -226,11 +235,18 @@ class IngestResult:
     n_read: int
 
 
+def tokenization_of(tokenizer, max_length: int) -> str:
+    """Key of how ingest turns text into tokens: tokenizer, template and max length."""
+    return tokenization_key(tokenizer_fingerprint(tokenizer), TEMPLATE_NAME, max_length)
+
+
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
-           n_parts: int, seed: int, progress: bool = False) -> IngestResult:
+           n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False) -> IngestResult:
+    """Read, validate, render and tokenise every row; sample ids are keyed by ``tokenization``."""
     from tqdm.auto import tqdm
 
-    cols: dict[str, list] = {f.name: [] for f in SAMPLE_SCHEMA}
+    tokenization = tokenization or tokenization_of(tokenizer, max_length)
+    cols: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
     quarantine: list[dict] = []
     seen: dict[str, str] = {}
     n_read = 0
@@ -264,9 +280,11 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
                 idx = tok.tokens_in(c0, c0 + len(norm.answer))
                 if len(idx) and tok.response_mask[idx].all():
                     a_start, a_end = int(idx[0]), int(idx[-1]) + 1
-            cols["sample_id"].append(len(seen) - 1)
+            cols["sample_id"].append(content_sample_id(tokenization, norm.uid, norm.content_hash))
+            cols["tokenization"].append(tokenization)
             cols["uid"].append(norm.uid)
             cols["source"].append(Path(row.source).name if not row.source.startswith("hf:") else row.source)
+            cols["row_index"].append(row.index)
             cols["part"].append(assign_part(norm.uid, seed, eval_fraction, n_parts, is_eval))
             cols["task"].append(norm.task)
             cols["answer"].append(norm.answer)
@@ -279,4 +297,4 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
             cols["input_ids"].append(tok.input_ids.tolist())
             cols["response_mask"].append(tok.response_mask.tolist())
             cols["truth"].append(tok.truth.tolist() if tok.truth is not None else None)
-    return IngestResult(pa.table(cols, schema=SAMPLE_SCHEMA), quarantine, n_read)
+    return IngestResult(pa.table(cols, schema=INGEST_SCHEMA), quarantine, n_read)

@@ -258,43 +258,59 @@ def run_lm_eval(base_path: str, adapter: str | None, tasks: list[str], *, task_d
     return _flatten(out.get("results", {}))
 
 
-def record_lm_eval(con, variant: str, iteration: int, results: dict[str, dict[str, float]]) -> int:
-    """Write ``run_lm_eval`` results into the run's ``metrics`` table; returns the rows written."""
-    from tasks.store import record_metric
+def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int | None,
+                   results: dict[str, dict[str, float]]) -> str:
+    """Store ``run_lm_eval`` results under their eval key (model, tasks, limit); returns the key.
 
-    n = 0
-    for task, metrics in results.items():
-        for metric, value in metrics.items():
-            if value is None or not math.isfinite(float(value)):
-                continue  # e.g. a stderr lm-eval could not compute
-            record_metric(con, variant, iteration, metric, float(value), task=f"lm-eval:{task}")
-            n += 1
-    return n
+    Recorded as the output of an ``lm-eval:<name>`` flow run, so ``inspect`` and the
+    dashboard table list it beside the run's own evaluations.
+    """
+    from tokenclean.tasks import keys, store
+
+    key = keys.eval_key(model_key, keys.digest("lm-eval-tasks", sorted(tasks)),
+                        {"harness": "lm-eval", "limit": limit})
+    rows = [(metric, f"lm-eval:{task}", float(value)) for task, metrics in results.items()
+            for metric, value in metrics.items() if value is not None and math.isfinite(float(value))]
+    store.record_eval(con, key, model_key, {"model": model_key, "tasks": sorted(tasks), "limit": limit}, rows)
+    flow_run = store.start_flow_run(con, f"lm-eval:{name}", {"tasks": tasks, "limit": limit},
+                                    store.latest_dataset(con))
+    store.record_output(con, flow_run, name, 0, "eval", key, True)
+    store.finish_flow_run(con, flow_run)
+    return key
 
 
-def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[str], *, variant: str | None = None,
-                        iteration: int = 0, limit: int | None = None, batch_size: int | str = 8,
-                        device: str = "cpu", task_dirs: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """lm-eval on a run's base model or one of its adapters (a name under RUN/adapters/ or a path); records metrics.
+def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[str], *, limit: int | None = None,
+                        batch_size: int | str = 8, device: str = "cpu",
+                        task_dirs: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """lm-eval on a run's base model or one of its variants' adapters (``global``, ``self-evolving@2``); records metrics.
 
+    The adapter is found through the latest run's outputs by the variant's name, and the
+    results are stored under the key of the exact model evaluated.
     For a run on the embedded default the ``tokenclean_facts`` data is regenerated for that run's world.
     """
-    from tasks.store import connect, get_meta
+    from tokenclean.tasks import store
+    from tokenclean.summary import output_key
 
     run_dir = Path(run_dir)
     db = run_dir / "tokenclean.duckdb"
     if not db.exists():
         raise FileNotFoundError(f"no tokenclean database at {db}")
-    con = connect(db, read_only=True)
+    con = store.connect(db, read_only=True)
     try:
-        base = get_meta(con, "base_model")
+        base_key = output_key(con, "base", "model")
+        if base_key is None:
+            raise ValueError(f"{db} has no finished flow run: run the pipeline first")
+        base = store.model_inputs(con, base_key)["path"]
+        model_key, adapter_dir = base_key, None
+        if adapter:
+            train_key = output_key(con, adapter, "adapter")
+            if train_key is None:
+                raise ValueError(f"no adapter named {adapter!r} in the latest runs of {run_dir} "
+                                 "(names: reference, full, random, local, global, self-evolving@T)")
+            rec = store.adapter_record(con, train_key)
+            model_key, adapter_dir = rec["model"], rec["path"]
     finally:
         con.close()
-    if not base:
-        raise ValueError(f"{db} has no base_model: the run has not been prepared")
-    adapter_dir = None
-    if adapter:
-        adapter_dir = Path(adapter) if Path(adapter).is_dir() else run_dir / "adapters" / adapter
     data_files: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
         cfg_path = run_dir / "config.yaml"
@@ -304,11 +320,11 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
 
             e = EmbeddedConfig.model_validate(cfg.get("embedded") or {})
             data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", e.n_people, e.seed))
-        results = run_lm_eval(str(base), str(adapter_dir) if adapter_dir else None, tasks, task_dirs=task_dirs,
+        results = run_lm_eval(str(base), adapter_dir, tasks, task_dirs=task_dirs,
                               limit=limit, batch_size=batch_size, device=device, data_files=data_files or None)
-    con = connect(db, wait_s=30)
+    con = store.connect(db, wait_s=30)
     try:
-        record_lm_eval(con, variant or (adapter or "base"), iteration, results)
+        record_lm_eval(con, model_key, adapter or "base", tasks, limit, results)
     finally:
         con.close()
     return results

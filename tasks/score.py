@@ -1,6 +1,6 @@
 """Teacher-forced per-token losses: the math of scoring, with no orchestration in it.
 
-Throughput: by default samples are *packed* (``tasks.packing``): several samples share
+Throughput: by default samples are *packed* (``tokenclean.tasks.packing``): several samples share
 one row of up to ``batch_tokens`` tokens, ``position_ids`` restart per sample and
 attention is block-diagonal causal (PyTorch's flash varlen kernel on CUDA, per-sample
 SDPA elsewhere), so no FLOP is spent on padding. ``packed=False`` keeps the older
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.packing import VARLEN_ATTN, attn_implementation, pack_arrays, plan_packs, register_varlen_attention
+from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, pack_arrays, plan_packs, register_varlen_attention
 
 __all__ = [
     "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "resolve_device", "resolve_dtype", "chunked_token_nll",
@@ -179,7 +179,7 @@ def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: tor
 def packed_token_losses(model, ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                         cu_host: list[int], max_len: int, target_index: torch.Tensor, chunk: int,
                         with_correct: bool = False):
-    """Per-target losses for one packed row (see ``tasks.packing``).
+    """Per-target losses for one packed row (see ``tokenclean.tasks.packing``).
 
     ``ids``/``position_ids``: (1, T); ``cu_seqlens``: (n+1,) int32 on the device and the
     same as a host list; ``target_index``: (K,) positions in the row whose token is a
@@ -295,28 +295,33 @@ class ScoringModel:
         self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype).to(self.device).eval()
         if compile:
             compile_pointwise(self.model)
-        self._adapters: dict[str, str] = {}  # adapter path -> peft adapter name
+        self._adapters: dict[str, str] = {}  # adapter key -> peft adapter name
 
-    def _activate(self, adapter: str | None):
+    def _activate(self, adapter: str | None, adapter_key: str | None = None):
+        """Switch to ``adapter``; cached under ``adapter_key`` (its weights' hash) when given.
+
+        Without a key the resolved path is the cache key, which is only safe when nothing
+        rewrites that directory during this process's life (tests and benchmarks).
+        """
         if adapter is None:
             return None
         from peft import PeftModel
 
-        key = str(Path(adapter).resolve())
+        key = adapter_key or str(Path(adapter).resolve())
         if key not in self._adapters:
             name = f"a{len(self._adapters)}"
             if not self._adapters:
-                self.model = PeftModel.from_pretrained(self.model, key, adapter_name=name).eval()
+                self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
             else:
-                self.model.load_adapter(key, adapter_name=name)
+                self.model.load_adapter(adapter, adapter_name=name)
             self._adapters[key] = name
         self.model.set_adapter(self._adapters[key])
         return self._adapters[key]
 
     def losses(self, samples: list[ShardSample], *, adapter: str | None, batch_tokens: int, chunk: int,
-               progress=None, with_correct: bool = False, packed: bool = True):
+               progress=None, with_correct: bool = False, packed: bool = True, adapter_key: str | None = None):
         """Arrow table of per-target losses (see ``score_samples``) with base or base + ``adapter``."""
-        name = self._activate(adapter)
+        name = self._activate(adapter, adapter_key)
         kw = dict(batch_tokens=batch_tokens, chunk=chunk, device=self.device, progress=progress,
                   with_correct=with_correct, packed=packed)
         if name is None and self._adapters:
@@ -328,9 +333,14 @@ class ScoringModel:
 _PROCESS_MODELS: dict[tuple, ScoringModel] = {}
 
 
-def process_model(base_path: str, device: str = "auto", dtype: str = "auto", compile: bool = False) -> ScoringModel:
-    """One ScoringModel per worker process: Ray reuses workers, so weights load once."""
-    key = (str(base_path), device, dtype, compile)
+def process_model(base_path: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
+                  model_key: str | None = None) -> ScoringModel:
+    """One ScoringModel per worker process: Ray reuses workers, so weights load once.
+
+    Cached under ``model_key`` (the base weights' content hash) when given, so a model
+    directory rewritten in place is loaded again rather than served from the cache.
+    """
+    key = (model_key or str(base_path), device, dtype, compile)
     if key not in _PROCESS_MODELS:
         _PROCESS_MODELS.clear()  # a new base replaces the old one instead of doubling memory
         _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype, compile=compile)

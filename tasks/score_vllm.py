@@ -1,7 +1,7 @@
 """Optional vLLM scoring backend: per-token losses from ``prompt_logprobs``.
 
 For users who already serve their models with vLLM (``ScoreConfig.backend == "vllm"``).
-Same contract as ``tasks.score.ScoringModel.losses``: an Arrow table with
+Same contract as ``tokenclean.tasks.score.ScoringModel.losses``: an Arrow table with
 ``LOSS_SCHEMA`` (sample_id, pos, token_id, loss), where the loss at a target position
 p is -log p(x_p | x_<p); a target at position 0 has no context and gets NaN.
 
@@ -94,7 +94,7 @@ class VllmScorer:
         """
         import pyarrow as pa
 
-        from tasks.score import _schemas
+        from tokenclean.tasks.score import _schemas
 
         if with_correct:
             raise NotImplementedError("with_correct is not supported by the vLLM backend; use transformers")

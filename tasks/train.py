@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.score import decoder_and_head, plan_batches, resolve_device, resolve_dtype
+from tokenclean.tasks.score import decoder_and_head, plan_batches, resolve_device, resolve_dtype
 from tokenclean.config import TrainConfig
 
 
@@ -75,21 +75,15 @@ def load_for_training(base_path: str, cfg: TrainConfig, init_adapter: str | None
 
 def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out_dir: str | Path, *,
                init_adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-               progress: bool = True, digest: str | None = None) -> dict:
-    """Train and save an adapter to ``out_dir``.
+               progress: bool = True, key: str | None = None, label: str | None = None) -> dict:
+    """Train and save an adapter to ``out_dir`` (atomically: a temp directory renamed when complete).
 
-    A finished ``out_dir`` is reused only if it was trained from the same inputs
-    (``digest``: selection, config and starting adapter); after a data refresh the
-    digest changes and the adapter is retrained instead of silently going stale.
+    Whether to train at all is the caller's decision, by key (``tokenclean.flows.artifacts``);
+    ``key`` is written into ``train.json`` so a directory can be matched to its key.
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    done = out_dir / "train.json"
-    if done.exists():
-        prev = json.loads(done.read_text())
-        if prev.get("digest") == digest:
-            return prev | {"reused": True}
     samples = [s for s in samples if s.label_mask.any()]
     if not samples:
         raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
@@ -103,7 +97,7 @@ def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(plan)))
     decoder, head = decoder_and_head(model)
     t0, n_tok, n_lab, losses = time.perf_counter(), 0, 0, []
-    bar = tqdm(plan, desc=f"train {out_dir.name}", disable=not progress, unit="step")
+    bar = tqdm(plan, desc=f"train {label or out_dir.name}", disable=not progress, unit="step")
     for batch in bar:
         width = max(len(samples[i].input_ids) for i in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
@@ -138,7 +132,7 @@ def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out
     model.save_pretrained(tmp)
     stats = {"steps": len(plan), "samples": len(samples), "tokens": n_tok, "label_tokens": n_lab,
              "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "seconds": seconds,
-             "tokens_per_s": n_tok / seconds if seconds else 0.0, "init_adapter": init_adapter, "digest": digest}
+             "tokens_per_s": n_tok / seconds if seconds else 0.0, "init_adapter": init_adapter, "key": key}
     (tmp / "train.json").write_text(json.dumps(stats, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

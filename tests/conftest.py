@@ -7,11 +7,20 @@ API server and scoring runs on a local Ray cluster.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+# Settings Prefect reads at import time must be in the environment before anything
+# imports it: a private Prefect home (fresh database), no analytics.
+_HOMES = Path(tempfile.mkdtemp(prefix="tokenclean-test-homes-"))
+os.environ["PREFECT_HOME"] = str(_HOMES / "prefect")
+os.environ.setdefault("TOKENCLEAN_CACHE", str(_HOMES / "cache"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Ray workers import tests.faults (the fault-injecting scorer) from the repository root.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -22,12 +31,28 @@ TINY = {"n_people": 6, "n_train": 300, "n_eval": 60, "pretrain_steps": 60, "corr
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_homes(tmp_path_factory):
-    """Keep Prefect's database and our model cache out of the user's home."""
-    root = tmp_path_factory.mktemp("homes")
-    os.environ["PREFECT_HOME"] = str(root / "prefect")
-    os.environ.setdefault("TOKENCLEAN_CACHE", str(root / "cache"))
-    yield
+def prefect_server():
+    """One local Prefect API server for the whole session, started before any test needs it.
+
+    Started once (with the long first-start timeout and one retry of
+    ``flows.runtime.start_local_server``) instead of once per flow, so the slow first
+    start with database migrations happens once, up front, on every fresh machine.
+    """
+    from tokenclean.flows.runtime import start_local_server
+
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    server = start_local_server()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        yield server.api_url
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # send buffered run logs before the server goes away
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

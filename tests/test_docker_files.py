@@ -495,9 +495,10 @@ def test_dockerignore_keeps_sources_and_drops_junk() -> None:
     assert [p for p in keep if dockerignored(p, pats)] == []
     assert [p for p in drop if not dockerignored(p, pats)] == []
     # Every packaged source file in the work tree reaches the build context.
-    packages = _pyproject()["tool"]["setuptools"]["packages"]
+    setup = _pyproject()["tool"]["setuptools"]
+    folders = [setup["package-dir"].get(p, p.replace(".", "/")) for p in setup["packages"]]
     tracked = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", *packages],
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", *folders],
         cwd=REPO, capture_output=True, text=True, check=True,
     ).stdout.split()
     assert tracked, "git ls-files found no package files"

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from tasks import store
+from tokenclean.tasks import store
 from tokenclean.config import RunConfig
 from tests.conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def finished_run(tiny, tmp_path_factory):
-    from flows.cleaning import run
+    from tokenclean.flows.cleaning import run
 
     cfg = RunConfig.model_validate(tiny_config(tmp_path_factory.mktemp("runs")))
     run(cfg)
@@ -26,14 +26,31 @@ def _q(cfg, sql, params=None):
         con.close()
 
 
+def _out(cfg, name, kind):
+    from tokenclean.summary import output_key
+
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        return output_key(con, name, kind)
+    finally:
+        con.close()
+
+
+def _pool_tokens(cfg, parts):
+    ds = _out(cfg, "data", "dataset")
+    return _q(cfg, "SELECT count(*) FROM response_tokens rt JOIN dataset_samples d USING (sample_id) "
+                   f"WHERE d.dataset = ? AND d.part IN ({','.join(map(str, parts))})", [ds])[0][0]
+
+
 def test_every_response_token_scored_once_per_model(finished_run):
     cfg = finished_run
-    n_resp = _q(cfg, "SELECT count(*) FROM response_tokens rt JOIN samples s USING (sample_id) WHERE s.part >= 0")[0][0]
+    n_resp = _pool_tokens(cfg, [0, 1, 2])
     by_model = dict(_q(cfg, "SELECT model, count(*) FROM token_losses GROUP BY model"))
-    assert by_model["base"] == n_resp  # base scored once over the whole pool, shared by both flows
-    assert by_model["theta-1"] == n_resp
-    n_d2 = _q(cfg, "SELECT count(*) FROM response_tokens rt JOIN samples s USING (sample_id) WHERE s.part = 2")[0][0]
-    assert by_model["theta-2"] == n_d2  # theta_2 only scores D2
+    assert by_model[_out(cfg, "base", "losses")] == n_resp  # base scored once over the pool, shared by both flows
+    assert by_model[_out(cfg, "reference", "losses")] == n_resp
+    # theta_2 (the adapter of self-evolving iteration 1) only scores D2
+    assert by_model[_out(cfg, "self-evolving@1", "losses")] == _pool_tokens(cfg, [2])
+    assert len(by_model) == 3
     dupes = _q(cfg, "SELECT count(*) FROM (SELECT model, sample_id, pos FROM token_losses GROUP BY ALL "
                     "HAVING count(*) > 1)")[0][0]
     assert dupes == 0
@@ -49,45 +66,56 @@ def test_each_ray_worker_loads_the_model_once(finished_run):
 
 def test_algorithm_1_artifacts(finished_run):
     cfg = finished_run
-    adapters = sorted(p.name for p in (cfg.run_dir / "adapters").iterdir())
-    assert adapters == ["fixed-full", "fixed-global", "fixed-local", "fixed-random", "theta-1", "theta-2", "theta-3"]
-    t3 = json.loads((cfg.run_dir / "adapters" / "theta-3" / "train.json").read_text())
-    assert t3["init_adapter"].endswith("theta-2")
-    sels = {r[0]: r[1:] for r in _q(cfg, "SELECT selection, method, iteration, n_kept, n_candidates FROM selections")}
-    assert sels["self-evolving/iter-1"][:2] == ("global", 1) and sels["self-evolving/iter-2"][:2] == ("global", 2)
-    for name in ("fixed/global", "fixed/random", "self-evolving/iter-1"):
+    names = ["reference", "full", "random", "local", "global", "self-evolving@1", "self-evolving@2"]
+    adapters = {n: _out(cfg, n, "adapter") for n in names}
+    assert all(adapters.values()) and len(set(adapters.values())) == len(names)
+    assert sorted(p.name for p in (cfg.run_dir / "adapters").iterdir()) == sorted(adapters.values())
+    t3 = json.loads((cfg.run_dir / "adapters" / adapters["self-evolving@2"] / "train.json").read_text())
+    assert t3["init_adapter"].endswith(adapters["self-evolving@1"])  # theta_3 continues theta_2
+    sels = {n: _q(cfg, "SELECT method, scores, n_kept, n_candidates FROM selections WHERE selection = ?",
+                  [_out(cfg, n, "selection")])[0] for n in ("global", "random", "self-evolving@1", "self-evolving@2")}
+    assert sels["self-evolving@1"][0] == sels["self-evolving@2"][0] == "global"
+    assert sels["self-evolving@1"][1] == sels["global"][1] == _out(cfg, "reference", "scores")  # both ranked by theta_1
+    assert sels["self-evolving@2"][1] == _out(cfg, "self-evolving@2", "scores")
+    for name in ("global", "random", "self-evolving@1"):
         kept, cand = sels[name][2:]
         assert kept == round(cfg.select.k * cand)
-    # scores of iteration t are base - theta_t over D_t
+    # scores of iteration 2 are base - theta_2 over D2
     bad = _q(cfg, """SELECT count(*) FROM token_scores ts
-                     JOIN token_losses b ON b.model='base' AND b.sample_id=ts.sample_id AND b.pos=ts.pos
-                     JOIN token_losses r ON r.model='theta-2' AND r.sample_id=ts.sample_id AND r.pos=ts.pos
-                     WHERE ts.iteration = 2 AND abs(ts.score - (b.loss - r.loss)) > 1e-6""")[0][0]
+                     JOIN token_losses b ON b.model = ? AND b.sample_id = ts.sample_id AND b.pos = ts.pos
+                     JOIN token_losses r ON r.model = ? AND r.sample_id = ts.sample_id AND r.pos = ts.pos
+                     WHERE ts.scores = ? AND abs(ts.score - (b.loss - r.loss)) > 1e-6""",
+             [_out(cfg, "base", "losses"), _out(cfg, "self-evolving@1", "losses"),
+              _out(cfg, "self-evolving@2", "scores")])[0][0]
     assert bad == 0
 
 
 def test_metrics_recorded_for_every_variant(finished_run):
-    variants = {r[0] for r in _q(finished_run, "SELECT DISTINCT variant FROM metrics WHERE task IS NULL "
-                                               "AND metric = 'answer_exact_match'")}
-    assert variants == {"base", "reference", "full", "random", "local", "global", "self-evolving"}
-    iters = [r[0] for r in _q(finished_run, "SELECT DISTINCT iteration FROM metrics WHERE variant='self-evolving' "
-                                            "ORDER BY 1")]
-    assert iters == [1, 2]
+    from tokenclean.summary import metrics_rows
+
+    con = store.connect(finished_run.db_path, read_only=True)
+    try:
+        rows = metrics_rows(con)
+    finally:
+        con.close()
+    em = {(r["variant"], r["iteration"]) for r in rows if r["metric"] == "answer_exact_match" and r["task"] == "all"}
+    assert {v for v, _ in em} == {"base", "reference", "full", "random", "local", "global", "self-evolving"}
+    assert sorted(i for v, i in em if v == "self-evolving") == [1, 2]
 
 
 def test_cleaning_raises_precision_over_full_tokens(finished_run):
     """The claim of the method, on data with known labels: kept tokens are more often the informative ones."""
     prec = dict(_q(finished_run, "SELECT selection, precision FROM selections"))
-    assert prec["fixed/global"] > prec["fixed/full"]
+    assert prec[_out(finished_run, "global", "selection")] > prec[_out(finished_run, "full", "selection")]
 
 
 def test_rerun_resumes_without_rescoring_or_retraining(finished_run):
-    from flows.cleaning import run
+    from tokenclean.flows.cleaning import run
 
-    before = _q(finished_run, "SELECT count(*) FROM stage_log WHERE stage IN ('score', 'train', 'ingest')")[0][0]
+    before = _q(finished_run, "SELECT count(*) FROM stage_log")[0][0]
     run(finished_run)
-    after = _q(finished_run, "SELECT count(*) FROM stage_log WHERE stage IN ('score', 'train', 'ingest')")[0][0]
-    assert after == before
+    after = _q(finished_run, "SELECT count(*) FROM stage_log")[0][0]
+    assert after == before  # every key was stored complete: no stage ran
 
 
 def test_flow_runs_are_recorded_in_prefect(finished_run):
@@ -95,7 +123,7 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
 
     from prefect.client.orchestration import get_client
 
-    from flows.runtime import prefect_api
+    from tokenclean.flows.runtime import prefect_api
 
     async def read():
         async with get_client() as c:
@@ -107,19 +135,11 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
         runs, arts = asyncio.run(read())
     assert runs and all(state == "COMPLETED" for _, state in runs)
     by_key = {a.key: a for a in arts if a.key}
-    assert "fixed/global" not in by_key  # keys are slugs
+    assert "self-evolving@1" not in by_key  # keys are slugs
     summaries = [a.data for a in arts if a.key == "token-cleaning-summary"]
     assert len(summaries) >= 2  # one per flow run
     assert any("self-evolving (Alg. 1)" in d for d in summaries)
     assert any("fixed-model global top-k" in d for d in summaries)
-    assert {"score-base", "score-theta-1", "token-cleaning-metrics"} <= set(by_key)
+    assert {"score-base", "score-reference", "score-self-evolving-1", "token-cleaning-metrics"} <= set(by_key)
     progress = [a for a in arts if a.type == "progress" and a.key == "score-base"]
     assert progress and float(progress[0].data) == 100.0
-
-
-def test_changed_max_length_is_refused(finished_run):
-    from flows.prepare import prepare
-
-    cfg = finished_run.model_copy(update={"data": finished_run.data.model_copy(update={"max_length": 128})})
-    with pytest.raises(store.FingerprintMismatch, match="max_length"):
-        prepare(cfg, progress=False)

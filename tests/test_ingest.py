@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.ingest import EVAL_PART, assign_part, ingest
+from tokenclean.tasks.ingest import EVAL_PART, assign_part, ingest
 
 
 def _write_jsonl(path, rows):

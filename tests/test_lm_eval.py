@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY
 
-from tasks.lm_eval_hook import (
+from tokenclean.tasks.lm_eval_hook import (
     FACTS_TASK,
     evaluate,
     record_lm_eval,
@@ -29,8 +29,8 @@ def facts(tiny, tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter(tiny, tokenizer, tmp_path_factory):
     """A LoRA adapter trained on the test world's SFT data: it has learnt (some of) the facts."""
-    from tasks.ingest import ingest
-    from tasks.train import TrainSample, train_lora
+    from tokenclean.tasks.ingest import ingest
+    from tokenclean.tasks.train import TrainSample, train_lora
     from tokenclean.config import LoraConfig, TrainConfig
 
     res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=1, seed=0)
@@ -127,7 +127,7 @@ def test_loglikelihoods_match_a_direct_forward_pass(tiny, tokenizer, runs):
 
 
 def test_run_lm_eval_flattens_and_record_writes_duckdb(tiny, facts, tmp_path):
-    from tasks.store import connect
+    from tokenclean.tasks.store import connect
 
     results = run_lm_eval(str(tiny.model), None, [FACTS_TASK], data_files={FACTS_TASK: str(facts)}, limit=6,
                           batch_size=4)
@@ -135,12 +135,13 @@ def test_run_lm_eval_flattens_and_record_writes_duckdb(tiny, facts, tmp_path):
     metrics = results[FACTS_TASK]
     assert {"acc", "acc_norm", "acc_stderr"} <= set(metrics) and 0.0 <= metrics["acc"] <= 1.0
     con = connect(tmp_path / "run" / "tokenclean.duckdb")
-    n = record_lm_eval(con, "base", 0, results)
-    record_lm_eval(con, "base", 0, results)  # re-recording replaces, never duplicates
-    rows = con.execute("SELECT metric, value FROM metrics WHERE variant = 'base' AND iteration = 0 AND task = ?",
-                       [f"lm-eval:{FACTS_TASK}"]).fetchall()
+    key = record_lm_eval(con, "b0", "base", [FACTS_TASK], 6, results)
+    assert record_lm_eval(con, "b0", "base", [FACTS_TASK], 6, results) == key  # same inputs, same key
+    assert record_lm_eval(con, "b0", "base", [FACTS_TASK], 7, results) != key  # another limit, another result
+    rows = con.execute("SELECT metric, value FROM metrics WHERE eval = ? AND task = ?",
+                       [key, f"lm-eval:{FACTS_TASK}"]).fetchall()
     con.close()
-    assert n == len(rows) >= 3
+    assert len(rows) >= 3 and len(rows) == len({m for m, _ in rows})  # re-recording replaces, never duplicates
     assert dict(rows)["acc"] == pytest.approx(metrics["acc"])
     assert all(math.isfinite(v) for _, v in rows)
 
@@ -153,7 +154,7 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
 
 
 def test_shipped_task_data_is_the_demo_world():
-    from tasks.lm_eval_hook import TASKS_DIR, facts_rows
+    from tokenclean.tasks.lm_eval_hook import TASKS_DIR, facts_rows
     from tokenclean.config import EmbeddedConfig
 
     e = EmbeddedConfig()
@@ -167,25 +168,32 @@ def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs
 
     import yaml
 
-    from tasks.lm_eval_hook import run_lm_eval_for_run
-    from tasks.store import connect, set_meta
+    from tokenclean.tasks import store
+    from tokenclean.tasks.lm_eval_hook import run_lm_eval_for_run
+    from tokenclean.summary import output_key
 
     run = tmp_path / "run"
-    con = connect(run / "tokenclean.duckdb")
-    set_meta(con, "base_model", str(tiny.model))
+    con = store.connect(run / "tokenclean.duckdb")
+    shutil.copytree(adapter, run / "adapters" / "a1")
+    # what a flow run leaves: the base model and the reference's adapter, by name -> key
+    store.record_model(con, "b0", "base", {"path": str(tiny.model)})
+    store.record_adapter(con, "a1", "c1", str(run / "adapters" / "a1"), {}, {}, {})
+    flow_run = store.start_flow_run(con, "fixed-model-cleaning", {}, "d0")
+    store.record_output(con, flow_run, "base", 0, "model", "b0", False)
+    store.record_output(con, flow_run, "reference", 0, "adapter", "a1", True)
     con.close()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"base": "embedded"}, "embedded": dict(TINY)}))
-    shutil.copytree(adapter, run / "adapters" / "theta-1")
-    res = run_lm_eval_for_run(run, "theta-1", [FACTS_TASK], limit=LIMIT)
+    res = run_lm_eval_for_run(run, "reference", [FACTS_TASK], limit=LIMIT)
     # the same adapter on the same (regenerated) world gives exactly the adapter run's numbers
     assert res[FACTS_TASK]["acc"] == pytest.approx(runs["tuned"]["results"][FACTS_TASK]["acc,none"])
     assert res[FACTS_TASK]["acc_norm"] == pytest.approx(runs["tuned"]["results"][FACTS_TASK]["acc_norm,none"])
-    con = connect(run / "tokenclean.duckdb", read_only=True)
-    rows = dict(con.execute("SELECT metric, value FROM metrics WHERE variant = 'theta-1' AND task = ?",
-                            [f"lm-eval:{FACTS_TASK}"]).fetchall())
+    con = store.connect(run / "tokenclean.duckdb", read_only=True)
+    key = output_key(con, "reference", "eval")  # listed beside the run's own evaluations
+    rows = store.eval_metrics(con, key, f"lm-eval:{FACTS_TASK}")
+    assert store.artifact_inputs(con, "eval", key)["model"] == "c1"  # keyed by the adapter's model key
     con.close()
     assert rows["acc"] == pytest.approx(res[FACTS_TASK]["acc"])
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(ValueError, match="no adapter named 'missing'"):
         run_lm_eval_for_run(run, "missing", [FACTS_TASK], limit=2)
 
 

@@ -1,10 +1,17 @@
-"""Exact global top-k by threshold (tasks/ranking.py) against ORDER BY/LIMIT and numpy, on a real DuckDB file."""
+"""Exact global top-k by threshold (tasks/store/ranking.py) against ORDER BY/LIMIT and numpy, on a real DuckDB file."""
 import numpy as np
 import pytest
 
-from tasks import ranking, store
-from tasks.ranking import global_threshold, global_topk_sql
-from tasks.select import _candidates_sql
+from tokenclean.tasks import store
+from tokenclean.tasks.store import ranking
+from tokenclean.tasks.store.ranking import global_threshold, global_topk_sql
+
+DATASET, S1, S2 = "d0", "a1", "a2"  # keys of the hand-made dataset and its two score tables
+
+
+def _candidates_sql(parts, scores_no):
+    """The real candidate relation of a global selection: the pool's finite scores."""
+    return store.scores_relation(S1 if scores_no == 1 else S2, DATASET, parts)
 
 N_SAMPLES, N_POS = 1000, 100  # 1e5 candidate tokens
 
@@ -13,7 +20,8 @@ N_SAMPLES, N_POS = 1000, 100  # 1e5 candidate tokens
 def scored(tmp_path_factory):
     """token_scores in the run schema: 2-decimal scores (many exact ties), a few NaN/inf, an all-equal iteration."""
     con = store.connect(tmp_path_factory.mktemp("ranking") / "run.duckdb")
-    con.execute("INSERT INTO samples (sample_id, part) SELECT i, (i % 2)::SMALLINT FROM range(?) t(i)", [N_SAMPLES])
+    con.execute("INSERT INTO dataset_samples (dataset, sample_id, part) SELECT ?, i, (i % 2)::SMALLINT "
+                "FROM range(?) t(i)", [DATASET, N_SAMPLES])
     rng = np.random.default_rng(0)
     n = N_SAMPLES * N_POS
     # Sample order in the table is shuffled so tie order must come from (sample_id, pos), not storage order.
@@ -24,8 +32,8 @@ def scored(tmp_path_factory):
     score[rng.choice(n, 3, replace=False)] = np.inf
     score[rng.choice(n, 3, replace=False)] = -np.inf
     con.register("_s", {"sid": sid, "pos": pos, "score": score})
-    con.execute("INSERT INTO token_scores SELECT 1, sid, pos, 0, 0, 0, score FROM _s")
-    con.execute("INSERT INTO token_scores SELECT 2, sid, pos, 0, 0, 0, 0.25::FLOAT FROM _s")  # all equal
+    con.execute("INSERT INTO token_scores SELECT ?, sid, pos, 0, 0, score FROM _s", [S1])
+    con.execute("INSERT INTO token_scores SELECT ?, sid, pos, 0, 0, 0.25::FLOAT FROM _s", [S2])  # all equal
     con.unregister("_s")
     yield con
     con.close()
@@ -97,7 +105,7 @@ def test_bracket_that_misses_falls_back_exactly(scored, monkeypatch):
 
 
 def test_non_finite_and_bad_n_keep_rejected(scored):
-    raw = "SELECT sample_id, pos, score FROM token_scores WHERE iteration = 1"
+    raw = f"SELECT sample_id, pos, score FROM token_scores WHERE scores = '{S1}'"
     with pytest.raises(ValueError, match="non-finite"):
         global_threshold(scored, raw, 10)
     rel = _candidates_sql([0], 1)

@@ -1,5 +1,6 @@
 """Scheduled-refresh behaviour: only new/changed samples are scored, stored base losses
-are reused, the pool is re-ranked globally; and `tokenclean serve` serves a deployment."""
+are reused, the pool is re-ranked globally; and `tokenclean serve` serves a deployment.
+(Which steps a refresh recomputes, for each kind of change, is tested in test_keys.py.)"""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from tasks import store
+from tokenclean.tasks import store
 from tokenclean.config import RunConfig
 from tests.conftest import tiny_config
 
@@ -38,18 +39,19 @@ def _cfg(tmp_path, train, tiny):
 
 
 def _base_losses(cfg):
+    from tokenclean.summary import output_key
+
     con = store.connect(cfg.db_path, read_only=True)
     try:
-        return {(uid, pos): loss for uid, pos, loss in con.execute(
-            "SELECT s.uid, t.pos, t.loss FROM token_losses t JOIN samples s USING (sample_id) "
-            "WHERE t.model = 'base'").fetchall()}, con.execute(
-            "SELECT detail FROM stage_log WHERE stage = 'score' AND key = 'base' ORDER BY finished_at").fetchall()
+        return {(uid, pos): loss for uid, pos, loss in store.losses_by_uid(
+            con, output_key(con, "base", "losses"), output_key(con, "data", "dataset"))}, con.execute(
+            "SELECT detail FROM stage_log WHERE stage = 'score' AND name = 'base' ORDER BY finished_at").fetchall()
     finally:
         con.close()
 
 
 def test_refresh_scores_only_new_and_changed_samples(tiny, tmp_path, data):
-    from flows.cleaning import refresh
+    from tokenclean.flows.cleaning import refresh
 
     rows, train = data
     cfg = _cfg(tmp_path, train, tiny)
@@ -70,15 +72,21 @@ def test_refresh_scores_only_new_and_changed_samples(tiny, tmp_path, data):
 
     after, log = _base_losses(cfg)
     last = json.loads(log[-1][0])
+    from tokenclean.summary import output_key
+
     con = store.connect(cfg.db_path, read_only=True)
     try:
-        n_new_train = con.execute("SELECT count(*) FROM samples WHERE part >= 0 AND uid IN (SELECT unnest(?))",
-                                  [[r["id"] for r in changed + added]]).fetchone()[0]
-        n_pool = con.execute("SELECT count(*) FROM response_tokens rt JOIN samples s USING (sample_id) "
-                             "WHERE s.part >= 0").fetchone()[0]
-        kept = con.execute("SELECT n_kept, n_candidates FROM selections WHERE selection = 'fixed/global'").fetchone()
-        gone = con.execute("SELECT count(*) FROM samples WHERE uid IN (SELECT unnest(?))",
-                           [[r["id"] for r in removed]]).fetchone()[0]
+        ds = output_key(con, "data", "dataset")
+        n_new_train = con.execute("SELECT count(*) FROM dataset_samples d JOIN samples s USING (sample_id) "
+                                  "WHERE d.dataset = ? AND d.part >= 0 AND s.uid IN (SELECT unnest(?))",
+                                  [ds, [r["id"] for r in changed + added]]).fetchone()[0]
+        n_pool = con.execute("SELECT count(*) FROM response_tokens rt JOIN dataset_samples d USING (sample_id) "
+                             "WHERE d.dataset = ? AND d.part >= 0", [ds]).fetchone()[0]
+        kept = con.execute("SELECT n_kept, n_candidates FROM selections WHERE selection = ?",
+                           [output_key(con, "global", "selection")]).fetchone()
+        gone = con.execute("SELECT count(*) FROM dataset_samples d JOIN samples s USING (sample_id) "
+                           "WHERE d.dataset = ? AND s.uid IN (SELECT unnest(?))",
+                           [ds, [r["id"] for r in removed]]).fetchone()[0]
     finally:
         con.close()
     assert last["samples_scored"] == n_new_train  # nothing unchanged was scored again
@@ -86,19 +94,30 @@ def test_refresh_scores_only_new_and_changed_samples(tiny, tmp_path, data):
     for (uid, pos), loss in before.items():
         if uid in unchanged:
             assert after[(uid, pos)] == loss  # stored base losses reused untouched
-    assert gone == 0 and not any(uid in {r["id"] for r in removed} for uid, _ in after)
+    assert gone == 0  # removed rows are not in the refreshed pool (their old losses stay, keyed, unused)
     assert kept == (round(cfg.select.k * n_pool), n_pool)  # re-ranked over the whole refreshed pool
 
 
-def test_changed_input_without_refresh_is_refused(tiny, tmp_path, data):
-    from flows.prepare import prepare
+def test_changed_input_is_a_new_dataset_not_a_refusal(tiny, tmp_path, data):
+    """Edited inputs get a new dataset key; the unchanged samples keep their ids (and so their losses)."""
+    from tokenclean.flows.prepare import prepare
 
     rows, train = data
     cfg = _cfg(tmp_path, train, tiny)
-    prepare(cfg, progress=False).con.close()
+    first = prepare(cfg, progress=False)
+    first.con.close()
     _write(train, rows[:100])
-    with pytest.raises(store.FingerprintMismatch, match="tokenclean refresh"):
-        prepare(cfg, progress=False)
+    second = prepare(cfg, progress=False)
+    try:
+        assert second.dataset != first.dataset and second.ingest["ingested"]
+        assert second.ingest["changes"] == {"unchanged": 100 + len(_rows(tiny.eval)), "changed": 0, "added": 0,
+                                            "removed": 60}
+        assert second.ingest["new_samples"] == 0  # every remaining sample was already stored
+    finally:
+        second.con.close()
+    again = prepare(cfg, progress=False)  # same inputs again: the dataset key is stored, ingest is skipped
+    again.con.close()
+    assert again.dataset == second.dataset and not again.ingest["ingested"]
 
 
 def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
@@ -107,7 +126,7 @@ def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    from flows.runtime import prefect_api
+    from tokenclean.flows.runtime import prefect_api
 
     _, train = data
     cfg = _cfg(tmp_path, train, tiny)
@@ -138,24 +157,9 @@ def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
     assert "serving deployment scheduled-refresh/weekly" in out
     con = store.connect(cfg.db_path, read_only=True)
     try:
-        assert con.execute("SELECT n_kept FROM selections WHERE selection = 'fixed/global'").fetchone()[0] > 0
+        from tokenclean.summary import output_key
+
+        assert con.execute("SELECT n_kept FROM selections WHERE selection = ?",
+                           [output_key(con, "global", "selection")]).fetchone()[0] > 0
     finally:
         con.close()
-
-
-def test_rerun_after_refresh_retrains_stale_adapters(tiny, tmp_path, data):
-    """Adapters are reused only for the data they were trained on."""
-    from flows.cleaning import refresh, run
-
-    rows, train = data
-    cfg = _cfg(tmp_path, train, tiny).model_copy(update={"baselines": ["global"]})
-    run(cfg)
-    info = lambda name: json.loads((cfg.run_dir / "adapters" / name / "train.json").read_text())
-    before = {n: info(n)["digest"] for n in ("theta-1", "fixed-global")}
-    run(cfg)  # nothing changed: everything reused
-    assert {n: info(n)["digest"] for n in before} == before
-    _write(train, rows[:150] + [dict(r, id=f"new-{i}") for i, r in enumerate(_rows(tiny.train)[200:230])])
-    refresh(cfg)
-    assert info("theta-1")["digest"] == before["theta-1"]  # the reference stays fixed across refreshes
-    run(cfg)
-    assert info("fixed-global")["digest"] != before["fixed-global"]

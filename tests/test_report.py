@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks import store
-from tasks.ingest import assign_part, ingest
-from tasks.select import materialize_scores, select_tokens
+from tokenclean.tasks import store
+from tokenclean.tasks.ingest import assign_part, ingest
 from tokenclean.report import build_report, classify_trend, token_pieces
 
 SEED, N_PARTS = 0, 3
@@ -33,13 +32,15 @@ TREND_SERIES = {  # task: reference@0, self-evolving@1..3
     "unstable": [0.30, 0.50, 0.20, 0.40],
     "flat": [0.40, 0.405, 0.40, 0.40],
 }
-SELECTIONS = [  # name, method, parts, iteration
-    ("fixed/global", "global", [0, 1, 2], 1),
-    ("fixed/local", "local", [0, 1, 2], 1),
-    ("fixed/random", "random", [0, 1, 2], None),
-    ("fixed/full", "full", [0, 1, 2], None),
-    ("self-evolving/iter-1", "global", [1], 1),
-    ("self-evolving/iter-2", "global", [2], 2),
+DATASET, BASE, THETA = "d0", "b0", {1: "c1", 2: "c2"}  # hand-made keys
+SCORES = {1: "e1", 2: "e2"}  # base - theta_1, base - theta_2
+SELECTIONS = [  # name (variant label), method, parts, scores (by theta), selection key
+    ("global", "global", [0, 1, 2], 1, "f1"),
+    ("local", "local", [0, 1, 2], 1, "f2"),
+    ("random", "random", [0, 1, 2], None, "f3"),
+    ("full", "full", [0, 1, 2], None, "f4"),
+    ("self-evolving@1", "global", [1], 1, "f5"),
+    ("self-evolving@2", "global", [2], 2, "f6"),
 ]
 
 
@@ -76,8 +77,14 @@ def _write_losses(con, tmp: Path, model: str, shift: float, rng) -> None:
     store.load_loss_shard(con, model, 0, path)
 
 
+def _eval(con, flow_run, variant, it, key, rows):
+    store.record_eval(con, key, "m", {}, rows)
+    store.record_output(con, flow_run, variant, it, "eval", key, True)
+
+
 @pytest.fixture(scope="module")
 def run_db(tiny, tmp_path_factory):
+    """A run database written through the store's own functions, as the two flows would leave it."""
     from transformers import AutoTokenizer
 
     tmp = tmp_path_factory.mktemp("report-run")
@@ -88,30 +95,38 @@ def run_db(tiny, tmp_path_factory):
                  n_parts=N_PARTS, seed=SEED)
     db = tmp / "tokenclean.duckdb"
     con = store.connect(db)
-    store.insert_samples(con, res.samples, res.quarantine)
-    store.set_meta(con, "ingest_summary", {"rows_read": res.n_read, "samples": res.samples.num_rows,
-                                           "quarantined": len(res.quarantine), "truncated": 0})
-    store.set_meta(con, "base_model", str(tiny.model))
+    summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
+               "truncated": 0}
+    store.insert_dataset(con, DATASET, res.samples, res.quarantine, {"tokenizer": str(tiny.model)}, summary)
+    store.record_model(con, BASE, "base", {"path": str(tiny.model)})
     rng = np.random.default_rng(1234)
-    for model, shift in (("base", 0.5), ("theta-1", 0.0), ("theta-2", -0.2)):
+    for model, shift in ((BASE, 0.5), (THETA[1], 0.0), (THETA[2], -0.2)):
         _write_losses(con, tmp, model, shift, rng)
-    materialize_scores(con, 1, "theta-1", [0, 1, 2])
-    materialize_scores(con, 2, "theta-2", [2])
-    sel_out = {name: select_tokens(con, name, method, 0.6, parts, iteration=it, seed=0)
-               for name, method, parts, it in SELECTIONS}
-    for variant, it, loss, em in (("base", 0, 2.0, 0.05), ("reference", 0, 1.5, 0.3), ("full", 1, 1.2, 0.4),
-                                  ("random", 1, 1.3, 0.35), ("local", 1, 1.1, 0.45), ("global", 1, 1.0, 0.5)):
-        store.record_metric(con, variant, it, "response_loss", loss)
-        store.record_metric(con, variant, it, "answer_exact_match", em)
-    for task, series in TREND_SERIES.items():
-        store.record_metric(con, "reference", 0, "answer_exact_match", series[0], task=task)
-        for t, v in enumerate(series[1:], start=1):
-            store.record_metric(con, "self-evolving", t, "answer_exact_match", v, task=task)
+    store.ensure_scores(con, SCORES[1], BASE, THETA[1], DATASET, [0, 1, 2])
+    store.ensure_scores(con, SCORES[2], BASE, THETA[2], DATASET, [2])
+    fixed = store.start_flow_run(con, "fixed-model-cleaning", {}, DATASET)
+    evolving = store.start_flow_run(con, "self-evolving-cleaning", {}, DATASET)
+    store.record_output(con, fixed, "base", 0, "model", BASE, False)
+    sel_out = {}
+    for name, method, parts, theta, key in SELECTIONS:
+        sel_out[name] = store.write_selection(con, key, method, 0.6, dataset=DATASET, parts=parts,
+                                              pool=store.pool_digest(con, DATASET, parts),
+                                              scores=SCORES[theta] if theta else None, seed=0)
+        variant, _, it = name.partition("@")
+        store.record_output(con, evolving if it else fixed, variant, int(it or 1), "selection", key, True)
+    for n, (variant, it, loss, em) in enumerate((("base", 0, 2.0, 0.05), ("reference", 0, 1.5, 0.3),
+                                                 ("full", 1, 1.2, 0.4), ("random", 1, 1.3, 0.35),
+                                                 ("local", 1, 1.1, 0.45), ("global", 1, 1.0, 0.5))):
+        rows = [("response_loss", None, loss), ("answer_exact_match", None, em)]
+        if variant == "reference":
+            rows += [("answer_exact_match", task, series[0]) for task, series in TREND_SERIES.items()]
+        _eval(con, fixed, variant, it, f"a{n}", rows)
     for t in (1, 2, 3):
-        store.record_metric(con, "self-evolving", t, "answer_exact_match", 0.4 + 0.05 * t)
-        store.record_metric(con, "self-evolving", t, "response_loss", 1.0 - 0.05 * t)
+        rows = [("answer_exact_match", None, 0.4 + 0.05 * t), ("response_loss", None, 1.0 - 0.05 * t)]
+        rows += [("answer_exact_match", task, series[t]) for task, series in TREND_SERIES.items()]
+        _eval(con, evolving, "self-evolving", t, f"ab{t}", rows)
     con.close()
-    out = build_report(db, tmp / "report.html", selection="fixed/global", n_samples=8)
+    out = build_report(db, tmp / "report.html", selection="global", n_samples=8)
     return {"db": db, "html": out, "text": out.read_text(), "selections": sel_out, "tokenizer": tok}
 
 
@@ -131,19 +146,22 @@ def test_report_sections_and_thresholds(run_db):
     for anchor in ("overview", "scores", "sources", "comparison", "trends", "samples"):
         assert f'<section id="{anchor}">' in text
     assert "could not be built" not in text
-    # one histogram per scored iteration, each global selection's threshold drawn on its own iteration's chart
-    charts = re.findall(r"<h3>iteration (\d+)</h3><figure>(.*?)</figure>", text, re.S)
-    assert [c[0] for c in charts] == ["1", "2"]
-    by_iter = dict(charts)
-    for name, method, _, it in SELECTIONS:
+    # one histogram per (scores, pool) that a selection ranks; each global threshold on its own chart only
+    charts = re.findall(r'<h3 data-scores="([0-9a-f]+)">([^<]*)</h3><figure>(.*?)</figure>', text, re.S)
+    titles = [c[1] for c in charts]
+    assert titles == ["scores of global / local over D0,1,2", "scores of self-evolving@1 over D1",
+                      "scores of self-evolving@2 over D2"]
+    by_title = {c[1]: c[2] for c in charts}
+    for name, method, parts, theta, _ in SELECTIONS:
         thr = run_db["selections"][name]["threshold"]
         line = f'class="threshold" data-selection="{name}"'
         if method == "global":
-            assert line in by_iter[str(it)] and f"keep score &gt;= {thr:.4g}" in by_iter[str(it)]
-            assert all(line not in c for i, c in by_iter.items() if i != str(it))
+            mine = next(t for t in titles if name in t.removeprefix("scores of ").split(" over ")[0].split(" / "))
+            assert line in by_title[mine] and f"keep score &gt;= {thr:.4g}" in by_title[mine]
+            assert all(line not in c for t, c in by_title.items() if t != mine)
         else:
             assert line not in text
-    assert len(re.findall(r'<rect class="bar"', by_iter["1"])) > 10
+    assert len(re.findall(r'<rect class="bar"', charts[0][2])) > 10
     # overview: ingest summary and the quarantine reasons
     assert "rows_read" in text and "quarantine reason" in text
     assert "not JSON" in text or "JSON" in text
@@ -152,27 +170,32 @@ def test_report_sections_and_thresholds(run_db):
 def test_histogram_counts_match_sql(run_db):
     con = store.connect(run_db["db"], read_only=True)
     try:
-        n1 = con.execute("SELECT count(*) FROM token_scores WHERE iteration = 1").fetchone()[0]
+        n1 = con.execute("SELECT count(*) FROM token_scores WHERE scores = ?", [SCORES[1]]).fetchone()[0]
+        n1_d1 = con.execute("SELECT count(*) FROM token_scores JOIN dataset_samples USING (sample_id) "
+                            "WHERE scores = ? AND part = 1", [SCORES[1]]).fetchone()[0]
     finally:
         con.close()
-    chart = re.search(r"<h3>iteration 1</h3><figure>(.*?)</figure>", run_db["text"], re.S).group(1)
-    counts = [int(c) for c in re.findall(r"<title>bin \d+: (\d+) tokens</title>", chart)]
-    assert sum(counts) == n1 and f"iteration 1: {n1} scored tokens" in chart
+    for title, n in (("scores of global / local over D0,1,2", n1), ("scores of self-evolving@1 over D1", n1_d1)):
+        chart = re.search(rf"<h3 data-scores=\"{SCORES[1]}\">{title}</h3><figure>(.*?)</figure>", run_db["text"],
+                          re.S).group(1)
+        counts = [int(c) for c in re.findall(r"<title>bin \d+: (\d+) tokens</title>", chart)]
+        assert sum(counts) == n and f"{title}: {n} scored tokens" in chart
 
 
 def test_kept_fraction_per_source_equals_sql(run_db):
     con = store.connect(run_db["db"], read_only=True)
     try:
-        sources = [r[0] for r in con.execute("SELECT DISTINCT source FROM samples ORDER BY 1").fetchall()]
+        sources = [r[0] for r in con.execute("SELECT DISTINCT source FROM dataset_samples ORDER BY 1").fetchall()]
         assert "extra.jsonl" in sources and "train.jsonl" in sources
         expected = {}
-        for name, _, parts, _ in SELECTIONS:
+        for name, _, parts, _, key in SELECTIONS:
             for src, kept, pool in con.execute(
-                    """SELECT s.source, count(st.sample_id), count(*) FROM response_tokens rt
-                       JOIN samples s USING (sample_id)
+                    """SELECT d.source, count(st.sample_id), count(*) FROM response_tokens rt
+                       JOIN dataset_samples d USING (sample_id)
                        LEFT JOIN selected_tokens st ON st.selection = ? AND st.sample_id = rt.sample_id
                                                     AND st.pos = rt.pos
-                       WHERE s.part IN (SELECT unnest(?)) GROUP BY s.source""", [name, parts]).fetchall():
+                       WHERE d.dataset = ? AND d.part IN (SELECT unnest(?)) GROUP BY d.source""",
+                    [key, DATASET, parts]).fetchall():
                 expected[(name, src)] = kept / pool
     finally:
         con.close()
@@ -181,8 +204,8 @@ def test_kept_fraction_per_source_equals_sql(run_db):
     assert set(got) == set(expected)
     for key, frac in expected.items():
         assert got[key] == pytest.approx(frac, abs=1e-12), key
-    assert got[("fixed/full", "train.jsonl")] == 1.0
-    assert got[("fixed/global", "train.jsonl")] != got[("fixed/global", "extra.jsonl")]
+    assert got[("full", "train.jsonl")] == 1.0
+    assert got[("global", "train.jsonl")] != got[("global", "extra.jsonl")]
 
 
 def test_trend_table(run_db):
@@ -213,7 +236,7 @@ def test_samples_escape_html_and_mark_kept_tokens(run_db):
     con = store.connect(run_db["db"], read_only=True)
     try:
         for sid, body in samples:
-            kept = {r[0] for r in con.execute("SELECT pos FROM selected_tokens WHERE selection = 'fixed/global' "
+            kept = {r[0] for r in con.execute("SELECT pos FROM selected_tokens WHERE selection = 'f1' "
                                               "AND sample_id = ?", [int(sid)]).fetchall()}
             ids, mask = con.execute("SELECT input_ids, response_mask FROM samples WHERE sample_id = ?",
                                     [int(sid)]).fetchone()
@@ -250,14 +273,14 @@ def test_missing_pieces_become_notes(tiny, tmp_path):
     res = ingest([str(tiny.train)], [], tok, max_length=256, eval_fraction=0.2, n_parts=2, seed=SEED)
     db = tmp_path / "run" / "tokenclean.duckdb"
     con = store.connect(db)
-    store.insert_samples(con, res.samples, [])
-    store.set_meta(con, "base_model", str(tmp_path / "gone"))
+    store.insert_dataset(con, DATASET, res.samples, [], {"tokenizer": str(tmp_path / "gone")}, {})
+    store.start_flow_run(con, "fixed-model-cleaning", {}, DATASET)
     con.close()
     text = build_report(db.parent, tmp_path / "r.html", selection="nope", n_samples=3).read_text()
     assert "could not be built" not in text
     assert "No token scores in this run" in text
     assert "no self-evolving iterations" in text
-    assert "No ingest summary" in text
+    assert "No ingest summary" in text and "No base model recorded" in text
     assert "No selections with kept tokens" in text
     assert "could not be loaded" in text and "[" in text  # token ids instead of text
     assert text.count('class="sample"') == 3
@@ -271,10 +294,10 @@ def test_cli_report_writes_default_path(run_db, tmp_path):
     run_dir = tmp_path / "cli-run"
     run_dir.mkdir()
     shutil.copy(run_db["db"], run_dir / "tokenclean.duckdb")
-    res = CliRunner().invoke(app, ["report", str(run_dir), "--selection", "self-evolving/iter-2"])
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--selection", "self-evolving@2"])
     assert res.exit_code == 0, res.output
     assert res.output.strip().endswith("report.html") and (run_dir / "report.html").exists()
-    assert "Selection <b>self-evolving/iter-2</b>" in (run_dir / "report.html").read_text()
+    assert "Selection <b>self-evolving@2</b>" in (run_dir / "report.html").read_text()
 
 
 # ------------------------------------------------------------------------ Chromium

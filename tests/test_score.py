@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.packing import _segment_sdpa, pack_arrays, plan_packs
-from tasks.score import (
+from tokenclean.tasks.packing import _segment_sdpa, pack_arrays, plan_packs
+from tokenclean.tasks.score import (
     EVAL_SCHEMA,
     LOSS_SCHEMA,
     ScoringModel,
@@ -229,7 +229,7 @@ def test_adapter_toggle(model, tmp_path):
 def test_torch_level_path_needs_no_pyarrow():
     code = ("import sys; sys.modules['pyarrow'] = None\n"
             "import numpy as np, torch\n"
-            "from tasks.score import score_arrays, ShardSample\n"
+            "from tokenclean.tasks.score import score_arrays, ShardSample\n"
             "from transformers import LlamaConfig, LlamaForCausalLM\n"
             "m = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,"
             " num_attention_heads=2, num_key_value_heads=1, vocab_size=50)).eval()\n"

@@ -17,9 +17,9 @@ pytest.importorskip("vllm")
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny model needs next to nothing
 
-from tasks.score import LOSS_SCHEMA, ScoringModel, ShardSample  # noqa: E402
-from tasks.score_vllm import VllmScorer  # noqa: E402
-from tasks.template import render_tulu, tokenize_rendered  # noqa: E402
+from tokenclean.tasks.score import LOSS_SCHEMA, ScoringModel, ShardSample  # noqa: E402
+from tokenclean.tasks.score_vllm import VllmScorer  # noqa: E402
+from tokenclean.tasks.template import render_tulu, tokenize_rendered  # noqa: E402
 
 N_SAMPLES = 20
 # fp32 on both sides; the only differences are kernel order of summation (vLLM's CPU

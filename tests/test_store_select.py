@@ -7,9 +7,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tasks import store
-from tasks.ingest import SAMPLE_SCHEMA
-from tasks.select import load_selected, materialize_scores, select_tokens
+from tokenclean.tasks import store
+from tokenclean.tasks.ingest import INGEST_SCHEMA
+from tokenclean.tasks.select import load_selected
+
+DATASET, BASE, REF, SCORES = "d0", "b0", "c1", "e1"  # hand-made keys
 
 
 def _samples(n_samples: int, n_resp: int, rng) -> pa.Table:
@@ -17,12 +19,20 @@ def _samples(n_samples: int, n_resp: int, rng) -> pa.Table:
     rows = []
     for i in range(n_samples):
         n = 2 + n_resp
-        rows.append({"sample_id": i, "uid": f"u{i}", "source": "t", "part": i % 2, "task": None, "answer": None,
+        rows.append({"sample_id": i, "tokenization": "t", "uid": f"u{i}", "source": "t", "row_index": i,
+                     "part": i % 2, "task": None, "answer": None,
                      "content_hash": str(i), "n_tokens": n, "n_response": n_resp, "truncated": False,
                      "answer_start": -1, "answer_end": -1, "input_ids": list(range(n)),
                      "response_mask": [False, False] + [True] * n_resp,
                      "truth": [0, 0] + [int(x) for x in rng.integers(0, 2, n_resp)]})
-    return pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
+
+
+def select_tokens(con, name, method, k, parts, iteration=None, seed=0):
+    """One selection over the hand-made dataset; ``iteration`` given = rank the stored scores."""
+    return store.write_selection(con, name, method, k, dataset=DATASET, parts=parts,
+                                 pool=store.pool_digest(con, DATASET, parts),
+                                 scores=SCORES if iteration is not None else None, seed=seed)
 
 
 def _losses(model, scores_by_token):
@@ -35,15 +45,16 @@ def _losses(model, scores_by_token):
 def db(tmp_path):
     rng = np.random.default_rng(0)
     con = store.connect(tmp_path / "run.duckdb")
-    store.insert_samples(con, _samples(10, 5, rng), [{"source": "t", "row_index": 99, "reason": "bad", "raw": "x"}])
+    store.insert_dataset(con, DATASET, _samples(10, 5, rng), [{"source": "t", "row_index": 99, "reason": "bad",
+                                                                "raw": "x"}], {}, {})
     # base loss 2.0 everywhere; reference loss makes score = a distinct value per token
     toks = [(s, p) for s in range(10) for p in range(2, 7)]
     score = {t: float(i % 17) / 4 for i, t in enumerate(toks)}
-    for model, f in (("base", lambda t: 2.0), ("theta-1", lambda t: 2.0 - score[t])):
+    for model, f in ((BASE, lambda t: 2.0), (REF, lambda t: 2.0 - score[t])):
         path = tmp_path / f"{model}.parquet"
         store.write_parquet_atomic(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
         store.load_loss_shard(con, model, 0, path)
-    materialize_scores(con, 1, "theta-1", [0, 1])
+    store.ensure_scores(con, SCORES, BASE, REF, DATASET, [0, 1])
     yield con, score
     con.close()
 
@@ -57,9 +68,9 @@ def test_response_token_pool_and_quarantine(db):
 
 def test_loading_a_shard_twice_never_duplicates(db, tmp_path):
     con, _ = db
-    store.load_loss_shard(con, "base", 0, tmp_path / "base.parquet")
+    store.load_loss_shard(con, BASE, 0, tmp_path / f"{BASE}.parquet")
     n, distinct = con.execute("SELECT count(*), count(DISTINCT (sample_id, pos)) FROM token_losses "
-                              "WHERE model = 'base'").fetchone()
+                              "WHERE model = ?", [BASE]).fetchone()
     assert n == distinct == 50
 
 
@@ -67,6 +78,8 @@ def test_scores_are_base_minus_reference(db):
     con, score = db
     rows = con.execute("SELECT sample_id, pos, base_loss, ref_loss, score FROM token_scores").fetchall()
     assert len(rows) == 50
+    again = store.ensure_scores(con, SCORES, BASE, REF, DATASET, [0, 1])  # complete under its key: nothing added
+    assert again["n_added"] == 0 and again["n_scores"] == 50
     for s, p, b, r, sc in rows:
         assert sc == pytest.approx(b - r) and sc == pytest.approx(score[(s, p)], abs=1e-6)
 
@@ -111,8 +124,8 @@ def test_pool_restricts_to_parts_and_precision_recall(db):
     con, _ = db
     out = select_tokens(con, "f0", "full", 1.0, [0])
     assert out["n_kept"] == 25  # samples 0,2,4,6,8
-    n_inf = con.execute("SELECT count(*) FROM response_tokens rt JOIN samples s USING (sample_id) "
-                        "WHERE s.part = 0 AND rt.truth = 1").fetchone()[0]
+    n_inf = con.execute("SELECT count(*) FROM response_tokens rt JOIN dataset_samples d USING (sample_id) "
+                        "WHERE d.part = 0 AND rt.truth = 1").fetchone()[0]
     assert out["recall"] == 1.0 and out["precision"] == pytest.approx(n_inf / 25)
 
 
@@ -135,14 +148,28 @@ def test_load_selected_builds_label_masks_and_drops_empty_samples(db):
     assert samples[1].label_mask.nonzero()[0].tolist() == [2]
 
 
-def test_fingerprint_mismatch_is_refused(db):
+def test_reingesting_the_same_samples_writes_nothing_new(db):
+    """Samples are content-addressed: a second dataset holding the same samples shares their rows."""
     con, _ = db
-    fp = {"tokenizer": "abc", "template": "tulu-v2", "max_length": 2048}
-    assert store.check_fingerprint(con, fp) is False
-    store.set_meta(con, "fingerprint", fp)
-    assert store.check_fingerprint(con, fp) is True
-    with pytest.raises(store.FingerprintMismatch, match="max_length: stored 2048 != now 1024"):
-        store.check_fingerprint(con, fp | {"max_length": 1024})
+    rng = np.random.default_rng(0)
+    out = store.insert_dataset(con, "d1", _samples(12, 5, rng), [], {}, {})
+    assert out == {"new_samples": 2, "known_samples": 10}
+    assert con.execute("SELECT count(*) FROM response_tokens").fetchone()[0] == 60
+    assert store.pool_digest(con, "d1", [0]) != store.pool_digest(con, DATASET, [0])  # sample 10 joined D0
+    assert store.pool_digest(con, "d1", [1]) != store.pool_digest(con, DATASET, [1])  # sample 11 joined D1
+    assert store.pool_digest(con, DATASET, [0]) == store.pool_digest(con, DATASET, [0])
+
+
+def test_database_of_another_schema_is_refused(tmp_path):
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    old = duckdb.connect(str(path))
+    old.execute("CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    old.execute("CREATE TABLE token_losses (model VARCHAR, loss FLOAT)")
+    old.close()
+    with pytest.raises(store.SchemaMismatch, match="another tokenclean version"):
+        store.connect(path)
 
 
 def test_second_process_gets_database_busy(tmp_path):

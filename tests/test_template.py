@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.template import render_tulu, tokenize_rendered, tokenizer_fingerprint
+from tokenclean.tasks.template import render_tulu, tokenize_rendered, tokenizer_fingerprint
 
 
 def test_tulu_rendering_is_open_instruct_format():

@@ -1,13 +1,14 @@
 """LoRA training on selected tokens and held-out evaluation, on the tiny real model."""
 
+import json
 import numpy as np
 import pytest
 import torch
 
-from tasks.evaluate import evaluate_model
-from tasks.ingest import ingest
-from tasks.score import ShardSample, process_model
-from tasks.train import TrainSample, train_lora
+from tokenclean.tasks.evaluate import evaluate_model
+from tokenclean.tasks.ingest import ingest
+from tokenclean.tasks.score import ShardSample, process_model
+from tokenclean.tasks.train import TrainSample, train_lora
 from tokenclean.config import LoraConfig, TrainConfig
 
 
@@ -32,13 +33,12 @@ def test_training_uses_only_selected_tokens_and_drops_empty_samples(tiny, data, 
         if i % 4 == 0:
             mask[:] = False  # a sample that lost every token
         samples.append(TrainSample(np.array(r["input_ids"], dtype=np.int32), mask))
-    stats = train_lora(str(tiny.model), samples, _cfg(), tmp_path / "a", progress=False)
+    stats = train_lora(str(tiny.model), samples, _cfg(), tmp_path / "a", progress=False, key="k1")
     assert stats["samples"] == 60
     assert stats["label_tokens"] == sum(int(s.label_mask.sum()) for s in samples)
     assert stats["final_loss"] < stats["first_loss"]
     assert (tmp_path / "a" / "adapter_config.json").exists()
-    again = train_lora(str(tiny.model), samples, _cfg(), tmp_path / "a", progress=False)
-    assert again["reused"] is True
+    assert json.loads((tmp_path / "a" / "train.json").read_text())["key"] == "k1"  # the directory names its key
 
 
 def test_training_on_nothing_is_a_clear_error(tiny, data, tmp_path):

@@ -25,7 +25,7 @@ def _quiet_env() -> None:
 
 
 def _report(cfg) -> None:
-    from tasks.store import connect
+    from tokenclean.tasks.store import connect
     from tokenclean.summary import comparison, format_table, run_overview, stage_times
 
     con = connect(cfg.db_path, read_only=True)
@@ -57,13 +57,13 @@ def _load(config, overrides):
 
 
 def _run(cfg) -> None:
-    from flows.cleaning import run
-    from tasks.store import DatabaseBusy, FingerprintMismatch
+    from tokenclean.flows.cleaning import run
+    from tokenclean.tasks.store import DatabaseBusy, SchemaMismatch
 
     t0 = time.perf_counter()
     try:
         run(cfg)
-    except (DatabaseBusy, FingerprintMismatch, FileNotFoundError) as e:
+    except (DatabaseBusy, SchemaMismatch, FileNotFoundError) as e:
         _fail(str(e))
     _report(cfg)
     typer.echo(f"total wall time: {time.perf_counter() - t0:.1f} s")
@@ -81,14 +81,14 @@ def run_cmd(config: Path = typer.Argument(..., help="YAML run config"),
 def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an existing run"),
                 set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Re-read the inputs, score only new/changed samples (stored base losses reused), re-rank globally."""
-    from flows.cleaning import refresh
-    from tasks.store import DatabaseBusy, FingerprintMismatch
+    from tokenclean.flows.cleaning import refresh
+    from tokenclean.tasks.store import DatabaseBusy, SchemaMismatch
 
     _quiet_env()
     cfg = _load(config, set_ or [])
     try:
         out = refresh(cfg)
-    except (DatabaseBusy, FingerprintMismatch, FileNotFoundError) as e:
+    except (DatabaseBusy, SchemaMismatch, FileNotFoundError) as e:
         _fail(str(e))
     sel = out["selection"]
     typer.echo(f"refresh: {json.dumps(out['refresh'])}; kept {sel['n_kept']}/{sel['n_candidates']} tokens "
@@ -109,7 +109,7 @@ def serve(config: Path = typer.Argument(..., help="YAML run config"),
     from prefect.deployments.runner import EntrypointType
     from prefect.settings import PREFECT_API_URL
 
-    from flows.cleaning import scheduled_refresh
+    from tokenclean.flows.cleaning import scheduled_refresh
 
     _quiet_env()
     if not (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()):
@@ -120,7 +120,7 @@ def serve(config: Path = typer.Argument(..., help="YAML run config"),
     cfg = _load(config, [])
     params = {"config": cfg.model_dump(mode="json")}
     # Module-path entrypoint: a flow loaded from a file path lives in a module Ray
-    # workers cannot import ('cleaning' instead of 'flows.cleaning').
+    # workers cannot import ('cleaning' instead of 'tokenclean.flows.cleaning').
     dep = scheduled_refresh.to_deployment(name=name or cfg.name, parameters=params, cron=cron, interval=interval,
                                           description=f"token-cleaning refresh of {cfg.run_dir}",
                                           entrypoint_type=EntrypointType.MODULE_PATH)
@@ -141,46 +141,70 @@ def demo(workdir: Path = typer.Option(Path("runs"), help="where the run director
 
 @app.command()
 def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclean.duckdb"),
-            sample: Optional[int] = typer.Option(None, help="show one sample's tokens"),
-            selection: str = typer.Option("fixed/global", help="selection whose kept tokens --sample marks")) -> None:
-    """Summarise a run: ingest, quarantine, scores, selections, metrics; or show one sample's kept tokens."""
-    from tasks.store import connect, get_meta
-    from tokenclean.summary import comparison, format_table, run_overview
+            sample: Optional[str] = typer.Option(None, help="show one sample's tokens (its id in the input, or sample_id)"),
+            selection: str = typer.Option("global", help="variant whose kept tokens --sample marks "
+                                                         "(global, local, random, full, self-evolving@T)"),
+            keys: bool = typer.Option(True, "--keys/--no-keys", help="list every artifact with its key and inputs")) -> None:
+    """Summarise a run (ingest, quarantine, table, and every artifact's key and what it was derived from),
+    or show one sample's kept tokens."""
+    from tokenclean.tasks import store
+    from tokenclean.summary import artifacts, comparison, format_table, run_overview
 
     db = run / "tokenclean.duckdb" if run.is_dir() else run
     if not db.exists():
         raise typer.BadParameter(f"no tokenclean database at {db}")
-    con = connect(db, read_only=True)
+    con = store.connect(db, read_only=True)
     try:
         if sample is None:
             typer.echo(json.dumps(run_overview(con), indent=2, default=str))
             typer.echo(format_table(comparison(con)))
+            if keys:
+                typer.echo("\nartifacts of the latest run of each flow (key; computed by that run or reused; inputs):")
+                for a in artifacts(con):
+                    state = "computed" if a["computed_by_latest_run"] else "reused"
+                    typer.echo(f"  {a['name']:<18} {a['kind']:<9} {a['key']}  {state:<8} "
+                               f"{json.dumps(a['derived_from'], default=str)}")
             return
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(get_meta(con, "base_model"))
-        row = con.execute("SELECT input_ids, response_mask FROM samples WHERE sample_id = ?", [sample]).fetchone()
-        if row is None:
-            raise typer.BadParameter(f"no sample {sample}")
-        kept = {r[0] for r in con.execute("SELECT pos FROM selected_tokens WHERE selection = ? AND sample_id = ?",
-                                          [selection, sample]).fetchall()}
-        scores = dict(con.execute("SELECT pos, score FROM token_scores WHERE sample_id = ? ORDER BY iteration DESC",
-                                  [sample]).fetchall())
-        for pos, (tid, is_target) in enumerate(zip(*row)):
-            mark = "KEEP" if pos in kept else ("drop" if is_target else "    ")
-            s = f"{scores[pos]:+.3f}" if pos in scores else ""
-            typer.echo(f"{pos:5d} {mark} {s:>8} {tok.decode([tid])!r}")
+        _show_sample(con, sample, selection)
     finally:
         con.close()
+
+
+def _show_sample(con, sample: str, selection: str) -> None:
+    """One sample's tokens with the scores and KEEP/drop marks of one variant's selection (same iteration)."""
+    from transformers import AutoTokenizer
+
+    from tokenclean.tasks import store
+    from tokenclean.summary import output_key
+
+    dataset = store.latest_dataset(con)
+    sid = store.sample_id_of_uid(con, dataset, sample)
+    if sid is None and sample.lstrip("-").isdigit():
+        sid = int(sample)
+    row = store.sample_row(con, sid) if sid is not None else None
+    if row is None:
+        raise typer.BadParameter(f"no sample {sample!r} in the run's current dataset")
+    sel_key = output_key(con, selection, "selection")
+    if sel_key is None:
+        raise typer.BadParameter(f"no selection named {selection!r} in the latest runs")
+    rec = store.selection_record(con, sel_key)
+    kept = store.kept_positions(con, sel_key, sid)
+    scores = store.sample_scores(con, rec["scores"], sid) if rec["scores"] else {}
+    tok = AutoTokenizer.from_pretrained(store.artifact_inputs(con, "dataset", dataset)["inputs"]["tokenizer"])
+    typer.echo(f"sample {row[2]} (sample_id {sid}); selection {selection} = {sel_key}; scores {rec['scores']}")
+    for pos, (tid, is_target) in enumerate(zip(row[0], row[1])):
+        mark = "KEEP" if pos in kept else ("drop" if is_target else "    ")
+        s = f"{scores[pos]:+.3f}" if pos in scores else ""
+        typer.echo(f"{pos:5d} {mark} {s:>8} {tok.decode([tid])!r}")
 
 
 @app.command()
 def report(run: Path = typer.Argument(..., help="run directory or its tokenclean.duckdb"),
            out: Optional[Path] = typer.Option(None, help="HTML file to write (default RUN/report.html)"),
-           selection: str = typer.Option("fixed/global", help="selection whose kept tokens the samples highlight"),
+           selection: str = typer.Option("global", help="variant whose kept tokens the samples highlight"),
            samples: int = typer.Option(8, help="how many sample responses to show")) -> None:
     """Write a self-contained HTML report of a run (histograms, kept fractions, trends, samples)."""
-    from tasks.store import DatabaseBusy
+    from tokenclean.tasks.store import DatabaseBusy
     from tokenclean.report import build_report
 
     _quiet_env()
@@ -199,18 +223,19 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
 
 @app.command("lm-eval")
 def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
-                adapter: Optional[str] = typer.Option(None, help="adapter name under RUN/adapters (default: base)"),
+                adapter: Optional[str] = typer.Option(None, help="variant whose adapter to evaluate: reference, full, "
+                                                      "random, local, global, self-evolving@T (default: base)"),
                 tasks: list[str] = typer.Option(["tokenclean_facts"], "--tasks", help="lm-eval task (repeatable)"),
                 limit: Optional[int] = typer.Option(None, help="examples per task"),
-                iteration: int = typer.Option(0), batch_size: int = typer.Option(8),
+                batch_size: int = typer.Option(8),
                 device: str = typer.Option("cpu")) -> None:
     """Run lm-evaluation-harness tasks on the base model or an adapter; record into the run's metrics."""
-    from tasks.lm_eval_hook import run_lm_eval_for_run
-    from tasks.store import DatabaseBusy
+    from tokenclean.tasks.lm_eval_hook import run_lm_eval_for_run
+    from tokenclean.tasks.store import DatabaseBusy
 
     _quiet_env()
     try:
-        res = run_lm_eval_for_run(run, adapter, tasks, iteration=iteration, limit=limit,
+        res = run_lm_eval_for_run(run, adapter, tasks, limit=limit,
                                   batch_size=batch_size, device=device)
     except (FileNotFoundError, ValueError, DatabaseBusy) as e:
         _fail(str(e))

@@ -51,12 +51,20 @@ class ModelConfig(_Strict):
 
 
 class ScoreConfig(_Strict):
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: str = Field("transformers", description="transformers, vllm, or package.module:Factory (a custom scorer)")
     batch_tokens: int = Field(16384, description="token budget per forward batch (padding included)")
     lm_head_chunk: int = Field(2048, description="rows of hidden states per lm_head+CE chunk")
     shard_samples: int = Field(512, description="samples per scoring shard (unit of retry / resume)")
     compile: bool = Field(False, description="torch.compile norms/MLP/CE on GPU workers (+17-34% tok/s on H100; "
                                               "needs Triton and a C compiler on the workers)")
+
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in ("transformers", "vllm") and ":" not in v:
+            raise ValueError("backend must be transformers, vllm or package.module:Factory")
+        return v
 
 
 class SelectConfig(_Strict):

@@ -82,8 +82,30 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
 
 # --------------------------------------------------------------------------- sections
 
+def _current_selections(con) -> list[dict]:
+    """Current selection outputs (latest run of each flow) with their stored records and labels."""
+    from tokenclean.tasks import store
+    from tokenclean.summary import label
+
+    out = []
+    for o in store.current_outputs(con):
+        if o["kind"] == "selection" and o["variant"] != "reference":
+            rec = store.selection_record(con, o["key"])
+            if rec is not None:
+                out.append(rec | {"name": label(o["variant"], o["iteration"]),
+                                  "part_list": [int(p) for p in rec["parts"].split(",")]})
+    return out
+
+
+def _base_path(con) -> str | None:
+    from tokenclean.tasks import store
+    from tokenclean.summary import output_key
+
+    key = output_key(con, "base", "model")
+    return (store.model_inputs(con, key) or {}).get("path") if key else None
+
+
 def _overview(con) -> str:
-    from tasks.store import get_meta
     from tokenclean.summary import run_overview
 
     ov = run_overview(con)
@@ -92,7 +114,7 @@ def _overview(con) -> str:
     if ing:
         parts.append(_table(["ingest", "value"], [[esc(k), esc(v)] for k, v in ing.items()], "kv"))
     else:
-        parts.append(_note("No ingest summary in meta (key 'ingest_summary')."))
+        parts.append(_note("No ingest summary for the run's dataset."))
     part_names = {-1: "held-out (eval)"}
     parts.append(_table(["part", "samples"], [[esc(part_names.get(p, f"D{p}")), esc(n)]
                                               for p, n in ov["samples_by_part"].items()], "kv"))
@@ -105,8 +127,8 @@ def _overview(con) -> str:
     if ov["token_losses"]:
         parts.append(_table(["model", "token losses"], [[esc(m), esc(n)] for m, n in ov["token_losses"].items()],
                             "kv"))
-    base = get_meta(con, "base_model")
-    meta = f"<p>base model: <code>{esc(base)}</code></p>" if base else _note("No base model recorded in meta.")
+    base = _base_path(con)
+    meta = f"<p>base model: <code>{esc(base)}</code></p>" if base else _note("No base model recorded by a flow run.")
     return meta + '<div class="row">' + "".join(parts) + "</div>"
 
 
@@ -154,25 +176,26 @@ def _histogram_svg(bins: list[int], lo: float, hi: float, lines: list[tuple[str,
 
 
 def _histograms(con) -> str:
-    stats = con.execute(
-        """SELECT iteration, count(*) AS n, count(*) FILTER (WHERE NOT isfinite(score)) AS bad,
-                  min(score) FILTER (WHERE isfinite(score)), max(score) FILTER (WHERE isfinite(score)),
-                  approx_quantile(score, 0.001) FILTER (WHERE isfinite(score)),
-                  approx_quantile(score, 0.999) FILTER (WHERE isfinite(score)),
-                  avg(score) FILTER (WHERE isfinite(score))
-           FROM token_scores GROUP BY iteration ORDER BY iteration""").fetchall()
-    if not stats:
-        return _note("No token scores in this run (token_scores is empty): nothing was scored yet.")
-    sels = con.execute("SELECT selection, method, k, iteration, threshold FROM selections "
-                       "WHERE threshold IS NOT NULL AND iteration IS NOT NULL ORDER BY selection").fetchall()
-    color = {s[0]: PALETTE[i % len(PALETTE)] for i, s in enumerate(sels)}
+    from tokenclean.tasks import store
+
+    groups: dict[tuple, list[dict]] = {}  # (scores key, dataset, parts) -> the selections ranking them
+    for sel in _current_selections(con):
+        if sel["scores"]:
+            groups.setdefault((sel["scores"], sel["dataset"], sel["parts"]), []).append(sel)
+    if not groups:
+        return _note("No token scores in this run: no selection of the latest runs ranks scores yet.")
     out = [f"<p>Bins are computed in DuckDB ({N_BINS} equal-width bins over the 0.1–99.9% quantile range, widened to "
            "include every threshold; values outside fall into the edge bins). A dashed line marks each global "
            "selection's threshold: tokens scoring at or above it were kept.</p>"]
-    for it, n, bad, mn, mx, qlo, qhi, mean in stats:
-        lines = [(s[0], float(s[4]), color[s[0]]) for s in sels if s[3] == it and math.isfinite(s[4])]
+    colors = iter(PALETTE * 4)
+    for (scores, dataset, parts_sql), sels in groups.items():
+        parts = sels[0]["part_list"]
+        title = f"scores of {' / '.join(s['name'] for s in sels)} over D{','.join(map(str, parts))}"
+        n, bad, mn, mx, qlo, qhi, mean = store.report.score_stats(con, scores, dataset, parts)
+        lines = [(s["name"], float(s["threshold"]), next(colors)) for s in sels
+                 if s["threshold"] is not None and math.isfinite(s["threshold"])]
         if mn is None:
-            out.append(f"<h3>iteration {esc(it)}</h3>" + _note(f"all {n} scores are non-finite"))
+            out.append(f"<h3>{esc(title)}</h3>" + _note(f"all {n} scores are non-finite"))
             continue
         lo, hi = float(qlo), float(qhi)
         for _, thr, _ in lines:
@@ -182,57 +205,47 @@ def _histograms(con) -> str:
         pad = (hi - lo) * 0.02
         lo, hi = lo - pad, hi + pad
         w = (hi - lo) / N_BINS
-        rows = con.execute(
-            f"""SELECT least(greatest(floor((score - ?) / ?)::BIGINT, 0), {N_BINS - 1}) AS b, count(*)
-                FROM token_scores WHERE iteration = ? AND isfinite(score) GROUP BY b""", [lo, w, it]).fetchall()
         bins = [0] * N_BINS
-        for b, c in rows:
+        for b, c in store.report.score_bins(con, scores, dataset, parts, lo, w, N_BINS):
             bins[int(b)] = int(c)
         out_lo, out_hi = (mn < lo), (mx > hi)
-        cap = (f"iteration {it}: {n} scored tokens, mean {mean:.3f}, min {mn:.3f}, max {mx:.3f}"
+        cap = (f"{title}: {n} scored tokens, mean {mean:.3f}, min {mn:.3f}, max {mx:.3f}"
                + (f", {bad} non-finite (not ranked)" if bad else "")
                + (" — range clipped, outliers in the edge bins" if out_lo or out_hi else ""))
-        out.append(f"<h3>iteration {esc(it)}</h3><figure>"
-                   + _histogram_svg(bins, lo, hi, lines, f"score histogram, iteration {it}")
+        out.append(f"<h3 data-scores=\"{esc(scores)}\">{esc(title)}</h3><figure>"
+                   + _histogram_svg(bins, lo, hi, lines, title)
                    + f"<figcaption>{esc(cap)}</figcaption></figure>")
         if not lines:
-            out.append(_note("No global selection with a threshold ranks this iteration's scores."))
+            out.append(_note("No global selection with a threshold ranks these scores."))
     return "".join(out)
 
 
 def kept_by_source(con) -> list[dict]:
-    """Kept tokens / response tokens per (selection, source).
+    """Kept tokens / response tokens per (selection, source) of the current selections.
 
-    A selection's pool is the set of parts (D_t) its kept tokens come from; the denominator
-    is every response token of that source in those parts.
+    The denominator is every response token of that source in the selection's pool.
     """
-    rows = con.execute(
-        """WITH k AS (SELECT st.selection, s.part, s.source, count(*) AS n
-                      FROM selected_tokens st JOIN samples s USING (sample_id) GROUP BY ALL),
-                pool AS (SELECT p.selection, s.source, sum(s.n_response) AS n
-                         FROM (SELECT DISTINCT selection, part FROM k) p JOIN samples s ON s.part = p.part
-                         GROUP BY ALL),
-                kept AS (SELECT selection, source, sum(n) AS n FROM k GROUP BY ALL)
-           SELECT pool.selection, pool.source, coalesce(kept.n, 0)::BIGINT, pool.n::BIGINT
-           FROM pool LEFT JOIN kept USING (selection, source) ORDER BY 1, 2""").fetchall()
-    return [{"selection": s, "source": src, "kept": int(k), "pool": int(p),
-             "fraction": (k / p) if p else None} for s, src, k, p in rows]
+    from tokenclean.tasks import store
+
+    out = []
+    for sel in _current_selections(con):
+        for src, k, p in store.report.kept_by_source(con, sel["selection"], sel["dataset"], sel["part_list"]):
+            out.append({"selection": sel["name"], "method": sel["method"], "k": sel["k"], "source": src,
+                        "kept": int(k), "pool": int(p), "fraction": (k / p) if p else None})
+    return out
 
 
 def _kept_section(con) -> str:
     rows = kept_by_source(con)
     if not rows:
         return _note("No selections with kept tokens in this run.")
-    meta = {r[0]: r[1:] for r in con.execute(
-        "SELECT selection, method, k, iteration, n_kept, n_candidates FROM selections").fetchall()}
     body = []
     for r in rows:
-        m = meta.get(r["selection"])
         frac = r["fraction"]
         pct = 0.0 if frac is None else max(0.0, min(100.0, frac * 100))
         bar = (f'<div class="bar-cell"><div class="bar-fill" style="width:{pct:.1f}%"></div>'
                f'<span>{esc(_fmt(frac))}</span></div>')
-        body.append([esc(r["selection"]), esc(m[0] if m else "?"), esc(_fmt(m[1], "{:g}") if m else "?"),
+        body.append([esc(r["selection"]), esc(r["method"]), esc(_fmt(r["k"], "{:g}")),
                      esc(r["source"]), f'<span class="num">{r["kept"]}</span>', f'<span class="num">{r["pool"]}</span>',
                      f'<span class="frac" data-selection="{esc(r["selection"])}" data-source="{esc(r["source"])}" '
                      f'data-fraction="{frac if frac is not None else ""}">{bar}</span>'])
@@ -274,20 +287,17 @@ def _sparkline(values: list) -> str:
 
 def task_trends(con, metric: str = "answer_exact_match") -> dict:
     """Per task (None = all tasks) the series reference@0, self-evolving@1..T and its trend."""
-    iters = [r[0] for r in con.execute(
-        "SELECT DISTINCT iteration FROM metrics WHERE variant = 'self-evolving' AND metric = ? ORDER BY 1",
-        [metric]).fetchall()]
-    ref = dict(con.execute("SELECT task, value FROM metrics WHERE variant = 'reference' AND iteration = 0 "
-                           "AND metric = ?", [metric]).fetchall())
-    se = con.execute("SELECT task, iteration, value FROM metrics WHERE variant = 'self-evolving' AND metric = ?",
-                     [metric]).fetchall()
-    by_task: dict = {}
-    for task, it, v in se:
-        by_task.setdefault(task, {})[it] = v
-    tasks = sorted(set(by_task) | (set(ref) if iters else set()), key=lambda t: (t is not None, t or ""))
+    from tokenclean.tasks import store
+
+    evals = {(o["variant"], o["iteration"]): o["key"] for o in store.current_outputs(con) if o["kind"] == "eval"}
+    iters = sorted(i for v, i in evals if v == "self-evolving")
+    ref = store.report.metric_by_task(con, evals[("reference", 0)], metric) if ("reference", 0) in evals else {}
+    by_iter = {i: store.report.metric_by_task(con, evals[("self-evolving", i)], metric) for i in iters}
+    tasks = set().union(*by_iter.values()) if by_iter else set()
+    tasks = sorted(tasks | (set(ref) if iters else set()), key=lambda t: (t is not None, t or ""))
     out = {}
     for t in tasks:
-        series = [ref.get(t)] + [by_task.get(t, {}).get(i) for i in iters]
+        series = [ref.get(t)] + [by_iter[i].get(t) for i in iters]
         out[t] = {"series": series, "trend": classify_trend(series)}
     return {"iterations": iters, "has_reference": bool(ref), "tasks": out}
 
@@ -319,11 +329,13 @@ def _trend_section(con) -> str:
 
 
 def _load_tokenizer(con):
-    from tasks.store import get_meta
+    from tokenclean.tasks import store
 
-    path = get_meta(con, "base_model")
+    dataset = store.latest_dataset(con)
+    inputs = store.artifact_inputs(con, "dataset", dataset) if dataset else None
+    path = (inputs or {}).get("inputs", {}).get("tokenizer")
     if not path:
-        return None, "no base_model in meta: showing token ids instead of text"
+        return None, "no dataset recorded by a flow run: showing token ids instead of text"
     try:
         from transformers import AutoTokenizer
 
@@ -358,54 +370,42 @@ def token_pieces(tok, ids: list[int]) -> list[tuple[list[int], str]]:
     return out
 
 
-def _pick_selection(con, selection: str) -> tuple[tuple | None, str | None]:
-    rows = con.execute("SELECT selection, method, k, iteration, threshold, n_kept, n_candidates FROM selections "
-                       "ORDER BY (method = 'global') DESC, selection").fetchall()
-    for r in rows:
-        if r[0] == selection:
+def _pick_selection(con, selection: str) -> tuple[dict | None, str | None]:
+    sels = sorted(_current_selections(con), key=lambda r: (r["method"] != "global", r["name"]))
+    for r in sels:
+        if r["name"] == selection:
             return r, None
-    if not rows:
+    if not sels:
         return None, f"selection {selection!r} not found and the run has no selections: samples shown unmarked"
-    alt = rows[0]
-    return alt, (f"selection {selection!r} not found; showing {alt[0]!r} instead "
-                 f"(available: {', '.join(r[0] for r in rows)})")
+    alt = sels[0]
+    return alt, (f"selection {selection!r} not found; showing {alt['name']!r} instead "
+                 f"(available: {', '.join(r['name'] for r in sels)})")
 
 
 def _samples_section(con, selection: str, n_samples: int) -> str:
+    from tokenclean.tasks import store
+
     sel, note = _pick_selection(con, selection)
     notes = [note] if note else []
-    name = sel[0] if sel else None
-    it = sel[3] if sel else None
-    if it is None:
-        it = con.execute("SELECT max(iteration) FROM token_scores").fetchone()[0]
-        if it is not None and sel is not None:
-            notes.append(f"{name} ranks no scores; hover titles show iteration {it}'s scores")
+    dataset = sel["dataset"] if sel else store.latest_dataset(con)
     if sel is not None:
-        parts = [r[0] for r in con.execute(
-            "SELECT DISTINCT s.part FROM selected_tokens st JOIN samples s USING (sample_id) WHERE st.selection = ?",
-            [name]).fetchall()]
+        parts = sel["part_list"]
     else:
-        parts = [r[0] for r in con.execute("SELECT DISTINCT part FROM samples WHERE part >= 0").fetchall()]
+        parts = [p for p in (store.samples_by_part(con, dataset) if dataset else {}) if p >= 0]
+    scores_key = sel["scores"] if sel else None
+    if sel is not None and scores_key is None:
+        notes.append(f"{sel['name']} ranks no scores: hover titles show no scores")
     if not parts or n_samples <= 0:
         return "".join(_note(n) for n in notes) + _note("No samples to show.")
-    # Round-robin over sources (first by sample id within each), so every dataset is seen.
-    rows = con.execute(
-        """WITH pick AS (
-             SELECT sample_id, source, row_number() OVER (PARTITION BY source ORDER BY sample_id) AS rn
-             FROM samples WHERE part IN (SELECT unnest(?)) ORDER BY rn, source, sample_id LIMIT ?)
-           SELECT s.sample_id, s.uid, s.source, s.part, s.task, s.input_ids, s.response_mask, s.truth
-           FROM pick JOIN samples s USING (sample_id) ORDER BY pick.rn, pick.source, pick.sample_id""",
-        [parts, n_samples]).fetchall()
+    rows = store.report.pick_samples(con, dataset, parts, n_samples)
     ids_shown = [r[0] for r in rows]
     kept_all: dict[int, set] = {}
-    if name:
-        for sid, pos in con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection = ? "
-                                    "AND sample_id IN (SELECT unnest(?))", [name, ids_shown]).fetchall():
+    if sel:
+        for sid, pos in store.report.kept_in(con, sel["selection"], ids_shown):
             kept_all.setdefault(sid, set()).add(pos)
     scores_all: dict[int, dict] = {}
-    if it is not None:
-        for sid, pos, score in con.execute("SELECT sample_id, pos, score FROM token_scores WHERE iteration = ? "
-                                           "AND sample_id IN (SELECT unnest(?))", [it, ids_shown]).fetchall():
+    if scores_key:
+        for sid, pos, score in store.report.scores_in(con, scores_key, ids_shown):
             scores_all.setdefault(sid, {})[pos] = score
     tok, tnote = _load_tokenizer(con)
     if tnote:
@@ -415,9 +415,10 @@ def _samples_section(con, selection: str, n_samples: int) -> str:
     if sel is None:
         desc = "Selection <b>–</b> (no kept tokens to mark)"
     else:
-        desc = (f"Selection <b>{esc(name)}</b> (method {esc(sel[1])}, k = {esc(_fmt(sel[2], '{:g}'))}"
-                + (f", scores of iteration {esc(sel[3])}" if sel[3] is not None else "")
-                + (f", threshold {esc(_fmt(sel[4], '{:.4g}'))}" if sel[4] is not None else "") + ")")
+        desc = (f"Selection <b>{esc(sel['name'])}</b> (method {esc(sel['method'])}, k = {esc(_fmt(sel['k'], '{:g}'))}"
+                + (f", scores <code>{esc(scores_key)}</code>" if scores_key else "")
+                + (f", threshold {esc(_fmt(sel['threshold'], '{:.4g}'))}" if sel["threshold"] is not None else "")
+                + f", key <code>{esc(sel['selection'])}</code>)")
     out = ["".join(_note(n) for n in notes),
            f"<p>{desc}. Legend: "
            '<span class="tk p">prompt</span> <span class="tk k">kept</span> <span class="tk d">dropped</span> '
@@ -494,12 +495,12 @@ def _section(title: str, anchor: str, build, *args) -> str:
     return f'<section id="{anchor}"><h2>{esc(title)}</h2>{body}</section>'
 
 
-def build_report(db_path, out_path, *, selection: str = "fixed/global", n_samples: int = 8) -> Path:
+def build_report(db_path, out_path, *, selection: str = "global", n_samples: int = 8) -> Path:
     """Write the run's HTML report to ``out_path`` and return that path.
 
     ``db_path`` is the run's DuckDB file or its run directory; it is opened read-only.
     """
-    from tasks.store import connect
+    from tokenclean.tasks.store import connect
 
     db_path = Path(db_path)
     if db_path.is_dir():

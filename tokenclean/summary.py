@@ -1,52 +1,66 @@
-"""Read a run's database back into the comparison table the demo prints."""
+"""Read a run's database back into the comparison table, the overview and the artifact list.
+
+Everything is read through the outputs of the latest run of each flow (variant name ->
+key), so the table shows the results of the configuration that ran last, never rows
+left over from an earlier one.
+"""
 from __future__ import annotations
 
-import json
+from tokenclean.tasks import store
 
-from tasks.select import selection_quality
-
-VARIANTS = [  # (label, metrics variant, its selections: names, a LIKE pattern, or None)
-    ("base (no SFT)", "base", None),
-    ("reference theta_1 (D0, full)", "reference", None),
-    ("full tokens", "full", ["fixed/full"]),
-    ("random k", "random", ["fixed/random"]),
-    ("RHO local top-k", "local", ["fixed/local"]),
-    ("fixed-model global top-k", "global", ["fixed/global"]),
-    ("self-evolving (Alg. 1)", "self-evolving", "self-evolving/iter-%"),
+VARIANTS = [  # (label, variant)
+    ("base (no SFT)", "base"),
+    ("reference theta_1 (D0, full)", "reference"),
+    ("full tokens", "full"),
+    ("random k", "random"),
+    ("RHO local top-k", "local"),
+    ("fixed-model global top-k", "global"),
+    ("self-evolving (Alg. 1)", "self-evolving"),
 ]
 
 
-def _metric(con, variant: str, metric: str, task: str | None = None):
-    row = con.execute(
-        "SELECT value FROM metrics WHERE variant = ? AND metric = ? AND task IS NOT DISTINCT FROM ? "
-        "ORDER BY iteration DESC LIMIT 1", [variant, metric, task]).fetchone()
-    return row[0] if row else None
+def label(variant: str, iteration: int) -> str:
+    """The one name a user reads for an output: ``global``, ``reference``, ``self-evolving@2``."""
+    return f"{variant}@{iteration}" if variant == "self-evolving" else variant
+
+
+def output_key(con, name: str, kind: str) -> str | None:
+    """Key of the current output ``name`` (a label) of ``kind``, or None."""
+    for o in store.current_outputs(con):
+        if o["kind"] == kind and label(o["variant"], o["iteration"]) == name:
+            return o["key"]
+    return None
+
+
+def _by_variant(con) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for o in store.current_outputs(con):
+        out.setdefault(o["variant"], []).append(o)
+    return out
 
 
 def comparison(con) -> list[dict]:
+    outputs = _by_variant(con)
     rows = []
-    for label, variant, sels in VARIANTS:
-        if sels is not None:  # only the selections this run actually made
-            pattern = sels if isinstance(sels, str) else None
-            sels = [r[0] for r in con.execute(
-                "SELECT selection FROM selections WHERE (? IS NOT NULL AND selection LIKE ?) "
-                "OR selection IN (SELECT unnest(?)) ORDER BY 1",
-                [pattern, pattern, [] if pattern else sels]).fetchall()]
-        if _metric(con, variant, "response_loss") is None and not sels:
+    for lab, variant in VARIANTS:
+        outs = outputs.get(variant, [])
+        evals = sorted((o for o in outs if o["kind"] == "eval"), key=lambda o: o["iteration"])
+        sels = [store.selection_record(con, o["key"]) for o in outs if o["kind"] == "selection"]
+        sels = [s for s in sels if s is not None]
+        if variant in ("base", "reference"):
+            sels = []  # the reference's D0 selection is its training set, not a cleaning result
+        if not evals and not sels:
             continue
-        row = {"variant": label, "kept": None, "precision": None, "recall": None}
+        row = {"variant": lab, "kept": None, "precision": None, "recall": None, "eval_loss": None,
+               "exact_match": None}
         if sels:
-            stats = con.execute("SELECT sum(n_kept), sum(n_candidates), list(DISTINCT iteration) FROM selections "
-                                "WHERE selection IN (SELECT unnest(?))", [sels]).fetchone()
-            parts = [r[0] for r in con.execute(
-                "SELECT DISTINCT s.part FROM selected_tokens st JOIN samples s USING (sample_id) "
-                "WHERE st.selection IN (SELECT unnest(?))", [sels]).fetchall()]
-            if "fixed/full" in sels:  # the pool is every training part, whatever was kept
-                parts = [r[0] for r in con.execute("SELECT DISTINCT part FROM samples WHERE part >= 0").fetchall()]
-            p, r = selection_quality(con, sels, parts) if parts else (None, None)
-            row |= {"kept": f"{stats[0]}/{stats[1]}", "precision": p, "recall": r}
-        row["eval_loss"] = _metric(con, variant, "response_loss")
-        row["exact_match"] = _metric(con, variant, "answer_exact_match")
+            parts = sorted({int(p) for s in sels for p in s["parts"].split(",")})
+            p, r = store.selection_quality(con, [s["selection"] for s in sels], sels[0]["dataset"], parts)
+            row |= {"kept": f"{sum(s['n_kept'] for s in sels)}/{sum(s['n_candidates'] for s in sels)}",
+                    "precision": p, "recall": r}
+        if evals:  # the last iteration's model is the variant's result
+            m = store.eval_metrics(con, evals[-1]["key"])
+            row |= {"eval_loss": m.get("response_loss"), "exact_match": m.get("answer_exact_match")}
         rows.append(row)
     return rows
 
@@ -63,17 +77,42 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def metrics_rows(con) -> list[dict]:
+    """Per-variant, per-iteration, per-task metrics of the current outputs (the dashboard table)."""
+    rows = []
+    for o in store.current_outputs(con):
+        if o["kind"] != "eval":
+            continue
+        for task, metric, value in store.eval_metric_rows(con, o["key"]):
+            rows.append({"variant": o["variant"], "iteration": o["iteration"], "task": task, "metric": metric,
+                         "value": round(value, 4)})
+    return rows
+
+
 def stage_times(con) -> list[tuple[str, str, float]]:
-    return con.execute("SELECT stage, key, seconds FROM stage_log ORDER BY finished_at").fetchall()
+    runs = [r["flow_run"] for r in store.latest_flow_runs(con)]
+    return store.stage_times(con, runs)
 
 
 def run_overview(con) -> dict:
-    from tasks.store import get_meta
+    dataset = store.latest_dataset(con)
+    if dataset is None:
+        return {"dataset": None}
+    losses = {}
+    for o in store.current_outputs(con):
+        if o["kind"] == "losses":
+            losses[label(o["variant"], o["iteration"])] = store.count_rows(con, "token_losses", "model", o["key"])
+    return {"dataset": dataset, "ingest": store.dataset_summary(con, dataset) or {},
+            "samples_by_part": store.samples_by_part(con, dataset),
+            "quarantine_reasons": store.quarantine_reasons(con, dataset), "token_losses": losses}
 
-    out = {"ingest": json.loads(get_meta(con, "ingest_summary") or "{}")}
-    out["samples_by_part"] = dict(con.execute("SELECT part, count(*) FROM samples GROUP BY part ORDER BY part").fetchall())
-    out["quarantine_reasons"] = dict(con.execute(
-        "SELECT regexp_replace(reason, '''.*''|\\d+', '…', 'g') AS r, count(*) FROM quarantine GROUP BY r ORDER BY 2 DESC"
-    ).fetchall())
-    out["token_losses"] = dict(con.execute("SELECT model, count(*) FROM token_losses GROUP BY model ORDER BY 1").fetchall())
+
+def artifacts(con) -> list[dict]:
+    """Every current output with its key, whether the latest run computed or reused it, and its inputs."""
+    out = []
+    for o in store.current_outputs(con):
+        kind = "model" if o["kind"] == "losses" else o["kind"]
+        out.append({"name": label(o["variant"], o["iteration"]),
+                    "kind": o["kind"], "key": o["key"], "computed_by_latest_run": o["computed"],
+                    "derived_from": store.artifact_inputs(con, kind, o["key"])})
     return out

@@ -181,7 +181,7 @@ def pretraining_text(spec: SynthSpec, n_docs: int, eos: str = "</s>") -> list[st
     facts for every transcript gives the tiny base exactly that prior: format and value
     vocabulary known, facts unknown.
     """
-    from tasks.template import render_tulu
+    from tokenclean.tasks.template import render_tulu
 
     world = World.make(spec.n_people, spec.seed)
     rng = random.Random(spec.seed + 2)

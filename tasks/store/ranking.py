@@ -22,7 +22,7 @@ monotone non-decreasing in the key (so each bucket is a contiguous range of valu
 the next pass selects by the bucket's own stored min/max values, not by recomputed edges.
 The same routine ranks a huge block of ties by sample_id and then pos.
 
-Preconditions (the candidates of ``tasks.select`` satisfy them): scores are finite and
+Preconditions (the candidates of ``tokenclean.tasks.store.selection`` satisfy them): scores are finite and
 not NULL (checked, ValueError otherwise), and (sample_id, pos) is unique in the relation.
 """
 from __future__ import annotations

@@ -1,0 +1,143 @@
+"""Build-system steps: make sure an artifact exists under its key, computing it only if not.
+
+Each ``ensure_*`` derives the artifact's key from the keys of its inputs
+(``tokenclean.tasks.keys``), returns the stored artifact if that key is complete, and
+otherwise runs the Prefect task that computes it and stores it under the key. Every
+call records (variant, iteration, kind) -> key for the current flow run, so readers
+(the comparison table, ``inspect``, the report) see this run's results by name, and
+logs a stage only when something was computed: the stage log of a re-run is exactly
+the set of steps its changes reached.
+
+Why not Prefect's task cache: it remembers that a task ran with some inputs, not that
+the rows it wrote are in this run's DuckDB file, and it would need the artifact's full
+key as the cache key anyway. The database itself is the record of what exists.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger
+
+from tokenclean.flows.prepare import RunContext
+from tokenclean.flows.scoring import score_model
+from tokenclean.tasks import keys, store
+from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
+from tokenclean.tasks.select import load_selected
+from tokenclean.tasks.steps import evaluate_task, select_task, train_task
+from tokenclean.summary import label
+
+
+@dataclass(frozen=True)
+class Model:
+    """A scoring/evaluated model: the base, or base + one saved adapter."""
+
+    key: str  # model key: base weights (+ adapter weights) and numerics settings
+    adapter: str | None = None  # adapter directory, None for the base
+    train_key: str | None = None  # the adapter's training key, None for the base
+
+
+def _output(ctx: RunContext, variant: str, iteration: int, kind: str, key: str, computed: bool) -> None:
+    store.record_output(ctx.con, ctx.flow_run, variant, iteration, kind, key, computed)
+
+
+def base(ctx: RunContext) -> Model:
+    return Model(ctx.base_model)
+
+
+def ensure_losses(ctx: RunContext, variant: str, iteration: int, model: Model, parts: list[int]) -> dict:
+    """Losses of ``model`` for every response token of the pool; only unscored samples are scored."""
+    name = label(variant, iteration)
+    stats = score_model(ctx, name, model.key, model.adapter, parts)
+    check = store.check_integrity(ctx.con, model.key, ctx.dataset, parts)
+    log = get_run_logger()
+    log.info("scored %s over D%s: %s; integrity %s", name, parts, stats, check)
+    if not check["ok"]:
+        raise RuntimeError(f"token_losses integrity check failed for {name} ({model.key}): {check}")
+    if stats["nonfinite"]:
+        log.warning("%s: %d non-finite token losses; they are excluded from ranking", name, stats["nonfinite"])
+    _output(ctx, variant, iteration, "losses", model.key, bool(stats["samples_scored"] or stats["samples_recovered"]))
+    return stats
+
+
+def ensure_scores(ctx: RunContext, variant: str, iteration: int, ref: Model, parts: list[int]) -> str:
+    """score = loss_base - loss_ref for the pool, under the key of the two models."""
+    key = keys.scores_key(ctx.base_model, ref.key)
+    t0 = time.perf_counter()
+    out = store.ensure_scores(ctx.con, key, ctx.base_model, ref.key, ctx.dataset, parts)
+    if out["n_added"]:
+        store.log_stage(ctx.con, ctx.flow_run, "scores", label(variant, iteration), key, time.perf_counter() - t0, out)
+    _output(ctx, variant, iteration, "scores", key, bool(out["n_added"]))
+    return key
+
+
+def ensure_selection(ctx: RunContext, variant: str, iteration: int, method: str, parts: list[int],
+                     scores: str | None = None) -> str:
+    cfg = ctx.cfg
+    pool = store.pool_digest(ctx.con, ctx.dataset, parts)
+    key = keys.selection_key(method, cfg.select.k, cfg.select.seed, scores, pool)
+    computed = store.selection_record(ctx.con, key) is None
+    if computed:
+        name = label(variant, iteration)
+        out = select_task(ctx.con, key, method, cfg.select.k, dataset=ctx.dataset, parts=parts, pool=pool,
+                          scores=scores, seed=cfg.select.seed, label=name)
+        store.log_stage(ctx.con, ctx.flow_run, "select", name, key, out.pop("seconds"), out)
+    _output(ctx, variant, iteration, "selection", key, computed)
+    return key
+
+
+def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str, tcfg,
+                   parent: Model | None = None) -> Model:
+    """LoRA fine-tune of the base (or of ``parent``'s adapter) on the selection's kept tokens.
+
+    A continued adapter keeps its parent's LoRA shape (PEFT loads the parent's config), so
+    ``train.lora`` is not part of its key: the key says what the adapter is.
+    """
+    cfg = ctx.cfg
+    train_cfg = tcfg.model_dump(mode="json")
+    if parent is not None:
+        train_cfg["lora"] = "inherited from parent"
+    key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
+    name = label(variant, iteration)
+    rec = store.adapter_record(ctx.con, key)
+    computed = rec is None or not (Path(rec["path"]) / "train.json").exists()
+    if computed:
+        out = ctx.adapter_dir(key)
+        done = out / "train.json"
+        stats = json.loads(done.read_text()) if done.exists() else None
+        if stats is None or stats.get("key") != key:  # else: saved, but the run died before recording it
+            stats = train_task(ctx.base_path, load_selected(ctx.con, selection), tcfg, str(out),
+                               init_adapter=parent.adapter if parent else None, label=name, device=cfg.model.device,
+                               dtype=cfg.model.dtype, key=key)
+            store.log_stage(ctx.con, ctx.flow_run, "train", name, key, stats["seconds"], stats)
+        weights = keys.weights_hash(out)
+        model_key = keys.adapter_model_key(ctx.base_model, weights)
+        inputs = {"base_model": ctx.base_model, "selection": selection, "train": train_cfg,
+                  "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
+        store.record_adapter(ctx.con, key, model_key, str(out), inputs, stats,
+                             {"base_model": ctx.base_model, "adapter": key, "weights": weights})
+        rec = store.adapter_record(ctx.con, key)
+    _output(ctx, variant, iteration, "adapter", key, computed)
+    return Model(rec["model"], rec["path"], key)
+
+
+def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> str:
+    """Held-out loss and exact match of ``model``, under the key of the model and the eval set."""
+    cfg = ctx.cfg
+    eval_set = store.pool_digest(ctx.con, ctx.dataset, [store.EVAL_PART], limit=cfg.eval.max_samples)
+    key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": "loss+em-v1"})
+    computed = not store.eval_done(ctx.con, key)
+    if computed:
+        name = label(variant, iteration)
+        t0 = time.perf_counter()
+        samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
+        result = evaluate_task(ctx.base_path, ctx.base_model, model.adapter, model.key, samples, meta,
+                               batch_tokens=cfg.eval.batch_tokens, device=cfg.model.device, dtype=cfg.model.dtype,
+                               label=name)
+        store.record_eval(ctx.con, key, model.key, {"model": model.key, "eval_set": eval_set,
+                                                     "max_samples": cfg.eval.max_samples}, metric_rows(result))
+        store.log_stage(ctx.con, ctx.flow_run, "evaluate", name, key, time.perf_counter() - t0, result["overall"])
+    _output(ctx, variant, iteration, "eval", key, computed)
+    return key

@@ -1,0 +1,194 @@
+"""What identifies every stored result: a key derived from the keys of its inputs.
+
+The run database works like a build system's content-addressed store. Each artifact
+(a model's token losses, a score table, a selection, an adapter, an evaluation) is
+stored under a key computed from exactly what it was computed from, and a step is
+skipped if and only if its key is already stored complete. Nothing is ever looked up
+by name ("the theta-2 losses") or by "a row exists", so a re-run with one changed
+setting recomputes what that setting reaches and reuses the rest, and a result made
+from other inputs can never be read in place of the right one.
+
+The chain, leaves first:
+
+* ``tokenization_key``: tokenizer vocabulary/merges/specials, template, max length.
+* ``sample_id``: tokenization + the row's id + the hash of its content. Sample ids are
+  therefore never reused for other content, and a row that leaves the input and comes
+  back unchanged gets its old id (and its old losses) back.
+* ``dataset_key``: tokenization + the bytes of every input + the split parameters.
+  A pool (the samples of some parts of a dataset) is keyed by ``pool digest``: the
+  sorted ids of its samples (computed in the store), so a refresh that touches only D2
+  leaves D0's pool, and everything derived from it, with the same key.
+* ``base_model_key``: model path or hub id, the weights' content hash (the hub
+  revision's blob hashes when available), dtype, device, scoring backend, compile.
+* ``adapter_model_key``: the base model key + the hash of the adapter's saved weights
+  and config (what is on disk, not what it was meant to be).
+* ``scores_key``: the base and reference model keys.
+* ``selection_key``: method, k, seed, scores key and pool digest (only those that
+  matter for the method: ``full`` ignores k and scores).
+* ``train_key``: base model key, selection key, training config, parent adapter model key.
+* ``eval_key``: model key, evaluation set digest, evaluation config.
+
+Python's ``hash`` and DuckDB's ``hash`` are not used for keys: keys must be the same
+in every process and every version, so they are SHA-256 of canonical JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+KEY_CHARS = 20  # 80 bits of SHA-256: collisions are out of reach for any run's artifact count
+
+
+def digest(*parts) -> str:
+    """Stable key of JSON-serialisable parts (dict keys sorted, so field order never matters)."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:KEY_CHARS]
+
+
+def is_key(value: str) -> bool:
+    """A key is lowercase hex; the store inlines keys into SQL only after this check."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def tokenization_key(tokenizer_fp: str, template: str, max_length: int) -> str:
+    return digest("tokenization", tokenizer_fp, template, int(max_length))
+
+
+def sample_id(tokenization: str, uid: str, content_hash: str) -> int:
+    """A positive int64 naming one tokenised sample: the same content always gets the same id."""
+    h = hashlib.sha256(json.dumps(["sample", tokenization, uid, content_hash]).encode()).digest()
+    return int.from_bytes(h[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def dataset_key(tokenization: str, inputs: str, split: dict) -> str:
+    return digest("dataset", tokenization, inputs, split)
+
+
+def base_model_key(identity: dict) -> str:
+    return digest("base-model", identity)
+
+
+def adapter_model_key(base_model: str, adapter_hash: str) -> str:
+    return digest("adapter-model", base_model, adapter_hash)
+
+
+def scores_key(base_model: str, ref_model: str) -> str:
+    return digest("scores", base_model, ref_model)
+
+
+def selection_key(method: str, k: float, seed: int, scores: str | None, pool: str) -> str:
+    return digest("selection", method, None if method == "full" else float(k),
+                  seed if method == "random" else None, scores if method in ("global", "local") else None, pool)
+
+
+def train_key(base_model: str, selection: str, train_config: dict, parent_model: str | None) -> str:
+    return digest("adapter", base_model, selection, train_config, parent_model)
+
+
+def eval_key(model: str, eval_set: str, eval_config: dict) -> str:
+    return digest("eval", model, eval_set, eval_config)
+
+
+# ---- content hashes of things on disk ----------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+MODEL_META_FILES = ("config.json", "generation_config.json", "adapter_config.json")
+
+
+def _hash_cache_path() -> Path:
+    root = Path(os.environ.get("TOKENCLEAN_CACHE") or Path.home() / ".cache" / "tokenclean")
+    return root / "file-hashes.json"
+
+
+def file_sha256(path: Path, *, cache: bool = True) -> str:
+    """SHA-256 of a file's bytes; with ``cache``, remembered by (real path, size, mtime, ctime, inode).
+
+    Hashing an 8B model's 16 GB of weights takes a minute; the cache makes later runs
+    free while a rewrite of the file (new size, mtime or ctime) invalidates its entry.
+    Data files are hashed without the cache (``cache=False``): they are read in full by
+    ingest anyway, and a same-size edit within one clock tick must not go unseen.
+    A hub snapshot's files are links into ``blobs/<sha256>``: that name is the hash.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        target = Path(os.readlink(path)).name
+        if path.resolve().parent.name == "blobs" and len(target) == 64 and is_key(target):
+            return target
+    real = path.resolve()
+    if not cache:
+        return _sha256(real)
+    st = real.stat()
+    ident = f"{real}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    cache_file = _hash_cache_path()
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if ident in known:
+        return known[ident]
+    value = known[ident] = _sha256(real)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs re-hashing next time
+    return value
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(directory: str | Path) -> str:
+    """Content hash of a model or adapter directory: its weights and configs, by name and bytes."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and (p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_META_FILES))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise FileNotFoundError(f"{directory}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
+    return digest("files", [(str(p.relative_to(directory)), file_sha256(p)) for p in files])
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """The directory holding a model's files: a local path, or the hub cache snapshot of a model id."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    from transformers.utils import cached_file
+
+    config = cached_file(name_or_path, "config.json")
+    if config is None:
+        raise FileNotFoundError(f"model {name_or_path!r}: not a directory and not in the Hugging Face cache")
+    return Path(config).parent
+
+
+def inputs_fingerprint(entries: list[str]) -> str:
+    """Content hash of data inputs: every file's bytes (directories recursively), hub datasets by fingerprint."""
+    parts = []
+    for entry in entries:
+        if entry == "--eval--":
+            parts.append(entry)
+            continue
+        if entry.startswith("hf:"):
+            name, _, split = entry[3:].partition(":")
+            if Path(name).is_dir():  # save_to_disk directory: its files are its content
+                files = sorted(p for p in Path(name).rglob("*") if p.is_file())
+                parts.append([entry, [(str(f.relative_to(name)), file_sha256(f, cache=False)) for f in files]])
+            else:  # a hub dataset: the datasets library's own content fingerprint of the loaded split
+                import datasets
+
+                parts.append([entry, datasets.load_dataset(name, split=split or "train")._fingerprint])
+            continue
+        p = Path(entry)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+        parts.append([entry, [(str(f.relative_to(p)) if p.is_dir() else f.name, file_sha256(f, cache=False))
+                             for f in files]])
+    return digest("inputs", parts)

@@ -1,0 +1,167 @@
+"""The run database: connection, schema, transactions.
+
+Every table holding a computed result carries the key of what computed it
+(``tokenclean.tasks.keys``). Rows are written once under their key and never updated in
+place; a changed input yields a new key, and a step is skipped only when its key is
+already stored complete. Workers never write to DuckDB (a DuckDB file has one writer
+process): they write Parquet shards atomically under the model's key, and the driver
+loads a shard with delete-then-insert inside one transaction.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import duckdb
+
+SCHEMA_VERSION = "2"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+-- Tokenised samples, content-addressed: sample_id = keys.sample_id(tokenization, uid, content_hash).
+CREATE TABLE IF NOT EXISTS samples (
+    sample_id BIGINT PRIMARY KEY, tokenization VARCHAR, uid VARCHAR, task VARCHAR, answer VARCHAR,
+    content_hash VARCHAR, n_tokens INTEGER, n_response INTEGER, truncated BOOLEAN,
+    answer_start INTEGER, answer_end INTEGER,
+    input_ids INTEGER[], response_mask BOOLEAN[], truth UTINYINT[]
+);
+-- One row per response (target) token of a sample, with ground-truth labels when known.
+CREATE TABLE IF NOT EXISTS response_tokens (sample_id BIGINT, pos INTEGER, token_id INTEGER, truth UTINYINT);
+-- A dataset: what one ingest of given inputs (bytes, tokenization, split) produced.
+CREATE TABLE IF NOT EXISTS datasets (dataset VARCHAR PRIMARY KEY, inputs VARCHAR, summary VARCHAR,
+    created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS dataset_samples (dataset VARCHAR, sample_id BIGINT, part SMALLINT, source VARCHAR,
+    row_index BIGINT);
+CREATE TABLE IF NOT EXISTS quarantine (dataset VARCHAR, source VARCHAR, row_index BIGINT, reason VARCHAR,
+    raw VARCHAR);
+-- Models that score: a base model, or base + one saved adapter; 'model' is its key.
+CREATE TABLE IF NOT EXISTS models (model VARCHAR PRIMARY KEY, kind VARCHAR, inputs VARCHAR, created_at TIMESTAMP);
+-- Per-token losses of a model; a sample has all its losses under a model or none.
+CREATE TABLE IF NOT EXISTS token_losses (
+    model VARCHAR, shard INTEGER, sample_id BIGINT, pos INTEGER, token_id INTEGER, loss FLOAT
+);
+CREATE TABLE IF NOT EXISTS shards_done (model VARCHAR, shard INTEGER, n_tokens BIGINT, finished_at TIMESTAMP,
+    PRIMARY KEY (model, shard));
+-- score = loss_base - loss_ref under 'scores' = keys.scores_key(base model, reference model).
+CREATE TABLE IF NOT EXISTS token_scores (
+    scores VARCHAR, sample_id BIGINT, pos INTEGER, base_loss FLOAT, ref_loss FLOAT, score FLOAT
+);
+CREATE TABLE IF NOT EXISTS selections (
+    selection VARCHAR PRIMARY KEY, method VARCHAR, k DOUBLE, seed INTEGER, scores VARCHAR, pool VARCHAR,
+    dataset VARCHAR, parts VARCHAR, threshold DOUBLE, n_candidates BIGINT, n_kept BIGINT, n_nonfinite BIGINT,
+    precision DOUBLE, recall DOUBLE, created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS selected_tokens (selection VARCHAR, sample_id BIGINT, pos INTEGER);
+-- Adapters by training key; 'model' is the key of base + the weights actually saved.
+CREATE TABLE IF NOT EXISTS adapters (adapter VARCHAR PRIMARY KEY, model VARCHAR, path VARCHAR, inputs VARCHAR,
+    stats VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS evals (eval VARCHAR PRIMARY KEY, model VARCHAR, inputs VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS metrics (eval VARCHAR, metric VARCHAR, task VARCHAR, value DOUBLE);
+-- What each flow run used and produced, by name: the pointers a user reads through.
+CREATE TABLE IF NOT EXISTS flow_runs (flow_run VARCHAR PRIMARY KEY, flow VARCHAR, config VARCHAR, dataset VARCHAR,
+    started_at TIMESTAMP, finished_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS run_outputs (flow_run VARCHAR, variant VARCHAR, iteration INTEGER, kind VARCHAR,
+    key VARCHAR, computed BOOLEAN);
+CREATE TABLE IF NOT EXISTS stage_log (flow_run VARCHAR, stage VARCHAR, name VARCHAR, key VARCHAR, seconds DOUBLE,
+    detail VARCHAR, finished_at TIMESTAMP);
+"""
+
+
+class DatabaseBusy(RuntimeError):
+    pass
+
+
+class SchemaMismatch(RuntimeError):
+    pass
+
+
+def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -> duckdb.DuckDBPyConnection:
+    """Open (and create) a run database.
+
+    A second process gets ``DatabaseBusy`` with the holder named, optionally after
+    waiting ``wait_s`` seconds for the lock; DuckDB's own lock keeps the file intact.
+    A database written by an older, unkeyed version is refused: its rows carry no keys.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as e:
+            if "lock" not in str(e).lower():
+                raise
+            if time.monotonic() >= deadline:
+                raise DatabaseBusy(
+                    f"database busy: {path} is open in another tokenclean process ({e}). "
+                    "Wait for it to finish, or use another run name."
+                ) from e
+            time.sleep(0.5)
+    try:
+        _check_schema(con, path, read_only)
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _check_schema(con, path: Path, read_only: bool) -> None:
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    version = None
+    if "meta" in tables:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = row[0] if row else None
+    if tables and version != SCHEMA_VERSION:
+        raise SchemaMismatch(f"{path} was written by another tokenclean version (schema {version!r}, this one "
+                             f"writes {SCHEMA_VERSION!r}); its results are not keyed the same way. Start a new run.")
+    if not read_only and not tables:
+        con.execute(SCHEMA)
+        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+
+
+@contextlib.contextmanager
+def transaction(con):
+    """All or nothing: a crash or error inside leaves the database as it was."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def get_meta(con, key: str) -> str | None:
+    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(con, key: str, value) -> None:
+    con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value if isinstance(value, str) else json.dumps(value)])
+
+
+def write_parquet_atomic(table, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def sql_parts(parts: list[int]) -> str:
+    """SQL list literal of part numbers (ints only, so safe to inline)."""
+    return ",".join(str(int(p)) for p in parts) or "NULL"
+
+
+def sql_key(key: str) -> str:
+    """A key as an SQL literal; keys are hex (checked), so inlining cannot inject."""
+    from tokenclean.tasks.keys import is_key
+
+    if not is_key(key):
+        raise ValueError(f"not a key: {key!r}")
+    return f"'{key}'"

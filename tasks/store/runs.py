@@ -1,0 +1,166 @@
+"""Adapters, evaluations, and what each flow run used and produced.
+
+Results live under their keys; ``run_outputs`` maps the names a user reads (variant and
+iteration: ``global``, ``self-evolving@2``) to the keys a flow run used, so the
+comparison table, ``inspect`` and the report show exactly the results of the latest run
+of each flow, never a leftover of an earlier configuration.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+from tokenclean.tasks.store.db import transaction
+
+# ---- adapters -------------------------------------------------------------------------
+
+
+def adapter_record(con, adapter: str) -> dict | None:
+    row = con.execute("SELECT model, path, inputs, stats FROM adapters WHERE adapter = ?", [adapter]).fetchone()
+    if row is None:
+        return None
+    return {"adapter": adapter, "model": row[0], "path": row[1], "inputs": json.loads(row[2]),
+            "stats": json.loads(row[3])}
+
+
+def record_adapter(con, adapter: str, model: str, path: str, inputs: dict, stats: dict, model_inputs: dict) -> None:
+    """An adapter and the scoring model it defines (base + its saved weights), in one transaction."""
+    with transaction(con):
+        con.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, now())",
+                    [adapter, model, path, json.dumps(inputs), json.dumps(stats)])
+        con.execute("INSERT OR IGNORE INTO models VALUES (?, 'adapter', ?, now())", [model, json.dumps(model_inputs)])
+
+
+# ---- evaluations ----------------------------------------------------------------------
+
+
+def eval_done(con, eval_key: str) -> bool:
+    return con.execute("SELECT count(*) FROM evals WHERE eval = ?", [eval_key]).fetchone()[0] > 0
+
+
+def record_eval(con, eval_key: str, model: str, inputs: dict, rows: list[tuple[str, str | None, float]]) -> None:
+    """All metrics of one evaluation ((metric, task, value) rows) and its record, in one transaction."""
+    with transaction(con):
+        con.execute("DELETE FROM metrics WHERE eval = ?", [eval_key])
+        con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)", [[eval_key, m, t, float(v)] for m, t, v in rows])
+        con.execute("INSERT OR REPLACE INTO evals VALUES (?, ?, ?, now())", [eval_key, model, json.dumps(inputs)])
+
+
+def eval_metrics(con, eval_key: str, task: str | None = None) -> dict[str, float]:
+    return dict(con.execute("SELECT metric, value FROM metrics WHERE eval = ? AND task IS NOT DISTINCT FROM ?",
+                            [eval_key, task]).fetchall())
+
+
+def eval_metric_rows(con, eval_key: str) -> list[tuple]:
+    return con.execute("SELECT coalesce(task, 'all'), metric, value FROM metrics WHERE eval = ? ORDER BY 1, 2",
+                       [eval_key]).fetchall()
+
+
+# ---- flow runs, outputs, stage log ---------------------------------------------------------
+
+
+def start_flow_run(con, flow: str, config: dict, dataset: str) -> str:
+    flow_run = uuid.uuid4().hex
+    con.execute("INSERT INTO flow_runs VALUES (?, ?, ?, ?, now(), NULL)", [flow_run, flow, json.dumps(config), dataset])
+    return flow_run
+
+
+def finish_flow_run(con, flow_run: str) -> None:
+    con.execute("UPDATE flow_runs SET finished_at = now() WHERE flow_run = ?", [flow_run])
+
+
+def record_output(con, flow_run: str, variant: str, iteration: int, kind: str, key: str, computed: bool) -> None:
+    con.execute("INSERT INTO run_outputs VALUES (?, ?, ?, ?, ?, ?)", [flow_run, variant, iteration, kind, key, computed])
+
+
+def log_stage(con, flow_run: str | None, stage: str, name: str, key: str | None, seconds: float,
+              detail: dict | None = None) -> None:
+    con.execute("INSERT INTO stage_log VALUES (?, ?, ?, ?, ?, ?, now())",
+                [flow_run, stage, name, key, seconds, json.dumps(detail or {}, default=str)])
+
+
+def latest_flow_runs(con) -> list[dict]:
+    """The latest run of each flow (finished or not), newest first."""
+    cur = con.execute(
+        """SELECT flow_run, flow, dataset, started_at, finished_at, config FROM (
+             SELECT *, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn FROM flow_runs)
+           WHERE rn = 1 ORDER BY started_at DESC""")
+    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+
+
+def latest_dataset(con) -> str | None:
+    row = con.execute("SELECT dataset FROM flow_runs ORDER BY started_at DESC LIMIT 1").fetchone()
+    return row[0] if row else None
+
+
+def current_outputs(con) -> list[dict]:
+    """Outputs of the latest run of each flow; a (variant, iteration, kind) made by both flows appears once."""
+    cur = con.execute(
+        """WITH latest AS (SELECT flow_run, started_at FROM (
+                SELECT flow_run, started_at, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn
+                FROM flow_runs) WHERE rn = 1)
+           SELECT variant, iteration, kind, key, computed, flow_run FROM (
+             SELECT o.*, row_number() OVER (PARTITION BY o.variant, o.iteration, o.kind
+                                            ORDER BY l.started_at DESC) AS rn
+             FROM run_outputs o JOIN latest l USING (flow_run))
+           WHERE rn = 1 ORDER BY variant, iteration, kind""")
+    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+
+
+def flow_run_outputs(con, flow_run: str) -> list[dict]:
+    cur = con.execute("SELECT variant, iteration, kind, key, computed FROM run_outputs WHERE flow_run = ? "
+                      "ORDER BY variant, iteration, kind", [flow_run])
+    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+
+
+def flow_runs_since(con, started_after) -> list[str]:
+    return [r[0] for r in con.execute("SELECT flow_run FROM flow_runs WHERE started_at > ? ORDER BY started_at",
+                                      [started_after]).fetchall()]
+
+
+def stages_of(con, flow_runs: list[str]) -> list[dict]:
+    """Stage log rows of the given flow runs: what those runs computed (a reused step logs nothing)."""
+    cur = con.execute("SELECT flow_run, stage, name, key, seconds, detail FROM stage_log "
+                      "WHERE flow_run IN (SELECT unnest(?)) ORDER BY finished_at", [flow_runs])
+    return [dict(zip([d[0] for d in cur.description], r)) | {"detail": json.loads(r[5])} for r in cur.fetchall()]
+
+
+def stage_times(con, flow_runs: list[str] | None = None) -> list[tuple[str, str, float]]:
+    if flow_runs is None:
+        return con.execute("SELECT stage, name, seconds FROM stage_log ORDER BY finished_at").fetchall()
+    return con.execute("SELECT stage, name, seconds FROM stage_log WHERE flow_run IN (SELECT unnest(?)) "
+                       "ORDER BY finished_at", [flow_runs]).fetchall()
+
+
+def artifact_inputs(con, kind: str, key: str) -> dict | None:
+    """What an artifact was derived from, as stored with it."""
+    if kind == "selection":
+        cur = con.execute("SELECT method, k, seed, scores, pool, dataset, parts, n_kept, n_candidates "
+                          "FROM selections WHERE selection = ?", [key])
+    elif kind == "adapter":
+        cur = con.execute("SELECT inputs, model, path FROM adapters WHERE adapter = ?", [key])
+    elif kind == "eval":
+        cur = con.execute("SELECT inputs, model FROM evals WHERE eval = ?", [key])
+    elif kind == "model":
+        cur = con.execute("SELECT kind, inputs FROM models WHERE model = ?", [key])
+    elif kind == "scores":
+        cur = con.execute("SELECT count(*) AS n_scores FROM token_scores WHERE scores = ?", [key])
+    elif kind == "dataset":
+        cur = con.execute("SELECT inputs, summary FROM datasets WHERE dataset = ?", [key])
+    else:
+        return None
+    row = cur.fetchone()
+    if row is None:
+        return None
+    out = {}
+    for (name, *_), value in zip(cur.description, row):
+        if name in ("inputs", "summary") and isinstance(value, str):
+            value = json.loads(value)
+        out[name] = value
+    return out
+
+
+def count_rows(con, table: str, column: str, key: str) -> int:
+    if table not in ("token_losses", "token_scores", "selected_tokens", "metrics"):
+        raise ValueError(table)
+    return con.execute(f"SELECT count(*) FROM {table} WHERE {column} = ?", [key]).fetchone()[0]

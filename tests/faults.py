@@ -1,0 +1,65 @@
+"""A fault-injecting scorer for the reliability tests; production code has no chaos hook.
+
+Configured as ``score.backend: tests.faults:FaultyScorer`` (a custom scorer, the same
+plugin point any user scorer uses). It wraps the real transformers scorer and, per
+``TOKENCLEAN_FAULT=kind:model:sample_id:marker[,...]``, injects a fault into the shard
+whose first sample is ``sample_id`` when scored by ``model`` (``base`` or ``adapter``):
+
+* ``kill``: SIGKILL the worker the first time it scores that shard (the marker file
+  makes it happen once);
+* ``stall``: hold that shard for 120 s, once (a run that is reliably mid-scoring);
+* ``nan``: poison the shard's first two losses with NaN/inf.
+
+``shard_first_ids`` tells a test which sample ids start the shards of a prepared run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tokenclean.tasks.score import process_model
+
+FAULT_ENV = "TOKENCLEAN_FAULT"
+BACKEND = "tests.faults:FaultyScorer"
+
+
+class FaultyScorer:
+    def __init__(self, base_path: str, *, device: str, dtype: str, compile: bool = False):
+        self.inner = process_model(base_path, device, dtype, compile)
+
+    def losses(self, samples, *, adapter=None, adapter_key=None, **kw):
+        which = "base" if adapter is None else "adapter"
+        specs = [s.split(":", 3) for s in filter(None, os.environ.get(FAULT_ENV, "").split(","))]
+        mine = [(kind, marker) for kind, model, sid, marker in specs
+                if model == which and samples and int(sid) == samples[0].sample_id]
+        for kind, marker in mine:
+            if kind in ("kill", "stall") and not Path(marker).exists():
+                Path(marker).write_text(str(os.getpid()))
+                if kind == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(120)
+        table = self.inner.losses(samples, adapter=adapter, adapter_key=adapter_key, **kw)
+        if any(kind == "nan" for kind, _ in mine) and table.num_rows >= 2:
+            loss = table.column("loss").to_numpy().copy()
+            loss[:2] = [np.nan, np.inf]
+            table = table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss, pa.float32()))
+        return table
+
+
+def shard_first_ids(cfg, parts: list[int]) -> list[int]:
+    """First sample id of each shard a fresh scoring of ``parts`` would send (prepares the run)."""
+    from tokenclean.flows.prepare import prepare
+    from tokenclean.tasks import store
+
+    ctx = prepare(cfg, progress=False)
+    try:
+        ids = store.unscored_samples(ctx.con, ctx.base_model, ctx.dataset, parts)
+    finally:
+        ctx.con.close()
+    n = cfg.score.shard_samples
+    return [ids[j] for j in range(0, len(ids), n)]
