@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import get_run_logger
 
@@ -102,7 +101,7 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
     key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
     name = label(variant, iteration)
     rec = store.adapter_record(ctx.con, key)
-    computed = rec is None or not (Path(rec["path"]) / "train.json").exists()
+    computed = rec is None or not (ctx.run_dir / rec["path"] / "train.json").exists()
     if computed:
         out = ctx.adapter_dir(key)
         done = out / "train.json"
@@ -116,11 +115,12 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
         model_key = keys.adapter_model_key(ctx.base_model, weights)
         inputs = {"base_model": ctx.base_model, "selection": selection, "train": train_cfg,
                   "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
-        store.record_adapter(ctx.con, key, model_key, str(out), inputs, stats,
+        # stored relative to the run directory, so a moved or copied run keeps finding its adapters
+        store.record_adapter(ctx.con, key, model_key, str(out.relative_to(ctx.run_dir)), inputs, stats,
                              {"base_model": ctx.base_model, "adapter": key, "weights": weights})
         rec = store.adapter_record(ctx.con, key)
     _output(ctx, variant, iteration, "adapter", key, computed)
-    return Model(rec["model"], rec["path"], key)
+    return Model(rec["model"], str(ctx.run_dir / rec["path"]), key)
 
 
 def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> str:

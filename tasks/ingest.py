@@ -235,6 +235,15 @@ class IngestResult:
     n_read: int
 
 
+def source_name(source: str) -> str:
+    """What a row's source is called in the run: a file's name, ``hf:NAME[:split]`` (a local dataset by its folder
+    name). Locations are left out, so moving an input changes nothing stored (see ``keys.inputs_fingerprint``)."""
+    if source.startswith("hf:"):
+        name, sep, split = source[3:].partition(":")
+        return "hf:" + (Path(name).name if Path(name).is_dir() else name) + sep + split
+    return Path(source).name
+
+
 def tokenization_of(tokenizer, max_length: int) -> str:
     """Key of how ingest turns text into tokens: tokenizer, template and max length."""
     return tokenization_key(tokenizer_fingerprint(tokenizer), TEMPLATE_NAME, max_length)
@@ -283,7 +292,7 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
             cols["sample_id"].append(content_sample_id(tokenization, norm.uid, norm.content_hash))
             cols["tokenization"].append(tokenization)
             cols["uid"].append(norm.uid)
-            cols["source"].append(Path(row.source).name if not row.source.startswith("hf:") else row.source)
+            cols["source"].append(source_name(row.source))
             cols["row_index"].append(row.index)
             cols["part"].append(assign_part(norm.uid, seed, eval_fraction, n_parts, is_eval))
             cols["task"].append(norm.task)

@@ -171,7 +171,11 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def inputs_fingerprint(entries: list[str]) -> str:
-    """Content hash of data inputs: every file's bytes (directories recursively), hub datasets by fingerprint."""
+    """Content hash of data inputs: every file's bytes (directories recursively), hub datasets by fingerprint.
+
+    Files are named by what ingest records as a row's source (the file name), not by
+    their location: moving an unchanged input does not make a new dataset.
+    """
     parts = []
     for entry in entries:
         if entry == "--eval--":
@@ -181,7 +185,8 @@ def inputs_fingerprint(entries: list[str]) -> str:
             name, _, split = entry[3:].partition(":")
             if Path(name).is_dir():  # save_to_disk directory: its files are its content
                 files = sorted(p for p in Path(name).rglob("*") if p.is_file())
-                parts.append([entry, [(str(f.relative_to(name)), file_sha256(f, cache=False)) for f in files]])
+                parts.append([Path(name).name, split, [(str(f.relative_to(name)), file_sha256(f, cache=False))
+                                                       for f in files]])
             else:  # a hub dataset: the datasets library's own content fingerprint of the loaded split
                 import datasets
 
@@ -189,6 +194,6 @@ def inputs_fingerprint(entries: list[str]) -> str:
             continue
         p = Path(entry)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
-        parts.append([entry, [(str(f.relative_to(p)) if p.is_dir() else f.name, file_sha256(f, cache=False))
-                             for f in files]])
+        parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, file_sha256(f, cache=False))
+                      for f in files])
     return digest("inputs", parts)

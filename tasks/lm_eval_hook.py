@@ -308,7 +308,7 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
                 raise ValueError(f"no adapter named {adapter!r} in the latest runs of {run_dir} "
                                  "(names: reference, full, random, local, global, self-evolving@T)")
             rec = store.adapter_record(con, train_key)
-            model_key, adapter_dir = rec["model"], rec["path"]
+            model_key, adapter_dir = rec["model"], str(run_dir / rec["path"])
     finally:
         con.close()
     data_files: dict[str, Any] = {}

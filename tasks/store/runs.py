@@ -24,7 +24,7 @@ def adapter_record(con, adapter: str) -> dict | None:
 
 
 def record_adapter(con, adapter: str, model: str, path: str, inputs: dict, stats: dict, model_inputs: dict) -> None:
-    """An adapter and the scoring model it defines (base + its saved weights), in one transaction."""
+    """An adapter (``path`` relative to the run directory) and the scoring model it defines, in one transaction."""
     with transaction(con):
         con.execute("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, now())",
                     [adapter, model, path, json.dumps(inputs), json.dumps(stats)])
@@ -164,3 +164,14 @@ def count_rows(con, table: str, column: str, key: str) -> int:
     if table not in ("token_losses", "token_scores", "selected_tokens", "metrics"):
         raise ValueError(table)
     return con.execute(f"SELECT count(*) FROM {table} WHERE {column} = ?", [key]).fetchone()[0]
+
+
+def stages_since(con, since) -> list[dict]:
+    """Every stage that computed something after ``since`` (from ``last_stage_time``): what a re-run did."""
+    cur = con.execute("SELECT stage, name, key, detail FROM stage_log WHERE finished_at > ? ORDER BY finished_at",
+                      [since])
+    return [{"stage": r[0], "name": r[1], "key": r[2], "detail": json.loads(r[3])} for r in cur.fetchall()]
+
+
+def last_stage_time(con):
+    return con.execute("SELECT coalesce(max(finished_at), TIMESTAMP '1970-01-01') FROM stage_log").fetchone()[0]
