@@ -143,3 +143,22 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
     assert {"score-base", "score-reference", "score-self-evolving-1", "token-cleaning-metrics"} <= set(by_key)
     progress = [a for a in arts if a.type == "progress" and a.key == "score-base"]
     assert progress and float(progress[0].data) == 100.0
+
+
+def test_inspect_lists_every_artifact_with_its_key_and_inputs(finished_run):
+    from typer.testing import CliRunner
+
+    from tokenclean.cli import app
+
+    res = CliRunner().invoke(app, ["inspect", str(finished_run.run_dir)])
+    assert res.exit_code == 0, res.output
+    for name, kind in (("global", "selection"), ("self-evolving@2", "adapter"), ("reference", "losses"),
+                       ("base", "eval")):
+        line = next(ln for ln in res.output.splitlines() if ln.split()[:2] == [name, kind])
+        assert _out(finished_run, name, kind) in line and ("computed" in line or "reused" in line)
+    assert '"method": "global"' in res.output and '"parent_model"' in res.output  # what each was derived from
+    uid = _q(finished_run, "SELECT s.uid FROM selected_tokens st JOIN samples s USING (sample_id) WHERE "
+                           "st.selection = ? LIMIT 1", [_out(finished_run, "global", "selection")])[0][0]
+    one = CliRunner().invoke(app, ["inspect", str(finished_run.run_dir), "--sample", uid, "--selection", "global"])
+    assert one.exit_code == 0, one.output
+    assert "KEEP" in one.output and _out(finished_run, "global", "selection") in one.output

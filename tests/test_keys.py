@@ -194,8 +194,43 @@ def test_rerun_unchanged_computes_nothing(world):
     _assert_same(_snapshot(_config(world["base_dir"], world["data"], world["eval"])), world["snapshot"])
 
 
+def _assert_losses_match_models(cfg: RunConfig) -> None:
+    """Every stored loss equals what the model its key names (base, or base + the adapter on disk) computes now."""
+    from tokenclean.tasks.score import ScoringModel, ShardSample
+
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        outputs = store.current_outputs(con)
+        dataset = next(o["key"] for o in outputs if o["kind"] == "dataset")
+        for model_key in {o["key"] for o in outputs if o["kind"] == "losses"}:
+            inputs = store.model_inputs(con, model_key)
+            adapter = None
+            if inputs.get("adapter"):
+                adapter = str(cfg.run_dir / store.adapter_record(con, inputs["adapter"])["path"])
+                base_path = store.model_inputs(con, inputs["base_model"])["path"]
+            else:
+                base_path = inputs["path"]
+            stored = store.losses_by_uid(con, model_key, dataset)
+            ids = sorted({sid for sid, in con.execute(
+                "SELECT DISTINCT sample_id FROM token_losses WHERE model = ?", [model_key]).fetchall()})
+            samples = [ShardSample(*a) for a in store.sample_arrays(con, ids)]
+            uid = dict(con.execute("SELECT sample_id, uid FROM samples WHERE sample_id IN (SELECT unnest(?))",
+                                   [ids]).fetchall())
+            now = ScoringModel(base_path).losses(samples, adapter=adapter, batch_tokens=4096, chunk=256)
+            got = sorted(zip((uid[s] for s in now.column("sample_id").to_pylist()), now.column("pos").to_pylist(),
+                             now.column("loss").to_pylist()))
+            assert [(u, p) for u, p, _ in got] == [(u, p) for u, p, _ in stored]
+            np.testing.assert_allclose([x for *_, x in got], [x for *_, x in stored], rtol=1e-4, atol=1e-4,
+                                       err_msg=f"losses stored under {model_key} are not this model's")
+    finally:
+        con.close()
+
+
 def test_change_k(world):
     steps = _incremental_vs_fresh(world, "k", {"select.k": 0.5})
+    # the retrained theta_2's losses are the ones stored under its key (the bug this replaces reloaded old shards)
+    _assert_losses_match_models(_config(world["root"] / "k" / "incremental", world["data"], world["eval"],
+                                        **{"select.k": 0.5}))
     changed = ["random", "local", "global", *SE]  # full keeps every token whatever k is
     assert steps == _expect(score=[("self-evolving@1", _pool_size(world, {2}))], scores=["self-evolving@2"],
                             select=changed, train=changed, evaluate=changed)

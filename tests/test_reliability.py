@@ -67,11 +67,6 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if not busy_checked and (tmp_path / "killed" / "tokenclean.duckdb").exists():
-                # A second run on the same database is refused with a clear message.
-                second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-                assert second.returncode == 2 and "database busy" in second.stderr, second.stderr[-2000:]
-                busy_checked = True
             stalled = (tmp_path / "stalled").exists()
             if stalled and len(list(shards.glob("*/*.parquet"))) >= 2:
                 break
@@ -79,6 +74,10 @@ def test_sigkill_mid_scoring_then_rerun_resumes_with_exact_integrity(tiny, tmp_p
             time.sleep(0.2)
         else:
             pytest.fail("scoring never started")
+        # The run is certainly mid-scoring, holding the database: a second run on it is refused clearly.
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "database busy" in second.stderr, second.stderr[-2000:]
+        busy_checked = True
     finally:
         _kill_tree(proc)
     assert busy_checked and (tmp_path / "stalled").exists()
