@@ -31,9 +31,9 @@ from tokenclean.summary import label
 
 @dataclass(frozen=True)
 class Model:
-    """A scoring/evaluated model: the base, or base + one saved adapter."""
+    """A scored/evaluated model: the base, or base + one saved adapter."""
 
-    key: str  # model key: base weights (+ adapter weights) and numerics settings
+    key: str  # model key: base weights (+ adapter weights)
     adapter: str | None = None  # adapter directory, None for the base
     train_key: str | None = None  # the adapter's training key, None for the base
 
@@ -46,26 +46,35 @@ def base(ctx: RunContext) -> Model:
     return Model(ctx.base_model)
 
 
+def scorer(ctx: RunContext, model: Model) -> str:
+    """Key of ``model``'s token losses: the model and how the scoring workers compute (``ctx.scorer``)."""
+    key = keys.scorer_key(model.key, ctx.scorer)
+    store.record_model(ctx.con, key, "scorer", {"model": model.key, **ctx.scorer})
+    return key
+
+
 def ensure_losses(ctx: RunContext, variant: str, iteration: int, model: Model, parts: list[int]) -> dict:
     """Losses of ``model`` for every response token of the pool; only unscored samples are scored."""
     name = label(variant, iteration)
-    stats = score_model(ctx, name, model.key, model.adapter, parts)
-    check = store.check_integrity(ctx.con, model.key, ctx.dataset, parts)
+    key = scorer(ctx, model)
+    stats = score_model(ctx, name, key, model.adapter, parts)
+    check = store.check_integrity(ctx.con, key, ctx.dataset, parts)
     log = get_run_logger()
     log.info("scored %s over D%s: %s; integrity %s", name, parts, stats, check)
     if not check["ok"]:
-        raise RuntimeError(f"token_losses integrity check failed for {name} ({model.key}): {check}")
+        raise RuntimeError(f"token_losses integrity check failed for {name} ({key}): {check}")
     if stats["nonfinite"]:
         log.warning("%s: %d non-finite token losses; they are excluded from ranking", name, stats["nonfinite"])
-    _output(ctx, variant, iteration, "losses", model.key, bool(stats["samples_scored"] or stats["samples_recovered"]))
+    _output(ctx, variant, iteration, "losses", key, bool(stats["samples_scored"] or stats["samples_recovered"]))
     return stats
 
 
 def ensure_scores(ctx: RunContext, variant: str, iteration: int, ref: Model, parts: list[int]) -> str:
-    """score = loss_base - loss_ref for the pool, under the key of the two models."""
-    key = keys.scores_key(ctx.base_model, ref.key)
+    """score = loss_base - loss_ref for the pool, under the key of the two models' losses."""
+    base_losses, ref_losses = scorer(ctx, base(ctx)), scorer(ctx, ref)
+    key = keys.scores_key(base_losses, ref_losses)
     t0 = time.perf_counter()
-    out = store.ensure_scores(ctx.con, key, ctx.base_model, ref.key, ctx.dataset, parts)
+    out = store.ensure_scores(ctx.con, key, base_losses, ref_losses, ctx.dataset, parts)
     if out["n_added"]:
         store.log_stage(ctx.con, ctx.flow_run, "scores", label(variant, iteration), key, time.perf_counter() - t0, out)
     _output(ctx, variant, iteration, "scores", key, bool(out["n_added"]))
@@ -92,12 +101,14 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
     """LoRA fine-tune of the base (or of ``parent``'s adapter) on the selection's kept tokens.
 
     A continued adapter keeps its parent's LoRA shape (PEFT loads the parent's config), so
-    ``train.lora`` is not part of its key: the key says what the adapter is.
+    ``train.lora`` is not part of its key: the key says what the adapter is. Training runs
+    in this process, so this process's resolved device and dtype are part of the key.
     """
     cfg = ctx.cfg
     train_cfg = tcfg.model_dump(mode="json")
     if parent is not None:
         train_cfg["lora"] = "inherited from parent"
+    train_cfg["numerics"] = ctx.numerics
     key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
     name = label(variant, iteration)
     rec = store.adapter_record(ctx.con, key)
@@ -127,7 +138,8 @@ def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> 
     """Held-out loss and exact match of ``model``, under the key of the model and the eval set."""
     cfg = ctx.cfg
     eval_set = store.pool_digest(ctx.con, ctx.dataset, [store.EVAL_PART], limit=cfg.eval.max_samples)
-    key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": "loss+em-v1"})
+    key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": "loss+em-v1",
+                                              "numerics": ctx.numerics})
     computed = not store.eval_done(ctx.con, key)
     if computed:
         name = label(variant, iteration)

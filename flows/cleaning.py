@@ -83,6 +83,8 @@ def _with_context(flow_name: str, cfg: RunConfig, body):
     ctx = prepare(cfg)
     try:
         ctx.flow_run = store.start_flow_run(ctx.con, flow_name, cfg.model_dump(mode="json"), ctx.dataset)
+        if ctx.ingest.get("ingested"):
+            store.log_stage(ctx.con, ctx.flow_run, "ingest", "dataset", ctx.dataset, ctx.ingest["seconds"], ctx.ingest)
         store.record_output(ctx.con, ctx.flow_run, "base", 0, "model", ctx.base_model, False)
         store.record_output(ctx.con, ctx.flow_run, "data", 0, "dataset", ctx.dataset, ctx.ingest.get("ingested", False))
         out = body(ctx)
@@ -118,7 +120,8 @@ def refresh_ranking(ctx: RunContext) -> dict:
     ensure_losses(ctx, "base", 0, base(ctx), pool)
     ensure_losses(ctx, "reference", 0, theta1, pool)
     scores = ensure_scores(ctx, "reference", 0, theta1, pool)
-    kept = ensure_selection(ctx, "global", 1, "global", pool, scores)
+    # its own name: the trained "global" variant keeps its selection, adapter and metrics together
+    kept = ensure_selection(ctx, "refresh", 1, "global", pool, scores)
     return {"refresh": ctx.ingest.get("changes"), "selection": store.selection_record(ctx.con, kept)}
 
 

@@ -4,7 +4,8 @@ Nothing here is refused for being different from last time: the inputs, tokenize
 template, max length and split define a dataset key; a key already stored is reused
 (ingest skipped), a new one is ingested, and samples whose content was seen before keep
 their ids and therefore their losses. The base model is identified by its weights'
-content hash plus the settings that change its numbers (dtype, device, backend, compile).
+content hash; the numbers computed with it are keyed further by where and how they are
+computed (``scorer`` for token losses, ``numerics`` for training and evaluation).
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ class RunContext:
     base_path: str
     run_dir: Path
     dataset: str  # key of the ingested dataset this run works on
-    base_model: str  # key of the base model (weights + numerics settings)
+    base_model: str  # key of the base model's weights
+    scorer: dict  # how scoring workers compute losses: resolved device type and dtype, backend, compile
+    numerics: list  # [device type, dtype] training and evaluation resolve to in this process
     ingest: dict = field(default_factory=dict)  # what prepare did: ingested or reused, counts
     flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
 
@@ -60,10 +63,24 @@ def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
 
 
 def base_model_identity(cfg: RunConfig, base_path: str) -> dict:
-    """What makes the base model's losses what they are: its weights and the numerics settings."""
-    return {"name": cfg.model.base, "weights": keys.weights_hash(keys.resolve_model_dir(base_path)),
-            "dtype": cfg.model.dtype, "device": cfg.model.device, "backend": cfg.score.backend,
-            "compile": cfg.score.compile}
+    """The base model: its weights' content hash (and the name it was given)."""
+    return {"name": cfg.model.base, "weights": keys.weights_hash(keys.resolve_model_dir(base_path))}
+
+
+def scorer_settings(cfg: RunConfig) -> dict:
+    """How scoring workers will compute losses, with ``auto`` resolved as the workers resolve it.
+
+    On Ray, a task that asks for no GPU sees none (Ray sets CUDA_VISIBLE_DEVICES to
+    empty), so ``device: auto`` means CPU there whatever the driver has, and CUDA when
+    ``ray.num_gpus_per_task`` > 0. Without Ray, scoring runs in this process. Each shard
+    reports what it actually used, and a mismatch is an error, not a silent mix.
+    """
+    from tokenclean.tasks.score import numerics
+
+    device = cfg.model.device
+    if device == "auto" and cfg.ray.enabled:
+        device = "cuda" if cfg.ray.num_gpus_per_task > 0 else "cpu"
+    return {"numerics": numerics(device, cfg.model.dtype), "backend": cfg.score.backend, "compile": cfg.score.compile}
 
 
 def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
@@ -74,6 +91,8 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base_path)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    from tokenclean.tasks.score import numerics
+
     identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path)
     try:
@@ -92,11 +111,27 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     except BaseException:
         con.close()  # release the file lock for whoever runs next
         raise
-    return RunContext(cfg, con, base_path, run_dir, dataset, base_model, info)
+    return RunContext(cfg, con, base_path, run_dir, dataset, base_model, scorer_settings(cfg),
+                      numerics(cfg.model.device, cfg.model.dtype), info)
 
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                  inputs: str, tokenizer_path: str, *, progress: bool) -> dict:
+    """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
+
+    The diff (``changes``) is computed for this call, not stored: a dataset key seen before
+    compares against whatever ran last now, not against what preceded its first ingest.
+    """
+    previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
+    info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
+                       tokenizer_path, progress=progress)
+    if previous is not None and previous != dataset:
+        info["changes"] = store.dataset_diff(con, previous, dataset)
+    return info
+
+
+def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
+                inputs: str, tokenizer_path: str, *, progress: bool) -> dict:
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
         return {"ingested": False, **summary}
@@ -108,12 +143,7 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
                          f"(first reason: {res.quarantine[0]['reason'] if res.quarantine else 'empty input'})")
     summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
                "truncated": int(sum(res.samples.column("truncated").to_pylist()))}
-    previous = store.last_ingested_dataset(con)
     described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
                  "tokenizer": tokenizer_path, "max_length": max_length, "split": split}
-    summary |= store.insert_dataset(con, dataset, res.samples, res.quarantine, described, summary)
-    if previous is not None and previous != dataset:
-        summary["changes"] = store.dataset_diff(con, previous, dataset)
-        store.set_dataset_summary(con, dataset, summary)
-    store.log_stage(con, None, "ingest", "dataset", dataset, time.perf_counter() - t0, summary)
-    return {"ingested": True, **summary}
+    counts = store.insert_dataset(con, dataset, res.samples, res.quarantine, described, summary)
+    return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts}

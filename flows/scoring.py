@@ -112,6 +112,11 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
             fut = next(iter(as_completed(list(pending))))
             pending.pop(fut)
             res = fut.result()
+            if res.get("numerics") is not None and res["numerics"] != ctx.scorer["numerics"]:
+                raise RuntimeError(
+                    f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "
+                    f"{ctx.scorer['numerics']}; set model.device / model.dtype (and ray.num_gpus_per_task) "
+                    "explicitly so workers and key agree")
             path = shard_dir / f"shard-{res['shard']:08d}.parquet"
             store.write_parquet_atomic(res["table"], path)
             store.load_loss_shard(con, model_key, res["shard"], path)

@@ -18,15 +18,19 @@ The chain, leaves first:
   A pool (the samples of some parts of a dataset) is keyed by ``pool digest``: the
   sorted ids of its samples (computed in the store), so a refresh that touches only D2
   leaves D0's pool, and everything derived from it, with the same key.
-* ``base_model_key``: model path or hub id, the weights' content hash (the hub
-  revision's blob hashes when available), dtype, device, scoring backend, compile.
+* ``base_model_key``: the weights' content hash (the hub revision's blob hashes when
+  available) and the name they were given.
 * ``adapter_model_key``: the base model key + the hash of the adapter's saved weights
   and config (what is on disk, not what it was meant to be).
-* ``scores_key``: the base and reference model keys.
+* ``scorer_key``: a model key + how its losses are computed: the device type and dtype
+  the scoring workers resolve to, the scoring backend, compile. Token losses live under
+  it. Training and evaluation instead put the numerics of the process that runs them
+  into their own keys, so a scoring setting never retrains or re-evaluates anything.
+* ``scores_key``: the base and reference scorer keys.
 * ``selection_key``: method, k, seed, scores key and pool digest (only those that
   matter for the method: ``full`` ignores k and scores).
-* ``train_key``: base model key, selection key, training config, parent adapter model key.
-* ``eval_key``: model key, evaluation set digest, evaluation config.
+* ``train_key``: base model key, selection key, training config and numerics, parent adapter model key.
+* ``eval_key``: model key, evaluation set digest, evaluation config and numerics.
 
 Python's ``hash`` and DuckDB's ``hash`` are not used for keys: keys must be the same
 in every process and every version, so they are SHA-256 of canonical JSON.
@@ -72,6 +76,10 @@ def base_model_key(identity: dict) -> str:
 
 def adapter_model_key(base_model: str, adapter_hash: str) -> str:
     return digest("adapter-model", base_model, adapter_hash)
+
+
+def scorer_key(model: str, settings: dict) -> str:
+    return digest("scorer", model, settings)
 
 
 def scores_key(base_model: str, ref_model: str) -> str:

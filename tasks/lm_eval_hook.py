@@ -258,23 +258,39 @@ def run_lm_eval(base_path: str, adapter: str | None, tasks: list[str], *, task_d
     return _flatten(out.get("results", {}))
 
 
-def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int | None,
-                   results: dict[str, dict[str, float]]) -> str:
-    """Store ``run_lm_eval`` results under their eval key (model, tasks, limit); returns the key.
+def task_sources_digest(tasks: list[str], task_dirs: list[str] | None = None,
+                        data_files: dict[str, Any] | None = None) -> str:
+    """Key of what defines the tasks: their names, the bytes of the local task files and of substituted data."""
+    from tokenclean.tasks import keys
 
-    Recorded as the output of an ``lm-eval:<name>`` flow run, so ``inspect`` and the
-    dashboard table list it beside the run's own evaluations.
+    files = []
+    for d in (task_dirs if task_dirs is not None else [TASKS_DIR]):
+        files += [(f.name, keys.file_sha256(f, cache=False)) for f in sorted(Path(d).rglob("*")) if f.is_file()]
+    data = {t: [keys.file_sha256(Path(f), cache=False) for f in ([v] if isinstance(v, (str, Path)) else v)]
+            for t, v in sorted((data_files or {}).items())}
+    return keys.digest("lm-eval-tasks", sorted(tasks), files, data)
+
+
+def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int | None,
+                   results: dict[str, dict[str, float]], settings: dict | None = None,
+                   sources: str | None = None) -> str:
+    """Store ``run_lm_eval`` results under their eval key; returns the key.
+
+    The key covers the model, the task sources (``task_sources_digest``), the limit and the
+    settings that change the numbers (device, dtype, batch size, few-shot). Recorded as the
+    ``lm-eval`` output of an ``lm-eval:<name>`` flow run, so ``inspect`` and the dashboard
+    list it beside (never instead of) the run's own evaluation of that model.
     """
     from tokenclean.tasks import keys, store
 
-    key = keys.eval_key(model_key, keys.digest("lm-eval-tasks", sorted(tasks)),
-                        {"harness": "lm-eval", "limit": limit})
+    key = keys.eval_key(model_key, sources or keys.digest("lm-eval-tasks", sorted(tasks)),
+                        {"harness": "lm-eval", "limit": limit, **(settings or {})})
     rows = [(metric, f"lm-eval:{task}", float(value)) for task, metrics in results.items()
             for metric, value in metrics.items() if value is not None and math.isfinite(float(value))]
     store.record_eval(con, key, model_key, {"model": model_key, "tasks": sorted(tasks), "limit": limit}, rows)
     flow_run = store.start_flow_run(con, f"lm-eval:{name}", {"tasks": tasks, "limit": limit},
                                     store.latest_dataset(con))
-    store.record_output(con, flow_run, name, 0, "eval", key, True)
+    store.record_output(con, flow_run, name, 0, "lm-eval", key, True)
     store.finish_flow_run(con, flow_run)
     return key
 
@@ -322,9 +338,11 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
             data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", e.n_people, e.seed))
         results = run_lm_eval(str(base), adapter_dir, tasks, task_dirs=task_dirs,
                               limit=limit, batch_size=batch_size, device=device, data_files=data_files or None)
+        sources = task_sources_digest(tasks, task_dirs, data_files)
     con = store.connect(db, wait_s=30)
     try:
-        record_lm_eval(con, model_key, adapter or "base", tasks, limit, results)
+        record_lm_eval(con, model_key, adapter or "base", tasks, limit, results,
+                       {"device": device, "dtype": "float32", "batch_size": batch_size}, sources)
     finally:
         con.close()
     return results

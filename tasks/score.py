@@ -65,6 +65,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def numerics(device: str = "auto", dtype: str = "auto") -> list[str]:
+    """(device type, torch dtype) that ``device``/``dtype`` resolve to in this process: what changes the numbers."""
+    dev = resolve_device(device)
+    return [dev.type, str(resolve_dtype(dtype, dev)).removeprefix("torch.")]
+
+
 def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, with_correct: bool):
     """fp32 NLL (logsumexp - target logit) of one chunk of model-dtype logits, and optionally argmax == target."""
     logits = logits.float()
@@ -296,6 +302,7 @@ class ScoringModel:
         if compile:
             compile_pointwise(self.model)
         self._adapters: dict[str, str] = {}  # adapter key -> peft adapter name
+        self.numerics = [self.device.type, str(self.dtype).removeprefix("torch.")]
 
     def _activate(self, adapter: str | None, adapter_key: str | None = None):
         """Switch to ``adapter``; cached under ``adapter_key`` (its weights' hash) when given.

@@ -61,20 +61,22 @@ class VllmScorer:
             kw.update(enable_lora=True, max_lora_rank=max_lora_rank)
         kw.update(llm_kwargs)
         self.llm = vllm.LLM(**kw)
-        self._adapters: dict[str, int] = {}  # resolved adapter path -> lora_int_id (>= 1)
+        self._adapters: dict[str, int] = {}  # adapter key (else resolved path) -> lora_int_id (>= 1)
 
-    def _lora_request(self, adapter: str | None):
+    def _lora_request(self, adapter: str | None, adapter_key: str | None = None):
+        """vLLM caches a LoRA by its int id: ids are handed out per adapter *key* (its weights' hash),
+        so an adapter directory rewritten with other weights gets a new id, never the cached one."""
         if adapter is None:
             return None
         if not self.enable_lora:
             raise ValueError("VllmScorer was built with enable_lora=False; cannot score with an adapter")
         from vllm.lora.request import LoRARequest
 
-        key = str(Path(adapter).resolve())
+        key = adapter_key or str(Path(adapter).resolve())
         if key not in self._adapters:
             self._adapters[key] = len(self._adapters) + 1
         lid = self._adapters[key]
-        return LoRARequest(f"a{lid}", lid, key)
+        return LoRARequest(f"a{lid}", lid, str(Path(adapter).resolve()))
 
     def _sampling_params(self):
         from vllm import SamplingParams
@@ -85,7 +87,7 @@ class VllmScorer:
             return SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
 
     def losses(self, samples, *, adapter: str | None = None, progress=None, with_correct: bool = False,
-               group_tokens: int = 1 << 20, **_):
+               group_tokens: int = 1 << 20, adapter_key: str | None = None, **_):
         """Arrow table (``LOSS_SCHEMA``) of per-target losses with base or base + ``adapter``.
 
         ``batch_tokens``/``chunk``/``packed`` (transformers-backend knobs) are accepted and
@@ -101,7 +103,7 @@ class VllmScorer:
         from vllm.inputs import TokensPrompt
 
         schema = _schemas()["LOSS_SCHEMA"]
-        lora = self._lora_request(adapter)
+        lora = self._lora_request(adapter, adapter_key)
         params = self._sampling_params()
         todo = [s for s in samples if len(s.input_ids) and np.asarray(s.target, dtype=bool).any()]
         cols: dict[str, list[np.ndarray]] = {"sample_id": [], "pos": [], "token_id": [], "loss": []}

@@ -60,7 +60,8 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
 
     The model is cached per worker process under its key: Ray reuses workers, so
     weights load once per worker, not once per shard; ``pid``/``model_id`` prove it.
-    An adapter is cached under ``model_key`` (its weights' hash), never under its path.
+    An adapter is cached under ``model_key`` (its losses' key, from its weights' hash),
+    never under its path. ``numerics`` reports the device type and dtype actually used.
     """
     t0 = time.perf_counter()
     sm = scorer(backend, base_path, base_key, device, dtype, compile)
@@ -68,7 +69,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
                       batch_tokens=batch_tokens, chunk=chunk)
     return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),
             "n_samples": len(samples), "seconds": time.perf_counter() - t0, "pid": os.getpid(),
-            "model_id": id(sm)}
+            "model_id": id(sm), "numerics": getattr(sm, "numerics", None)}
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)

@@ -34,25 +34,14 @@ TINY = {"n_people": 6, "n_train": 300, "n_eval": 60, "pretrain_steps": 60, "corr
 def prefect_server():
     """One local Prefect API server for the whole session, started before any test needs it.
 
-    Started once (with the long first-start timeout and one retry of
-    ``flows.runtime.start_local_server``) instead of once per flow, so the slow first
-    start with database migrations happens once, up front, on every fresh machine.
+    Started once (``flows.runtime.prefect_api``: the long first-start timeout and one
+    retry) instead of once per flow, so the slow first start with database migrations
+    happens once, up front, on every fresh machine; every flow then finds PREFECT_API_URL.
     """
-    from tokenclean.flows.runtime import start_local_server
+    from tokenclean.flows.runtime import prefect_api
 
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
-        return
-    server = start_local_server()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        yield server.api_url
-    finally:
-        from prefect.logging.handlers import APILogHandler
-
-        APILogHandler().flush()  # send buffered run logs before the server goes away
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
+    with prefect_api() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

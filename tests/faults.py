@@ -31,6 +31,7 @@ BACKEND = "tests.faults:FaultyScorer"
 class FaultyScorer:
     def __init__(self, base_path: str, *, device: str, dtype: str, compile: bool = False):
         self.inner = process_model(base_path, device, dtype, compile)
+        self.numerics = self.inner.numerics
 
     def losses(self, samples, *, adapter=None, adapter_key=None, **kw):
         which = "base" if adapter is None else "adapter"

@@ -75,7 +75,8 @@ def test_algorithm_1_artifacts(finished_run):
     sels = {n: _q(cfg, "SELECT method, scores, n_kept, n_candidates FROM selections WHERE selection = ?",
                   [_out(cfg, n, "selection")])[0] for n in ("global", "random", "self-evolving@1", "self-evolving@2")}
     assert sels["self-evolving@1"][0] == sels["self-evolving@2"][0] == "global"
-    assert sels["self-evolving@1"][1] == sels["global"][1] == _out(cfg, "reference", "scores")  # both ranked by theta_1
+    # both ranked by theta_1's scores: the same key in the fixed flow and in iteration 1
+    assert sels["self-evolving@1"][1] == sels["global"][1] == _out(cfg, "self-evolving@1", "scores")
     assert sels["self-evolving@2"][1] == _out(cfg, "self-evolving@2", "scores")
     for name in ("global", "random", "self-evolving@1"):
         kept, cand = sels[name][2:]

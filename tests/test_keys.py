@@ -203,7 +203,9 @@ def _assert_losses_match_models(cfg: RunConfig) -> None:
         outputs = store.current_outputs(con)
         dataset = next(o["key"] for o in outputs if o["kind"] == "dataset")
         for model_key in {o["key"] for o in outputs if o["kind"] == "losses"}:
-            inputs = store.model_inputs(con, model_key)
+            scorer = store.model_inputs(con, model_key)  # losses key -> the model and how it was scored
+            assert scorer["numerics"] == ["cpu", "float32"]
+            inputs = store.model_inputs(con, scorer["model"])
             adapter = None
             if inputs.get("adapter"):
                 adapter = str(cfg.run_dir / store.adapter_record(con, inputs["adapter"])["path"])
@@ -322,3 +324,22 @@ def test_refresh_deletes_then_readds_rows(world):
     steps = _steps(_run(_config(inc_dir, data, world["eval"])))
     assert steps == {}  # same content, same sample ids, same keys: everything is found, nothing recomputed
     _assert_same(_snapshot(_config(inc_dir, data, world["eval"])), world["snapshot"])
+
+
+def test_scorer_key_resolves_auto_as_the_workers_will():
+    """``device: auto`` is keyed by what scoring workers will use, not by the word 'auto'."""
+    from tokenclean.flows.prepare import scorer_settings
+
+    def settings(**ray):
+        return scorer_settings(RunConfig.model_validate({"ray": ray}))["numerics"]
+
+    assert settings(num_gpus_per_task=0) == ["cpu", "float32"]  # Ray hides GPUs from tasks that ask for none
+    assert settings(num_gpus_per_task=1) == ["cuda", "bfloat16"]
+    assert settings(enabled=False) == ["cpu", "float32"]  # in this (GPU-less) process
+    explicit = scorer_settings(RunConfig.model_validate({"model": {"device": "cpu", "dtype": "bfloat16"},
+                                                         "ray": {"num_gpus_per_task": 1}}))
+    assert explicit["numerics"] == ["cpu", "bfloat16"]
+    from tokenclean.tasks import keys
+
+    a = RunConfig.model_validate({"score": {"compile": True}})
+    assert keys.scorer_key("m", scorer_settings(a)) != keys.scorer_key("m", scorer_settings(RunConfig()))

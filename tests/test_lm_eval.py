@@ -188,7 +188,7 @@ def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs
     assert res[FACTS_TASK]["acc"] == pytest.approx(runs["tuned"]["results"][FACTS_TASK]["acc,none"])
     assert res[FACTS_TASK]["acc_norm"] == pytest.approx(runs["tuned"]["results"][FACTS_TASK]["acc_norm,none"])
     con = store.connect(run / "tokenclean.duckdb", read_only=True)
-    key = output_key(con, "reference", "eval")  # listed beside the run's own evaluations
+    key = output_key(con, "reference", "lm-eval")  # listed beside (not instead of) the run's own evaluations
     rows = store.eval_metrics(con, key, f"lm-eval:{FACTS_TASK}")
     assert store.artifact_inputs(con, "eval", key)["model"] == "c1"  # keyed by the adapter's model key
     con.close()

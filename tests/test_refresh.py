@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -83,7 +82,7 @@ def test_refresh_scores_only_new_and_changed_samples(tiny, tmp_path, data):
         n_pool = con.execute("SELECT count(*) FROM response_tokens rt JOIN dataset_samples d USING (sample_id) "
                              "WHERE d.dataset = ? AND d.part >= 0", [ds]).fetchone()[0]
         kept = con.execute("SELECT n_kept, n_candidates FROM selections WHERE selection = ?",
-                           [output_key(con, "global", "selection")]).fetchone()
+                           [output_key(con, "refresh", "selection")]).fetchone()
         gone = con.execute("SELECT count(*) FROM dataset_samples d JOIN samples s USING (sample_id) "
                            "WHERE d.dataset = ? AND s.uid IN (SELECT unnest(?))",
                            [ds, [r["id"] for r in removed]]).fetchone()[0]
@@ -160,6 +159,6 @@ def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
         from tokenclean.summary import output_key
 
         assert con.execute("SELECT n_kept FROM selections WHERE selection = ?",
-                           [output_key(con, "global", "selection")]).fetchone()[0] > 0
+                           [output_key(con, "refresh", "selection")]).fetchone()[0] > 0
     finally:
         con.close()

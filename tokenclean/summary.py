@@ -16,6 +16,7 @@ VARIANTS = [  # (label, variant)
     ("RHO local top-k", "local"),
     ("fixed-model global top-k", "global"),
     ("self-evolving (Alg. 1)", "self-evolving"),
+    ("refreshed global ranking", "refresh"),
 ]
 
 
@@ -53,9 +54,9 @@ def comparison(con) -> list[dict]:
             continue
         row = {"variant": lab, "kept": None, "precision": None, "recall": None, "eval_loss": None,
                "exact_match": None}
-        if sels:
+        if sels:  # measured on the pool of the flow run that made them (a reused selection may name an older one)
             parts = sorted({int(p) for s in sels for p in s["parts"].split(",")})
-            p, r = store.selection_quality(con, [s["selection"] for s in sels], sels[0]["dataset"], parts)
+            p, r = store.selection_quality(con, [s["selection"] for s in sels], outs[0]["dataset"], parts)
             row |= {"kept": f"{sum(s['n_kept'] for s in sels)}/{sum(s['n_candidates'] for s in sels)}",
                     "precision": p, "recall": r}
         if evals:  # the last iteration's model is the variant's result
@@ -81,7 +82,7 @@ def metrics_rows(con) -> list[dict]:
     """Per-variant, per-iteration, per-task metrics of the current outputs (the dashboard table)."""
     rows = []
     for o in store.current_outputs(con):
-        if o["kind"] != "eval":
+        if o["kind"] not in ("eval", "lm-eval"):
             continue
         for task, metric, value in store.eval_metric_rows(con, o["key"]):
             rows.append({"variant": o["variant"], "iteration": o["iteration"], "task": task, "metric": metric,

@@ -79,12 +79,6 @@ def dataset_diff(con, old: str, new: str) -> dict:
     return dict(zip(("unchanged", "changed", "added", "removed"), row))
 
 
-def pool_ids(con, dataset: str, parts: list[int]) -> list[int]:
-    return [r[0] for r in con.execute(
-        f"SELECT sample_id FROM dataset_samples WHERE dataset = ? AND part IN ({sql_parts(parts)}) "
-        f"ORDER BY sample_id", [dataset]).fetchall()]
-
-
 def pool_digest(con, dataset: str, parts: list[int], limit: int | None = None) -> str:
     """Key of a pool: the sorted ids of its samples (content-addressed, so content is covered).
 
@@ -151,19 +145,10 @@ def quarantine_reasons(con, dataset: str) -> dict[str, int]:
         "GROUP BY r ORDER BY 2 DESC", [dataset]).fetchall())
 
 
-def quarantine_rows(con, dataset: str) -> list[tuple]:
-    return con.execute("SELECT source, row_index, reason FROM quarantine WHERE dataset = ? ORDER BY source, row_index",
-                       [dataset]).fetchall()
-
-
 def pool_relation(dataset: str, parts: list[int]) -> str:
     """SQL relation of a pool's samples (sample_id, part, source), for composing queries inside the store."""
     return (f"(SELECT sample_id, part, source FROM dataset_samples WHERE dataset = {sql_key(dataset)} "
             f"AND part IN ({sql_parts(parts)}))")
-
-
-def set_dataset_summary(con, dataset: str, summary: dict) -> None:
-    con.execute("UPDATE datasets SET summary = ? WHERE dataset = ?", [json.dumps(summary), dataset])
 
 
 def last_ingested_dataset(con) -> str | None:

@@ -10,7 +10,6 @@ loads a shard with delete-then-insert inside one transaction.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -119,8 +118,9 @@ def _check_schema(con, path: Path, read_only: bool) -> None:
         raise SchemaMismatch(f"{path} was written by another tokenclean version (schema {version!r}, this one "
                              f"writes {SCHEMA_VERSION!r}); its results are not keyed the same way. Start a new run.")
     if not read_only and not tables:
-        con.execute(SCHEMA)
-        con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+        with transaction(con):  # a crash here leaves no half-made schema behind
+            con.execute(SCHEMA)
+            con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
 
 
 @contextlib.contextmanager
@@ -133,15 +133,6 @@ def transaction(con):
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
-
-
-def get_meta(con, key: str) -> str | None:
-    row = con.execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
-    return row[0] if row else None
-
-
-def set_meta(con, key: str, value) -> None:
-    con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value if isinstance(value, str) else json.dumps(value)])
 
 
 def write_parquet_atomic(table, path: Path) -> None:

@@ -94,28 +94,26 @@ def latest_dataset(con) -> str | None:
 
 
 def current_outputs(con) -> list[dict]:
-    """Outputs of the latest run of each flow; a (variant, iteration, kind) made by both flows appears once."""
+    """What a user reads by name: each variant's outputs, all from one flow run.
+
+    Among the latest run of each flow, a variant's outputs come from the newest run that
+    recorded it, all of them from that run: a variant's selection, adapter and evaluation
+    are never mixed across runs. lm-eval results are a group of their own, listed beside
+    the run's evaluation of the same model, never instead of it. ``dataset`` is the
+    dataset the flow run worked on.
+    """
     cur = con.execute(
-        """WITH latest AS (SELECT flow_run, started_at FROM (
-                SELECT flow_run, started_at, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn
-                FROM flow_runs) WHERE rn = 1)
-           SELECT variant, iteration, kind, key, computed, flow_run FROM (
-             SELECT o.*, row_number() OVER (PARTITION BY o.variant, o.iteration, o.kind
-                                            ORDER BY l.started_at DESC) AS rn
-             FROM run_outputs o JOIN latest l USING (flow_run))
-           WHERE rn = 1 ORDER BY variant, iteration, kind""")
+        """WITH latest AS (SELECT flow_run, started_at, dataset FROM (
+                SELECT *, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn FROM flow_runs)
+                WHERE rn = 1),
+                cand AS (SELECT DISTINCT o.variant, o.iteration, o.kind, o.key, o.computed, o.flow_run,
+                                l.started_at, l.dataset, o.kind = 'lm-eval' AS ext
+                         FROM run_outputs o JOIN latest l USING (flow_run)),
+                pick AS (SELECT variant, ext, arg_max(flow_run, started_at) AS flow_run FROM cand GROUP BY ALL)
+           SELECT c.variant, c.iteration, c.kind, c.key, c.computed, c.flow_run, c.dataset
+           FROM cand c JOIN pick p ON p.variant = c.variant AND p.ext = c.ext AND p.flow_run = c.flow_run
+           ORDER BY c.variant, c.iteration, c.kind""")
     return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
-
-
-def flow_run_outputs(con, flow_run: str) -> list[dict]:
-    cur = con.execute("SELECT variant, iteration, kind, key, computed FROM run_outputs WHERE flow_run = ? "
-                      "ORDER BY variant, iteration, kind", [flow_run])
-    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
-
-
-def flow_runs_since(con, started_after) -> list[str]:
-    return [r[0] for r in con.execute("SELECT flow_run FROM flow_runs WHERE started_at > ? ORDER BY started_at",
-                                      [started_after]).fetchall()]
 
 
 def stages_of(con, flow_runs: list[str]) -> list[dict]:
@@ -139,7 +137,7 @@ def artifact_inputs(con, kind: str, key: str) -> dict | None:
                           "FROM selections WHERE selection = ?", [key])
     elif kind == "adapter":
         cur = con.execute("SELECT inputs, model, path FROM adapters WHERE adapter = ?", [key])
-    elif kind == "eval":
+    elif kind in ("eval", "lm-eval"):
         cur = con.execute("SELECT inputs, model FROM evals WHERE eval = ?", [key])
     elif kind == "model":
         cur = con.execute("SELECT kind, inputs FROM models WHERE model = ?", [key])

@@ -3,7 +3,7 @@
 * ``global``: the paper's rule. Rank every candidate token of the pool by score and keep
   exactly round(k * N); a sample may lose all its tokens.
 * ``local``: RHO-1 style, top ceil(k * n_i) tokens within each sample.
-* ``random``: exactly round(k * N) tokens chosen by a seeded hash (reproducible).
+* ``random``: exactly round(k * N) tokens chosen by a seeded md5 order (reproducible anywhere).
 * ``full``: every response token.
 
 Ties are broken by (sample_id, pos); sample ids are content-addressed, so a selection is
@@ -58,8 +58,10 @@ def write_selection(con, selection: str, method: str, k: float, *, dataset: str,
             kept_sql = global_topk_sql(cand, n_keep, info)
             threshold = info["threshold"]
         elif method == "random":
+            # md5, not DuckDB's hash(): the same key must mean the same tokens in any DuckDB version
             kept_sql = f"""SELECT sample_id, pos FROM ({cand})
-                           ORDER BY hash({int(seed)}, sample_id, pos), sample_id, pos LIMIT {n_keep}"""
+                           ORDER BY md5({int(seed)}::VARCHAR || ':' || sample_id::VARCHAR || ':' || pos::VARCHAR),
+                                    sample_id, pos LIMIT {n_keep}"""
         else:  # local
             kept_sql = f"""SELECT sample_id, pos FROM (
                              SELECT sample_id, pos,
