@@ -204,7 +204,7 @@ def _assert_losses_match_models(cfg: RunConfig) -> None:
         dataset = next(o["key"] for o in outputs if o["kind"] == "dataset")
         for model_key in {o["key"] for o in outputs if o["kind"] == "losses"}:
             scorer = store.model_inputs(con, model_key)  # losses key -> the model and how it was scored
-            assert scorer["numerics"] == ["cpu", "float32"]
+            assert scorer["numerics"] == ["cpu", "float32"]  # this machine: CPU, fp32
             inputs = store.model_inputs(con, scorer["model"])
             adapter = None
             if inputs.get("adapter"):
