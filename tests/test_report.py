@@ -109,9 +109,10 @@ def run_db(tiny, tmp_path_factory):
     store.record_output(con, fixed, "base", 0, "model", BASE, False)
     sel_out = {}
     for name, method, parts, theta, key in SELECTIONS:
+        # the flows hand every fixed method the pool's scores; only global/local may record them
         sel_out[name] = store.write_selection(con, key, method, 0.6, dataset=DATASET, parts=parts,
                                               pool=store.pool_digest(con, DATASET, parts),
-                                              scores=SCORES[theta] if theta else None, seed=0)
+                                              scores=SCORES[theta or 1], seed=0)
         variant, _, it = name.partition("@")
         store.record_output(con, evolving if it else fixed, variant, int(it or 1), "selection", key, True)
     for n, (variant, it, loss, em) in enumerate((("base", 0, 2.0, 0.05), ("reference", 0, 1.5, 0.3),

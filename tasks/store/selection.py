@@ -76,10 +76,13 @@ def write_selection(con, selection: str, method: str, k: float, *, dataset: str,
         if scores is not None and method in ("global", "local"):
             n_bad = con.execute(f"SELECT count(*) FROM ({scores_relation(scores, dataset, parts, False)}) "
                                 f"WHERE NOT isfinite(score)").fetchone()[0]
+        # recorded as the key sees them: only the inputs this method uses (full ignores k, only random a seed)
+        ranked = method in ("global", "local")
         con.execute("INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                    [selection, method, k, seed, scores, pool, dataset, sql_parts(parts), threshold, n_cand, n_kept,
+                    [selection, method, None if method == "full" else k, seed if method == "random" else None,
+                     scores if ranked else None, pool, dataset, sql_parts(parts), threshold, n_cand, n_kept,
                      n_bad, precision, recall])
-    return {"method": method, "k": k, "threshold": threshold, "n_candidates": n_cand, "n_kept": n_kept,
+    return {"method": method, "k": None if method == "full" else k, "threshold": threshold, "n_candidates": n_cand, "n_kept": n_kept,
             "n_nonfinite_skipped": n_bad, "precision": precision, "recall": recall}
 
 
