@@ -496,7 +496,14 @@ def test_dockerignore_keeps_sources_and_drops_junk() -> None:
     assert [p for p in drop if not dockerignored(p, pats)] == []
     # Every packaged source file in the work tree reaches the build context.
     setup = _pyproject()["tool"]["setuptools"]
-    folders = [setup["package-dir"].get(p, p.replace(".", "/")) for p in setup["packages"]]
+    def folder(pkg: str) -> str:  # tokenclean.tasks.store -> tasks/store (the nearest mapped parent)
+        parts = pkg.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in setup["package-dir"]:
+                return "/".join([setup["package-dir"][".".join(parts[:i])], *parts[i:]])
+        return pkg.replace(".", "/")
+
+    folders = [folder(p) for p in setup["packages"]]
     tracked = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", *folders],
         cwd=REPO, capture_output=True, text=True, check=True,
