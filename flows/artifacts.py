@@ -15,6 +15,7 @@ key as the cache key anyway. The database itself is the record of what exists.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -25,7 +26,9 @@ from tokenclean.flows.scoring import score_model
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
 from tokenclean.tasks.select import load_selected
-from tokenclean.tasks.steps import evaluate_task, select_task, train_task
+from tokenclean.flows.training import train_adapter
+from tokenclean.tasks.steps import evaluate_task, select_task
+from tokenclean.tasks.train import TrainJob, training_table
 from tokenclean.summary import label
 
 
@@ -96,21 +99,43 @@ def ensure_selection(ctx: RunContext, variant: str, iteration: int, method: str,
     return key
 
 
+def _lora_of_continued(ctx: RunContext, name: str, tcfg, parent: Model) -> dict:
+    """What a continued adapter's LoRA is: its parent's shape (PEFT loads the parent's config).
+
+    The key records the shape actually inherited, read from the parent's saved config, so
+    digest and adapter agree; a ``train.lora`` that asks for something else is reported,
+    because it cannot apply to a stage that continues an existing adapter.
+    """
+    from tokenclean.tasks.train import lora_shape
+
+    inherited = lora_shape(parent.adapter)
+    asked = tcfg.lora.model_dump(mode="json")
+    differs = [f for f in ("r", "alpha", "dropout") if asked[f] != inherited[f]]
+    if isinstance(asked["target_modules"], list) and sorted(asked["target_modules"]) != inherited["target_modules"]:
+        differs.append("target_modules")
+    if differs:
+        get_run_logger().warning(
+            "%s continues its parent adapter and keeps the parent's LoRA shape %s; train.lora %s differs in %s "
+            "and applies only to adapters trained from the base", name, inherited, asked, differs)
+    return {"inherited_from_parent": inherited}
+
+
 def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str, tcfg,
                    parent: Model | None = None) -> Model:
     """LoRA fine-tune of the base (or of ``parent``'s adapter) on the selection's kept tokens.
 
-    A continued adapter keeps its parent's LoRA shape (PEFT loads the parent's config), so
-    ``train.lora`` is not part of its key: the key says what the adapter is. Training runs
-    in this process, so this process's resolved device and dtype are part of the key.
+    Keyed by what is learned (``TrainConfig.learning``, the LoRA shape actually used, the
+    numerics the training workers resolve to, the parent); the execution layout (workers,
+    micro-batch, checkpointing) keys only the checkpoints, so a resumed run continues
+    only under the layout that wrote them. Training is Ray work (``flows/training.py``).
     """
     cfg = ctx.cfg
-    train_cfg = tcfg.model_dump(mode="json")
-    if parent is not None:
-        train_cfg["lora"] = "inherited from parent"
-    train_cfg["numerics"] = ctx.numerics
-    key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
     name = label(variant, iteration)
+    train_cfg = tcfg.learning()
+    if parent is not None:
+        train_cfg["lora"] = _lora_of_continued(ctx, name, tcfg, parent)
+    train_cfg["numerics"] = ctx.train_numerics
+    key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
     rec = store.adapter_record(ctx.con, key)
     computed = rec is None or not (ctx.run_dir / rec["path"] / "train.json").exists()
     if computed:
@@ -118,9 +143,17 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
         done = out / "train.json"
         stats = json.loads(done.read_text()) if done.exists() else None
         if stats is None or stats.get("key") != key:  # else: saved, but the run died before recording it
-            stats = train_task(ctx.base_path, load_selected(ctx.con, selection), tcfg, str(out),
-                               init_adapter=parent.adapter if parent else None, label=name, device=cfg.model.device,
-                               dtype=cfg.model.dtype, key=key)
+            layout = {f: getattr(tcfg, f) for f in sorted(tcfg.EXECUTION)} | {"workers": cfg.ray.train_workers}
+            checkpoints = ctx.checkpoint_dir(key, keys.digest("layout", layout))
+            job = TrainJob(ctx.base_path, tcfg.model_dump(mode="json"), training_table(load_selected(ctx.con, selection)),
+                           str(out), str(checkpoints), key, label=name,
+                           init_adapter=parent.adapter if parent else None, device=cfg.model.device,
+                           dtype=cfg.model.dtype)
+            stats = train_adapter(job, cfg.ray, ctx.run_dir / "ray_train")
+            if stats["numerics"] != ctx.train_numerics:
+                raise RuntimeError(
+                    f"training {name}: the workers computed with {stats['numerics']} but the adapter's key says "
+                    f"{ctx.train_numerics}; set model.device / model.dtype (and ray.gpus_per_train_worker) to match")
             store.log_stage(ctx.con, ctx.flow_run, "train", name, key, stats["seconds"], stats)
         weights = keys.weights_hash(out)
         model_key = keys.adapter_model_key(ctx.base_model, weights)
@@ -130,26 +163,43 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
         store.record_adapter(ctx.con, key, model_key, str(out.relative_to(ctx.run_dir)), inputs, stats,
                              {"base_model": ctx.base_model, "adapter": key, "weights": weights})
         rec = store.adapter_record(ctx.con, key)
+        # The adapter is recorded: its optimiser checkpoints have served their purpose.
+        shutil.rmtree(ctx.run_dir / "checkpoints" / key, ignore_errors=True)
     _output(ctx, variant, iteration, "adapter", key, computed)
     return Model(rec["model"], str(ctx.run_dir / rec["path"]), key)
 
 
 def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> str:
-    """Held-out loss and exact match of ``model``, under the key of the model and the eval set."""
+    """Held-out loss and exact match of ``model``, under the key of the model and the eval set.
+
+    Evaluation is a Ray task with ``ray.gpus_per_eval_task`` GPUs: the eval samples go out
+    as arguments, the metrics come back; the driver only records them.
+    """
     cfg = ctx.cfg
     eval_set = store.pool_digest(ctx.con, ctx.dataset, [store.EVAL_PART], limit=cfg.eval.max_samples)
     key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": "loss+em-v1",
-                                              "numerics": ctx.numerics})
+                                              "numerics": ctx.eval_numerics})
     computed = not store.eval_done(ctx.con, key)
     if computed:
         name = label(variant, iteration)
         t0 = time.perf_counter()
         samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
-        result = evaluate_task(ctx.base_path, ctx.base_model, model.adapter, model.key, samples, meta,
-                               batch_tokens=cfg.eval.batch_tokens, device=cfg.model.device, dtype=cfg.model.dtype,
-                               label=name)
+        kw = dict(batch_tokens=cfg.eval.batch_tokens, device=cfg.model.device, dtype=cfg.model.dtype, label=name)
+        args = (ctx.base_path, ctx.base_model, model.adapter, model.key, samples, meta)
+        if cfg.ray.enabled:
+            from prefect_ray.context import remote_options
+
+            with remote_options(num_cpus=1, num_gpus=cfg.ray.gpus_per_eval_task):
+                result = evaluate_task.submit(*args, **kw).result()
+        else:
+            result = evaluate_task(*args, **kw)
+        placement = result.pop("placement")
+        if placement["numerics"] != ctx.eval_numerics:
+            raise RuntimeError(f"evaluating {name}: the worker computed with {placement['numerics']} but the key "
+                               f"says {ctx.eval_numerics}; set model.device / model.dtype (and ray.gpus_per_eval_task)")
         store.record_eval(ctx.con, key, model.key, {"model": model.key, "eval_set": eval_set,
                                                      "max_samples": cfg.eval.max_samples}, metric_rows(result))
-        store.log_stage(ctx.con, ctx.flow_run, "evaluate", name, key, time.perf_counter() - t0, result["overall"])
+        store.log_stage(ctx.con, ctx.flow_run, "evaluate", name, key, time.perf_counter() - t0,
+                        result["overall"] | {"placement": placement})
     _output(ctx, variant, iteration, "eval", key, computed)
     return key

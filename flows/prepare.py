@@ -27,7 +27,8 @@ class RunContext:
     dataset: str  # key of the ingested dataset this run works on
     base_model: str  # key of the base model's weights
     scorer: dict  # how scoring workers compute losses: resolved device type and dtype, backend, compile
-    numerics: list  # [device type, dtype] training and evaluation resolve to in this process
+    train_numerics: list  # [device type, dtype] the training workers resolve to
+    eval_numerics: list  # ... and the evaluation tasks
     ingest: dict = field(default_factory=dict)  # what prepare did: ingested or reused, counts
     flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
 
@@ -37,6 +38,9 @@ class RunContext:
 
     def adapter_dir(self, key: str) -> Path:
         return self.run_dir / "adapters" / key
+
+    def checkpoint_dir(self, key: str, layout: str) -> Path:
+        return self.run_dir / "checkpoints" / key / layout
 
     def shard_dir(self, model_key: str) -> Path:
         return self.run_dir / "shards" / model_key
@@ -67,20 +71,26 @@ def base_model_identity(cfg: RunConfig, base_path: str) -> dict:
     return {"name": cfg.model.base, "weights": keys.weights_hash(keys.resolve_model_dir(base_path))}
 
 
-def scorer_settings(cfg: RunConfig) -> dict:
-    """How scoring workers will compute losses, with ``auto`` resolved as the workers resolve it.
+def placed_numerics(cfg: RunConfig, gpus: float) -> list:
+    """[device type, dtype] that Ray work asking for ``gpus`` GPUs resolves ``model.device``/``dtype`` to.
 
     On Ray, a task that asks for no GPU sees none (Ray sets CUDA_VISIBLE_DEVICES to
     empty), so ``device: auto`` means CPU there whatever the driver has, and CUDA when
-    ``ray.num_gpus_per_task`` > 0. Without Ray, scoring runs in this process. Each shard
-    reports what it actually used, and a mismatch is an error, not a silent mix.
+    it asks for GPUs. Without Ray, the work runs in this process. Workers report what
+    they actually used, and a mismatch with the key is an error, not a silent mix.
     """
     from tokenclean.tasks.score import numerics
 
     device = cfg.model.device
     if device == "auto" and cfg.ray.enabled:
-        device = "cuda" if cfg.ray.num_gpus_per_task > 0 else "cpu"
-    return {"numerics": numerics(device, cfg.model.dtype), "backend": cfg.score.backend, "compile": cfg.score.compile}
+        device = "cuda" if gpus > 0 else "cpu"
+    return numerics(device, cfg.model.dtype)
+
+
+def scorer_settings(cfg: RunConfig) -> dict:
+    """How scoring workers will compute losses (``placed_numerics`` with the scoring task's GPUs)."""
+    return {"numerics": placed_numerics(cfg, cfg.ray.num_gpus_per_task), "backend": cfg.score.backend,
+            "compile": cfg.score.compile}
 
 
 def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
@@ -91,8 +101,6 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base_path)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    from tokenclean.tasks.score import numerics
-
     identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path)
     try:
@@ -112,7 +120,8 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         con.close()  # release the file lock for whoever runs next
         raise
     return RunContext(cfg, con, base_path, run_dir, dataset, base_model, scorer_settings(cfg),
-                      numerics(cfg.model.device, cfg.model.dtype), info)
+                      placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
+                      placed_numerics(cfg, cfg.ray.gpus_per_eval_task), info)
 
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,

@@ -3,7 +3,8 @@
 Each task does one stage for one unit of work and logs what it did; whether a stage
 runs at all (its key is already stored, or not) is decided by the flows
 (``tokenclean.flows.artifacts``), never here. Tasks that touch the run's DuckDB run in
-the flow process (DuckDB has one writer); only ``score_shard_task`` is shipped to Ray.
+the flow process (DuckDB has one writer); scoring, training and evaluation take what
+they need as arguments and are shipped to Ray with the resources they declare.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from tokenclean.tasks import store
 from tokenclean.tasks.evaluate import evaluate_model
 from tokenclean.tasks.score import process_model
-from tokenclean.tasks.train import train_lora
+from tokenclean.tasks.train import TrainJob, train_worker
 
 _PLUGINS: dict = {}
 
@@ -72,12 +73,29 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
             "model_id": id(sm), "numerics": getattr(sm, "numerics", None)}
 
 
+def _where() -> dict:
+    """Where this task runs: the Ray node id (or host name off Ray) and the process id."""
+    import socket
+
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - placement is informational
+        node = None
+    return {"node": node or socket.gethostname(), "pid": os.getpid()}
+
+
 @task(name="train-adapter", cache_policy=NO_CACHE)
-def train_task(base_path: str, samples: list, cfg, out_dir: str, *, init_adapter: str | None, label: str,
-               device: str, dtype: str, key: str) -> dict:
-    stats = train_lora(base_path, samples, cfg, out_dir, init_adapter=init_adapter, device=device, dtype=dtype, key=key,
-                       label=label)
-    get_run_logger().info("train %s: %s", label, {k: stats[k] for k in ("steps", "label_tokens", "final_loss")})
+def train_task(job: TrainJob) -> dict:
+    """One training worker: on a Ray worker with the declared resources, or in this process.
+
+    A Ray worker that dies mid-run is re-executed by Ray (task retries on system
+    failure) and resumes from the newest complete checkpoint under the job's key.
+    """
+    stats = train_worker(job, node=_where()["node"])
+    get_run_logger().info("train %s: %s", job.label,
+                          {k: stats[k] for k in ("steps", "steps_run", "resumed_from", "label_tokens", "final_loss")})
     return stats
 
 
@@ -96,7 +114,11 @@ def select_task(con, selection: str, method: str, k: float, *, dataset: str, par
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(base_path: str, base_key: str, adapter: str | None, model_key: str, samples, meta, *,
                   batch_tokens: int, device: str, dtype: str, label: str) -> dict:
+    """Runs on a Ray worker with ``ray.gpus_per_eval_task`` GPUs; metrics come back by object store."""
+    from tokenclean.tasks.score import numerics
+
     result = evaluate_model(base_path, adapter, samples, meta, batch_tokens=batch_tokens, device=device, dtype=dtype,
                             base_key=base_key, adapter_key=model_key if adapter else None)
+    result["placement"] = _where() | {"numerics": numerics(device, dtype)}
     get_run_logger().info("evaluate %s: %s", label, result["overall"])
     return result

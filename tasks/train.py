@@ -1,30 +1,51 @@
-"""LoRA SFT that learns only from selected tokens.
+"""LoRA SFT that learns only from selected tokens, on transformers' ``Trainer``.
 
-Labels are the input ids at selected positions and ignored everywhere else; the loss is
-the mean over selected tokens of a step (token-level mean, as in HF's causal LM loss),
-so dropping tokens changes *what* is learned, not the per-token learning rate. Samples
-with no selected token contribute nothing and are dropped before batching.
+What is ours and why (everything else is the Hugging Face stack):
 
-Self-evolving cleaning continues training the previous iteration's adapter
-(``init_adapter``), so theta_{t+1} = theta_t fine-tuned on cleaned D_t.
+* **Labels carry the selection.** ``labels[i] = input_ids[i]`` where token ``i`` was kept
+  and -100 everywhere else (prompt tokens, dropped tokens), so an exported batch can be
+  checked on its own. Samples with no kept token contribute nothing and are dropped.
+* **Padding-free packing.** ``DataCollatorWithFlattening`` concatenates a micro-batch into
+  one row with ``position_ids`` restarting per sample and a -100 label at each sample's
+  first position (so no token is predicted across a sample boundary). Attention is the
+  project's block-diagonal varlen attention (``tasks/packing.py``: PyTorch's flash varlen
+  kernel on CUDA, per-sample SDPA elsewhere), the same one scoring uses.
+* **Loss = token mean over the kept tokens of an optimiser step.** ``compute_loss`` runs the
+  decoder, then ``lm_head`` only at kept positions (the tokens x vocab logits are never
+  built), sums the cross-entropy and divides by ``num_items_in_batch``: the Trainer's count
+  of labelled tokens over all micro-batches of the step and, with
+  ``average_tokens_across_devices``, over all data-parallel workers. Dropping tokens
+  therefore changes *what* is learned, not the per-token learning rate, and the result
+  does not depend on how the batch is split into micro-batches or workers.
+* **Checkpoints** are the Trainer's own (adapter, optimiser, scheduler, RNG, step), written
+  every ``checkpoint_every`` steps under a directory keyed by the training key and the
+  execution layout; a restarted worker group or a re-run resumes from the newest complete
+  one (``resume_checkpoint``) and the Trainer skips the batches already consumed.
+
+``train_worker`` runs unchanged on each Ray Train worker (``flows/training.py``: DDP over
+the workers' process group, or FSDP) or in-process when Ray is off.
 """
 from __future__ import annotations
 
+import importlib
 import json
-import math
 import os
-import random
 import shutil
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from tokenclean.tasks.score import decoder_and_head, plan_batches, resolve_device, resolve_dtype
 from tokenclean.config import TrainConfig
+from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, register_varlen_attention
+from tokenclean.tasks.score import decoder_and_head, numerics, resolve_device, resolve_dtype
+
+IGNORE = -100
 
 
 @dataclass
@@ -33,107 +54,248 @@ class TrainSample:
     label_mask: np.ndarray  # bool: tokens the loss is computed on
 
 
-def _batches(samples: list[TrainSample], batch_tokens: int, seed: int) -> list[np.ndarray]:
-    """Shuffled batches; within a window of ~50 batches, samples are length-grouped to cut padding."""
-    lengths = np.array([len(s.input_ids) for s in samples])
-    rng = random.Random(seed)
-    order = list(range(len(samples)))
-    rng.shuffle(order)
-    window = max(1, 50 * max(1, batch_tokens // max(1, int(lengths.mean()))))
-    out: list[np.ndarray] = []
-    for i in range(0, len(order), window):
-        idx = np.array(order[i : i + window])
-        out += [idx[b] for b in plan_batches(lengths[idx], batch_tokens)]
-    rng.shuffle(out)
-    return out
+def labels_of(sample: TrainSample) -> np.ndarray:
+    """HF-convention (unshifted) labels: the token where it is kept, -100 elsewhere."""
+    return np.where(sample.label_mask, sample.input_ids.astype(np.int64), IGNORE).astype(np.int32)
 
 
-def _lr_lambda(cfg: TrainConfig, total: int):
-    warm = max(1, math.ceil(cfg.warmup_ratio * total)) if cfg.warmup_ratio > 0 else 0
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.schedule == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warm))
-
-    return f
+def training_table(samples: list[TrainSample]) -> pa.Table:
+    """The training set as Arrow (input_ids, labels); samples with no kept token are dropped."""
+    kept = [s for s in samples if s.label_mask.any()]
+    if not kept:
+        raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
+    return pa.table({"input_ids": pa.array([s.input_ids.astype(np.int32) for s in kept], pa.list_(pa.int32())),
+                     "labels": pa.array([labels_of(s) for s in kept], pa.list_(pa.int32()))})
 
 
-def load_for_training(base_path: str, cfg: TrainConfig, init_adapter: str | None, device, dtype):
+@dataclass
+class TrainJob:
+    """Everything a training worker needs; built by the driver, identical on every worker."""
+
+    base_path: str
+    cfg: dict  # TrainConfig
+    data: object  # pa.Table, or a Ray ObjectRef to one (workers fetch it from the object store)
+    out_dir: str  # the finished adapter: <run>/adapters/<train key>
+    checkpoint_dir: str  # <run>/checkpoints/<train key>/<execution digest>
+    key: str
+    label: str = ""
+    init_adapter: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = False
+    extra: dict = field(default_factory=dict)  # recorded in train.json as is
+
+
+def packing_collator():
+    """The training collator: a micro-batch becomes one packed row (see the module docstring)."""
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True, separator_id=IGNORE)
+
+
+def _fetch(data) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    import ray
+
+    return ray.get(data)
+
+
+def _load_model(job: TrainJob, cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).to(device)
-    if init_adapter:
-        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True)
+    model = AutoModelForCausalLM.from_pretrained(job.base_path, dtype=dtype)
+    if job.init_adapter:
+        return PeftModel.from_pretrained(model, job.init_adapter, is_trainable=True)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
 
 
-def train_lora(base_path: str, samples: list[TrainSample], cfg: TrainConfig, out_dir: str | Path, *,
-               init_adapter: str | None = None, device: str = "auto", dtype: str = "auto",
-               progress: bool = True, key: str | None = None, label: str | None = None) -> dict:
-    """Train and save an adapter to ``out_dir`` (atomically: a temp directory renamed when complete).
+def _trainer_class():
+    from transformers import Trainer
 
-    Whether to train at all is the caller's decision, by key (``tokenclean.flows.artifacts``);
-    ``key`` is written into ``train.json`` so a directory can be matched to its key.
+    class SelectedTokenTrainer(Trainer):
+        """``Trainer`` whose loss is the kept-token mean of a step (see the module docstring)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Our compute_loss divides by num_items_in_batch itself: make the Trainer count
+            # labelled tokens across micro-batches/workers and not divide by accumulation again.
+            self.model_accepts_loss_kwargs = True
+            self.loss_is_scaled_for_ga = True
+            self.attn_config = decoder_and_head(self.model)[0].config
+            register_varlen_attention()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, labels = inputs["input_ids"], inputs["labels"]
+            if ids.shape[0] != 1:
+                raise ValueError("expected one packed row per micro-batch (DataCollatorWithFlattening)")
+            cu = inputs["cu_seq_lens_q"]
+            # DataCollatorWithFlattening puts -100 at every sample's first position, so a
+            # target at i+1 always has its context (hidden state i) in the same sample.
+            pos = (labels[0, 1:] != IGNORE).nonzero(as_tuple=True)[0]
+            targets = labels[0, pos + 1].long()
+            # Through ``model`` (the DDP/FSDP wrapper: its forward is what syncs gradients);
+            # ``logits_to_keep`` sends only the kept positions through lm_head.
+            with attn_implementation(self.attn_config, VARLEN_ATTN):
+                logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False,
+                               logits_to_keep=pos, tc_cu_seqlens=cu.to(torch.int32), tc_cu_host=cu.tolist(),
+                               tc_max_len=int(inputs["max_length_q"])).logits[0].float()
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            if num_items_in_batch is None:
+                loss = loss / max(1, len(targets))
+            else:
+                loss = loss / num_items_in_batch
+                if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                    loss = loss * self.args.world_size  # DDP averages gradients over workers
+            return (loss, None) if return_outputs else loss
+
+    return SelectedTokenTrainer
+
+
+def _callbacks(names: list[str]) -> list:
+    out = []
+    for name in names:
+        module, sep, attr = name.partition(":")
+        if not sep:
+            raise ValueError(f"train.callbacks entry {name!r}: use package.module:Class")
+        out.append(getattr(importlib.import_module(module), attr)())
+    return out
+
+
+def _progress_callback(path: Path, rank: int):
+    """Appends one JSON line per optimiser step to ``steps.jsonl`` (rank 0): a live progress
+    record that also proves, after a resume, which steps ran in which attempt."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.first_step = None
+            self.steps_run = 0
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps_run += 1
+            if self.first_step is None:
+                self.first_step = state.global_step
+            if rank == 0:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "of": state.max_steps, "pid": os.getpid(),
+                                        "time": time.time()}) + "\n")
+
+    return StepLog()
+
+
+def resume_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """Newest *complete* Trainer checkpoint under ``checkpoint_dir`` (None: start fresh).
+
+    Complete means its ``trainer_state.json`` (written after the weights and optimiser)
+    is there; a checkpoint cut off mid-write by a kill is skipped, not resumed from.
     """
-    from tqdm.auto import tqdm
+    root = Path(checkpoint_dir)
+    found = []
+    for d in root.glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-")[1])
+        except ValueError:
+            continue
+        if (d / "trainer_state.json").exists() and (d / "optimizer.pt").exists():
+            found.append((step, d))
+    return str(max(found)[1]) if found else None
 
-    out_dir = Path(out_dir)
-    samples = [s for s in samples if s.label_mask.any()]
-    if not samples:
-        raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
-    torch.manual_seed(cfg.seed)
-    dev = resolve_device(device)
-    model = load_for_training(base_path, cfg, init_adapter, dev, resolve_dtype(dtype, dev))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    plan = [b for _ in range(cfg.epochs) for b in _batches(samples, cfg.batch_tokens, cfg.seed + _)]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(plan)))
-    decoder, head = decoder_and_head(model)
-    t0, n_tok, n_lab, losses = time.perf_counter(), 0, 0, []
-    bar = tqdm(plan, desc=f"train {label or out_dir.name}", disable=not progress, unit="step")
-    for batch in bar:
-        width = max(len(samples[i].input_ids) for i in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        lab = torch.zeros((len(batch), width), dtype=torch.bool)
-        for r, i in enumerate(batch):
-            s = samples[i]
-            n = len(s.input_ids)
-            ids[r, :n] = torch.from_numpy(s.input_ids.astype(np.int64))
-            attn[r, :n] = 1
-            lab[r, :n] = torch.from_numpy(s.label_mask)
-        ids, attn, lab = ids.to(dev), attn.to(dev), lab.to(dev)
-        hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state
-        rows, cols = lab.nonzero(as_tuple=True)
-        # Only selected positions reach lm_head: the (tokens x vocab) logits are never built.
-        logits = head(hidden[rows, cols - 1]).float()
-        loss = F.cross_entropy(logits, ids[rows, cols])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {len(losses)}")
-        losses.append(loss.item())
-        n_tok += int(attn.sum())
-        n_lab += len(rows)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train_worker(job: TrainJob, node: str | None = None) -> dict:
+    """Train on this worker (one of ``world_size``); rank 0 saves the adapter atomically.
+
+    Returns the run's statistics, the same on every rank; ``nodes`` lists where each rank
+    ran (``node``: this worker's Ray node id, or the host name).
+    """
+    from transformers import TrainingArguments, set_seed
+
+    from datasets import Dataset
+
+    cfg = TrainConfig.model_validate(job.cfg)
+    rank, world = _world()
+    accumulation = cfg.accumulation(world)
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    ckpt_dir = Path(job.checkpoint_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    table = _fetch(job.data)
+    dataset = Dataset(table)
+    set_seed(cfg.seed)  # LoRA A is randomly initialised: the same seed gives the same adapter
+    model = _load_model(job, cfg, device, dtype)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=accumulation, learning_rate=cfg.lr,
+        lr_scheduler_type="linear" if cfg.schedule == "linear" else "constant_with_warmup",
+        warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm,
+        weight_decay=cfg.weight_decay, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16 and device.type == "cuda", fp16=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        save_strategy="steps" if cfg.checkpoint_every else "no", save_steps=cfg.checkpoint_every or 1,
+        save_total_limit=2, logging_steps=1, logging_strategy="steps", report_to=[], disable_tqdm=not job.progress,
+        remove_unused_columns=False, dataloader_num_workers=0, average_tokens_across_devices=True,
+        ddp_find_unused_parameters=False,
+        fsdp="full_shard auto_wrap" if cfg.strategy == "fsdp" else "",
+        fsdp_config={"use_orig_params": True} if cfg.strategy == "fsdp" else None,
+    )
+    collator = packing_collator()
+    steplog = _progress_callback(ckpt_dir / "steps.jsonl", rank)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                               callbacks=[steplog, *_callbacks(cfg.callbacks)])
+    if not job.progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; steps.jsonl has them
+    resume = resume_checkpoint(ckpt_dir)
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    stats = {"steps": len(plan), "samples": len(samples), "tokens": n_tok, "label_tokens": n_lab,
-             "first_loss": losses[0], "final_loss": float(np.mean(losses[-10:])), "seconds": seconds,
-             "tokens_per_s": n_tok / seconds if seconds else 0.0, "init_adapter": init_adapter, "key": key}
-    (tmp / "train.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses and not all(np.isfinite(losses)):
+        raise FloatingPointError(f"training loss became non-finite: {losses[-5:]}")
+    n_tok = int(sum(len(x) for x in table.column("input_ids").to_pylist()))
+    n_lab = int(sum(int((np.asarray(x) != IGNORE).sum()) for x in table.column("labels").to_pylist()))
+    stats = {"steps": trainer.state.global_step, "steps_run": steplog.steps_run,
+             "resumed_from": resume and int(Path(resume).name.split("-")[1]),
+             "samples": table.num_rows, "tokens": n_tok, "label_tokens": n_lab,
+             "first_loss": losses[0] if losses else None, "final_loss": float(np.mean(losses[-10:])) if losses else None,
+             "train_loss": out.training_loss, "seconds": seconds,
+             "tokens_per_s": n_tok * cfg.epochs / seconds if seconds and not resume else None,
+             "world_size": world, "accumulation": accumulation, "init_adapter": job.init_adapter, "key": job.key,
+             "numerics": numerics(str(device), job.dtype), **job.extra}
+    where = {"node": node or socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+    if world > 1:
+        placed: list = [None] * world
+        torch.distributed.all_gather_object(placed, where)
+    else:
+        placed = [where]
+    stats["placement"] = placed
+    if rank == 0:
+        out_dir = Path(job.out_dir)
+        tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp)
+        (tmp / "train.json").write_text(json.dumps(stats, indent=2))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    if world > 1:
+        torch.distributed.barrier()
     return stats
+
+
+def lora_shape(adapter_dir: str | Path) -> dict:
+    """r, alpha, dropout and targets of a saved adapter (what a continued stage inherits)."""
+    c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    targets = c.get("target_modules")
+    return {"r": c.get("r"), "alpha": c.get("lora_alpha"), "dropout": c.get("lora_dropout"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets}

@@ -69,9 +69,10 @@ def tiny_config(workdir: Path, name: str = "t", **overrides) -> dict:
         "model": {"base": "embedded"}, "embedded": dict(TINY),
         "data": {"max_length": 256},
         "score": {"batch_tokens": 4096, "shard_samples": 64},
-        "train": {"lr": 2e-3, "batch_tokens": 2048, "lora": {"r": 8, "alpha": 16}},
+        "train": {"lr": 2e-3, "batch_size": 48, "per_device_batch_size": 16, "lora": {"r": 8, "alpha": 16}},
         # the reference must learn the facts of D0 to score with, as in the demo config
-        "warmup_train": {"lr": 5e-3, "batch_tokens": 1024, "epochs": 3, "lora": {"r": 16, "alpha": 64}},
+        "warmup_train": {"lr": 5e-3, "batch_size": 24, "per_device_batch_size": 24, "epochs": 3,
+                         "lora": {"r": 16, "alpha": 64}},
         "ray": {"num_cpus": 2},
     }
     for k, v in overrides.items():

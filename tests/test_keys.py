@@ -44,7 +44,6 @@ def _config(workdir: Path, data: Path, evals: Path, **changes) -> RunConfig:
     cfg = tiny_config(workdir, name="m")
     cfg["data"] = {"paths": [str(data)], "eval_paths": [str(evals)], "max_length": 256}
     cfg["score"] = {"batch_tokens": 4096, "shard_samples": 32}
-    cfg["train"]["batch_tokens"] = 4096
     cfg["ray"] = {"enabled": False}
     raw = RunConfig.model_validate(cfg).model_dump(mode="json")
     for dotted, value in changes.items():

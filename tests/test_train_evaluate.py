@@ -8,8 +8,8 @@ import torch
 from tokenclean.tasks.evaluate import evaluate_model
 from tokenclean.tasks.ingest import ingest
 from tokenclean.tasks.score import ShardSample, process_model
-from tokenclean.tasks.train import TrainSample, train_lora
-from tokenclean.config import LoraConfig, TrainConfig
+from tokenclean.tasks.train import TrainJob, TrainSample, lora_shape, train_worker, training_table
+from tokenclean.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,17 @@ def data(tiny, tokenizer):
     return train, evals
 
 
-def _cfg(**kw):
-    return TrainConfig(lr=5e-3, batch_tokens=2048, lora=LoraConfig(r=8, alpha=16, dropout=0.0), **kw)
+def _cfg(**kw) -> dict:
+    base = {"lr": 5e-3, "batch_size": 16, "per_device_batch_size": 16, "checkpoint_every": 0,
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    return base | kw
+
+
+def _train(tiny, samples, out, **kw):
+    init = kw.pop("init_adapter", None)
+    job = TrainJob(str(tiny.model), _cfg(**kw), training_table(samples), str(out), str(out) + ".ckpt",
+                   key=out.name, init_adapter=init, device="cpu", dtype="float32")
+    return train_worker(job)
 
 
 def test_training_uses_only_selected_tokens_and_drops_empty_samples(tiny, data, tmp_path):
@@ -33,30 +42,64 @@ def test_training_uses_only_selected_tokens_and_drops_empty_samples(tiny, data, 
         if i % 4 == 0:
             mask[:] = False  # a sample that lost every token
         samples.append(TrainSample(np.array(r["input_ids"], dtype=np.int32), mask))
-    stats = train_lora(str(tiny.model), samples, _cfg(), tmp_path / "a", progress=False, key="k1")
+    stats = _train(tiny, samples, tmp_path / "a", epochs=2)
     assert stats["samples"] == 60
     assert stats["label_tokens"] == sum(int(s.label_mask.sum()) for s in samples)
+    assert stats["steps"] == 2 * 4  # ceil(60 / 16) optimiser steps per epoch
     assert stats["final_loss"] < stats["first_loss"]
     assert (tmp_path / "a" / "adapter_config.json").exists()
-    assert json.loads((tmp_path / "a" / "train.json").read_text())["key"] == "k1"  # the directory names its key
+    assert json.loads((tmp_path / "a" / "train.json").read_text())["key"] == "a"  # the directory names its key
 
 
 def test_training_on_nothing_is_a_clear_error(tiny, data, tmp_path):
     train, _ = data
     s = [TrainSample(np.array(train[0]["input_ids"], dtype=np.int32), np.zeros(len(train[0]["input_ids"]), bool))]
     with pytest.raises(ValueError, match="no sample has a selected token"):
-        train_lora(str(tiny.model), s, _cfg(), tmp_path / "b", progress=False)
+        training_table(s)
+
+
+def test_effective_batch_must_divide_into_micro_batches():
+    with pytest.raises(ValueError, match="not a multiple of per_device_batch_size 8 x ray.train_workers 2"):
+        TrainConfig(batch_size=24, per_device_batch_size=8).accumulation(2)
+    assert TrainConfig(batch_size=48, per_device_batch_size=8).accumulation(3) == 2
 
 
 def test_continued_training_starts_from_previous_adapter(tiny, data, tmp_path):
     """theta_{t+1} = theta_t fine-tuned: the second run starts at the first run's loss, not the base's."""
     train, _ = data
     samples = [TrainSample(np.array(r["input_ids"], dtype=np.int32), np.array(r["response_mask"])) for r in train[:120]]
-    first = train_lora(str(tiny.model), samples, _cfg(epochs=2), tmp_path / "t1", progress=False)
-    second = train_lora(str(tiny.model), samples, _cfg(), tmp_path / "t2", init_adapter=str(tmp_path / "t1"),
-                        progress=False)
+    first = _train(tiny, samples, tmp_path / "t1", epochs=2)
+    second = _train(tiny, samples, tmp_path / "t2", init_adapter=str(tmp_path / "t1"))
     assert second["init_adapter"] == str(tmp_path / "t1")
     assert second["first_loss"] < first["first_loss"] - 0.05
+    assert lora_shape(tmp_path / "t2") == lora_shape(tmp_path / "t1")
+
+
+def test_loss_is_the_kept_token_mean_of_a_step(tiny, data, tmp_path):
+    """The first step's loss equals a direct forward pass's mean NLL over the kept tokens
+    of the step's samples, however the step is split into micro-batches."""
+    train, _ = data
+    rng = np.random.default_rng(1)
+    samples = [TrainSample(np.array(r["input_ids"], dtype=np.int32),
+                           np.array(r["response_mask"]) & (rng.random(len(r["input_ids"])) < 0.6)) for r in train[:16]]
+    one = _train(tiny, samples, tmp_path / "one", per_device_batch_size=16)
+    four = _train(tiny, samples, tmp_path / "four", per_device_batch_size=4)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.model).eval()
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in samples:
+            if not s.label_mask.any():
+                continue
+            logits = model(torch.tensor(s.input_ids[None].astype(np.int64))).logits[0]
+            pos = np.flatnonzero(s.label_mask)
+            lp = torch.log_softmax(logits[pos - 1].float(), -1)
+            nll -= float(lp[torch.arange(len(pos)), torch.tensor(s.input_ids[pos].astype(np.int64))].sum())
+            n += len(pos)
+    # LoRA B starts at zero, so step 1 sees the base model
+    assert one["first_loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert four["first_loss"] == pytest.approx(nll / n, rel=1e-5)
 
 
 def test_exact_match_equals_greedy_decoding(tiny, data):

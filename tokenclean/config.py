@@ -6,7 +6,7 @@ Python and a run is reproducible from the YAML that is copied into its workdir.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -87,15 +87,46 @@ class LoraConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """LoRA SFT on the kept tokens (transformers ``Trainer``, data parallel over Ray Train workers).
+
+    The optimisation is set in samples: ``batch_size`` samples per optimiser step =
+    ``per_device_batch_size`` x gradient accumulation x ``ray.train_workers``; the
+    accumulation is derived and must come out whole. Fields marked *execution* change how
+    the work is spread, not what is learned, so they are not part of an adapter's key
+    (they do key its checkpoints: a resumed run continues only under the same layout).
+    """
+
     lr: float = 1e-4
     warmup_ratio: float = 0.03
     schedule: Literal["linear", "constant"] = "linear"
     epochs: int = 1
-    batch_tokens: int = Field(8192, description="token budget per optimiser step (padding included)")
+    batch_size: int = Field(48, description="effective batch in samples (the paper's 48)", ge=1)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     seed: int = 0
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    callbacks: list[str] = Field(default_factory=list,
+                                 description="extra transformers TrainerCallbacks, as package.module:Class")
+    per_device_batch_size: int = Field(8, ge=1, description="execution: samples packed into one micro-batch")
+    gradient_checkpointing: bool = Field(False, description="execution: recompute activations in backward")
+    checkpoint_every: int = Field(50, ge=0, description="execution: optimiser steps between checkpoints (0: none)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="execution: fsdp shards the base over workers")
+
+    EXECUTION: ClassVar[frozenset[str]] = frozenset(
+        {"per_device_batch_size", "gradient_checkpointing", "checkpoint_every", "strategy"})
+
+    def learning(self) -> dict:
+        """The fields that decide what is learned: an adapter's key is derived from these."""
+        return self.model_dump(mode="json", exclude=set(self.EXECUTION))
+
+    def accumulation(self, workers: int) -> int:
+        per_step = self.per_device_batch_size * workers
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size {self.batch_size} is not a multiple of per_device_batch_size "
+                f"{self.per_device_batch_size} x ray.train_workers {workers} = {per_step}: the effective batch "
+                "must be a whole number of micro-batches")
+        return self.batch_size // per_step
 
 
 class EvalConfig(_Strict):
@@ -104,9 +135,17 @@ class EvalConfig(_Strict):
 
 
 class RayConfig(_Strict):
+    """Where work runs. The driver (flow process) only plans and writes DuckDB; scoring,
+    training and evaluation are Ray work that declares the resources it needs."""
+
     address: str | None = Field(None, description="ray://host:10001 or 'auto'; None starts a local cluster")
     num_cpus: int | None = None
-    num_gpus_per_task: float = Field(0.0, description="set to 1 to pin one scoring task per GPU")
+    num_gpus_per_task: float = Field(0.0, description="GPUs per scoring task (1 pins one task per GPU)")
+    train_workers: int = Field(1, ge=1, description="data-parallel training workers (Ray Train)")
+    gpus_per_train_worker: float = Field(0.0, ge=0, description="GPUs per training worker")
+    cpus_per_train_worker: float = Field(1.0, gt=0)
+    gpus_per_eval_task: float = Field(0.0, ge=0, description="GPUs for an evaluation task")
+    train_max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint)")
     enabled: bool = True
 
 

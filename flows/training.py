@@ -1,0 +1,90 @@
+"""Place LoRA training on the cluster: Ray Train workers, data parallel, restarted from checkpoints.
+
+The driver (the flow process) never loads the model. It builds the training set as an
+Arrow table (token ids + selection labels) that travels through Ray's object store, and
+places the work with declared resources (``ray.cpus_per_train_worker`` /
+``ray.gpus_per_train_worker``): one worker is a Ray task; ``ray.train_workers`` > 1 is a
+``TorchTrainer`` (Ray Train) worker group. Ray Train forms the
+process group (NCCL on GPUs, gloo on CPUs), and each worker runs
+``tasks.train.train_worker``: transformers' ``Trainer``, which sees the process group
+and trains DDP (or FSDP with ``train.strategy: fsdp``). A worker that dies makes Ray
+Train restart the group (``ray.train_max_failures``); the restarted workers resume
+from the newest complete Trainer checkpoint under the job's checkpoint directory, as
+a re-run of the flow does.
+
+The finished adapter is written by rank 0 to ``adapters/<train key>`` and checkpoints
+to ``checkpoints/<train key>/<layout>``: both are paths in the run directory, which
+therefore has to be storage every training node can reach (a shared filesystem) on a
+multi-node cluster. Statistics are rank 0's ``train.json`` beside the adapter (Ray Train V2
+keeps reported metrics only with a checkpoint).
+
+With ``ray.enabled: false`` the same worker function runs in this process (one worker).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tokenclean.config import RayConfig
+from tokenclean.tasks.train import TrainJob, train_worker
+
+
+def _ray_train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray
+
+    train_worker(config["job"], node=ray.get_runtime_context().get_node_id())
+
+
+def _remote(num_cpus: float, num_gpus: float):
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def train_adapter(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
+    """Train ``job`` where the config places it; return its statistics (with ``placement``).
+
+    * Ray off: in this process.
+    * One worker: a Ray task (the ``train-adapter`` Prefect task submitted to the flow's
+      Ray task runner) with the declared CPUs/GPUs. No process group is needed, and the
+      task lands on a warm Ray worker: starting a Ray Train worker group costs ~20 s on
+      a 2-core machine, which is most of a small run. Ray re-executes a task whose
+      worker died; the new attempt resumes from the last checkpoint.
+    * Several workers: Ray Train (``data_parallel``).
+    """
+    from tokenclean.tasks.steps import train_task
+
+    if not ray_cfg.enabled:
+        if ray_cfg.train_workers != 1:
+            raise ValueError(f"ray.train_workers = {ray_cfg.train_workers} needs Ray (ray.enabled: true)")
+        return train_task(job)
+    if ray_cfg.train_workers == 1:
+        with _remote(ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker):
+            return train_task.submit(job).result()
+    return data_parallel(job, ray_cfg, storage)
+
+
+def data_parallel(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
+    """``ray_cfg.train_workers`` Ray Train workers, DDP (or FSDP) over their process group."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus = ray_cfg.gpus_per_train_worker
+    resources = {"CPU": ray_cfg.cpus_per_train_worker} | ({"GPU": gpus} if gpus else {})
+    job = dataclasses.replace(job, data=ray.put(job.data))
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers, use_gpu=gpus > 0,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        run_config=RunConfig(name=f"train-{job.key}", storage_path=str(storage.resolve()),
+                             failure_config=FailureConfig(max_failures=ray_cfg.train_max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return json.loads((Path(job.out_dir) / "train.json").read_text())
