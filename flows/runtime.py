@@ -72,18 +72,23 @@ def task_runner(cfg: RayConfig):
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_ray import RayTaskRunner
 
+    address = ray_address(cfg)
+    init = ray_init_kwargs(address is None, cfg.num_cpus)
+    # "local" forces a fresh cluster even if a stale /tmp/ray/ray_current_cluster
+    # points at a dead one (plain ray.init() would try to join it).
+    return RayTaskRunner(address=address or "local", init_kwargs=init)
+
+
+def ray_init_kwargs(local: bool, num_cpus: int | None = None) -> dict:
+    """``ray.init`` keyword arguments for the flow's Ray connection (and ``tokenclean lm-eval``)."""
     # PYTHONPATH lets workers import a custom scorer (score.backend: package.module:Factory).
     passed = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
               "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "PYTHONPATH")
     env = {k: os.environ[k] for k in passed if k in os.environ}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    address = ray_address(cfg)
     init: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if address is None:
+    if local:
         # Local cluster: no dashboard (it wants extra ports and a process per node).
-        init |= {"include_dashboard": False, "num_cpus": cfg.num_cpus or os.cpu_count() or 1}
+        init |= {"include_dashboard": False, "num_cpus": num_cpus or os.cpu_count() or 1}
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # "local" forces a fresh cluster even if a stale /tmp/ray/ray_current_cluster
-        # points at a dead one (plain ray.init() would try to join it).
-        address = "local"
-    return RayTaskRunner(address=address, init_kwargs=init)
+    return init

@@ -93,7 +93,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     t0 = time.perf_counter()
     stats = {"model": name, "key": model_key, "samples_total": n_total, "samples_skipped": n_total - n_todo - rec_samples,
              "shards_recovered": rec_shards, "samples_recovered": rec_samples, "shards_scored": 0,
-             "samples_scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}}
+             "samples_scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}, "placement": []}
     bar = tqdm(total=total, desc=f"score {name}", unit="tok", unit_scale=True, disable=not progress or not todo)
     artifact = _progress_artifact(name, len(todo)) if todo else None
     pending: dict = {}
@@ -126,6 +126,8 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
             stats["samples_scored"] += res["n_samples"]
             stats["workers"].setdefault(str(res["pid"]), set()).add(res["model_id"])
             stats["tokens"] += res["n_tokens"]
+            if {"node": res["node"]} not in stats["placement"]:
+                stats["placement"].append({"node": res["node"]})
             bar.update(res["n_tokens"])
             elapsed = time.perf_counter() - t0
             bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", shards=f"{stats['shards_scored']}/{len(todo)}")

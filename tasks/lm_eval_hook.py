@@ -295,14 +295,32 @@ def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int 
     return key
 
 
+def _lm_eval_job(base: str, adapter_dir: str | None, tasks: list[str], task_dirs, limit, batch_size, device: str,
+                 facts: tuple[int, int] | None) -> tuple[dict, str]:
+    """One lm-eval run where it executes (this process or a Ray worker): (results, task-sources key).
+
+    The embedded world's facts file is regenerated here, so a remote worker needs no file
+    from the driver's disk.
+    """
+    data_files: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
+        if facts is not None:
+            data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", *facts))
+        results = run_lm_eval(base, adapter_dir, tasks, task_dirs=task_dirs, limit=limit, batch_size=batch_size,
+                              device=device, data_files=data_files or None)
+        return results, task_sources_digest(tasks, task_dirs, data_files)
+
+
 def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[str], *, limit: int | None = None,
-                        batch_size: int | str = 8, device: str = "cpu",
-                        task_dirs: list[str] | None = None) -> dict[str, dict[str, float]]:
+                        batch_size: int | str = 8, device: str = "cpu", task_dirs: list[str] | None = None,
+                        ray_address: str | None = None, gpus: float = 0.0) -> dict[str, dict[str, float]]:
     """lm-eval on a run's base model or one of its variants' adapters (``global``, ``self-evolving@2``); records metrics.
 
     The adapter is found through the latest run's outputs by the variant's name, and the
     results are stored under the key of the exact model evaluated.
     For a run on the embedded default the ``tokenclean_facts`` data is regenerated for that run's world.
+    With ``ray_address`` the harness runs as a Ray task asking for ``gpus`` GPUs (the model
+    and adapter paths must be visible on that node); otherwise in this process.
     """
     from tokenclean.tasks import store
     from tokenclean.summary import output_key
@@ -327,18 +345,26 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
             model_key, adapter_dir = rec["model"], str(run_dir / rec["path"])
     finally:
         con.close()
-    data_files: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
-        cfg_path = run_dir / "config.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-        if FACTS_TASK in tasks and (cfg.get("model") or {}).get("base") == "embedded":
-            from tokenclean.config import EmbeddedConfig
+    cfg_path = run_dir / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    facts = None
+    if FACTS_TASK in tasks and (cfg.get("model") or {}).get("base") == "embedded":
+        from tokenclean.config import EmbeddedConfig
 
-            e = EmbeddedConfig.model_validate(cfg.get("embedded") or {})
-            data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", e.n_people, e.seed))
-        results = run_lm_eval(str(base), adapter_dir, tasks, task_dirs=task_dirs,
-                              limit=limit, batch_size=batch_size, device=device, data_files=data_files or None)
-        sources = task_sources_digest(tasks, task_dirs, data_files)
+        e = EmbeddedConfig.model_validate(cfg.get("embedded") or {})
+        facts = (e.n_people, e.seed)
+    args = (str(base), adapter_dir, tasks, task_dirs, limit, batch_size, device, facts)
+    if ray_address is None:
+        results, sources = _lm_eval_job(*args)
+    else:
+        import ray
+
+        from tokenclean.flows.runtime import ray_init_kwargs
+
+        if not ray.is_initialized():
+            ray.init(address=ray_address, **ray_init_kwargs(ray_address == "local"))
+        job = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_lm_eval_job)
+        results, sources = ray.get(job.remote(*args))
     con = store.connect(db, wait_s=30)
     try:
         record_lm_eval(con, model_key, adapter or "base", tasks, limit, results,

@@ -70,7 +70,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
                       batch_tokens=batch_tokens, chunk=chunk)
     return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),
             "n_samples": len(samples), "seconds": time.perf_counter() - t0, "pid": os.getpid(),
-            "model_id": id(sm), "numerics": getattr(sm, "numerics", None)}
+            "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "node": _where()["node"]}
 
 
 def _where() -> dict:

@@ -64,3 +64,36 @@ def shard_first_ids(cfg, parts: list[int]) -> list[int]:
         ctx.con.close()
     n = cfg.score.shard_samples
     return [ids[j] for j in range(0, len(ids), n)]
+
+
+KILL_TRAINING_ENV = "TOKENCLEAN_KILL_TRAINING"
+
+
+class KillAfterCheckpoint:
+    """``train.callbacks: [tests.faults:KillAfterCheckpoint]``: SIGKILL one training worker, once.
+
+    ``TOKENCLEAN_KILL_TRAINING=rank:step:marker``: the worker of that rank kills itself
+    right after the checkpoint of ``step`` is saved, if ``marker`` does not exist yet
+    (it is created first, so the fault happens once across restarts). Killing right
+    after a save means a correct resume repeats no step.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Kill(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                spec = os.environ.get(KILL_TRAINING_ENV)
+                if not spec:
+                    return
+                rank, step, marker = spec.split(":", 2)
+                if args.process_index != int(rank) or state.global_step != int(step):
+                    return
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return
+                os.close(fd)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return _Kill()

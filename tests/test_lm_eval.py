@@ -30,15 +30,16 @@ def facts(tiny, tmp_path_factory):
 def adapter(tiny, tokenizer, tmp_path_factory):
     """A LoRA adapter trained on the test world's SFT data: it has learnt (some of) the facts."""
     from tokenclean.tasks.ingest import ingest
-    from tokenclean.tasks.train import TrainSample, train_lora
-    from tokenclean.config import LoraConfig, TrainConfig
+    from tokenclean.tasks.train import TrainJob, TrainSample, train_worker, training_table
 
     res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=1, seed=0)
     samples = [TrainSample(np.array(r["input_ids"], dtype=np.int32), np.array(r["response_mask"]))
                for r in res.samples.to_pylist()]
-    cfg = TrainConfig(lr=5e-3, batch_tokens=2048, epochs=3, lora=LoraConfig(r=16, alpha=64, dropout=0.0))
+    cfg = {"lr": 5e-3, "batch_size": 48, "per_device_batch_size": 16, "epochs": 3, "checkpoint_every": 0,
+           "lora": {"r": 16, "alpha": 64, "dropout": 0.0}}
     out = tmp_path_factory.mktemp("lm_eval_adapter") / "theta"
-    train_lora(str(tiny.model), samples, cfg, out, progress=False)
+    train_worker(TrainJob(str(tiny.model), cfg, training_table(samples), str(out), str(out) + ".ckpt", key="theta",
+                          device="cpu", dtype="float32"))
     return out
 
 
@@ -193,6 +194,14 @@ def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs
     assert store.artifact_inputs(con, "eval", key)["model"] == "c1"  # keyed by the adapter's model key
     con.close()
     assert rows["acc"] == pytest.approx(res[FACTS_TASK]["acc"])
+    # the same evaluation as a Ray task (what `--ray-address ... --gpus 1` does on a GPU cluster)
+    import ray
+
+    try:
+        on_ray = run_lm_eval_for_run(run, "reference", [FACTS_TASK], limit=LIMIT, ray_address="local")
+    finally:
+        ray.shutdown()
+    assert on_ray == res
     with pytest.raises(ValueError, match="no adapter named 'missing'"):
         run_lm_eval_for_run(run, "missing", [FACTS_TASK], limit=2)
 

@@ -228,15 +228,18 @@ def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
                 tasks: list[str] = typer.Option(["tokenclean_facts"], "--tasks", help="lm-eval task (repeatable)"),
                 limit: Optional[int] = typer.Option(None, help="examples per task"),
                 batch_size: int = typer.Option(8),
-                device: str = typer.Option("cpu")) -> None:
+                device: str = typer.Option("cpu"),
+                ray_address: Optional[str] = typer.Option(
+                    None, help="run the harness as a Ray task on this cluster ('auto', ray://host:10001, 'local')"),
+                gpus: float = typer.Option(0.0, help="GPUs the Ray task asks for (with --ray-address)")) -> None:
     """Run lm-evaluation-harness tasks on the base model or an adapter; record into the run's metrics."""
     from tokenclean.tasks.lm_eval_hook import run_lm_eval_for_run
     from tokenclean.tasks.store import DatabaseBusy
 
     _quiet_env()
     try:
-        res = run_lm_eval_for_run(run, adapter, tasks, limit=limit,
-                                  batch_size=batch_size, device=device)
+        res = run_lm_eval_for_run(run, adapter, tasks, limit=limit, batch_size=batch_size, device=device,
+                                  ray_address=ray_address, gpus=gpus)
     except (FileNotFoundError, ValueError, DatabaseBusy) as e:
         _fail(str(e))
     typer.echo(json.dumps(res, indent=2))

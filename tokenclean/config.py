@@ -97,9 +97,9 @@ class TrainConfig(_Strict):
     """
 
     lr: float = 1e-4
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the optimiser steps spent warming up")
     schedule: Literal["linear", "constant"] = "linear"
-    epochs: int = 1
+    epochs: int = Field(1, ge=1)
     batch_size: int = Field(48, description="effective batch in samples (the paper's 48)", ge=1)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
