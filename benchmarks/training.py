@@ -10,7 +10,7 @@ number of optimiser steps:
 * ``tokenclean`` -- ``tasks.train``'s ``SelectedTokenTrainer``: padding-free packing
   (``DataCollatorWithFlattening``), varlen attention, lm_head only at kept positions.
 * ``padded``     -- ``transformers.Trainer`` with the model's own loss: samples padded to
-  the micro-batch's longest (``DataCollatorForSeq2Seq``), full logits.
+  the micro-batch's longest (``pad_collate``), full logits.
 
 Figures: tokens/s (real tokens: padding not counted), peak memory (GPU allocator; on CPU
 the process's max RSS), and the ratio of the floor to the measured time. The floor is
@@ -52,6 +52,20 @@ def selected_samples(lengths, vocab: int, seed: int, keep: float = 0.6) -> list[
     return out
 
 
+def pad_collate(features: list[dict]) -> dict:
+    """The baseline's batches: right-padded to the micro-batch's longest sample, labels -100 on padding."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros((len(features), width), dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 class StepTimer:
     """A TrainerCallback timing optimiser steps after ``warmup`` (device-synchronised)."""
 
@@ -80,7 +94,7 @@ class StepTimer:
 def run_variant(variant: str, name: str, args, device, dtype, samples, table) -> dict:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     model = build_model(SHAPES[name], device, dtype, args.seed)
     model.config.use_cache = False
@@ -102,8 +116,7 @@ def run_variant(variant: str, name: str, args, device, dtype, samples, table) ->
                                    data_collator=packing_collator(), callbacks=[timer])
     else:
         trainer = Trainer(model=model, args=targs, train_dataset=Dataset(table), callbacks=[timer],
-                          data_collator=DataCollatorForSeq2Seq(None, padding="longest", label_pad_token_id=IGNORE,
-                                                               return_tensors="pt"))
+                          data_collator=pad_collate)
     # The exact samples of the timed steps, in the Trainer's own order: tokens are counted on them.
     loader = trainer.get_train_dataloader()
     n_tok = padded = 0

@@ -118,9 +118,10 @@ def test_cleaning_drops_corrupted_tokens(finished_run):
                   [_out(finished_run, variant, "selection")])[0][0]
 
     assert corrupted_share("global") < 0.6 * corrupted_share("full")
+    scores = _q(finished_run, "SELECT scores FROM selections WHERE selection = ?",
+                [_out(finished_run, "global", "selection")])[0][0]
     by_truth = dict(_q(finished_run, "SELECT r.truth, avg(s.score) FROM token_scores s JOIN response_tokens r "
-                                     "USING (sample_id, pos) WHERE s.scores = ? GROUP BY 1",
-                       [_out(finished_run, "reference", "scores")]))
+                                     "USING (sample_id, pos) WHERE s.scores = ? GROUP BY 1", [scores]))
     assert by_truth[1] > by_truth[0] > by_truth[2]  # informative > filler > corrupted
 
 
