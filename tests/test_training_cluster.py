@@ -150,6 +150,12 @@ def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, tmp_path):
     try:
         cfg = tiny_config(tmp_path, name="placed", mode="fixed", iterations=1, baselines=["global"])
         cfg["model"]["device"] = "cpu"  # the logical GPU has no device behind it
+        # a small pool in one shard per model: placement is the point, and every task here
+        # queues for the one (logical) GPU
+        rows = open(tiny.train).read().splitlines()[:120]
+        (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+        cfg["data"] = {"max_length": 256, "paths": [str(tmp_path / "train.jsonl")], "eval_paths": [str(tiny.eval)]}
+        cfg["score"] = {"batch_tokens": 4096, "shard_samples": 512}
         cfg["eval"] = {"max_samples": 20}
         cfg["warmup_train"]["epochs"] = 1  # placement is the point here, not a well-trained reference
         cfg["ray"] = {"address": cluster.address, "num_gpus_per_task": 1, "gpus_per_train_worker": 1,
