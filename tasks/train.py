@@ -33,6 +33,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,6 +249,9 @@ def train_worker(job: TrainJob, node: str | None = None) -> dict:
 
     from datasets import Dataset
 
+    # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing; the old name
+    # is kept because the GPU image's transformers (5.17) may predate the new one.
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     cfg = TrainConfig.model_validate(job.cfg)
     rank, world = _world()
     accumulation = cfg.accumulation(world)
