@@ -200,13 +200,10 @@ def _progress_callback(path: Path, rank: int):
 
     class StepLog(TrainerCallback):
         def __init__(self):
-            self.first_step = None
-            self.steps_run = 0
+            self.steps_run = 0  # optimiser steps run by this attempt (fewer than the total after a resume)
 
         def on_step_end(self, args, state, control, **kw):
             self.steps_run += 1
-            if self.first_step is None:
-                self.first_step = state.global_step
             if rank == 0:
                 with open(path, "a") as f:
                     f.write(json.dumps({"step": state.global_step, "of": state.max_steps, "pid": os.getpid(),
@@ -242,8 +239,8 @@ def _world() -> tuple[int, int]:
 def train_worker(job: TrainJob, node: str | None = None) -> dict:
     """Train on this worker (one of ``world_size``); rank 0 saves the adapter atomically.
 
-    Returns the run's statistics, the same on every rank; ``nodes`` lists where each rank
-    ran (``node``: this worker's Ray node id, or the host name).
+    Returns the run's statistics, the same on every rank; ``placement`` lists where each
+    rank ran (``node``: this worker's Ray node id, or the host name).
     """
     from transformers import TrainingArguments, set_seed
 
