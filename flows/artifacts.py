@@ -26,6 +26,7 @@ from tokenclean.flows.scoring import score_model
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
 from tokenclean.tasks.select import load_selected
+from tokenclean.flows.runtime import run_placed
 from tokenclean.flows.training import train_adapter
 from tokenclean.tasks.steps import evaluate_task, select_task
 from tokenclean.tasks.train import TrainJob, training_table
@@ -184,15 +185,9 @@ def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> 
         name = label(variant, iteration)
         t0 = time.perf_counter()
         samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
-        kw = dict(batch_tokens=cfg.eval.batch_tokens, device=cfg.model.device, dtype=cfg.model.dtype, label=name)
-        args = (ctx.base_path, ctx.base_model, model.adapter, model.key, samples, meta)
-        if cfg.ray.enabled:
-            from prefect_ray.context import remote_options
-
-            with remote_options(num_cpus=1, num_gpus=cfg.ray.gpus_per_eval_task):
-                result = evaluate_task.submit(*args, **kw).result()
-        else:
-            result = evaluate_task(*args, **kw)
+        result = run_placed(evaluate_task, cfg.ray, 1, cfg.ray.gpus_per_eval_task, ctx.base_path, ctx.base_model,
+                            model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
+                            device=cfg.model.device, dtype=cfg.model.dtype, label=name)
         placement = result.pop("placement")
         if placement["numerics"] != ctx.eval_numerics:
             raise RuntimeError(f"evaluating {name}: the worker computed with {placement['numerics']} but the key "

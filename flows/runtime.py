@@ -79,6 +79,17 @@ def task_runner(cfg: RayConfig):
     return RayTaskRunner(address=address or "local", init_kwargs=init)
 
 
+def run_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, **kwargs):
+    """Run a Prefect ``task`` once and return its result: on a Ray worker holding ``cpus``/``gpus``
+    (submitted to the flow's Ray task runner), or in this process when Ray is off."""
+    if not cfg.enabled:
+        return task(*args, **kwargs)
+    from prefect_ray.context import remote_options
+
+    with remote_options(num_cpus=cpus, num_gpus=gpus):
+        return task.submit(*args, **kwargs).result()
+
+
 def ray_init_kwargs(local: bool, num_cpus: int | None = None) -> dict:
     """``ray.init`` keyword arguments for the flow's Ray connection (and ``tokenclean lm-eval``)."""
     # PYTHONPATH lets workers import a custom scorer (score.backend: package.module:Factory).

@@ -32,15 +32,7 @@ from tokenclean.tasks.train import TrainJob, train_worker
 
 def _ray_train_loop(config: dict) -> None:
     """Runs on every Ray Train worker."""
-    import ray
-
-    train_worker(config["job"], node=ray.get_runtime_context().get_node_id())
-
-
-def _remote(num_cpus: float, num_gpus: float):
-    from prefect_ray.context import remote_options
-
-    return remote_options(num_cpus=num_cpus, num_gpus=num_gpus)
+    train_worker(config["job"])
 
 
 def train_adapter(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
@@ -54,15 +46,13 @@ def train_adapter(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
       worker died; the new attempt resumes from the last checkpoint.
     * Several workers: Ray Train (``data_parallel``).
     """
+    from tokenclean.flows.runtime import run_placed
     from tokenclean.tasks.steps import train_task
 
-    if not ray_cfg.enabled:
-        if ray_cfg.train_workers != 1:
-            raise ValueError(f"ray.train_workers = {ray_cfg.train_workers} needs Ray (ray.enabled: true)")
-        return train_task(job)
+    if not ray_cfg.enabled and ray_cfg.train_workers != 1:
+        raise ValueError(f"ray.train_workers = {ray_cfg.train_workers} needs Ray (ray.enabled: true)")
     if ray_cfg.train_workers == 1:
-        with _remote(ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker):
-            return train_task.submit(job).result()
+        return run_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job)
     return data_parallel(job, ray_cfg, storage)
 
 

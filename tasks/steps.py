@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tokenclean.tasks import store
 from tokenclean.tasks.evaluate import evaluate_model
+from tokenclean.tasks.placement import where
 from tokenclean.tasks.score import process_model
 from tokenclean.tasks.train import TrainJob, train_worker
 
@@ -70,20 +71,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
                       batch_tokens=batch_tokens, chunk=chunk)
     return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),
             "n_samples": len(samples), "seconds": time.perf_counter() - t0, "pid": os.getpid(),
-            "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "node": _where()["node"]}
-
-
-def _where() -> dict:
-    """Where this task runs: the Ray node id (or host name off Ray) and the process id."""
-    import socket
-
-    try:
-        import ray
-
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    except Exception:  # noqa: BLE001 - placement is informational
-        node = None
-    return {"node": node or socket.gethostname(), "pid": os.getpid()}
+            "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "node": where()["node"]}
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)
@@ -93,7 +81,7 @@ def train_task(job: TrainJob) -> dict:
     A Ray worker that dies mid-run is re-executed by Ray (task retries on system
     failure) and resumes from the newest complete checkpoint under the job's key.
     """
-    stats = train_worker(job, node=_where()["node"])
+    stats = train_worker(job)
     get_run_logger().info("train %s: %s", job.label,
                           {k: stats[k] for k in ("steps", "steps_run", "resumed_from", "label_tokens", "final_loss")})
     return stats
@@ -119,6 +107,6 @@ def evaluate_task(base_path: str, base_key: str, adapter: str | None, model_key:
 
     result = evaluate_model(base_path, adapter, samples, meta, batch_tokens=batch_tokens, device=device, dtype=dtype,
                             base_key=base_key, adapter_key=model_key if adapter else None)
-    result["placement"] = _where() | {"numerics": numerics(device, dtype)}
+    result["placement"] = where() | {"numerics": numerics(device, dtype)}
     get_run_logger().info("evaluate %s: %s", label, result["overall"])
     return result

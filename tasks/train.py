@@ -31,7 +31,6 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenclean.config import TrainConfig
+from tokenclean.tasks.placement import where
 from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, register_varlen_attention
 from tokenclean.tasks.score import decoder_and_head, numerics, resolve_device, resolve_dtype
 
@@ -236,11 +236,11 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def train_worker(job: TrainJob, node: str | None = None) -> dict:
+def train_worker(job: TrainJob) -> dict:
     """Train on this worker (one of ``world_size``); rank 0 saves the adapter atomically.
 
     Returns the run's statistics, the same on every rank; ``placement`` lists where each
-    rank ran (``node``: this worker's Ray node id, or the host name).
+    rank ran (``tasks.placement.where``).
     """
     from transformers import TrainingArguments, set_seed
 
@@ -301,12 +301,12 @@ def train_worker(job: TrainJob, node: str | None = None) -> dict:
              "tokens_per_s": n_tok * cfg.epochs / seconds if seconds and not resume else None,
              "world_size": world, "accumulation": accumulation, "init_adapter": job.init_adapter, "key": job.key,
              "numerics": numerics(str(device), job.dtype), **job.extra}
-    where = {"node": node or socket.gethostname(), "pid": os.getpid(), "device": str(device)}
+    here = where() | {"device": str(device)}
     if world > 1:
         placed: list = [None] * world
-        torch.distributed.all_gather_object(placed, where)
+        torch.distributed.all_gather_object(placed, here)
     else:
-        placed = [where]
+        placed = [here]
     stats["placement"] = placed
     if rank == 0:
         out_dir = Path(job.out_dir)
