@@ -24,7 +24,7 @@ from prefect import get_run_logger
 from tokenclean.flows.prepare import RunContext
 from tokenclean.flows.scoring import score_model
 from tokenclean.tasks import keys, store
-from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
+from tokenclean.tasks.evaluate import METRICS_VERSION, load_eval_samples, metric_rows
 from tokenclean.tasks.select import load_selected
 from tokenclean.flows.runtime import run_placed
 from tokenclean.flows.training import train_adapter
@@ -178,7 +178,8 @@ def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> 
     """
     cfg = ctx.cfg
     eval_set = store.pool_digest(ctx.con, ctx.dataset, [store.EVAL_PART], limit=cfg.eval.max_samples)
-    key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": "loss+em-v1",
+    key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": METRICS_VERSION,
+                                              "max_new_tokens": cfg.eval.max_new_tokens,
                                               "numerics": ctx.eval_numerics})
     computed = not store.eval_done(ctx.con, key)
     if computed:
@@ -187,7 +188,8 @@ def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> 
         samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
         result = run_placed(evaluate_task, cfg.ray, 1, cfg.ray.gpus_per_eval_task, ctx.base_path, ctx.base_model,
                             model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
-                            device=cfg.model.device, dtype=cfg.model.dtype, label=name)
+                            device=cfg.model.device, dtype=cfg.model.dtype, label=name,
+                            tokenizer_path=ctx.tokenizer_path, max_new_tokens=cfg.eval.max_new_tokens)
         placement = result.pop("placement")
         if placement["numerics"] != ctx.eval_numerics:
             raise RuntimeError(f"evaluating {name}: the worker computed with {placement['numerics']} but the key "

@@ -34,7 +34,7 @@ def warmup_reference(ctx: RunContext) -> Model:
 
 def run_fixed_model(ctx: RunContext) -> None:
     """Fixed-model cleaning and the baselines: one reference (theta_1) scores the whole pool once."""
-    cfg, pool = ctx.cfg, ctx.train_parts
+    cfg, pool = ctx.cfg, ctx.pool_parts
     theta1 = warmup_reference(ctx)
     scores = None
     if any(m in ("global", "local") for m in cfg.baselines):
@@ -115,7 +115,7 @@ def refresh_ranking(ctx: RunContext) -> dict:
     Keys make it incremental: unchanged samples keep their losses, only new or changed
     ones are scored; the reference is retrained only if D0 itself changed.
     """
-    pool = ctx.train_parts
+    pool = ctx.pool_parts
     theta1 = warmup_reference(ctx)
     ensure_losses(ctx, "base", 0, base(ctx), pool)
     ensure_losses(ctx, "reference", 0, theta1, pool)

@@ -23,6 +23,7 @@ class RunContext:
     cfg: RunConfig
     con: object  # duckdb connection, owned by the flow process
     base_path: str
+    tokenizer_path: str
     run_dir: Path
     dataset: str  # key of the ingested dataset this run works on
     base_model: str  # key of the base model's weights
@@ -33,8 +34,12 @@ class RunContext:
     flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
 
     @property
-    def train_parts(self) -> list[int]:
-        return list(range(self.cfg.iterations + 1))
+    def pool_parts(self) -> list[int]:
+        """The fixed-model pool. By default D0 is left out: the reference was trained on it
+        (``epochs`` passes), so its tokens score as easy and are over-kept; the official code
+        keeps the warm-up file apart from the pool it cleans."""
+        first = 1 if self.cfg.select.pool == "exclude_warmup" else 0
+        return list(range(first, self.cfg.iterations + 1))
 
     def adapter_dir(self, key: str) -> Path:
         return self.run_dir / "adapters" / key
@@ -104,13 +109,13 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path)
     try:
-        tokenization = tokenization_of(tokenizer, cfg.data.max_length)
+        tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template)
         split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
                  "seed": cfg.data.seed}
         inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths)
         dataset = keys.dataset_key(tokenization, inputs, split)
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
-                            inputs, cfg.model.tokenizer or base_path, progress=progress)
+                            inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
@@ -119,13 +124,13 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     except BaseException:
         con.close()  # release the file lock for whoever runs next
         raise
-    return RunContext(cfg, con, base_path, run_dir, dataset, base_model, scorer_settings(cfg),
+    return RunContext(cfg, con, base_path, cfg.model.tokenizer or base_path, run_dir, dataset, base_model, scorer_settings(cfg),
                       placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
                       placed_numerics(cfg, cfg.ray.gpus_per_eval_task), info)
 
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                 inputs: str, tokenizer_path: str, *, progress: bool) -> dict:
+                 inputs: str, tokenizer_path: str, template: str, *, progress: bool) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -133,26 +138,27 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     """
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
-                       tokenizer_path, progress=progress)
+                       tokenizer_path, template, progress=progress)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
 
 
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                inputs: str, tokenizer_path: str, *, progress: bool) -> dict:
+                inputs: str, tokenizer_path: str, template: str, *, progress: bool) -> dict:
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
         return {"ingested": False, **summary}
     t0 = time.perf_counter()
     res = ingest(paths, eval_paths, tokenizer, max_length=max_length, eval_fraction=split["eval_fraction"],
-                 n_parts=split["parts"], seed=split["seed"], tokenization=tokenization, progress=progress)
+                 n_parts=split["parts"], seed=split["seed"], tokenization=tokenization, progress=progress,
+                 template=template)
     if res.samples.num_rows == 0:
         raise ValueError(f"no usable rows in {paths}: all {res.n_read} rows were quarantined "
                          f"(first reason: {res.quarantine[0]['reason'] if res.quarantine else 'empty input'})")
     summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
                "truncated": int(sum(res.samples.column("truncated").to_pylist()))}
     described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
-                 "tokenizer": tokenizer_path, "max_length": max_length, "split": split}
+                 "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
     counts = store.insert_dataset(con, dataset, res.samples, res.quarantine, described, summary)
     return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts}

@@ -1,34 +1,103 @@
-"""Held-out evaluation: response loss and answer exact match, overall and per task.
+"""Held-out evaluation: response loss and two answer metrics, overall and per task.
 
-Exact match is teacher-forced: the answer counts as correct iff every answer token is
-the model's argmax given the gold prefix. That is exactly the condition under which
-greedy decoding from the gold prefix reproduces the answer, computed in one forward
-pass instead of a decode loop.
+* ``answer_match`` (the headline): greedy generation from the prompt alone, up to
+  ``max_new_tokens`` or the end of the turn; correct iff the answer string occurs in the
+  generated text (case and runs of whitespace ignored). This is what a user of the
+  model sees: it has to produce the boilerplate before the answer itself.
+* ``answer_cloze_match``: teacher-forced. Correct iff every answer token is the model's
+  argmax given the *gold* prefix (the boilerplate before the answer is given). Computed
+  in the loss pass at no extra cost; a cloze test, reported beside the headline.
+* ``response_loss``: mean NLL of the response tokens, teacher-forced.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
 from tokenclean.tasks import store
 from tokenclean.tasks.score import ShardSample, process_model
 
+METRICS_VERSION = "loss+cloze+generated-v2"  # part of an evaluation's key: a new metric is a new evaluation
+
 
 def load_eval_samples(con, dataset: str, max_samples: int | None = None):
     rows = store.eval_rows(con, dataset, max_samples)
     samples = [ShardSample(r[0], np.asarray(r[2], dtype=np.int32), np.asarray(r[3], dtype=bool)) for r in rows]
-    meta = {r[0]: {"task": r[1], "answer": (r[4], r[5])} for r in rows}
+    meta = {r[0]: {"task": r[1], "answer": (r[4], r[5]), "answer_text": r[6]} for r in rows}
     return samples, meta
+
+
+def last_turn_start(response_mask: np.ndarray) -> int:
+    """Position of the first token of the last assistant turn: the prompt a generation starts from."""
+    idx = np.flatnonzero(response_mask)
+    if not len(idx):
+        raise ValueError("sample has no response token")
+    gaps = np.flatnonzero(np.diff(idx) > 1)
+    return int(idx[gaps[-1] + 1]) if len(gaps) else int(idx[0])
+
+
+def normalize_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def answer_found(answer: str, generated: str) -> bool:
+    return normalize_answer(answer) in normalize_answer(generated)
+
+
+def stop_token_ids(tokenizer, samples) -> list[int]:
+    """EOS plus every special token that ends a gold response (``<|eot_id|>``, ``<|im_end|>``, ``</s>``)."""
+    special = set(tokenizer.all_special_ids)
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for s in samples:
+        idx = np.flatnonzero(s.target)
+        if len(idx) and int(s.input_ids[idx[-1]]) in special:
+            stops.add(int(s.input_ids[idx[-1]]))
+    return sorted(stops)
+
+
+def generate_responses(model, tokenizer, prompts: list[np.ndarray], *, max_new_tokens: int, stop_ids: list[int],
+                       device, batch_size: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` (token ids), decoded without special tokens.
+
+    transformers' ``generate`` with a KV cache, left-padded batches of similar length
+    (the padding is masked; positions follow the mask).
+    """
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    out: list[str] = [""] * len(prompts)
+    for i in range(0, len(order), batch_size):
+        batch = [prompts[j] for j in order[i:i + batch_size]]
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            mask[r, width - len(p):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None, pad_token_id=pad)
+        for r, j in enumerate(order[i:i + batch_size]):
+            new = gen[r, width:].tolist()
+            cut = next((n for n, t in enumerate(new) if t in stop_ids), len(new))
+            out[j] = tokenizer.decode(new[:cut], skip_special_tokens=True)
+    return out
 
 
 def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_tokens: int, chunk: int = 2048,
                    device: str = "auto", dtype: str = "auto", base_key: str | None = None,
-                   adapter_key: str | None = None) -> dict:
+                   adapter_key: str | None = None, tokenizer_path: str | None = None,
+                   max_new_tokens: int = 128) -> dict:
     """Metrics of base (+ adapter) on the eval samples: {'overall': {...}, 'by_task': {task: {...}}}."""
     if not samples:
         raise ValueError("no held-out samples (part = -1): set data.eval_paths or data.eval_fraction > 0")
     sm = process_model(base_path, device, dtype, model_key=base_key)
     table = sm.losses(samples, adapter=adapter, adapter_key=adapter_key, batch_tokens=batch_tokens, chunk=chunk,
                       with_correct=True)
+    generated = _generated_matches(sm, adapter, adapter_key, samples, meta, tokenizer_path or base_path,
+                                   max_new_tokens) if max_new_tokens > 0 else {}
     sid = table.column("sample_id").to_numpy()
     pos = table.column("pos").to_numpy()
     loss = table.column("loss").to_numpy()
@@ -41,20 +110,24 @@ def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_
                               np.split(ok, bounds)):
         s = int(s_idx[0])
         a0, a1 = meta[s]["answer"]
-        em = None
+        cloze = None
         if a0 is not None and a0 >= 0:
             in_ans = (p >= a0) & (p < a1)
-            em = bool(c[in_ans].all()) if in_ans.any() else None
-        per_sample[s] = {"loss_sum": float(l.sum()), "n": len(l), "em": em, "task": meta[s]["task"]}
+            cloze = bool(c[in_ans].all()) if in_ans.any() else None
+        per_sample[s] = {"loss_sum": float(l.sum()), "n": len(l), "cloze": cloze, "gen": generated.get(s),
+                         "task": meta[s]["task"]}
 
     def agg(items) -> dict:
         items = list(items)
         n = sum(x["n"] for x in items)
-        ems = [x["em"] for x in items if x["em"] is not None]
         out = {"response_loss": sum(x["loss_sum"] for x in items) / n if n else float("nan"),
                "n_samples": len(items)}
-        if ems:
-            out["answer_exact_match"] = float(np.mean(ems))
+        gen = [x["gen"] for x in items if x["gen"] is not None]
+        cloze = [x["cloze"] for x in items if x["cloze"] is not None]
+        if gen:
+            out["answer_match"] = float(np.mean(gen))
+        if cloze:
+            out["answer_cloze_match"] = float(np.mean(cloze))
         return out
 
     by_task: dict[str, list] = {}
@@ -62,6 +135,20 @@ def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_
         if x["task"] is not None:
             by_task.setdefault(x["task"], []).append(x)
     return {"overall": agg(per_sample.values()), "by_task": {t: agg(v) for t, v in sorted(by_task.items())}}
+
+
+def _generated_matches(sm, adapter, adapter_key, samples, meta, tokenizer_path: str, max_new_tokens: int) -> dict:
+    """{sample_id: answer found in the greedy generation} for the samples that carry an answer."""
+    from transformers import AutoTokenizer
+
+    with_answer = [s for s in samples if meta[s.sample_id].get("answer_text")]
+    if not with_answer:
+        return {}
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    prompts = [s.input_ids[:last_turn_start(s.target)] for s in with_answer]
+    texts = sm.generate(prompts, adapter=adapter, adapter_key=adapter_key, tokenizer=tokenizer,
+                        max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer, with_answer))
+    return {s.sample_id: answer_found(meta[s.sample_id]["answer_text"], t) for s, t in zip(with_answer, texts)}
 
 
 def metric_rows(result: dict) -> list[tuple[str, str | None, float]]:

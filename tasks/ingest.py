@@ -25,8 +25,9 @@ from tokenclean.tasks.template import (
     ROLES,
     TRUTH_CORRUPTED,
     TRUTH_INFORMATIVE,
-    TEMPLATE_NAME,
-    render_tulu,
+    TemplateError,
+    render,
+    template_id,
     tokenize_rendered,
     tokenizer_fingerprint,
 )
@@ -221,6 +222,9 @@ SAMPLE_SCHEMA = pa.schema(
         ("input_ids", pa.list_(pa.int32())),
         ("response_mask", pa.list_(pa.bool_())),
         ("truth", pa.list_(pa.uint8())),
+        ("text", pa.string()),
+        ("char_start", pa.list_(pa.int32())),
+        ("char_end", pa.list_(pa.int32())),
     ]
 )
 # What ingest returns per sample: the stored sample, plus where this dataset has it.
@@ -244,23 +248,24 @@ def source_name(source: str) -> str:
     return Path(source).name
 
 
-def tokenization_of(tokenizer, max_length: int) -> str:
-    """Key of how ingest turns text into tokens: tokenizer, template and max length."""
-    return tokenization_key(tokenizer_fingerprint(tokenizer), TEMPLATE_NAME, max_length)
+def tokenization_of(tokenizer, max_length: int, template: str = "tulu") -> str:
+    """Key of how ingest turns text into tokens: tokenizer, template (a model template by its text) and max length."""
+    return tokenization_key(tokenizer_fingerprint(tokenizer), template_id(tokenizer, template), max_length)
 
 
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
-           n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False) -> IngestResult:
-    """Read, validate, render and tokenise every row; sample ids are keyed by ``tokenization``."""
+           n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False,
+           template: str = "tulu") -> IngestResult:
+    """Read, validate, render (``template``: tulu or model) and tokenise every row; sample ids are keyed by
+    ``tokenization``."""
     from tqdm.auto import tqdm
 
-    tokenization = tokenization or tokenization_of(tokenizer, max_length)
+    tokenization = tokenization or tokenization_of(tokenizer, max_length, template)
     cols: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
     quarantine: list[dict] = []
     seen: dict[str, str] = {}
     n_read = 0
-    eos = tokenizer.eos_token
-    if eos is None:
+    if template == "tulu" and tokenizer.eos_token is None:
         raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
     sources = [(e, False) for e in entries] + [(e, True) for e in eval_entries]
     for entry, is_eval in sources:
@@ -272,7 +277,10 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
                 norm = normalize(row.value)
                 if norm.uid in seen:
                     raise RowError(f"duplicate id {norm.uid!r} (first seen in {seen[norm.uid]})")
-                rendered = render_tulu(norm.messages, eos, norm.truth)
+                try:
+                    rendered = render(template, tokenizer, norm.messages, norm.truth)
+                except TemplateError as e:
+                    raise RowError(str(e)) from e
                 tok = tokenize_rendered(tokenizer, rendered, max_length)
                 n_resp = int(tok.response_mask.sum())
                 if n_resp == 0:
@@ -306,4 +314,7 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
             cols["input_ids"].append(tok.input_ids.tolist())
             cols["response_mask"].append(tok.response_mask.tolist())
             cols["truth"].append(tok.truth.tolist() if tok.truth is not None else None)
+            cols["text"].append(rendered.text)
+            cols["char_start"].append(tok.char_starts.tolist())
+            cols["char_end"].append(tok.char_ends.tolist())
     return IngestResult(pa.table(cols, schema=INGEST_SCHEMA), quarantine, n_read)

@@ -86,8 +86,13 @@ def scores_key(base_model: str, ref_model: str) -> str:
     return digest("scores", base_model, ref_model)
 
 
+# A method whose rule changed gets a new tag, so a stored selection made by the old rule is never reused.
+SELECTION_RULES = {"local": "largest-remainder-budget"}
+
+
 def selection_key(method: str, k: float, seed: int, scores: str | None, pool: str) -> str:
-    return digest("selection", method, None if method == "full" else float(k),
+    rule = [SELECTION_RULES[method]] if method in SELECTION_RULES else []  # other methods' keys are unchanged
+    return digest("selection", method, *rule, None if method == "full" else float(k),
                   seed if method == "random" else None, scores if method in ("global", "local") else None, pool)
 
 

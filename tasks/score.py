@@ -336,6 +336,18 @@ class ScoringModel:
                 return score_samples(self.model, samples, **kw)
         return score_samples(self.model, samples, **kw)
 
+    def generate(self, prompts, *, adapter: str | None, tokenizer, max_new_tokens: int, stop_ids: list[int],
+                 adapter_key: str | None = None, batch_size: int = 32) -> list[str]:
+        """Greedy continuations (``evaluate.generate_responses``) with base or base + ``adapter``."""
+        from tokenclean.tasks.evaluate import generate_responses
+
+        name = self._activate(adapter, adapter_key)
+        kw = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, device=self.device, batch_size=batch_size)
+        if name is None and self._adapters:
+            with self.model.disable_adapter():
+                return generate_responses(self.model, tokenizer, prompts, **kw)
+        return generate_responses(self.model, tokenizer, prompts, **kw)
+
 
 _PROCESS_MODELS: dict[tuple, ScoringModel] = {}
 

@@ -101,12 +101,14 @@ def select_task(con, selection: str, method: str, k: float, *, dataset: str, par
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(base_path: str, base_key: str, adapter: str | None, model_key: str, samples, meta, *,
-                  batch_tokens: int, device: str, dtype: str, label: str) -> dict:
+                  batch_tokens: int, device: str, dtype: str, label: str, tokenizer_path: str | None = None,
+                  max_new_tokens: int = 128) -> dict:
     """Runs on a Ray worker with ``ray.gpus_per_eval_task`` GPUs; metrics come back by object store."""
     from tokenclean.tasks.score import numerics
 
     result = evaluate_model(base_path, adapter, samples, meta, batch_tokens=batch_tokens, device=device, dtype=dtype,
-                            base_key=base_key, adapter_key=model_key if adapter else None)
+                            base_key=base_key, adapter_key=model_key if adapter else None,
+                            tokenizer_path=tokenizer_path, max_new_tokens=max_new_tokens)
     result["placement"] = where() | {"numerics": numerics(device, dtype)}
     get_run_logger().info("evaluate %s: %s", label, result["overall"])
     return result

@@ -45,6 +45,9 @@ def _config(workdir: Path, data: Path, evals: Path, **changes) -> RunConfig:
     cfg["data"] = {"paths": [str(data)], "eval_paths": [str(evals)], "max_length": 256}
     cfg["score"] = {"batch_tokens": 4096, "shard_samples": 32}
     cfg["ray"] = {"enabled": False}
+    # D0 in the fixed pool, so that the matrix sees every way a change reaches the pool (test_change_pool
+    # switches to the default, exclude_warmup)
+    cfg["select"] = {"pool": "all"}
     raw = RunConfig.model_validate(cfg).model_dump(mode="json")
     for dotted, value in changes.items():
         cur = raw
@@ -235,6 +238,13 @@ def test_change_k(world):
     changed = ["random", "local", "global", *SE]  # full keeps every token whatever k is
     assert steps == _expect(score=[("self-evolving@1", _pool_size(world, {2}))], scores=["self-evolving@2"],
                             select=changed, train=changed, evaluate=changed)
+
+
+def test_change_pool(world):
+    """select.pool all -> exclude_warmup: only the fixed variants move; D1..D2 are scored already."""
+    steps = _incremental_vs_fresh(world, "pool", {"select.pool": "exclude_warmup"})
+    fixed = ["full", "random", "local", "global"]
+    assert steps == _expect(select=fixed, train=fixed, evaluate=fixed)
 
 
 def test_change_lr(world):

@@ -118,13 +118,13 @@ def run_db(tiny, tmp_path_factory):
     for n, (variant, it, loss, em) in enumerate((("base", 0, 2.0, 0.05), ("reference", 0, 1.5, 0.3),
                                                  ("full", 1, 1.2, 0.4), ("random", 1, 1.3, 0.35),
                                                  ("local", 1, 1.1, 0.45), ("global", 1, 1.0, 0.5))):
-        rows = [("response_loss", None, loss), ("answer_exact_match", None, em)]
+        rows = [("response_loss", None, loss), ("answer_match", None, em)]
         if variant == "reference":
-            rows += [("answer_exact_match", task, series[0]) for task, series in TREND_SERIES.items()]
+            rows += [("answer_match", task, series[0]) for task, series in TREND_SERIES.items()]
         _eval(con, fixed, variant, it, f"a{n}", rows)
     for t in (1, 2, 3):
-        rows = [("answer_exact_match", None, 0.4 + 0.05 * t), ("response_loss", None, 1.0 - 0.05 * t)]
-        rows += [("answer_exact_match", task, series[t]) for task, series in TREND_SERIES.items()]
+        rows = [("answer_match", None, 0.4 + 0.05 * t), ("response_loss", None, 1.0 - 0.05 * t)]
+        rows += [("answer_match", task, series[t]) for task, series in TREND_SERIES.items()]
         _eval(con, evolving, "self-evolving", t, f"ab{t}", rows)
     con.close()
     out = build_report(db, tmp / "report.html", selection="global", n_samples=8)

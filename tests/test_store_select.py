@@ -98,17 +98,37 @@ def test_global_keeps_exact_top_k_with_deterministic_ties(db):
     assert len(per_sample) < 10
 
 
-def test_local_keeps_ceil_k_per_sample(db):
-    con, score = db
-    select_tokens(con, "l", "local", 0.3, [0, 1], iteration=1)
-    per_sample = dict(con.execute("SELECT sample_id, count(*) FROM selected_tokens WHERE selection='l' "
-                                  "GROUP BY 1").fetchall())
-    assert per_sample == {s: math.ceil(0.3 * 5) for s in range(10)}
-    for s in range(10):
+@pytest.mark.parametrize("k", [0.3, 0.29, 0.6, 0.77])
+def test_local_spends_the_global_budget_top_per_sample(tmp_path, k):
+    """Local keeps exactly round(k * N) tokens, as global does; each sample floor(k n_i) or one more, its best."""
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 23, 40)
+    rows = []
+    for i, n_resp in enumerate(lengths):
+        rows.append({"sample_id": i, "tokenization": "t", "uid": f"u{i}", "source": "t", "row_index": i, "part": 0,
+                     "task": None, "answer": None, "content_hash": str(i), "n_tokens": 2 + int(n_resp),
+                     "n_response": int(n_resp), "truncated": False, "answer_start": -1, "answer_end": -1,
+                     "input_ids": list(range(2 + n_resp)), "response_mask": [False, False] + [True] * int(n_resp),
+                     "truth": None})
+    con = store.connect(tmp_path / "run.duckdb")
+    store.insert_dataset(con, DATASET, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA), [], {}, {})
+    toks = [(s, p) for s, n in enumerate(lengths) for p in range(2, 2 + n)]
+    score = {t: float(v) for t, v in zip(toks, rng.permutation(len(toks)))}
+    for model, f in ((BASE, lambda t: 2.0), (REF, lambda t: 2.0 - score[t] / 100)):
+        path = tmp_path / f"{model}.parquet"
+        store.write_parquet_atomic(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
+        store.load_loss_shard(con, model, 0, path)
+    store.ensure_scores(con, SCORES, BASE, REF, DATASET, [0])
+    loc = select_tokens(con, "l", "local", k, [0], iteration=1)
+    glo = select_tokens(con, "g", "global", k, [0], iteration=1)
+    assert loc["n_kept"] == glo["n_kept"] == round(k * len(toks))
+    for s, n in enumerate(lengths):
         kept = {p for (p,) in con.execute("SELECT pos FROM selected_tokens WHERE selection='l' AND sample_id=?",
                                           [s]).fetchall()}
-        best = sorted(range(2, 7), key=lambda p: (-score[(s, p)], p))[:2]
+        assert math.floor(k * n + 1e-9) <= len(kept) <= math.ceil(k * n - 1e-9)
+        best = sorted(range(2, 2 + n), key=lambda p: -score[(s, p)])[:len(kept)]
         assert kept == set(best)
+    con.close()
 
 
 def test_random_is_exact_count_and_seeded(db):

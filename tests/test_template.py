@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from tokenclean.tasks.template import render_tulu, tokenize_rendered, tokenizer_fingerprint
@@ -60,3 +62,144 @@ def test_fingerprint_changes_with_vocabulary(tokenizer):
     other = train_tokenizer(["completely different text " * 20], 300)
     assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(tokenizer)
     assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(other)
+
+
+# ---- the model's own chat template (data.template: model) ---------------------------------------------------
+
+# Written in the style of each family's template (local files, no hub). Mistral's puts the system prompt into
+# the *last* user turn, so rendering a prefix of the conversation is not a prefix of the whole: not prefix-stable.
+LLAMA3 = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+          "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN25 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MISTRAL = ("{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+           "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+           "{%- set ns = namespace(last_user=-1) %}{%- for m in loop_messages %}{%- if m['role'] == 'user' %}"
+           "{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}{{- bos_token }}"
+           "{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+           "{%- if loop.index0 == ns.last_user and system_message is defined %}"
+           "{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
+           "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+           "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}")
+# A template with generation markers (as SmolLM3 / OLMo ship): the spans come from the template itself.
+MARKED = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+          "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+          "{% endgeneration %}{{ '\n' }}{% else %}{{ message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}")
+TEMPLATES = {"llama3": (LLAMA3, "<|eot_id|>"), "qwen2.5": (QWEN25, "<|im_end|>"), "mistral": (MISTRAL, "</s>"),
+             "marked": (MARKED, "<|im_end|>")}
+SPECIALS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>", "[INST]",
+            "[/INST]"]
+CONVERSATION = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Where is Ana?"},
+                {"role": "assistant", "content": "Ana lives in Port Velo."},
+                {"role": "user", "content": "And her pet?"},
+                {"role": "assistant", "content": " Her pet is a heron named Dot. "}]
+
+
+def model_tokenizer(tmp_path, tiny, template: str):
+    """The embedded tokenizer with extra special tokens and a chat template, saved and re-loaded from disk."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    tok.add_special_tokens({"additional_special_tokens": SPECIALS})
+    tok.chat_template = template
+    path = tmp_path / f"tok-{abs(hash(template))}"
+    tok.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_model_template_masks_exactly_the_assistant_turns(tmp_path, tiny, name):
+    from tokenclean.tasks.template import render_model_template
+
+    template, terminator = TEMPLATES[name]
+    tok = model_tokenizer(tmp_path, tiny, template)
+    r = render_model_template(tok, CONVERSATION)
+    assert r.text == tok.apply_chat_template(CONVERSATION, tokenize=False)  # the model's own text, verbatim
+    t = tokenize_rendered(tok, r, max_length=512)
+    ids = t.input_ids.tolist()
+    # one tokenisation of the whole text (a BOS is added only when the template does not render one)
+    whole = tok(r.text, add_special_tokens=False)["input_ids"]
+    assert ids[-len(whole):] == whole
+    assert ids.count(tok.bos_token_id) == 1
+    # the targets are the assistant contents (as rendered: the template may trim) and each turn's terminator
+    runs, cur = [], []
+    for i, m in enumerate(t.response_mask):
+        if m:
+            cur.append(ids[i])
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    got = [tok.decode(run).strip() for run in runs]
+    want = [m["content"].strip() + terminator for m in CONVERSATION if m["role"] == "assistant"]
+    assert [g.replace(" ", "") for g in got] == [w.replace(" ", "") for w in want]  # byte-level BPE spacing aside
+    prompt = tok.decode([i for i, m in zip(ids, t.response_mask) if not m])
+    for m in CONVERSATION:
+        if m["role"] != "assistant":
+            assert m["content"] in prompt
+    assert "Port Velo" not in prompt and "heron" not in prompt
+
+
+def test_model_template_need_not_be_prefix_stable(tmp_path, tiny):
+    """Mistral's template: the first turn rendered alone is not a prefix of the whole conversation."""
+    from tokenclean.tasks.template import render_model_template
+
+    tok = model_tokenizer(tmp_path, tiny, MISTRAL)
+    whole = tok.apply_chat_template(CONVERSATION, tokenize=False)
+    assert not whole.startswith(tok.apply_chat_template(CONVERSATION[:3], tokenize=False))
+    r = render_model_template(tok, CONVERSATION)
+    assert [r.text[s:e] for s, e in r.response_spans] == ["Ana lives in Port Velo.</s>",
+                                                          " Her pet is a heron named Dot. </s>"]
+
+
+def test_truth_spans_follow_the_last_response_through_trimming(tmp_path, tiny):
+    """Ground-truth spans are offsets into the raw content; Llama-3's template trims it."""
+    from tokenclean.tasks.template import render_model_template
+
+    tok = model_tokenizer(tmp_path, tiny, LLAMA3)
+    content = CONVERSATION[-1]["content"]
+    s = content.index("heron")
+    r = render_model_template(tok, CONVERSATION, truth=[(s, s + len("heron"), 2)])
+    (a, b, lab), = r.truth_spans
+    assert r.text[a:b] == "heron" and lab == 2
+
+
+def test_template_that_rewrites_content_is_quarantined(tmp_path, tiny):
+    from tokenclean.tasks.ingest import ingest
+
+    upper = LLAMA3.replace("message['content'] | trim", "message['content'] | upper")
+    tok = model_tokenizer(tmp_path, tiny, upper)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": CONVERSATION[1:3]}) + "\n" + json.dumps({"prompt": "Hi", "response": "YES"}) + "\n")
+    res = ingest([str(data)], [], tok, max_length=256, eval_fraction=0.0, n_parts=1, seed=0, template="model")
+    # "YES" survives | upper unchanged; the mixed-case response cannot be located and is refused, with the reason
+    assert res.samples.num_rows == 1
+    assert [q["reason"] for q in res.quarantine] == ["the chat template rewrites assistant content (beyond trimming); "
+                                                     "cannot locate it"]
+
+
+def test_tokenization_key_covers_the_template_text(tmp_path, tiny):
+    from tokenclean.tasks.ingest import tokenization_of
+
+    llama, qwen = model_tokenizer(tmp_path, tiny, LLAMA3), model_tokenizer(tmp_path, tiny, QWEN25)
+    keys = {tokenization_of(llama, 512, "tulu"), tokenization_of(llama, 512, "model"),
+            tokenization_of(qwen, 512, "model")}
+    assert len(keys) == 3
+    assert tokenization_of(qwen, 512, "tulu") == tokenization_of(llama, 512, "tulu")  # same vocab, Tulu: unchanged
+    with pytest.raises(ValueError, match="no chat template"):
+        from transformers import AutoTokenizer
+
+        tokenization_of(AutoTokenizer.from_pretrained(tiny.model), 512, "model")
+
+
+def test_tulu_jinja_renders_what_render_tulu_renders(tokenizer):
+    """Exported Tulu-trained models carry this template: serving must see the training text."""
+    from tokenclean.tasks.template import TULU_JINJA
+
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.chat_template = TULU_JINJA
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == render_tulu(CONVERSATION,
+                                                                                       tokenizer.eos_token).text

@@ -221,6 +221,41 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
     typer.echo(str(path))
 
 
+@app.command()
+def export(run: Path = typer.Argument(..., help="run directory"),
+           selection: str = typer.Option("global", help="selection to export as a dataset: global, local, random, "
+                                                        "full, self-evolving (every iteration) or self-evolving@T"),
+           fmt: str = typer.Option("parquet", "--format", help="parquet, jsonl or hf (a datasets save_to_disk folder)"),
+           model: Optional[str] = typer.Option(None, help="export this variant's model instead (global, local, random, "
+                                                          "full, reference, self-evolving = the last iteration's)"),
+           adapter_only: bool = typer.Option(False, "--adapter-only", help="with --model: the PEFT adapter alone"),
+           out: Optional[Path] = typer.Option(None, help="where to write (default RUN/export/NAME[.ext])")) -> None:
+    """Take results away: a cleaned dataset (input_ids, labels, attention_mask, kept spans, scores) or a model.
+
+    The dataset trains as is with transformers' Trainer: labels are -100 wherever a token
+    was not kept. The model is base + adapter merged (a standard transformers directory
+    with its tokenizer and chat template), or with --adapter-only the PEFT adapter.
+    """
+    from tokenclean.tasks.export import FORMATS
+    from tokenclean.tasks.store import DatabaseBusy
+
+    _quiet_env()
+    if fmt not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}")
+    if adapter_only and model is None:
+        _fail("--adapter-only goes with --model")
+    try:
+        from tokenclean.tasks.export import export_run_model, export_run_selection
+
+        if model is not None:
+            res = export_run_model(run, model, out, adapter_only=adapter_only)
+        else:
+            res = export_run_selection(run, selection, fmt, out)
+    except (FileNotFoundError, ValueError, DatabaseBusy) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(res, indent=2))
+
+
 @app.command("lm-eval")
 def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
                 adapter: Optional[str] = typer.Option(None, help="variant whose adapter to evaluate: reference, full, "

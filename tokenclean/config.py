@@ -33,6 +33,8 @@ class DataConfig(_Strict):
     eval_paths: list[str] = Field(default_factory=list, description="held-out set; else eval_fraction of paths")
     eval_fraction: float = 0.1
     max_length: int = 2048
+    template: Literal["tulu", "model"] = Field(
+        "tulu", description="tulu (the paper's), or model: the tokenizer's own chat template")
     seed: int = 0
 
     @field_validator("eval_fraction")
@@ -70,6 +72,9 @@ class ScoreConfig(_Strict):
 class SelectConfig(_Strict):
     k: float = Field(0.6, description="fraction of response tokens kept")
     seed: int = 0
+    pool: Literal["exclude_warmup", "all"] = Field(
+        "exclude_warmup", description="fixed-model pool: D1..DT (as the paper's separate warm-up file), or D0..DT; "
+                                      "D0 trained the reference, so its scores are inflated")
 
     @field_validator("k")
     @classmethod
@@ -132,6 +137,7 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     batch_tokens: int = 16384
     max_samples: int | None = None
+    max_new_tokens: int = Field(128, ge=0, description="greedy generation budget of the answer metric (0: skip it)")
 
 
 class RayConfig(_Strict):
@@ -228,6 +234,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for key in ("paths", "eval_paths"):
             if key in data:
                 data[key] = [_resolve(p.parent, x) for x in data[key]]
+        # A model given as a directory next to the YAML is found there; anything else (a hub id,
+        # an absolute path, 'embedded') is left as written.
+        model = raw.get("model") or {}
+        for key in ("base", "tokenizer"):
+            if isinstance(model.get(key), str) and (p.parent / model[key]).is_dir():
+                model[key] = str((p.parent / model[key]).resolve())
     raw = _merge(raw, parse_overrides(overrides or []))
     return RunConfig.model_validate(raw)
 

@@ -261,13 +261,19 @@ def _comparison_section(con) -> str:
     rows = comparison(con)
     if not rows:
         return _note("No variants evaluated or selected yet.")
-    body = [[esc(r["variant"]), esc(_fmt(r["kept"])), esc(_fmt(r["precision"])), esc(_fmt(r["recall"])),
-             esc(_fmt(r["eval_loss"])), esc(_fmt(r["exact_match"]))] for r in rows]
-    note = ""
+    from tokenclean.summary import parts_text
+
+    body = [[esc(r["variant"]), esc(_fmt(r["kept"])), esc(_fmt(parts_text(r["kept_by_part"]))),
+             esc(_fmt(r["precision"])), esc(_fmt(r["recall"])), esc(_fmt(r["corrupted_kept"])),
+             esc(_fmt(r["eval_loss"])), esc(_fmt(r["answer_match"])), esc(_fmt(r["cloze_match"]))] for r in rows]
+    note = _note("Answer (generated): greedy decoding from the prompt, the answer found in the output. Cloze: "
+                 "every answer token is the argmax given the gold prefix (the boilerplate before it is given). "
+                 "Kept by part: the share of each split's response tokens kept.")
     if all(r["precision"] is None for r in rows):
-        note = _note("No ground-truth token labels in this data: precision and recall are not available.")
-    return _table(["variant", "kept/pool", "precision", "recall", "held-out loss", "exact match"], body,
-                  "comparison") + note
+        note += _note("No ground-truth token labels in this data: precision, recall and corrupted kept are not "
+                      "available.")
+    return _table(["variant", "kept/pool", "kept by part", "precision", "recall", "corrupted kept",
+                   "held-out loss", "answer (generated)", "cloze EM"], body, "comparison") + note
 
 
 def _sparkline(values: list) -> str:
@@ -285,7 +291,7 @@ def _sparkline(values: list) -> str:
             f'<polyline points="{xy}" fill="none" stroke="#333" stroke-width="1.5"/></svg>')
 
 
-def task_trends(con, metric: str = "answer_exact_match") -> dict:
+def task_trends(con, metric: str = "answer_match") -> dict:
     """Per task (None = all tasks) the series reference@0, self-evolving@1..T and its trend."""
     from tokenclean.tasks import store
 

@@ -41,6 +41,11 @@ def _by_variant(con) -> dict[str, list[dict]]:
 
 
 def comparison(con) -> list[dict]:
+    """One row per variant: kept/pool, kept share per part, label quality, held-out metrics.
+
+    ``answer_match`` is greedy generation from the prompt (the headline); ``cloze_match``
+    is teacher-forced from the gold prefix, kept beside it and named as such.
+    """
     outputs = _by_variant(con)
     rows = []
     for lab, variant in VARIANTS:
@@ -52,29 +57,44 @@ def comparison(con) -> list[dict]:
             sels = []  # the reference's D0 selection is its training set, not a cleaning result
         if not evals and not sels:
             continue
-        row = {"variant": lab, "kept": None, "precision": None, "recall": None, "eval_loss": None,
-               "exact_match": None}
+        row = {"variant": lab, "kept": None, "kept_by_part": None, "precision": None, "recall": None,
+               "corrupted_kept": None, "eval_loss": None, "answer_match": None, "cloze_match": None}
         if sels:  # measured on the pool of the flow run that made them (a reused selection may name an older one)
             parts = sorted({int(p) for s in sels for p in s["parts"].split(",")})
-            p, r = store.selection_quality(con, [s["selection"] for s in sels], outs[0]["dataset"], parts)
+            names, dataset = [s["selection"] for s in sels], outs[0]["dataset"]
+            row |= store.selection_quality(con, names, dataset, parts)
             row |= {"kept": f"{sum(s['n_kept'] for s in sels)}/{sum(s['n_candidates'] for s in sels)}",
-                    "precision": p, "recall": r}
+                    "kept_by_part": {p: k / n for p, (k, n) in store.kept_by_part(con, names, dataset, parts).items()
+                                     if n}}
         if evals:  # the last iteration's model is the variant's result
             m = store.eval_metrics(con, evals[-1]["key"])
-            row |= {"eval_loss": m.get("response_loss"), "exact_match": m.get("answer_exact_match")}
+            row |= {"eval_loss": m.get("response_loss"), "answer_match": m.get("answer_match"),
+                    "cloze_match": m.get("answer_cloze_match")}
         rows.append(row)
     return rows
+
+
+COLUMNS = [  # (row key, header, width)
+    ("variant", "variant", 30), ("kept", "kept/pool", 15), ("by_part", "kept by part", 22),
+    ("precision", "precision", 9), ("recall", "recall", 7), ("corrupted_kept", "corrupt kept", 12),
+    ("eval_loss", "eval loss", 9), ("answer_match", "answer (gen)", 12), ("cloze_match", "cloze EM", 8),
+]
+
+
+def parts_text(kept_by_part: dict | None) -> str | None:
+    return None if not kept_by_part else " ".join(f"D{p}:{v:.2f}" for p, v in sorted(kept_by_part.items()))
 
 
 def format_table(rows: list[dict]) -> str:
     def f(v, fmt="{:.3f}"):
         return "-" if v is None else fmt.format(v) if isinstance(v, float) else str(v)
 
-    head = f"{'variant':<30} {'kept/pool':>15} {'precision':>9} {'recall':>7} {'eval loss':>9} {'exact match':>11}"
+    head = " ".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (_, h, w) in enumerate(COLUMNS))
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['variant']:<30} {f(r['kept']):>15} {f(r['precision']):>9} {f(r['recall']):>7} "
-                     f"{f(r['eval_loss']):>9} {f(r['exact_match']):>11}")
+        vals = r | {"by_part": parts_text(r.get("kept_by_part"))}
+        lines.append(" ".join(f"{f(vals[k]):<{w}}" if i == 0 else f"{f(vals[k]):>{w}}"
+                              for i, (k, _, w) in enumerate(COLUMNS)))
     return "\n".join(lines)
 
 

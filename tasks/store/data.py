@@ -121,10 +121,10 @@ def sample_arrays(con, sample_ids: list[int]) -> list[tuple[int, np.ndarray, np.
 
 
 def eval_rows(con, dataset: str, max_samples: int | None = None) -> list[tuple]:
-    """Held-out samples: (sample_id, task, input_ids, response_mask, answer_start, answer_end)."""
+    """Held-out samples: (sample_id, task, input_ids, response_mask, answer_start, answer_end, answer)."""
     lim = f"LIMIT {int(max_samples)}" if max_samples else ""
     return con.execute(
-        f"""SELECT s.sample_id, s.task, s.input_ids, s.response_mask, s.answer_start, s.answer_end
+        f"""SELECT s.sample_id, s.task, s.input_ids, s.response_mask, s.answer_start, s.answer_end, s.answer
             FROM dataset_samples d JOIN samples s USING (sample_id) WHERE d.dataset = ? AND d.part = {EVAL_PART}
             ORDER BY s.sample_id {lim}""", [dataset]).fetchall()
 

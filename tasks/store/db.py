@@ -16,7 +16,13 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+# In-place upgrades from older versions whose rows stay valid under the same keys.
+# 2 -> 3: samples carry their rendered text and each token's character span (for export);
+# samples ingested before keep NULL there, and export says so.
+MIGRATIONS = {"2": ["ALTER TABLE samples ADD COLUMN text VARCHAR",
+                    "ALTER TABLE samples ADD COLUMN char_start INTEGER[]",
+                    "ALTER TABLE samples ADD COLUMN char_end INTEGER[]"]}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -25,7 +31,8 @@ CREATE TABLE IF NOT EXISTS samples (
     sample_id BIGINT PRIMARY KEY, tokenization VARCHAR, uid VARCHAR, task VARCHAR, answer VARCHAR,
     content_hash VARCHAR, n_tokens INTEGER, n_response INTEGER, truncated BOOLEAN,
     answer_start INTEGER, answer_end INTEGER,
-    input_ids INTEGER[], response_mask BOOLEAN[], truth UTINYINT[]
+    input_ids INTEGER[], response_mask BOOLEAN[], truth UTINYINT[],
+    text VARCHAR, char_start INTEGER[], char_end INTEGER[]  -- rendered text; token i covers [char_start, char_end)
 );
 -- One row per response (target) token of a sample, with ground-truth labels when known.
 CREATE TABLE IF NOT EXISTS response_tokens (sample_id BIGINT, pos INTEGER, token_id INTEGER, truth UTINYINT);
@@ -114,6 +121,12 @@ def _check_schema(con, path: Path, read_only: bool) -> None:
     if "meta" in tables:
         row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         version = row[0] if row else None
+    if tables and version in MIGRATIONS and not read_only:
+        with transaction(con):
+            for stmt in MIGRATIONS[version]:
+                con.execute(stmt)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
+        version = SCHEMA_VERSION
     if tables and version != SCHEMA_VERSION:
         raise SchemaMismatch(f"{path} was written by another tokenclean version (schema {version!r}, this one "
                              f"writes {SCHEMA_VERSION!r}); its results are not keyed the same way. Start a new run.")

@@ -1,0 +1,230 @@
+"""Take a run's results away: a cleaned dataset any trainer can use, a model anyone can serve.
+
+* ``export_selection``: one selection (or the self-evolving iterations together) as a
+  dataset of ``input_ids``, ``attention_mask`` and ``labels`` (the token id where it was
+  kept, -100 where it was not kept or is not a target), the kept character spans of the
+  rendered text, and the token scores. transformers causal LMs shift labels inside the
+  model, and our labels sit at the token's own position, so ``Trainer`` (or TRL's
+  ``SFTTrainer`` with a pre-tokenised dataset) trains on exactly the kept tokens, unchanged.
+  Formats: Parquet, JSONL, and a ``datasets`` directory (``save_to_disk``). Written as it
+  streams out of DuckDB, batch by batch, then renamed into place: an interrupted export
+  leaves no half file under the final name.
+* ``export_model``: base + a variant's LoRA adapter merged into a standard transformers
+  model directory with its tokenizer (``AutoModelForCausalLM.from_pretrained``, vLLM), or
+  the PEFT adapter alone. A Tulu-trained model gets the Tulu chat template written into
+  its tokenizer, so ``apply_chat_template`` at serving time reproduces training's text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+FORMATS = ("parquet", "jsonl", "hf")
+IGNORE = -100  # the label transformers' loss ignores
+
+EXPORT_SCHEMA = pa.schema([
+    ("id", pa.string()), ("sample_id", pa.int64()), ("task", pa.string()),
+    ("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("labels", pa.list_(pa.int32())),
+    ("text", pa.string()), ("kept_spans", pa.list_(pa.list_(pa.int32()))),
+    ("token_scores", pa.list_(pa.float32())), ("n_kept", pa.int32()),
+])
+
+
+def kept_spans(kept: np.ndarray, char_start, char_end) -> list[list[int]] | None:
+    """Character spans [start, end) of the runs of consecutive kept tokens, in the rendered text.
+
+    A run starts at its first token's anchor (a word's first character, not the space
+    byte-level BPE glues to it) and ends where its last token ends.
+    """
+    if char_start is None or char_end is None:
+        return None  # a sample ingested before the text was stored (schema 2)
+    if not len(kept):
+        return []
+    breaks = np.flatnonzero(np.diff(kept) > 1)
+    firsts = np.concatenate([[kept[0]], kept[breaks + 1]])
+    lasts = np.concatenate([kept[breaks], [kept[-1]]])
+    return [[int(char_start[a]), int(char_end[b])] for a, b in zip(firsts, lasts)]
+
+
+def export_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Stored rows (``store.export_reader``) -> exported rows (``EXPORT_SCHEMA``)."""
+    cols = {f.name: [] for f in EXPORT_SCHEMA}
+    for row in batch.to_pylist():
+        ids = np.asarray(row["input_ids"], dtype=np.int32)
+        kept = np.asarray(row["kept"], dtype=np.int64)
+        labels = np.full(len(ids), IGNORE, dtype=np.int32)
+        labels[kept] = ids[kept]
+        scores = None
+        if row["score_pos"] is not None:
+            s = np.full(len(ids), np.nan, dtype=np.float32)
+            s[np.asarray(row["score_pos"], dtype=np.int64)] = np.asarray(row["score"], dtype=np.float32)
+            scores = [None if np.isnan(v) else float(v) for v in s]
+        cols["id"].append(row["uid"])
+        cols["sample_id"].append(row["sample_id"])
+        cols["task"].append(row["task"])
+        cols["input_ids"].append(ids.tolist())
+        cols["attention_mask"].append([1] * len(ids))
+        cols["labels"].append(labels.tolist())
+        cols["text"].append(row["text"])
+        cols["kept_spans"].append(kept_spans(kept, row["char_start"], row["char_end"]))
+        cols["token_scores"].append(scores)
+        cols["n_kept"].append(len(kept))
+    return pa.RecordBatch.from_pydict(cols, schema=EXPORT_SCHEMA)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_dataset(readers, out: Path, fmt: str) -> dict:
+    """Write the exported rows of ``readers`` (record-batch readers) to ``out`` in ``fmt``; returns counts."""
+    import pyarrow.parquet as pq
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_rows = n_kept = 0
+    parquet = out if fmt == "parquet" else out.with_name(f".{out.name}.parquet")
+    tmp = _tmp(parquet) if fmt != "jsonl" else _tmp(out)
+    with (pq.ParquetWriter(tmp, EXPORT_SCHEMA) if fmt != "jsonl" else open(tmp, "w")) as sink:
+        for reader in readers:
+            for batch in reader:
+                rows = export_batch(batch)
+                n_rows += rows.num_rows
+                n_kept += int(pa.compute.sum(rows.column("n_kept")).as_py() or 0)
+                if fmt == "jsonl":
+                    for r in rows.to_pylist():
+                        sink.write(json.dumps(r) + "\n")
+                else:
+                    sink.write_batch(rows)
+    if fmt == "hf":
+        import datasets
+
+        staged = _tmp(out)
+        datasets.Dataset.from_parquet(str(tmp)).save_to_disk(str(staged))
+        os.unlink(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    else:
+        os.replace(tmp, out)
+    return {"rows": n_rows, "kept_tokens": n_kept, "path": str(out), "format": fmt}
+
+
+def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Path, *, template: str,
+                 adapter_only: bool = False, provenance: dict | None = None) -> dict:
+    """Base + adapter merged (or the adapter alone) into ``out``, with the tokenizer and a provenance file."""
+    from transformers import AutoTokenizer
+
+    from tokenclean.tasks.template import TULU_JINJA
+
+    out = Path(out)
+    staged = _tmp(out)
+    shutil.rmtree(staged, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if template == "tulu":
+        tokenizer.chat_template = TULU_JINJA  # serve with the text the model was trained on
+    if adapter_only:
+        shutil.copytree(adapter_dir, staged, ignore=shutil.ignore_patterns("train.json", "steps.jsonl"))
+        cfg_path = staged / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = str(base_path)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    else:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+        with torch.no_grad():
+            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model.save_pretrained(staged, safe_serialization=True)
+    tokenizer.save_pretrained(staged)
+    (staged / "tokenclean.json").write_text(json.dumps(provenance or {}, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staged, out)
+    return {"path": str(out), "merged": not adapter_only}
+
+
+# ---- a run's names -> what to export ------------------------------------------------------------------------
+
+def _open_run(run: Path):
+    from tokenclean.tasks import store
+
+    db = Path(run) / "tokenclean.duckdb"
+    if not db.exists():
+        raise FileNotFoundError(f"no tokenclean database at {db}")
+    return store.connect(db, read_only=True)
+
+
+def _outputs(con, name: str, kind: str) -> list[tuple[int, str]]:
+    """(iteration, key) of the current outputs called ``name`` (``self-evolving``: every iteration)."""
+    from tokenclean.tasks import store
+    from tokenclean.summary import label
+
+    found = [(o["iteration"], o["key"]) for o in store.current_outputs(con) if o["kind"] == kind
+             and (label(o["variant"], o["iteration"]) == name or (name == "self-evolving" == o["variant"]))]
+    return sorted(found)
+
+
+def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None) -> dict:
+    """The current selection ``name`` of a run as a dataset (``self-evolving``: D1..DT, each by its iteration)."""
+    from tokenclean.tasks import store
+
+    run = Path(run)
+    con = _open_run(run)
+    try:
+        found = _outputs(con, name, "selection")
+        if not found or name in ("reference", "base"):
+            raise ValueError(f"no selection named {name!r} in the latest runs of {run} "
+                             "(names: full, random, local, global, self-evolving, self-evolving@T)")
+        records = [store.selection_record(con, key) for _, key in found]
+        suffix = {"parquet": ".parquet", "jsonl": ".jsonl", "hf": ""}[fmt]
+        out = Path(out) if out else run / "export" / "data" / f"{name}{suffix}"
+        missing = store.samples_without_text(con, [r["selection"] for r in records])
+        # one cursor per streamed result: a DuckDB connection serves one open result at a time
+        readers = (store.export_reader(con.cursor(), r["selection"], r["scores"]) for r in records)
+        res = write_dataset(readers, out, fmt)
+    finally:
+        con.close()
+    res |= {"selection": name, "selections": [r["selection"] for r in records],
+            "method": records[0]["method"], "k": records[0]["k"],
+            "pool_tokens": sum(r["n_candidates"] for r in records), "samples_without_text": missing}
+    manifest = out.with_name(out.name + ".tokenclean.json") if fmt != "hf" else out / "tokenclean.json"
+    manifest.write_text(json.dumps(res, indent=2, default=str))
+    return res
+
+
+def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_only: bool = False) -> dict:
+    """The model of variant ``name``: its adapter (``self-evolving``: the last iteration's) merged into the base."""
+    from tokenclean.tasks import store
+
+    run = Path(run)
+    con = _open_run(run)
+    try:
+        found = _outputs(con, name, "adapter")
+        if not found:
+            raise ValueError(f"no model named {name!r} in the latest runs of {run} "
+                             "(names: reference, full, random, local, global, self-evolving, self-evolving@T)")
+        iteration, train_key = found[-1]
+        rec = store.adapter_record(con, train_key)
+        base_key = rec["inputs"]["base_model"]
+        base_path = store.model_inputs(con, base_key)["path"]
+        dataset = store.artifact_inputs(con, "dataset", store.latest_dataset(con))["inputs"]
+    finally:
+        con.close()
+    label = f"{name.split('@')[0]}@{iteration}" if name.startswith("self-evolving") else name
+    out = Path(out) if out else run / "export" / ("adapter" if adapter_only else "model") / label
+    provenance = {"variant": label, "adapter": train_key, "model": rec["model"], "base_model": base_key,
+                  "base_path": base_path, "template": dataset.get("template", "tulu"),
+                  "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
+    res = export_model(base_path, str(run / rec["path"]), dataset["tokenizer"], out,
+                       template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance)
+    return res | {"variant": label, "adapter": train_key}

@@ -1,0 +1,198 @@
+"""The README's quickstart, run as written: a user's model directory and JSONL, the model's own chat template,
+then the cleaned data and the model exported and used by the libraries a user would use them with.
+
+The user's model is the embedded tiny Llama copied to ``my-model`` with a Zephyr-style chat template (the
+format of an instruct model built on the embedded tokenizer's own special tokens); the data is the embedded
+synthetic set. Real components throughout: the CLI, a Prefect flow run, a local Ray cluster, DuckDB.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+# Zephyr's format: every turn ends with EOS, the assistant's included.
+ZEPHYR = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def _readme_blocks() -> tuple[str, list[str]]:
+    text = (REPO / "README.md").read_text()
+    yaml_block = re.search(r"<!-- quickstart.yaml -->\n```yaml\n(.*?)```", text, re.S).group(1)
+    commands = re.search(r"<!-- quickstart commands -->\n```bash\n(.*?)```", text, re.S).group(1)
+    return yaml_block, [c for c in commands.strip().splitlines() if c.strip()]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tiny, tmp_path_factory, monkeypatch_module):
+    """Run the README's commands in a fresh directory holding my-model/ and my-data.jsonl."""
+    import shlex
+
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from tokenclean.cli import app
+
+    home = tmp_path_factory.mktemp("quickstart")
+    shutil.copytree(tiny.model, home / "my-model")
+    tok = AutoTokenizer.from_pretrained(home / "my-model")
+    tok.chat_template = ZEPHYR
+    tok.save_pretrained(home / "my-model")
+    rows = [json.loads(line) for line in tiny.train.read_text().splitlines()[:150]]
+    (home / "my-data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yaml_block, commands = _readme_blocks()
+    (home / "quickstart.yaml").write_text(yaml_block)
+    monkeypatch_module.chdir(home)
+    results = []
+    for line in commands:
+        argv = shlex.split(line)
+        assert argv[0] == "tokenclean", line
+        res = CliRunner().invoke(app, argv[1:])
+        assert res.exit_code == 0, f"{line}\n{res.output}\n{res.exception!r}"
+        results.append(res.output)
+    return home, results
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _con(home):
+    from tokenclean.tasks import store
+
+    return store.connect(home / "runs" / "my-run" / "tokenclean.duckdb", read_only=True)
+
+
+def test_quickstart_uses_the_models_template_and_excludes_the_warmup_split(quickstart):
+    from tokenclean.summary import comparison
+    from tokenclean.tasks import store
+
+    home, outputs = quickstart
+    assert "fixed-model global top-k" in outputs[0] and "full tokens" in outputs[0]
+    con = _con(home)
+    try:
+        dataset = store.latest_dataset(con)
+        inputs = store.artifact_inputs(con, "dataset", dataset)["inputs"]
+        assert inputs["template"] == "model" and inputs["tokenizer"] == str(home / "my-model")
+        rows = {r["variant"]: r for r in comparison(con)}
+        # select.pool: exclude_warmup (the default): the pool the selections ranked is D1..DT, not D0
+        assert set(rows["fixed-model global top-k"]["kept_by_part"]) == {1, 2}
+        assert rows["fixed-model global top-k"]["answer_match"] is not None
+    finally:
+        con.close()
+
+
+def test_exported_dataset_trains_with_trainer_on_exactly_the_kept_tokens(quickstart, tmp_path):
+    """Load the export with ``datasets``, train with transformers' Trainer unchanged; its loss is over the kept tokens."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tokenclean.summary import output_key
+    from tokenclean.tasks import store
+
+    home, _ = quickstart
+    ds = datasets.load_from_disk(str(home / "runs" / "my-run" / "export" / "data" / "global"))
+    con = _con(home)
+    try:
+        sel = output_key(con, "global", "selection")
+        kept = {(s, p) for s, p in con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection = ?",
+                                                [sel]).fetchall()}
+    finally:
+        con.close()
+    # labels are the token where kept, -100 everywhere else: exactly the stored selection
+    got = {(r["sample_id"], i) for r in ds for i, lab in enumerate(r["labels"]) if lab != -100}
+    assert got == kept
+    for r in ds.select(range(5)):
+        assert all(lab in (-100, t) for lab, t in zip(r["labels"], r["input_ids"]))
+        for (a, b), score in zip(r["kept_spans"], [r["token_scores"][i] for i, lab in enumerate(r["labels"])
+                                                   if lab != -100][:1]):
+            assert r["text"][a:b].strip() and score is not None
+    tok = AutoTokenizer.from_pretrained(home / "my-model")
+    model = AutoModelForCausalLM.from_pretrained(home / "my-model")
+    train = ds.select(range(8)).remove_columns([c for c in ds.column_names
+                                                 if c not in ("input_ids", "attention_mask", "labels")])
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=2,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=train,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+    # before any step: the Trainer's loss equals the mean NLL of exactly the kept tokens, computed here by hand
+    first = trainer.evaluate()["eval_loss"]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for r in train:
+            ids = torch.tensor([r["input_ids"]])
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+            pos = [i for i, lab in enumerate(r["labels"]) if lab != -100]
+            nll -= sum(float(logp[i - 1, r["input_ids"][i]]) for i in pos)
+            n += len(pos)
+    assert first == pytest.approx(nll / n, rel=1e-4)
+    out = trainer.train()
+    assert trainer.state.global_step == 2 and np.isfinite(out.training_loss)
+
+
+def test_export_formats_hold_the_same_rows(quickstart):
+    from typer.testing import CliRunner
+
+    import datasets
+    from tokenclean.cli import app
+
+    home, _ = quickstart
+    run = home / "runs" / "my-run"
+    for fmt in ("parquet", "jsonl"):
+        res = CliRunner().invoke(app, ["export", str(run), "--selection", "global", "--format", fmt])
+        assert res.exit_code == 0, res.output
+    hf = datasets.load_from_disk(str(run / "export" / "data" / "global"))
+    pq = datasets.Dataset.from_parquet(str(run / "export" / "data" / "global.parquet"))
+    js = [json.loads(line) for line in (run / "export" / "data" / "global.jsonl").read_text().splitlines()]
+    assert hf["labels"] == pq["labels"] == [r["labels"] for r in js]
+    assert hf["kept_spans"] == [r["kept_spans"] for r in js]
+    bad = CliRunner().invoke(app, ["export", str(run), "--selection", "nonesuch"])
+    assert bad.exit_code == 2 and "no selection named 'nonesuch'" in bad.output
+
+
+def test_exported_model_is_the_merged_adapter(quickstart):
+    """The merged directory loads with AutoModelForCausalLM and computes what base + adapter computes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from tokenclean.cli import app
+    from tokenclean.summary import output_key
+    from tokenclean.tasks import store
+
+    home, _ = quickstart
+    run = home / "runs" / "my-run"
+    merged_dir = run / "export" / "model" / "global"
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert tok.chat_template == ZEPHYR  # the template it was trained with travels with it
+    con = _con(home)
+    try:
+        rec = store.adapter_record(con, output_key(con, "global", "adapter"))
+    finally:
+        con.close()
+    base = AutoModelForCausalLM.from_pretrained(home / "my-model")
+    peft = PeftModel.from_pretrained(base, str(run / rec["path"])).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Where does Ana live?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, peft(ids).logits
+    assert torch.allclose(a, b, atol=1e-4), float((a - b).abs().max())
+    assert json.loads((merged_dir / "tokenclean.json").read_text())["adapter"] == rec["adapter"]
+    res = CliRunner().invoke(app, ["export", str(run), "--model", "global", "--adapter-only"])
+    assert res.exit_code == 0, res.output
+    adapter_dir = run / "export" / "adapter" / "global"
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(home / "my-model"), str(adapter_dir))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(ids).logits, b)
+    assert not np.isnan(a.numpy()).any()
