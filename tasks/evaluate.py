@@ -57,7 +57,7 @@ def stop_token_ids(tokenizer, samples) -> list[int]:
 
 
 def generate_responses(model, tokenizer, prompts: list[np.ndarray], *, max_new_tokens: int, stop_ids: list[int],
-                       device, batch_size: int = 32) -> list[str]:
+                       device, batch_size: int = 64) -> list[str]:
     """Greedy continuations of ``prompts`` (token ids), decoded without special tokens.
 
     transformers' ``generate`` with a KV cache, left-padded batches of similar length

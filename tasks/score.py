@@ -337,7 +337,7 @@ class ScoringModel:
         return score_samples(self.model, samples, **kw)
 
     def generate(self, prompts, *, adapter: str | None, tokenizer, max_new_tokens: int, stop_ids: list[int],
-                 adapter_key: str | None = None, batch_size: int = 32) -> list[str]:
+                 adapter_key: str | None = None, batch_size: int = 64) -> list[str]:
         """Greedy continuations (``evaluate.generate_responses``) with base or base + ``adapter``."""
         from tokenclean.tasks.evaluate import generate_responses
 

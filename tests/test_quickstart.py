@@ -44,7 +44,7 @@ def quickstart(tiny, tmp_path_factory, monkeypatch_module):
     tok = AutoTokenizer.from_pretrained(home / "my-model")
     tok.chat_template = ZEPHYR
     tok.save_pretrained(home / "my-model")
-    rows = [json.loads(line) for line in tiny.train.read_text().splitlines()[:150]]
+    rows = [json.loads(line) for line in tiny.train.read_text().splitlines()[:120]]
     (home / "my-data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     yaml_block, commands = _readme_blocks()
     (home / "quickstart.yaml").write_text(yaml_block)

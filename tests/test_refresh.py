@@ -31,7 +31,7 @@ def data(tiny, tmp_path):
 
 
 def _cfg(tmp_path, train, tiny):
-    cfg = tiny_config(tmp_path, name="r", mode="fixed")
+    cfg = tiny_config(tmp_path, name="r", mode="fixed", select={"pool": "all"})  # counts below span D0..D2
     cfg["data"] = {"paths": [str(train)], "eval_paths": [str(tiny.eval)], "max_length": 256}
     cfg["score"] = {"batch_tokens": 4096, "shard_samples": 32}
     return RunConfig.model_validate(cfg)

@@ -204,3 +204,24 @@ def test_second_process_gets_database_busy(tmp_path):
         holder.kill()
         holder.wait()
     store.connect(path).close()  # free again once the holder is gone
+
+
+def test_schema_2_database_is_upgraded_in_place(tmp_path):
+    """A run written before samples carried their text opens, keeps its rows, and gains the new columns."""
+    import duckdb
+
+    from tokenclean.tasks.store import db as store_db
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(store_db.SCHEMA.replace(",\n    text VARCHAR, char_start INTEGER[], char_end INTEGER[]", ""))
+    con.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    con.execute("INSERT INTO samples (sample_id, uid, input_ids) VALUES (7, 'u7', [1, 2, 3])")
+    con.close()
+    with pytest.raises(store.SchemaMismatch):  # read-only cannot upgrade: refused, not misread
+        store.connect(path, read_only=True)
+    con = store.connect(path)
+    assert con.execute("SELECT uid, input_ids, text, char_start FROM samples").fetchall() == [("u7", [1, 2, 3], None,
+                                                                                               None)]
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == store_db.SCHEMA_VERSION
+    con.close()
