@@ -33,7 +33,11 @@ def warmup_reference(ctx: RunContext) -> Model:
 
 
 def run_fixed_model(ctx: RunContext) -> None:
-    """Fixed-model cleaning and the baselines: one reference (theta_1) scores the whole pool once."""
+    """Fixed-model cleaning and the baselines: one reference (theta_1) scores the pool once.
+
+    The pool is D1..DT by default (``select.pool: exclude_warmup``): theta_1 was trained on
+    D0, as the paper's reference is trained on a separate warm-up file.
+    """
     cfg, pool = ctx.cfg, ctx.pool_parts
     theta1 = warmup_reference(ctx)
     scores = None

@@ -4,8 +4,8 @@
   dataset of ``input_ids``, ``attention_mask`` and ``labels`` (the token id where it was
   kept, -100 where it was not kept or is not a target), the kept character spans of the
   rendered text, and the token scores. transformers causal LMs shift labels inside the
-  model, and our labels sit at the token's own position, so ``Trainer`` (or TRL's
-  ``SFTTrainer`` with a pre-tokenised dataset) trains on exactly the kept tokens, unchanged.
+  model, and our labels sit at the token's own position, so ``Trainer`` with a collator that
+  pads labels with -100 (``DataCollatorForSeq2Seq``) trains on exactly the kept tokens, unchanged.
   Formats: Parquet, JSONL, and a ``datasets`` directory (``save_to_disk``). Written as it
   streams out of DuckDB, batch by batch, then renamed into place: an interrupted export
   leaves no half file under the final name.

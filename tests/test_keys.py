@@ -22,7 +22,7 @@ from tokenclean.tasks import store
 from tokenclean.tasks.ingest import assign_part
 from tests.conftest import tiny_config
 
-N_TRAIN, N_EVAL, T = 90, 24, 2
+N_TRAIN, N_EVAL, T = 90, 12, 2
 FIXED = ["full", "random", "local", "global"]
 SE = [f"self-evolving@{t}" for t in range(1, T + 1)]
 ALL_SELECTIONS = ["reference", *FIXED, *SE]
@@ -48,6 +48,8 @@ def _config(workdir: Path, data: Path, evals: Path, **changes) -> RunConfig:
     # D0 in the fixed pool, so that the matrix sees every way a change reaches the pool (test_change_pool
     # switches to the default, exclude_warmup)
     cfg["select"] = {"pool": "all"}
+    # keying is the point here, not the metrics: no generation (its budget is still part of the eval key)
+    cfg["eval"] = {"max_new_tokens": 0}
     raw = RunConfig.model_validate(cfg).model_dump(mode="json")
     for dotted, value in changes.items():
         cur = raw

@@ -21,7 +21,8 @@ from tests.faults import BACKEND, FAULT_ENV, shard_first_ids
 
 def _cfg(tmp_path, name, **kw):
     # D0 in the pool (select.pool: all): the faults below are placed in shards of parts 0..2
-    cfg = tiny_config(tmp_path, name=name, mode="fixed", baselines=["global"], select={"pool": "all"}, **kw)
+    cfg = tiny_config(tmp_path, name=name, mode="fixed", baselines=["global"], select={"pool": "all"},
+                      eval={"max_new_tokens": 0}, **kw)  # faults in scoring are the point: no generation
     # The fault-injecting scorer wraps the real one; faults fire only where TOKENCLEAN_FAULT says.
     cfg["score"] = {"batch_tokens": 4096, "shard_samples": 16, "backend": BACKEND}
     return cfg
