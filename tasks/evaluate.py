@@ -74,7 +74,7 @@ def generate_responses(model, tokenizer, prompts: list[np.ndarray], *, max_new_t
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, p in enumerate(batch):
-            ids[r, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            ids[r, width - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
             mask[r, width - len(p):] = 1
         with torch.no_grad():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
