@@ -1,6 +1,6 @@
 """Take a run's results away: a cleaned dataset any trainer can use, a model anyone can serve.
 
-* ``export_selection``: one selection (or the self-evolving iterations together) as a
+* ``export_run_selection`` / ``write_dataset``: one selection (or the self-evolving iterations together) as a
   dataset of ``input_ids``, ``attention_mask`` and ``labels`` (the token id where it was
   kept, -100 where it was not kept or is not a target), the kept character spans of the
   rendered text, and the token scores. transformers causal LMs shift labels inside the
@@ -9,7 +9,7 @@
   Formats: Parquet, JSONL, and a ``datasets`` directory (``save_to_disk``). Written as it
   streams out of DuckDB, batch by batch, then renamed into place: an interrupted export
   leaves no half file under the final name.
-* ``export_model``: base + a variant's LoRA adapter merged into a standard transformers
+* ``export_run_model`` / ``export_model``: base + a variant's LoRA adapter merged into a standard transformers
   model directory with its tokenizer (``AutoModelForCausalLM.from_pretrained``, vLLM), or
   the PEFT adapter alone. A Tulu-trained model gets the Tulu chat template written into
   its tokenizer, so ``apply_chat_template`` at serving time reproduces training's text.
@@ -25,7 +25,6 @@ import numpy as np
 import pyarrow as pa
 
 FORMATS = ("parquet", "jsonl", "hf")
-IGNORE = -100  # the label transformers' loss ignores
 
 EXPORT_SCHEMA = pa.schema([
     ("id", pa.string()), ("sample_id", pa.int64()), ("task", pa.string()),
@@ -52,13 +51,20 @@ def kept_spans(kept: np.ndarray, char_start, char_end) -> list[list[int]] | None
 
 
 def export_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Stored rows (``store.export_reader``) -> exported rows (``EXPORT_SCHEMA``)."""
+    """Stored rows (``store.export_reader``) -> exported rows (``EXPORT_SCHEMA``).
+
+    Labels come from ``train.labels_of``, the one definition of the label convention that
+    tokenclean's own training uses, so an exported sample trains as it did in the run.
+    """
+    from tokenclean.tasks.train import TrainSample, labels_of
+
     cols = {f.name: [] for f in EXPORT_SCHEMA}
     for row in batch.to_pylist():
         ids = np.asarray(row["input_ids"], dtype=np.int32)
         kept = np.asarray(row["kept"], dtype=np.int64)
-        labels = np.full(len(ids), IGNORE, dtype=np.int32)
-        labels[kept] = ids[kept]
+        mask = np.zeros(len(ids), dtype=bool)
+        mask[kept] = True
+        labels = labels_of(TrainSample(ids, mask))
         scores = None
         if row["score_pos"] is not None:
             s = np.full(len(ids), np.nan, dtype=np.float32)
