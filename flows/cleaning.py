@@ -146,18 +146,18 @@ def scheduled_refresh(config: dict) -> dict:
 
 
 def refresh(cfg: RunConfig) -> dict:
-    from tokenclean.flows.runtime import prefect_api
+    from tokenclean.flows.runtime import prefect_api, ray_session
 
-    with prefect_api():
+    with prefect_api(), ray_session(cfg.ray):
         return scheduled_refresh(cfg.model_dump(mode="json"))
 
 
 def run(cfg: RunConfig) -> None:
     """Run the flows the config's mode asks for, on the configured Ray task runner."""
-    from tokenclean.flows.runtime import prefect_api, task_runner
+    from tokenclean.flows.runtime import prefect_api, ray_session, task_runner
 
     config = cfg.model_dump(mode="json")
-    with prefect_api():
+    with prefect_api(), ray_session(cfg.ray):
         if cfg.mode in ("fixed", "both"):
             fixed_model_cleaning.with_options(task_runner=task_runner(cfg.ray))(config)
         if cfg.mode in ("self_evolving", "both"):

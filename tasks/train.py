@@ -27,6 +27,8 @@ the workers' process group, or FSDP) or in-process when Ray is off.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import importlib
 import json
 import os
@@ -230,6 +232,30 @@ def resume_checkpoint(checkpoint_dir: str | Path) -> str | None:
     return str(max(found)[1]) if found else None
 
 
+_HEAP_FROZEN = {"done": False}
+
+
+def freeze_import_heap() -> None:
+    """Move every object alive now (mostly imported modules: torch, transformers, Ray, Prefect)
+    to the collector's permanent generation, once per process.
+
+    Why: ``Trainer.train`` starts with ``accelerator.free_memory()``, a full ``gc.collect()``.
+    With the stack imported that walks ~0.5M objects, 0.35-0.5 s on this 2-core machine,
+    per training: more than the training itself for the small adapters of a test or an
+    incremental re-run. Frozen objects are never re-scanned (``gc.freeze``); the price is
+    that a reference cycle among them is never freed, which for module-level objects
+    alive for the whole process is no price. Done once, after one full collection, so no
+    garbage that exists now is frozen; later allocations are collected as usual. Unfrozen at
+    exit, so interpreter shutdown finalises those objects as it would have (extension
+    modules such as DuckDB's report "leaked instances" otherwise).
+    """
+    if not _HEAP_FROZEN["done"]:
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)
+        _HEAP_FROZEN["done"] = True
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -249,6 +275,7 @@ def train_worker(job: TrainJob) -> dict:
     # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing; the old name
     # is kept because the GPU image's transformers (5.17) may predate the new one.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    freeze_import_heap()
     cfg = TrainConfig.model_validate(job.cfg)
     rank, world = _world()
     accumulation = cfg.accumulation(world)
