@@ -82,8 +82,21 @@ def publish_summary(ctx: RunContext) -> None:
         create_table_artifact(metrics, key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
 
 
+def publish_dashboard_link() -> None:
+    """A Prefect link artifact to the Ray dashboard of the cluster this flow runs on, if it has one."""
+    from prefect.artifacts import create_link_artifact
+
+    from tokenclean.flows.runtime import ray_dashboard_url
+
+    url = ray_dashboard_url()
+    if url:
+        create_link_artifact(url, link_text="Ray dashboard", key="ray-dashboard",
+                             description="the Ray cluster running this flow's scoring, training and evaluation")
+
+
 def _with_context(flow_name: str, cfg: RunConfig, body):
     """Open the run, record this flow run (its outputs are named under it), run ``body``, publish."""
+    publish_dashboard_link()
     ctx = prepare(cfg)
     try:
         ctx.flow_run = store.start_flow_run(ctx.con, flow_name, cfg.model_dump(mode="json"), ctx.dataset)
@@ -139,10 +152,11 @@ def refresh_token_ranking(config: dict) -> dict:
 @flow(name="scheduled-refresh", log_prints=True)
 def scheduled_refresh(config: dict) -> dict:
     """Entry point for deployments: builds the configured Ray task runner, then refreshes."""
-    from tokenclean.flows.runtime import task_runner
+    from tokenclean.flows.runtime import ray_session, task_runner
 
     cfg = RunConfig.model_validate(config)
-    return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(config)
+    with ray_session(cfg.ray):
+        return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(config)
 
 
 def refresh(cfg: RunConfig) -> dict:

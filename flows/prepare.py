@@ -32,6 +32,7 @@ class RunContext:
     eval_numerics: list  # ... and the evaluation tasks
     ingest: dict = field(default_factory=dict)  # what prepare did: ingested or reused, counts
     flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
+    storage: str = ""  # where workers write shard files (tasks/storage.py); the run directory by default
 
     @property
     def pool_parts(self) -> list[int]:
@@ -47,8 +48,10 @@ class RunContext:
     def checkpoint_dir(self, key: str, layout: str) -> Path:
         return self.run_dir / "checkpoints" / key / layout
 
-    def shard_dir(self, model_key: str) -> Path:
-        return self.run_dir / "shards" / model_key
+    def shard_dir(self, model_key: str) -> str:
+        from tokenclean.tasks.storage import join
+
+        return join(self.storage or str(self.run_dir), "shards", model_key)
 
 
 def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
@@ -121,12 +124,23 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         dump_config(cfg, run_dir / "config.yaml")
         if store.samples_by_part(con, dataset).get(store.EVAL_PART, 0) == 0:
             raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
+        root = storage_root(cfg, con)
     except BaseException:
         con.close()  # release the file lock for whoever runs next
         raise
     return RunContext(cfg, con, base_path, cfg.model.tokenizer or base_path, run_dir, dataset, base_model, scorer_settings(cfg),
                       placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
-                      placed_numerics(cfg, cfg.ray.gpus_per_eval_task), info)
+                      placed_numerics(cfg, cfg.ray.gpus_per_eval_task), info, storage=root)
+
+
+def storage_root(cfg: RunConfig, con) -> str:
+    """The run's own place for worker-written files: the run directory, or ``<storage>/<name>-<run id>``
+    (a configured root may hold many runs; the id, kept in the database, keeps them apart)."""
+    from tokenclean.tasks.storage import join
+
+    if cfg.storage is None:
+        return str(cfg.run_dir)
+    return join(cfg.storage, f"{cfg.name}-{store.run_id(con)}")
 
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,

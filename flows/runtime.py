@@ -73,7 +73,7 @@ def task_runner(cfg: RayConfig):
     from prefect_ray import RayTaskRunner
 
     address = ray_address(cfg)
-    init = ray_init_kwargs(address is None, cfg.num_cpus)
+    init = ray_init_kwargs(address is None, cfg.num_cpus, cfg.env_vars)
     # "local" forces a fresh cluster even if a stale /tmp/ray/ray_current_cluster
     # points at a dead one (plain ray.init() would try to join it).
     return RayTaskRunner(address=address or "local", init_kwargs=init)
@@ -100,12 +100,25 @@ def ray_session(cfg: RayConfig):
         yield
         return
     address = ray_address(cfg)
-    ray.init(address=address or "local", **ray_init_kwargs(address is None, cfg.num_cpus))
+    context = ray.init(address=address or "local", **ray_init_kwargs(address is None, cfg.num_cpus, cfg.env_vars))
+    _SESSION["dashboard"] = getattr(context, "dashboard_url", None) or None
     try:
         warm_workers()
         yield
     finally:
+        _SESSION["dashboard"] = None
         ray.shutdown()
+
+
+_SESSION: dict = {"dashboard": None}
+
+
+def ray_dashboard_url() -> str | None:
+    """http URL of the Ray dashboard of the cluster ``ray_session`` joined (None: no dashboard, or no session)."""
+    url = _SESSION["dashboard"]
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
 
 
 def _import_stages() -> int:
@@ -146,12 +159,24 @@ def run_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, **kwargs):
         return task.submit(*args, **kwargs).result()
 
 
-def ray_init_kwargs(local: bool, num_cpus: int | None = None) -> dict:
-    """``ray.init`` keyword arguments for the flow's Ray connection (and ``tokenclean lm-eval``)."""
+def ray_init_kwargs(local: bool, num_cpus: int | None = None, env_vars: list[str] | tuple = ()) -> dict:
+    """``ray.init`` keyword arguments for the flow's Ray connection (and ``tokenclean lm-eval``).
+
+    ``env_vars``: further variables of this process's environment that the workers need
+    (``ray.env_vars``, e.g. object-storage credentials); a name that is not set is an error,
+    not a worker that later fails to authenticate.
+    """
     # PYTHONPATH lets workers import a custom scorer (score.backend: package.module:Factory).
     passed = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
               "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "PYTHONPATH")
     env = {k: os.environ[k] for k in passed if k in os.environ}
+    # TOKENCLEAN_* settings (e.g. for a custom scorer plugin) reach the workers of a cluster
+    # started elsewhere too, whose processes do not inherit this one's environment.
+    env |= {k: v for k, v in os.environ.items() if k.startswith("TOKENCLEAN_")}
+    missing = [k for k in env_vars if k not in os.environ]
+    if missing:
+        raise ValueError(f"ray.env_vars names variables this environment does not set: {missing}")
+    env |= {k: os.environ[k] for k in env_vars}
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     init: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if local:

@@ -2,12 +2,14 @@
 
 Work is planned from what is missing: samples of the pool with no losses yet under the
 model's key are chunked into shards of ``score.shard_samples``. A restarted run and an
-incremental refresh therefore send exactly the unscored samples. A shard's losses come
-back to the driver through Ray's object store, are written to
-``shards/<model key>/shard-N.parquet`` atomically, then loaded in one transaction
-(delete-then-insert): a retried shard replaces, never duplicates, and a sample has
-either all its losses or none. A shard file lives under the key of the model that
-wrote it, so a file written by another model version can never be loaded.
+incremental refresh therefore send exactly the unscored samples. Workers write each
+shard's losses themselves, atomically, to ``<storage>/shards/<scorer key>/shard-N.parquet``
+(``tasks/storage.py``: the run directory by default, or a shared path / fsspec URL) and
+return only the path and counts; the driver loads the file into DuckDB by path in one
+transaction (delete-then-insert), so a retried shard replaces, never duplicates, a
+sample has either all its losses or none, and no per-token result passes through the
+driver's memory. A shard file lives under the key of the model that wrote it, so a file
+written by another model version can never be loaded.
 """
 from __future__ import annotations
 
@@ -15,9 +17,7 @@ import contextlib
 import re
 import time
 
-import numpy as np
-
-from tokenclean.tasks import store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.score import ShardSample
 from tokenclean.tasks.steps import score_shard_task
 
@@ -34,29 +34,32 @@ def plan_shards(con, model_key: str, dataset: str, parts: list[int],
     return [(start + j // shard_samples, ids[j : j + shard_samples]) for j in range(0, len(ids), shard_samples)]
 
 
-def recover_orphan_shards(con, model_key: str, shard_dir) -> tuple[int, int]:
-    """Load shards written to Parquet but never loaded (the run died in between).
+def recover_orphan_shards(con, model_key: str, shard_dir: str) -> tuple[int, int]:
+    """Load shards written but never loaded (the driver died in between).
 
     A shard is loaded only if none of its samples has losses yet; otherwise it is stale
     (its samples were re-scored under another shard id) and is deleted.
     """
-    import pyarrow.parquet as pq
-
-    if not shard_dir.exists():
-        return 0, 0
     done = store.loaded_shards(con, model_key)
     n_shards = n_samples = 0
-    for path in sorted(shard_dir.glob("shard-*.parquet")):
-        shard = int(path.stem.split("-")[1])
+    for path in storage.shard_files(shard_dir):
+        shard = int(path.rsplit("/", 1)[1].split("-")[1].split(".")[0])
         if shard in done:
             continue
-        ids = sorted(set(pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()))
+        table = storage.read_table(path, columns=["sample_id"])
+        ids = sorted(set(table.column("sample_id").to_pylist()))
         if store.count_scored(con, model_key, ids):
-            path.unlink()
+            storage.remove(path)
             continue
-        store.load_loss_shard(con, model_key, shard, path)
+        _load(con, model_key, shard, path)
         n_shards, n_samples = n_shards + 1, n_samples + len(ids)
     return n_shards, n_samples
+
+
+def _load(con, model_key: str, shard: int, path: str) -> int:
+    """Load one shard file into DuckDB: by path when local, else read through fsspec (one shard, bounded)."""
+    local = storage.local_path(path)
+    return store.load_loss_shard(con, model_key, shard, local if local is not None else storage.read_table(path))
 
 
 def load_shard_samples(con, sample_ids: list[int]) -> list[ShardSample]:
@@ -105,6 +108,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                 shard, ids = queue.pop(0)
                 fut = score_shard_task.with_options(task_run_name=f"score-{name}-{shard}").submit(
                     ctx.base_path, ctx.base_model, adapter, model_key, shard, load_shard_samples(con, ids),
+                    storage.join(shard_dir, f"shard-{shard:08d}.parquet"),
                     batch_tokens=cfg.score.batch_tokens,
                     chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
                     compile=cfg.score.compile)
@@ -117,11 +121,13 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "
                     f"{ctx.scorer['numerics']}; set model.device / model.dtype (and ray.num_gpus_per_task) "
                     "explicitly so workers and key agree")
-            path = shard_dir / f"shard-{res['shard']:08d}.parquet"
-            store.write_parquet_atomic(res["table"], path)
-            store.load_loss_shard(con, model_key, res["shard"], path)
-            losses = res["table"].column("loss").to_numpy()
-            stats["nonfinite"] += int((~np.isfinite(losses)).sum())
+            if not storage.exists(res["path"]):
+                raise RuntimeError(
+                    f"scoring {name}: the worker on node {res['node']} wrote shard {res['shard']} to {res['path']}, "
+                    "which this driver cannot see. On a cluster, set `storage:` to a location every node and the "
+                    "driver share (an NFS path mounted at the same place, or an fsspec URL such as s3://bucket/x)")
+            _load(con, model_key, res["shard"], res["path"])
+            stats["nonfinite"] += res["nonfinite"]
             stats["shards_scored"] += 1
             stats["samples_scored"] += res["n_samples"]
             stats["workers"].setdefault(str(res["pid"]), set()).add(res["model_id"])

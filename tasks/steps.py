@@ -56,20 +56,30 @@ def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str,
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_key: str, shard: int, samples: list,
-                     *, batch_tokens: int, chunk: int, device: str, dtype: str, backend: str = "transformers",
-                     compile: bool = False) -> dict:
-    """Runs on a Ray worker: losses come back through the object store, so no shared disk is needed.
+                     out_path: str, *, batch_tokens: int, chunk: int, device: str, dtype: str,
+                     backend: str = "transformers", compile: bool = False) -> dict:
+    """Runs on a Ray worker: scores the shard and writes its losses to ``out_path`` itself.
 
-    The model is cached per worker process under its key: Ray reuses workers, so
-    weights load once per worker, not once per shard; ``pid``/``model_id`` prove it.
-    An adapter is cached under ``model_key`` (its losses' key, from its weights' hash),
-    never under its path. ``numerics`` reports the device type and dtype actually used.
+    The file is written atomically (``tasks/storage.py``) and only its path and counts go
+    back, so per-token results never pass through the object store or the driver. A
+    retried attempt rewrites the same path. The model is cached per worker process under
+    its key: Ray reuses workers, so weights load once per worker, not once per shard;
+    ``pid``/``model_id`` prove it. An adapter is cached under ``model_key`` (its losses'
+    key, from its weights' hash), never under its path. ``numerics`` reports the device
+    type and dtype actually used.
     """
+    import numpy as np
+
+    from tokenclean.tasks import storage
+
     t0 = time.perf_counter()
     sm = scorer(backend, base_path, base_key, device, dtype, compile)
     table = sm.losses(samples, adapter=adapter, adapter_key=model_key if adapter else None,
                       batch_tokens=batch_tokens, chunk=chunk)
-    return {"shard": shard, "table": table, "n_tokens": int(sum(len(s.input_ids) for s in samples)),
+    storage.write_parquet(table, out_path)
+    losses = table.column("loss").to_numpy()
+    return {"shard": shard, "path": out_path, "rows": table.num_rows, "nonfinite": int((~np.isfinite(losses)).sum()),
+            "n_tokens": int(sum(len(s.input_ids) for s in samples)),
             "n_samples": len(samples), "seconds": time.perf_counter() - t0, "pid": os.getpid(),
             "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "node": where()["node"]}
 

@@ -82,3 +82,58 @@ def tiny_config(workdir: Path, name: str = "t", **overrides) -> dict:
     for k, v in overrides.items():
         cfg[k] = v
     return cfg
+
+
+class MultiNode:
+    """A real multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, as Ray's own
+    fault-tolerance tests use): a head with no CPUs and the dashboard on, so drivers attach there
+    and no work lands on it, and worker nodes that are each their own raylet with their own resources. Node ``gpu``
+    carries one *logical* GPU (this machine has none): work that asks for a GPU must land there.
+    """
+
+    SPECS = {"cpu": {"num_cpus": 1}, "gpu": {"num_cpus": 1, "num_gpus": 1}}
+
+    def __init__(self):
+        import socket
+
+        from ray.cluster_utils import Cluster
+
+        with socket.socket() as sock:  # the dashboard on a free port, as a user's cluster has it on 8265
+            sock.bind(("127.0.0.1", 0))
+            self.dashboard_port = sock.getsockname()[1]
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_port": self.dashboard_port})
+        self.nodes = {name: self.cluster.add_node(**spec) for name, spec in self.SPECS.items()}
+        self.cluster.wait_for_nodes()
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def node_ids(self) -> dict[str, str]:
+        return {name: node.node_id for name, node in self.nodes.items()}
+
+    def kill(self, node_id: str) -> str:
+        """Kill the node with ``node_id`` (raylet and workers, no graceful drain) and start a
+        replacement with the same resources, as an autoscaler would; return the lost node's name."""
+        name = next(n for n, node in self.nodes.items() if node.node_id == node_id)
+        self.cluster.remove_node(self.nodes[name], allow_graceful=False)
+        self.nodes[name] = self.cluster.add_node(**self.SPECS[name])
+        self.cluster.wait_for_nodes()
+        return name
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def multinode():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = MultiNode()
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()

@@ -7,7 +7,8 @@ whose first sample is ``sample_id`` when scored by ``model`` (``base`` or ``adap
 
 * ``kill``: SIGKILL the worker the first time it scores that shard (the marker file
   makes it happen once);
-* ``stall``: hold that shard for 120 s, once (a run that is reliably mid-scoring);
+* ``stall``: hold that shard for 120 s, once (a run that is reliably mid-scoring; the
+  marker says on which Ray node, so a test can kill that node);
 * ``nan``: poison the shard's first two losses with NaN/inf.
 
 ``shard_first_ids`` tells a test which sample ids start the shards of a prepared run.
@@ -40,7 +41,7 @@ class FaultyScorer:
                 if model == which and samples and int(sid) == samples[0].sample_id]
         for kind, marker in mine:
             if kind in ("kill", "stall") and not Path(marker).exists():
-                Path(marker).write_text(str(os.getpid()))
+                _mark(marker)
                 if kind == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(120)
@@ -50,6 +51,18 @@ class FaultyScorer:
             loss[:2] = [np.nan, np.inf]
             table = table.set_column(table.schema.get_field_index("loss"), "loss", pa.array(loss, pa.float32()))
         return table
+
+
+def _mark(marker: str) -> None:
+    """Write where this process runs (Ray node id, pid) to ``marker``, atomically: a test that sees
+    the file can kill exactly that node."""
+    import json
+
+    from tokenclean.tasks.placement import where
+
+    tmp = f"{marker}.tmp{os.getpid()}"
+    Path(tmp).write_text(json.dumps(where()))
+    os.replace(tmp, marker)
 
 
 def shard_first_ids(cfg, parts: list[int]) -> list[int]:
@@ -97,3 +110,32 @@ class KillAfterCheckpoint:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         return _Kill()
+
+
+STALL_TRAINING_ENV = "TOKENCLEAN_STALL_TRAINING"
+
+
+class StallAfterCheckpoint:
+    """``train.callbacks: [tests.faults:StallAfterCheckpoint]``: hold a training worker, once.
+
+    ``TOKENCLEAN_STALL_TRAINING=step:marker``: right after the checkpoint of ``step`` is
+    saved, the worker writes where it runs (Ray node id, pid) to ``marker`` and sleeps, if
+    ``marker`` does not exist yet; a test then kills that worker's node. A resumed attempt
+    (on another node) finds the marker and trains on.
+    """
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Stall(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                spec = os.environ.get(STALL_TRAINING_ENV)
+                if not spec:
+                    return
+                step, marker = spec.split(":", 1)
+                if state.global_step != int(step) or Path(marker).exists():
+                    return
+                _mark(marker)
+                time.sleep(600)
+
+        return _Stall()

@@ -119,7 +119,10 @@ def test_changed_input_is_a_new_dataset_not_a_refusal(tiny, tmp_path, data):
     assert again.dataset == second.dataset and not again.ingest["ingested"]
 
 
-def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
+def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data, multinode):
+    """`tokenclean serve` against a multi-node cluster given by address (infra/README.md, section 5):
+    the deployment registers with its schedule, a triggered run completes, and its scoring spread
+    over more than one node."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -129,6 +132,7 @@ def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
 
     _, train = data
     cfg = _cfg(tmp_path, train, tiny)
+    cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": multinode.address, "num_cpus": None})})
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     with prefect_api() as url:
@@ -160,5 +164,8 @@ def test_serve_registers_a_scheduled_deployment_that_runs(tiny, tmp_path, data):
 
         assert con.execute("SELECT n_kept FROM selections WHERE selection = ?",
                            [output_key(con, "refresh", "selection")]).fetchone()[0] > 0
+        scored = [json.loads(d) for (d,) in con.execute("SELECT detail FROM stage_log WHERE stage = 'score'").fetchall()]
     finally:
         con.close()
+    nodes = {p["node"] for d in scored for p in d["placement"]}
+    assert len(nodes) >= 2 and nodes <= set(multinode.node_ids().values()), nodes

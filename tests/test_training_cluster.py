@@ -1,8 +1,9 @@
 """Training as cluster work: data parallel on Ray Train, resumed after a worker is killed,
 placed where its resources are, and fed labels only on kept tokens.
 
-Real components throughout: a local Ray cluster (two nodes for placement), Ray Train
-with the gloo backend, transformers' Trainer on the tiny pretrained model.
+Real components throughout: the multi-node test cluster (``tests.conftest.MultiNode``: two
+worker nodes, one with a logical GPU), Ray Train with the gloo backend between the nodes,
+transformers' Trainer on the tiny pretrained model.
 """
 from __future__ import annotations
 
@@ -36,13 +37,17 @@ def samples(tiny, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def local_ray(tmp_path_factory):
+def local_ray(multinode, tmp_path_factory):
+    """This process as a driver of the multi-node test cluster (two worker nodes of one CPU each,
+    so a 2-worker Ray Train group has one worker per node)."""
     import ray
 
     marker_dir = tmp_path_factory.mktemp("markers")
     env = {"PYTHONPATH": os.environ["PYTHONPATH"], KILL_TRAINING_ENV: f"1:4:{marker_dir / 'killed'}",
            "TRANSFORMERS_VERBOSITY": "error"}
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address=multinode.address, runtime_env={"env_vars": env})
     yield marker_dir / "killed"
     ray.shutdown()
 
@@ -78,7 +83,8 @@ def test_two_workers_train_the_same_adapter_as_one(tiny, samples, two_workers, t
     path, dp = two_workers
     assert (dp["world_size"], dp["accumulation"], single["world_size"], single["accumulation"]) == (2, 2, 1, 4)
     assert dp["steps"] == single["steps"] == 6
-    assert len({p["pid"] for p in dp["placement"]}) == 2  # two processes really trained
+    assert len({p["pid"] for p in dp["placement"]}) == 2  # two processes really trained ...
+    assert len({p["node"] for p in dp["placement"]}) == 2  # ... on two nodes (DDP over gloo between raylets)
     # Gradients agree to float rounding (all-reduce vs local sum order); Adam's first steps
     # divide by sqrt(v), which magnifies rounding on near-zero gradients to ~1e-4 of an update.
     scale = max(float(v.abs().max()) for v in _weights(tmp_path / "one").values())
@@ -131,12 +137,11 @@ def test_exported_batches_label_only_kept_response_tokens(tiny, samples):
         assert labelled == sum(int(s.label_mask.sum()) for s in kept)
 
 
-def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, tmp_path):
-    """A two-node Ray cluster: the head (where the flow's driver attaches) has no GPU, the
-    other node has one (a logical GPU: this machine has none, so the work computes on CPU).
-    Scoring, training and evaluation ask for a GPU and must all run on the GPU node."""
+def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, multinode, tmp_path):
+    """The multi-node cluster: the head (where the flow's driver attaches) has no CPU or GPU, one
+    node has a CPU only, the other also a GPU (a logical GPU: this machine has none, so the work
+    computes on CPU). Scoring, training and evaluation ask for a GPU and must all run on the GPU node."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from tokenclean.config import RunConfig
     from tokenclean.flows.cleaning import run
@@ -144,9 +149,6 @@ def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0,
-                                                           "include_dashboard": False})
-    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
     try:
         cfg = tiny_config(tmp_path, name="placed", mode="fixed", iterations=1, baselines=["global"])
         cfg["model"]["device"] = "cpu"  # the logical GPU has no device behind it
@@ -158,7 +160,7 @@ def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, tmp_path):
         cfg["score"] = {"batch_tokens": 4096, "shard_samples": 512}
         cfg["eval"] = {"max_samples": 20}
         cfg["warmup_train"]["epochs"] = 1  # placement is the point here, not a well-trained reference
-        cfg["ray"] = {"address": cluster.address, "num_gpus_per_task": 1, "gpus_per_train_worker": 1,
+        cfg["ray"] = {"address": multinode.address, "num_gpus_per_task": 1, "gpus_per_train_worker": 1,
                       "gpus_per_eval_task": 1}
         run(RunConfig.model_validate(cfg))
         con = store.connect(RunConfig.model_validate(cfg).db_path, read_only=True)
@@ -171,9 +173,7 @@ def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, tmp_path):
         for (stage, _), detail in placed.items():
             where = detail["placement"]
             nodes |= {p["node"] for p in where} if isinstance(where, list) else {where["node"]}
-        assert nodes == {gpu_node.node_id}
-        assert cluster.head_node.node_id not in nodes
+        assert nodes == {multinode.nodes["gpu"].node_id}
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        cluster.shutdown()

@@ -152,6 +152,10 @@ class RayConfig(_Strict):
     cpus_per_train_worker: float = Field(1.0, gt=0)
     gpus_per_eval_task: float = Field(0.0, ge=0, description="GPUs for an evaluation task")
     train_max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint)")
+    env_vars: list[str] = Field(
+        default_factory=list, description="names of the driver's environment variables to give every worker, e.g. "
+                                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for s3 storage "
+                                          "(values are read at run time, never written into the run's config)")
     enabled: bool = True
 
 
@@ -171,6 +175,9 @@ class RunConfig(_Strict):
     warmup_train: TrainConfig | None = Field(None, description="training of the reference on D0; defaults to train")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: str | None = Field(
+        None, description="where workers write shard files: unset = the run directory; a shared path (NFS) or an "
+                          "fsspec URL (s3://bucket/prefix) that every node and the driver reach")
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
 
     @model_validator(mode="after")
@@ -236,6 +243,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 data[key] = [_resolve(p.parent, x) for x in data[key]]
         # A model given as a directory next to the YAML is found there; anything else (a hub id,
         # an absolute path, 'embedded') is left as written.
+        storage = raw.get("storage")
+        if isinstance(storage, str) and "://" not in storage and not Path(storage).is_absolute():
+            raw["storage"] = str((p.parent / storage).resolve())
         model = raw.get("model") or {}
         for key in ("base", "tokenizer"):
             if isinstance(model.get(key), str) and (p.parent / model[key]).is_dir():

@@ -136,6 +136,18 @@ def _check_schema(con, path: Path, read_only: bool) -> None:
             con.execute("INSERT INTO meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
 
 
+def run_id(con) -> str:
+    """This run database's random id, made on first use: names the run's files in a shared storage root."""
+    row = con.execute("SELECT value FROM meta WHERE key = 'run_id'").fetchone()
+    if row:
+        return row[0]
+    import uuid
+
+    value = uuid.uuid4().hex[:16]
+    con.execute("INSERT INTO meta VALUES ('run_id', ?)", [value])
+    return value
+
+
 @contextlib.contextmanager
 def transaction(con):
     """All or nothing: a crash or error inside leaves the database as it was."""

@@ -44,14 +44,26 @@ def count_scored(con, model: str, sample_ids: list[int]) -> int:
                        "AND sample_id IN (SELECT unnest(?))", [model, sample_ids]).fetchone()[0]
 
 
-def load_loss_shard(con, model: str, shard: int, path: Path) -> int:
-    """Idempotent: a shard loaded twice leaves exactly one copy of its rows."""
+def load_loss_shard(con, model: str, shard: int, source) -> int:
+    """Idempotent: a shard loaded twice leaves exactly one copy of its rows.
+
+    ``source`` is a local Parquet path (read by DuckDB itself) or an Arrow table (a shard
+    read from object storage by the caller).
+    """
     with transaction(con):
         con.execute("DELETE FROM token_losses WHERE model = ? AND shard = ?", [model, shard])
-        con.execute(
-            "INSERT INTO token_losses SELECT ?, ?, sample_id, pos, token_id, loss FROM read_parquet(?)",
-            [model, shard, str(path)],
-        )
+        if isinstance(source, (str, Path)):
+            con.execute(
+                "INSERT INTO token_losses SELECT ?, ?, sample_id, pos, token_id, loss FROM read_parquet(?)",
+                [model, shard, str(source)],
+            )
+        else:
+            con.register("_shard_rows", source)
+            try:
+                con.execute("INSERT INTO token_losses SELECT ?, ?, sample_id, pos, token_id, loss FROM _shard_rows",
+                            [model, shard])
+            finally:
+                con.unregister("_shard_rows")
         n = con.execute("SELECT count(*) FROM token_losses WHERE model = ? AND shard = ?", [model, shard]).fetchone()[0]
         con.execute("INSERT OR REPLACE INTO shards_done VALUES (?, ?, ?, now())", [model, shard, n])
     return n

@@ -1,0 +1,154 @@
+"""The driver's memory while scoring: peak RSS of the flow process at 1x and 10x the demo's pool.
+
+    python benchmarks/driver_memory.py --sizes 4000,40000 --out driver_memory.json
+
+Each size runs in its own subprocess, a fresh driver: it generates N synthetic rows
+(``tokenclean.synth``, the demo's world), builds or reuses the embedded demo model, and
+runs the scoring stage as the pipeline does, a Prefect flow on the local Ray task runner:
+ingest, the base model's losses over the whole pool (workers write shard files to the
+run's storage, the driver loads them into DuckDB by path), then the integrity check. A
+thread samples the driver's RSS every 20 ms, separately for the phases before scoring
+(imports, ingest) and during scoring. Only the driver process is measured: the Ray
+workers, raylet and Prefect server are other processes.
+
+The figure of merit is the scoring phase's peak minus the RSS when scoring began, at
+10x against 1x, measured in the same invocation. Ingest's own growth with the pool is
+issue 13's and is reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class RssSampler:
+    """Peak RSS of this process per named phase, sampled on a thread."""
+
+    def __init__(self, every_s: float = 0.02):
+        import psutil
+
+        self.proc, self.every, self.phase = psutil.Process(), every_s, "start"
+        self.peaks: dict[str, int] = {}
+        self.at_start: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss = self.proc.memory_info().rss
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), rss)
+            time.sleep(self.every)
+
+    def enter(self, phase: str) -> None:
+        rss = self.proc.memory_info().rss
+        self.at_start[phase] = rss
+        self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+        self.phase = phase
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def child(n: int, workdir: Path) -> dict:
+    """One driver: ingest N rows, score the base model over all of them, report the RSS per phase."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    sampler = RssSampler()
+    with sampler:
+        sampler.enter("imports")
+        from prefect import flow
+
+        from tokenclean.config import RunConfig
+        from tokenclean.flows.artifacts import base, scorer
+        from tokenclean.flows.prepare import prepare
+        from tokenclean.flows.runtime import prefect_api, ray_session, task_runner
+        from tokenclean.flows.scoring import score_model
+        from tokenclean.synth import SynthSpec, generate
+        from tokenclean.tasks import store
+
+        demo = RunConfig().embedded
+        paths = generate(SynthSpec(n_people=demo.n_people, n_train=n, n_eval=50, seed=99), workdir / "data")
+        cfg = RunConfig.model_validate({
+            "name": f"n{n}", "workdir": str(workdir), "model": {"base": "embedded"}, "iterations": 2,
+            "data": {"paths": [str(paths["train"])], "eval_paths": [str(paths["eval"])], "max_length": 256},
+            "score": {"batch_tokens": 8192, "shard_samples": 512}, "ray": {"num_cpus": 2}})
+
+        @flow(name="scoring-stage")
+        def scoring_stage() -> dict:
+            sampler.enter("ingest")
+            ctx = prepare(cfg, progress=False)
+            try:
+                parts = list(range(cfg.iterations + 1))
+                key = scorer(ctx, base(ctx))  # the base model's losses key, as ensure_losses derives it
+                sampler.enter("scoring")
+                stats = score_model(ctx, "base", key, None, parts, progress=False)
+                check = store.check_integrity(ctx.con, key, ctx.dataset, parts)
+                assert check["ok"], check
+                return {k: stats[k] for k in ("samples_scored", "tokens", "shards_scored", "seconds", "tokens_per_s")}
+            finally:
+                ctx.con.close()
+
+        with prefect_api(), ray_session(cfg.ray):
+            stats = scoring_stage.with_options(task_runner=task_runner(cfg.ray))()
+        sampler.enter("done")
+    mb = 1 / 2**20
+    return {"rows": n, **stats,
+            "rss_mb": {"after_imports": sampler.at_start["ingest"] * mb,
+                       "peak_ingest": sampler.peaks["ingest"] * mb,
+                       "scoring_start": sampler.at_start["scoring"] * mb,
+                       "peak_scoring": sampler.peaks["scoring"] * mb},
+            "scoring_growth_mb": (sampler.peaks["scoring"] - sampler.at_start["scoring"]) * mb}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="4000,40000", help="pool sizes in rows (the demo has 4000)")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.workdir)))
+        return
+    results = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="tc-drvmem-") as tmp:
+            out = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", tmp],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"size {n} failed:\n{out.stderr[-4000:]}")
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"{'rows':>8} {'tokens':>10} {'tok/s':>8} {'RSS at scoring start':>21} {'peak while scoring':>19} "
+          f"{'growth':>8} {'peak in ingest':>15}")
+    for r in results:
+        m = r["rss_mb"]
+        print(f"{r['rows']:>8,} {r['tokens']:>10,} {r['tokens_per_s']:>8,.0f} {m['scoring_start']:>18,.0f} MB "
+              f"{m['peak_scoring']:>16,.0f} MB {r['scoring_growth_mb']:>5,.0f} MB {m['peak_ingest']:>12,.0f} MB")
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        print(f"peak while scoring, {b['rows']:,} vs {a['rows']:,} rows: "
+              f"{b['rss_mb']['peak_scoring'] / a['rss_mb']['peak_scoring']:.3f}x "
+              f"(pool {b['tokens'] / a['tokens']:.1f}x)")
+    if args.out:
+        args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                        "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Where workers put what they compute: a local directory, an NFS mount, or an fsspec URL.
+
+Scoring workers write each shard's losses here themselves, atomically, under the
+scorer's key (``<root>/shards/<scorer key>/shard-N.parquet``), and hand back only the
+path; the driver loads the file into DuckDB by path. So per-token results never travel
+through the driver's memory or the object store, and the driver's footprint does not
+grow with the pool. ``storage:`` in the config names the root:
+
+* unset (the default): the run directory, as before. On a single machine every worker
+  sees it; on a cluster the run directory must then be a shared mount.
+* a path (``/mnt/nfs/tokenclean``): a shared filesystem every node mounts at that path.
+* a URL (``s3://bucket/prefix``, ``gs://…``, any fsspec protocol whose package is
+  installed, e.g. ``s3fs``): object storage; nothing needs to be mounted.
+
+A configured root holds many runs, so each run writes under ``<root>/<run id>`` (a
+random id the run database keeps): two runs that share a scorer key never overwrite or
+recover each other's shard numbers.
+
+Everything goes through fsspec (the local filesystem included), so the code that runs
+on a laptop is the code that runs against a bucket. Written by hand because nothing in
+the stack does "write a Parquet file so that readers see all of it or none of it" for
+both a POSIX rename and an object store: a file is written under a temporary name and
+then moved (``os.rename`` locally, copy-then-delete on object stores, where the final
+object still appears whole).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+
+
+def filesystem(path: str):
+    """(fsspec filesystem, path inside it) for a local path or URL."""
+    return fsspec.core.url_to_fs(str(path))
+
+
+def is_local(path: str) -> bool:
+    fs, _ = filesystem(path)
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def local_path(path: str) -> str | None:
+    """The path on this machine's filesystem (``file://`` stripped), or None for remote storage."""
+    fs, p = filesystem(path)
+    return p if is_local(path) else None
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def write_parquet(table, path: str) -> str:
+    """Write ``table`` so that ``path`` holds all of it or nothing (a retried writer replaces it)."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table, f)
+        fs.mv(tmp, p)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+    return path
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
+def shard_files(directory: str) -> list[str]:
+    """Complete shard files under ``directory`` (temporary names excluded), sorted, as full paths/URLs."""
+    fs, p = filesystem(directory)
+    if not fs.exists(p):
+        return []
+    names = sorted(x for x in fs.glob(f"{p.rstrip('/')}/shard-*.parquet"))
+    if is_local(directory):
+        return names
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return [f"{proto}://{x}" for x in names]
+
+
+def read_table(path: str, columns: list[str] | None = None):
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return pq.read_table(f, columns=columns)

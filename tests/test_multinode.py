@@ -1,0 +1,311 @@
+"""Multi-node for real: the pipeline against a Ray cluster of several nodes, by address, and the
+loss of a node (or of the driver) while it works.
+
+The cluster is ``tests.conftest.MultiNode``: a head with no CPUs and two worker nodes, each
+its own raylet (one has a logical GPU). Every disturbed run is compared with an undisturbed
+run of the same config: token losses (by row id and position), the selection (its kept
+tokens), the adapters (weights) and the evaluation metrics, with the tolerances of the rest
+of the suite. Runs that are disturbed run as ``tokenclean run`` subprocesses (a driver the
+test can kill, or that keeps running while the test kills a node under it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import tiny_config
+from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, shard_first_ids
+from tokenclean.config import RunConfig
+from tokenclean.tasks import store
+
+
+@pytest.fixture(scope="module")
+def data(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mn-data")
+    rows = open(tiny.train).read().splitlines()[:120]
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "train.jsonl", Path(tiny.eval)
+
+
+def _cfg(workdir: Path, data, multinode, name: str, **over) -> dict:
+    train, evals = data
+    cfg = tiny_config(workdir, name=name, mode="fixed", iterations=1, baselines=["global"])
+    cfg["data"] = {"max_length": 256, "paths": [str(train)], "eval_paths": [str(evals)]}
+    # small shards: the pool's 60-odd samples make 4 shards per model, enough to spread over the nodes
+    cfg["score"] = {"batch_tokens": 4096, "shard_samples": 16, "backend": BACKEND}
+    cfg["eval"] = {"max_samples": 20, "max_new_tokens": 0}
+    cfg["ray"] = {"address": multinode.address}
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def _snapshot(cfg: RunConfig) -> dict:
+    """What a run produced, by content: losses by uid, kept (uid, pos), adapter weights, metrics."""
+    from safetensors.numpy import load_file
+
+    from tokenclean.summary import output_key
+
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        dataset = output_key(con, "data", "dataset")
+        out = {}
+        for name in ("base", "reference"):
+            out[f"losses/{name}"] = store.losses_by_uid(con, output_key(con, name, "losses"), dataset)
+            check = store.check_integrity(con, output_key(con, name, "losses"), dataset, [1])
+            assert check["ok"], check
+        out["kept"] = sorted(con.execute(
+            "SELECT s.uid, st.pos FROM selected_tokens st JOIN samples s USING (sample_id) WHERE st.selection = ?",
+            [output_key(con, "global", "selection")]).fetchall())
+        for name in ("reference", "global"):
+            rec = store.adapter_record(con, output_key(con, name, "adapter"))
+            out[f"adapter/{name}"] = load_file(str(cfg.run_dir / rec["path"] / "adapter_model.safetensors"))
+            out[f"eval/{name}"] = store.eval_metrics(con, output_key(con, name, "eval"))
+        out["placement"] = [json.loads(d) for (d,) in con.execute(
+            "SELECT detail FROM stage_log WHERE stage IN ('score', 'train', 'evaluate')").fetchall()]
+        return out
+    finally:
+        con.close()
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    for k, w in want.items():
+        g = got[k]
+        if k.startswith("losses/"):
+            assert [(u, p) for u, p, _ in g] == [(u, p) for u, p, _ in w], k
+            np.testing.assert_allclose([x for *_, x in g], [x for *_, x in w], rtol=1e-4, atol=1e-4, err_msg=k)
+        elif k.startswith("adapter/"):
+            assert set(g) == set(w), k
+            scale = max(float(np.abs(v).max()) for v in w.values())
+            for name in w:
+                np.testing.assert_allclose(g[name], w[name], rtol=0, atol=1e-5 * scale, err_msg=f"{k} {name}")
+        elif k.startswith("eval/"):
+            assert set(g) == set(w), k
+            for m in w:
+                assert g[m] == pytest.approx(w[m], rel=1e-4, abs=1e-5), (k, m)
+        elif k == "kept":
+            assert g == w
+
+
+def _nodes(details: list[dict]) -> set[str]:
+    out = set()
+    for d in details:
+        where = d.get("placement") or []
+        out |= {p["node"] for p in (where if isinstance(where, list) else [where])}
+    return out
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tiny, data, multinode, tmp_path_factory):
+    """The config every disturbed run uses, run once without faults, in this process, by address."""
+    from tokenclean.flows.cleaning import run
+
+    cfg = RunConfig.model_validate(_cfg(tmp_path_factory.mktemp("mn-calm"), data, multinode, "calm"))
+    run(cfg)
+    return _snapshot(cfg)
+
+
+def test_scoring_spreads_over_the_nodes_of_a_cluster_given_by_address(undisturbed, multinode):
+    scoring = [d for d in undisturbed["placement"] if "samples_scored" in d]
+    assert len(scoring) == 2  # base and reference
+    used = _nodes(scoring)
+    assert len(used) >= 2, used  # shards of one stage ran on more than one node
+    assert used <= set(multinode.node_ids().values())  # and never on the head (no CPUs there)
+    # every model was loaded once per worker process that scored with it, on whichever node
+    for d in scoring:
+        assert sum(d["workers"].values()) == len(d["workers"])
+
+
+def test_flow_runs_link_the_clusters_ray_dashboard(undisturbed, multinode):
+    """The Prefect UI leads to the Ray dashboard of the cluster the flow ran on (a link artifact)."""
+    import asyncio
+    import urllib.request
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def links():
+        async with get_client() as c:
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ray-dashboard"])))
+
+    found = asyncio.run(links())
+    assert found, "no ray-dashboard artifact"
+    link = found[-1].data
+    assert f":{multinode.dashboard_port}" in link
+    url = link[link.index("(") + 1 : link.rindex(")")] if "](" in link else link
+    assert json.loads(urllib.request.urlopen(f"{url}/api/version", timeout=30).read())["ray_version"]
+
+
+def _start(cfg: dict, tmp_path: Path, env: dict) -> tuple[subprocess.Popen, list[str]]:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "tokenclean.cli", "run", str(path)]
+    return subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True), cmd
+
+
+def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text():
+            return json.loads(marker.read_text())
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the fault fired: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail("the fault never fired")
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 900) -> None:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_node_lost_while_scoring_run_finishes_and_equals_undisturbed(tiny, data, multinode, undisturbed, tmp_path):
+    """A shard of the base model stalls on some node; that node is killed (raylet and workers) and
+    replaced. Ray re-executes the lost task elsewhere; the run finishes with clean integrity and
+    the same losses, selection, adapters and metrics as the undisturbed run."""
+    cfg = _cfg(tmp_path, data, multinode, "lost-scoring")
+    firsts = shard_first_ids(RunConfig.model_validate(cfg), [1])
+    marker = tmp_path / "stalled"
+    proc, _ = _start(cfg, tmp_path, {FAULT_ENV: f"stall:base:{firsts[1]}:{marker}"})
+    try:
+        where = _wait_for(marker, proc)
+        lost = multinode.kill(where["node"])
+        _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert where["node"] not in multinode.node_ids().values()  # the node that held the shard is gone ...
+    got = _snapshot(RunConfig.model_validate(cfg))
+    _assert_same(got, undisturbed)  # ... and its shard was scored again elsewhere: integrity is clean
+    base = next(d for d in got["placement"] if d.get("model") == "base")
+    assert {p["node"] for p in base["placement"]} - {where["node"]}, f"{lost} node's shard never ran elsewhere"
+
+
+def test_node_lost_while_training_resumes_from_checkpoint_and_equals_undisturbed(tiny, data, multinode, undisturbed,
+                                                                                 tmp_path):
+    """The global adapter's training stalls on some node right after its step-1 checkpoint; the node is
+    killed and replaced. Ray re-executes the training task on another node, the Trainer resumes at
+    step 1 (no step runs twice), and the adapter equals the undisturbed one."""
+    cfg = _cfg(tmp_path, data, multinode, "lost-training")
+    cfg["train"] = dict(cfg["train"], checkpoint_every=1, callbacks=["tests.faults:StallAfterCheckpoint"])
+    marker = tmp_path / "stalled"
+    proc, _ = _start(cfg, tmp_path, {STALL_TRAINING_ENV: f"1:{marker}"})
+    try:
+        where = _wait_for(marker, proc)
+        multinode.kill(where["node"])
+        _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run_cfg = RunConfig.model_validate(cfg)
+    got = _snapshot(run_cfg)
+    _assert_same(got, undisturbed)
+    train = next(d for d in got["placement"] if d.get("key") and d.get("resumed_from") is not None)
+    assert train["resumed_from"] == 1 and train["steps"] == train["steps_run"] + 1
+    assert {p["node"] for p in train["placement"]} != {where["node"]}  # finished elsewhere
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    parent = psutil.Process(proc.pid)
+    family = parent.children(recursive=True) + [parent]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)
+
+
+def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, undisturbed, tmp_path):
+    """The driver (the flow process, attached to the cluster) is SIGKILLed mid-scoring while the
+    cluster keeps running; a second driver on the same database is refused while the first holds
+    it; the re-run resumes: finished shards are not scored again, integrity is clean, and the
+    results equal the undisturbed run's."""
+    cfg = _cfg(tmp_path, data, multinode, "driver-killed")
+    firsts = shard_first_ids(RunConfig.model_validate(cfg), [1])
+    marker = tmp_path / "stalled"
+    env = {FAULT_ENV: f"stall:base:{firsts[3]}:{marker}"}
+    proc, cmd = _start(cfg, tmp_path, env)
+    shards = tmp_path / "driver-killed" / "shards"
+    try:
+        _wait_for(marker, proc)
+        deadline = time.monotonic() + 300
+        while len(list(shards.glob("*/*.parquet"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        second = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "database busy" in second.stderr, second.stderr[-2000:]
+    finally:
+        _kill_tree(proc)
+    n_before = len(list(shards.glob("*/*.parquet")))
+    assert n_before >= 2
+    done = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = _snapshot(RunConfig.model_validate(cfg))
+    _assert_same(got, undisturbed)
+    base = [d for d in got["placement"] if d.get("model") == "base"]
+    resumed = base[-1]
+    assert resumed["samples_scored"] < resumed["samples_total"]  # finished shards were not scored again
+    assert resumed["samples_scored"] + resumed["samples_skipped"] + resumed["samples_recovered"] == \
+        resumed["samples_total"]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3-compatible endpoint (moto's server, in a thread of this process) with one bucket."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="tc-shards")
+    yield sorted(env)
+    server.stop()
+
+
+def test_workers_write_shards_to_object_storage_and_the_driver_loads_them(tiny, data, multinode, undisturbed, s3,
+                                                                         tmp_path):
+    """``storage: s3://…``: workers on both nodes write their shards to the bucket (credentials forwarded by
+    ``ray.env_vars``), the driver loads them from there, nothing is written under the run directory,
+    and the results equal the undisturbed run's (which used the run directory)."""
+    import s3fs
+
+    from tokenclean.flows.cleaning import run
+
+    cfg = _cfg(tmp_path, data, multinode, "on-s3")
+    cfg["storage"] = "s3://tc-shards/runs"
+    cfg["ray"] = dict(cfg["ray"], env_vars=s3)
+    run_cfg = RunConfig.model_validate(cfg)
+    run(run_cfg)
+    _assert_same(_snapshot(run_cfg), undisturbed)
+    assert not (run_cfg.run_dir / "shards").exists()
+    con = store.connect(run_cfg.db_path, read_only=True)
+    try:
+        run_id = store.run_id(con)
+        loaded = con.execute("SELECT model, count(*) FROM shards_done GROUP BY model").fetchall()
+    finally:
+        con.close()
+    fs = s3fs.S3FileSystem()
+    written = fs.glob(f"tc-shards/runs/on-s3-{run_id}/shards/*/shard-*.parquet")
+    assert len(written) == sum(n for _, n in loaded) > 0  # one object per loaded shard, under the run's id
+    assert not fs.glob("tc-shards/runs/**/*.tmp-*")  # no temporary object left behind
