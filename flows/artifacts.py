@@ -189,7 +189,8 @@ def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> 
         result = run_placed(evaluate_task, cfg.ray, 1, cfg.ray.gpus_per_eval_task, ctx.base_path, ctx.base_model,
                             model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
                             device=cfg.model.device, dtype=cfg.model.dtype, label=name,
-                            tokenizer_path=ctx.tokenizer_path, max_new_tokens=cfg.eval.max_new_tokens)
+                            tokenizer_path=ctx.tokenizer_path, max_new_tokens=cfg.eval.max_new_tokens,
+                            keep_worker=True)
         placement = result.pop("placement")
         if placement["numerics"] != ctx.eval_numerics:
             raise RuntimeError(f"evaluating {name}: the worker computed with {placement['numerics']} but the key "

@@ -148,15 +148,39 @@ def warm_workers(limit: int = 8) -> list:
     return [fn.remote() for _ in range(max(1, n))]
 
 
-def run_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, **kwargs):
+def run_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_worker: bool = False, **kwargs):
     """Run a Prefect ``task`` once and return its result: on a Ray worker holding ``cpus``/``gpus``
-    (submitted to the flow's Ray task runner), or in this process when Ray is off."""
+    (submitted to the flow's Ray task runner), or in this process when Ray is off.
+
+    ``keep_worker``: see ``placement_options``.
+    """
     if not cfg.enabled:
         return task(*args, **kwargs)
     from prefect_ray.context import remote_options
 
-    with remote_options(num_cpus=cpus, num_gpus=gpus):
+    with remote_options(**placement_options(cpus, gpus, keep_worker)):
         return task.submit(*args, **kwargs).result()
+
+
+def placement_options(cpus: float | None, gpus: float, keep_worker: bool) -> dict:
+    """Ray resource options of a task; ``keep_worker`` keeps its worker process alive afterwards.
+
+    Ray retires a worker after one task that used GPUs (``max_calls`` defaults to 1 for
+    them) so that its GPU memory is freed. That defeats the per-process model cache:
+    every shard would start a process and load the model again (11-12 s per task on the
+    test cluster's logical GPU, measured; tens of seconds for an 8B model), and since an
+    idle worker also runs the next task of another kind, one training task would retire
+    the worker holding the scoring model. Our tasks therefore keep their worker
+    (``max_calls=0``: unlimited): scoring and evaluation keep the cached base model,
+    training returns its CUDA cache when it ends (``tasks.train.train_worker``). The
+    price: an idle worker holds one copy of the base weights on its GPU.
+    """
+    out: dict = {"num_gpus": gpus}
+    if cpus is not None:
+        out["num_cpus"] = cpus
+    if keep_worker and gpus:
+        out["max_calls"] = 0
+    return out
 
 
 def ray_init_kwargs(local: bool, num_cpus: int | None = None, env_vars: list[str] | tuple = ()) -> dict:

@@ -72,7 +72,9 @@ def _placement(ctx):
         return contextlib.nullcontext()
     from prefect_ray.context import remote_options
 
-    return remote_options(num_gpus=ctx.cfg.ray.num_gpus_per_task)
+    from tokenclean.flows.runtime import placement_options
+
+    return remote_options(**placement_options(None, ctx.cfg.ray.num_gpus_per_task, keep_worker=True))
 
 
 def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list[int], *, progress: bool = True,

@@ -52,7 +52,8 @@ def train_adapter(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
     if not ray_cfg.enabled and ray_cfg.train_workers != 1:
         raise ValueError(f"ray.train_workers = {ray_cfg.train_workers} needs Ray (ray.enabled: true)")
     if ray_cfg.train_workers == 1:
-        return run_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job)
+        return run_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
+                          keep_worker=True)
     return data_parallel(job, ray_cfg, storage)
 
 

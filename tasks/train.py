@@ -345,6 +345,10 @@ def train_worker(job: TrainJob) -> dict:
         os.replace(tmp, out_dir)
     if world > 1:
         torch.distributed.barrier()
+    del trainer, model
+    if device.type == "cuda":  # the worker lives on (its scoring model cache too): give back what training held
+        gc.collect()
+        torch.cuda.empty_cache()
     return stats
 
 

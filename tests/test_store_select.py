@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tokenclean.tasks import store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.ingest import INGEST_SCHEMA
 from tokenclean.tasks.select import load_selected
 
@@ -52,7 +52,7 @@ def db(tmp_path):
     score = {t: float(i % 17) / 4 for i, t in enumerate(toks)}
     for model, f in ((BASE, lambda t: 2.0), (REF, lambda t: 2.0 - score[t])):
         path = tmp_path / f"{model}.parquet"
-        store.write_parquet_atomic(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
+        storage.write_parquet(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
         store.load_loss_shard(con, model, 0, path)
     store.ensure_scores(con, SCORES, BASE, REF, DATASET, [0, 1])
     yield con, score
@@ -116,7 +116,7 @@ def test_local_spends_the_global_budget_top_per_sample(tmp_path, k):
     score = {t: float(v) for t, v in zip(toks, rng.permutation(len(toks)))}
     for model, f in ((BASE, lambda t: 2.0), (REF, lambda t: 2.0 - score[t] / 100)):
         path = tmp_path / f"{model}.parquet"
-        store.write_parquet_atomic(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
+        storage.write_parquet(_losses(model, [(s, p, f((s, p))) for s, p in toks]), path)
         store.load_loss_shard(con, model, 0, path)
     store.ensure_scores(con, SCORES, BASE, REF, DATASET, [0])
     loc = select_tokens(con, "l", "local", k, [0], iteration=1)

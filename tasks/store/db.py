@@ -4,13 +4,12 @@ Every table holding a computed result carries the key of what computed it
 (``tokenclean.tasks.keys``). Rows are written once under their key and never updated in
 place; a changed input yields a new key, and a step is skipped only when its key is
 already stored complete. Workers never write to DuckDB (a DuckDB file has one writer
-process): they write Parquet shards atomically under the model's key, and the driver
+process): they write Parquet shards atomically under the model's key (``tasks/storage.py``), and the driver
 loads a shard with delete-then-insert inside one transaction.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -158,15 +157,6 @@ def transaction(con):
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
-
-
-def write_parquet_atomic(table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def sql_parts(parts: list[int]) -> str:
