@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tokenclean.tasks import store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.ingest import assign_part, ingest
 from tokenclean.report import build_report, classify_trend, token_pieces
 
@@ -73,7 +73,7 @@ def _write_losses(con, tmp: Path, model: str, shift: float, rng) -> None:
     t = pa.table({"sample_id": tbl["sample_id"].cast(pa.int64()), "pos": tbl["pos"].cast(pa.int32()),
                   "token_id": tbl["token_id"].cast(pa.int32()), "loss": pa.array(loss, pa.float32())})
     path = tmp / "losses" / f"{model}.parquet"
-    store.write_parquet_atomic(t, path)
+    storage.write_parquet(t, path)
     store.load_loss_shard(con, model, 0, path)
 
 
