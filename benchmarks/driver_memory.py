@@ -8,7 +8,7 @@ process runs the scoring stage as the pipeline does, a Prefect flow on the local
 task runner: prepare (the dataset is found by key, nothing re-ingested), the base
 model's losses over the whole pool (workers write shard files to the run's storage, the
 driver loads them into DuckDB by path), then the integrity check. A thread samples the
-driver's RSS every 20 ms, per phase. Only the driver process is measured: the Ray
+driver's RSS every 20 ms, per phase (the shard loop, then the integrity check). Only the driver process is measured: the Ray
 workers, raylet and Prefect server are other processes.
 
 The figures of merit, at 10x against 1x in the same invocation: the driver's peak RSS
@@ -50,11 +50,14 @@ class RssSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            rss = self.proc.memory_info().rss
+            info = self.proc.memory_info()
             phase = os.environ.get(PHASE, "start")
-            if phase not in self.at_start:
-                self.at_start[phase] = rss
-            self.peaks[phase] = max(self.peaks.get(phase, 0), rss)
+            # rss counts the pages of Ray's object store (a shared mmap) this process touched;
+            # rss - shared is this process's own memory
+            for name, value in ((phase, info.rss), (f"{phase}/private", info.rss - info.shared)):
+                if name not in self.at_start:
+                    self.at_start[name] = value
+                self.peaks[name] = max(self.peaks.get(name, 0), value)
             time.sleep(self.every)
 
     def __enter__(self):
@@ -88,6 +91,7 @@ def scoring_stage(config: dict) -> dict:
         key = scorer(ctx, base(ctx))  # the base model's losses key, as ensure_losses derives it
         enter("scoring")
         stats = score_model(ctx, "base", key, None, parts, progress=False)
+        enter("integrity")
         check = store.check_integrity(ctx.con, key, ctx.dataset, parts)
         assert check["ok"], check
         enter("done")
@@ -122,8 +126,12 @@ def child(n: int, workdir: Path) -> dict:
             "rss_mb": {"after_imports": sampler.at_start["ingest"] * mb,
                        "peak_prepare": sampler.peaks["ingest"] * mb,
                        "scoring_start": sampler.at_start["scoring"] * mb,
-                       "peak_scoring": sampler.peaks["scoring"] * mb},
-            "scoring_growth_mb": (sampler.peaks["scoring"] - sampler.at_start["scoring"]) * mb}
+                       "peak_scoring": sampler.peaks["scoring"] * mb,
+                       "private_scoring_start": sampler.at_start["scoring/private"] * mb,
+                       "private_peak_scoring": sampler.peaks["scoring/private"] * mb},
+            "integrity_peak_private_mb": sampler.peaks["integrity/private"] * mb,
+            "scoring_growth_mb": (sampler.peaks["scoring"] - sampler.at_start["scoring"]) * mb,
+            "private_growth_mb": (sampler.peaks["scoring/private"] - sampler.at_start["scoring/private"]) * mb}
 
 
 def prepare_only(n: int, workdir: Path) -> None:
@@ -164,12 +172,15 @@ def main() -> None:
                 if out.returncode != 0:
                     sys.exit(f"size {n} failed:\n{out.stderr[-4000:]}")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"{'rows':>8} {'tokens':>10} {'tok/s':>8} {'driver RSS, scoring start':>26} {'peak while scoring':>19} "
-          f"{'growth':>8}")
+    print(f"{'rows':>8} {'tokens':>10} {'tok/s':>8} {'RSS, scoring start':>19} {'peak while scoring':>19} "
+          f"{'growth':>8} {'private peak':>13} {'private growth':>15}")
     for r in results:
         m = r["rss_mb"]
-        print(f"{r['rows']:>8,} {r['tokens']:>10,} {r['tokens_per_s']:>8,.0f} {m['scoring_start']:>23,.0f} MB "
-              f"{m['peak_scoring']:>16,.0f} MB {r['scoring_growth_mb']:>5,.0f} MB")
+        print(f"{r['rows']:>8,} {r['tokens']:>10,} {r['tokens_per_s']:>8,.0f} {m['scoring_start']:>16,.0f} MB "
+              f"{m['peak_scoring']:>16,.0f} MB {r['scoring_growth_mb']:>5,.0f} MB {m['private_peak_scoring']:>10,.0f} MB "
+              f"{r['private_growth_mb']:>12,.0f} MB")
+    for r in results:
+        print(f"{r['rows']:>8,} rows: private peak during the integrity check {r['integrity_peak_private_mb']:,.0f} MB")
     if len(results) >= 2:
         a, b = results[0], results[-1]
         print(f"peak while scoring, {b['rows']:,} vs {a['rows']:,} rows: "
