@@ -43,7 +43,7 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str) -> tuple[int, int
     done = store.loaded_shards(con, model_key)
     n_shards = n_samples = 0
     for path in storage.shard_files(shard_dir):
-        shard = int(path.rsplit("/", 1)[1].split("-")[1].split(".")[0])
+        shard = storage.shard_number(path)
         if shard in done:
             continue
         table = storage.read_table(path, columns=["sample_id"])
@@ -110,7 +110,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                 shard, ids = queue.pop(0)
                 fut = score_shard_task.with_options(task_run_name=f"score-{name}-{shard}").submit(
                     ctx.base_path, ctx.base_model, adapter, model_key, shard, load_shard_samples(con, ids),
-                    storage.join(shard_dir, f"shard-{shard:08d}.parquet"),
+                    storage.shard_path(shard_dir, shard),
                     batch_tokens=cfg.score.batch_tokens,
                     chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
                     compile=cfg.score.compile)

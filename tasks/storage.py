@@ -12,7 +12,7 @@ grow with the pool. ``storage:`` in the config names the root:
 * a URL (``s3://bucket/prefix``, ``gs://…``, any fsspec protocol whose package is
   installed, e.g. ``s3fs``): object storage; nothing needs to be mounted.
 
-A configured root holds many runs, so each run writes under ``<root>/<run id>`` (a
+A configured root holds many runs, so each run writes under ``<root>/<name>-<run id>`` (a
 random id the run database keeps): two runs that share a scorer key never overwrite or
 recover each other's shard numbers.
 
@@ -36,15 +36,27 @@ def filesystem(path: str):
     return fsspec.core.url_to_fs(str(path))
 
 
-def is_local(path: str) -> bool:
-    fs, _ = filesystem(path)
+def _is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def is_local(path: str) -> bool:
+    return _is_local(filesystem(path)[0])
 
 
 def local_path(path: str) -> str | None:
     """The path on this machine's filesystem (``file://`` stripped), or None for remote storage."""
     fs, p = filesystem(path)
-    return p if is_local(path) else None
+    return p if _is_local(fs) else None
+
+
+def shard_path(directory: str, shard: int) -> str:
+    """The file of shard number ``shard`` under ``directory`` (``shard_number`` reads it back)."""
+    return join(directory, f"shard-{shard:08d}.parquet")
+
+
+def shard_number(path: str) -> int:
+    return int(path.rsplit("/", 1)[1].removeprefix("shard-").removesuffix(".parquet"))
 
 
 def join(root: str, *parts: str) -> str:
@@ -86,7 +98,7 @@ def shard_files(directory: str) -> list[str]:
     if not fs.exists(p):
         return []
     names = sorted(x for x in fs.glob(f"{p.rstrip('/')}/shard-*.parquet"))
-    if is_local(directory):
+    if _is_local(fs):
         return names
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     return [f"{proto}://{x}" for x in names]
