@@ -148,6 +148,24 @@ def warm_workers(limit: int = 8) -> list:
     return [fn.remote() for _ in range(max(1, n))]
 
 
+def scoring_slots(cfg: RayConfig) -> int:
+    """How many scoring tasks the cluster runs at once: its GPUs over ``num_gpus_per_task``, else its CPUs.
+
+    Read from the cluster the flow is connected to (1 when Ray is off or not started), so
+    shard sizes and the number of shards kept in flight follow the cluster, not a constant.
+    """
+    if not cfg.enabled:
+        return 1
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    res = ray.cluster_resources()
+    if cfg.num_gpus_per_task:
+        return max(1, int(res.get("GPU", 0) // cfg.num_gpus_per_task))
+    return max(1, int(res.get("CPU", 1)))
+
+
 def run_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_worker: bool = False, **kwargs):
     """Run a Prefect ``task`` once and return its result: on a Ray worker holding ``cpus``/``gpus``
     (submitted to the flow's Ray task runner), or in this process when Ray is off.

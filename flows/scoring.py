@@ -1,7 +1,8 @@
 """Fan a model's scoring out over Ray, shard by shard, resumably.
 
 Work is planned from what is missing: samples of the pool with no losses yet under the
-model's key are chunked into shards of ``score.shard_samples``. A restarted run and an
+model's key are chunked into shards (``shard_token_budget``: about four per task slot, at
+most ``score.shard_tokens`` tokens and ``score.shard_samples`` samples). A restarted run and an
 incremental refresh therefore send exactly the unscored samples. Workers write each
 shard's losses themselves, atomically, to ``<storage>/shards/<scorer key>/shard-N.parquet``
 (``tasks/storage.py``: the run directory by default, or a shared path / fsspec URL) and
@@ -17,21 +18,61 @@ import contextlib
 import re
 import time
 
+import numpy as np
+
 from tokenclean.tasks import storage, store
-from tokenclean.tasks.score import ShardSample
+from tokenclean.tasks.score import SampleBatch
 from tokenclean.tasks.steps import score_shard_task
+from tokenclean.flows.runtime import scoring_slots
 
 
-def plan_shards(con, model_key: str, dataset: str, parts: list[int],
-                shard_samples: int) -> list[tuple[int, list[int]]]:
-    """Chunks of the unscored samples, numbered after the shards already loaded.
+MIN_SHARD_TOKENS = 16384
+SHARDS_PER_SLOT = 4
+
+
+def shard_token_budget(total_tokens: int, slots: int, max_tokens: int, per_slot: int = SHARDS_PER_SLOT) -> int:
+    """Tokens per shard: about ``per_slot`` shards for each task slot, within [MIN_SHARD_TOKENS, max_tokens].
+
+    A shard is one Prefect task, and a Prefect task costs about 0.3 s of worker time and
+    0.1 s of driver time here (2 cores; ``docs/benchmarks.md``), whatever its size; a
+    fixed 512 samples of ~36 tokens made that a third of the stage. Sizing from the pool
+    keeps that cost a few percent on a small pool and on a large one (up to ``max_tokens``,
+    the unit of retry), while ~4 shards per slot keep the last wave short.
+    """
+    even = -(-int(total_tokens) // max(1, int(slots) * int(per_slot)))
+    return max(1, min(int(max_tokens), max(MIN_SHARD_TOKENS, even)))
+
+
+def chunk_shards(ids: np.ndarray, lengths: np.ndarray, start: int, max_tokens: int,
+                 max_samples: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """Consecutive runs of ``ids`` of at most ``max_tokens`` tokens and ``max_samples`` samples, numbered from ``start``.
+
+    A sample longer than ``max_tokens`` is a shard of its own. Pure: the same inputs give
+    the same shards (``tests/faults.py`` predicts them).
+    """
+    cum = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    out, i, n = [], 0, len(ids)
+    while i < n:
+        j = int(np.searchsorted(cum, cum[i] + max_tokens, side="right")) - 1
+        j = max(j, i + 1)
+        if max_samples:
+            j = min(j, i + int(max_samples))
+        out.append((start + len(out), ids[i:j]))
+        i = j
+    return out
+
+
+def plan_shards(con, model_key: str, dataset: str, parts: list[int], max_tokens: int,
+                max_samples: int | None = None, slots: int = 1) -> tuple[list[tuple[int, np.ndarray]], int]:
+    """Shards of the unscored samples, numbered after the shards already loaded, and their total tokens.
 
     Planning from what is missing (not from a fixed list) is what makes a resumed run
     and an incremental refresh the same operation: only samples without losses are sent.
     """
-    ids = store.unscored_samples(con, model_key, dataset, parts)
-    start = store.next_shard(con, model_key)
-    return [(start + j // shard_samples, ids[j : j + shard_samples]) for j in range(0, len(ids), shard_samples)]
+    ids, lengths = store.unscored_lengths(con, model_key, dataset, parts)
+    total = int(lengths.sum())
+    budget = shard_token_budget(total, slots, max_tokens)
+    return chunk_shards(ids, lengths, store.next_shard(con, model_key), budget, max_samples), total
 
 
 def recover_orphan_shards(con, model_key: str, shard_dir: str) -> tuple[int, int]:
@@ -62,8 +103,8 @@ def _load(con, model_key: str, shard: int, path: str) -> int:
     return store.load_loss_shard(con, model_key, shard, local if local is not None else storage.read_table(path))
 
 
-def load_shard_samples(con, sample_ids: list[int]) -> list[ShardSample]:
-    return [ShardSample(sid, ids, mask) for sid, ids, mask in store.sample_arrays(con, sample_ids)]
+def load_shard_samples(con, sample_ids) -> SampleBatch:
+    return SampleBatch(*store.sample_batch(con, sample_ids))
 
 
 def _placement(ctx):
@@ -78,7 +119,7 @@ def _placement(ctx):
 
 
 def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list[int], *, progress: bool = True,
-                max_in_flight: int = 4) -> dict:
+                max_in_flight: int | None = None) -> dict:
     """Ensure ``token_losses`` holds model ``model_key``'s loss for every response token of the pool.
 
     ``name`` is what the user reads (``base``, ``reference``, ``self-evolving@1``);
@@ -88,15 +129,22 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     from tqdm.auto import tqdm
 
     con, cfg = ctx.con, ctx.cfg
+    t_plan = time.perf_counter()
     shard_dir = ctx.shard_dir(model_key)
     n_total = store.count_pool(con, ctx.dataset, parts)[0]
     rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir)
-    todo = plan_shards(con, model_key, ctx.dataset, parts, cfg.score.shard_samples)
+    slots = scoring_slots(cfg.ray)
+    todo, total = plan_shards(con, model_key, ctx.dataset, parts, cfg.score.shard_tokens, cfg.score.shard_samples,
+                              slots)
     n_todo = sum(len(ids) for _, ids in todo)
-    lengths = store.sample_lengths(con, [i for _, ids in todo for i in ids]) if todo else {}
-    total = sum(lengths[i] for _, ids in todo for i in ids)
+    max_in_flight = max_in_flight or 2 * slots  # one queued behind each running shard
     t0 = time.perf_counter()
-    stats = {"model": name, "key": model_key, "samples_total": n_total, "samples_skipped": n_total - n_todo - rec_samples,
+    # where the driver's time goes (seconds): planning, reading samples, submitting, waiting for
+    # results, loading shard files into DuckDB, progress reporting; and the workers' summed time
+    driver = {"plan": t0 - t_plan, "fetch": 0.0, "submit": 0.0, "wait": 0.0, "load": 0.0, "progress": 0.0}
+    worker = {"model": 0.0, "losses": 0.0, "write": 0.0}
+    spans: dict = {}  # shard -> [submitted, worker started, worker ended, result received] (epoch seconds)
+    stats = {"model": name, "key": model_key, "slots": slots, "samples_total": n_total, "samples_skipped": n_total - n_todo - rec_samples,
              "shards_recovered": rec_shards, "samples_recovered": rec_samples, "shards_scored": 0,
              "samples_scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}, "placement": []}
     bar = tqdm(total=total, desc=f"score {name}", unit="tok", unit_scale=True, disable=not progress or not todo)
@@ -108,16 +156,29 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
         while queue or pending:
             while queue and len(pending) < max_in_flight:
                 shard, ids = queue.pop(0)
+                tick = time.perf_counter()
+                samples = load_shard_samples(con, ids)
+                tock = time.perf_counter()
+                driver["fetch"] += tock - tick
                 fut = score_shard_task.with_options(task_run_name=f"score-{name}-{shard}").submit(
-                    ctx.base_path, ctx.base_model, adapter, model_key, shard, load_shard_samples(con, ids),
+                    ctx.base_path, ctx.base_model, adapter, model_key, shard, samples,
                     storage.shard_path(shard_dir, shard),
                     batch_tokens=cfg.score.batch_tokens,
                     chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
                     compile=cfg.score.compile)
                 pending[fut] = shard
+                spans[shard] = [time.time()]
+                del samples
+                driver["submit"] += time.perf_counter() - tock
+            tick = time.perf_counter()
             fut = next(iter(as_completed(list(pending))))
             pending.pop(fut)
             res = fut.result()
+            tock = time.perf_counter()
+            driver["wait"] += tock - tick
+            spans[res["shard"]] += [*res.get("span", (None, None)), time.time()]
+            for k, v in res.get("timing", {}).items():
+                worker[k] = worker.get(k, 0.0) + v
             if res.get("numerics") is not None and res["numerics"] != ctx.scorer["numerics"]:
                 raise RuntimeError(
                     f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "
@@ -129,6 +190,8 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     "which this driver cannot see. On a cluster, set `storage:` to a location every node and the "
                     "driver share (an NFS path mounted at the same place, or an fsspec URL such as s3://bucket/x)")
             _load(con, model_key, res["shard"], res["path"])
+            tick = time.perf_counter()
+            driver["load"] += tick - tock
             stats["nonfinite"] += res["nonfinite"]
             stats["shards_scored"] += 1
             stats["samples_scored"] += res["n_samples"]
@@ -144,9 +207,11 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
 
                 update_progress_artifact(artifact, 100.0 * stats["tokens"] / max(1, total),
                                          description=f"{stats['tokens'] / elapsed:,.0f} tok/s")
+            driver["progress"] += time.perf_counter() - tick
     bar.close()
     stats["workers"] = {pid: len(models) for pid, models in stats["workers"].items()}  # model loads per worker
     stats["seconds"] = time.perf_counter() - t0
+    stats["timing"] = {"driver": driver, "workers": worker, "spans": spans}
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
     if stats["shards_scored"] or rec_shards:
         store.log_stage(con, ctx.flow_run, "score", name, model_key, stats["seconds"], stats)

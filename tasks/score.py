@@ -28,7 +28,7 @@ import torch
 from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, pack_arrays, plan_packs, register_varlen_attention
 
 __all__ = [
-    "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "resolve_device", "resolve_dtype", "chunked_token_nll",
+    "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "SampleBatch", "resolve_device", "resolve_dtype", "chunked_token_nll",
     "compile_pointwise", "plan_batches", "plan_packs", "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays",
     "score_samples", "ScoringModel", "process_model",
 ]
@@ -206,6 +206,33 @@ class ShardSample:
     sample_id: int
     input_ids: np.ndarray
     target: np.ndarray  # bool mask over input_ids
+
+
+@dataclass
+class SampleBatch:
+    """A shard's samples as four flat arrays: what travels from the driver to a scoring worker.
+
+    One object of four numpy arrays pickles and ships in a few milliseconds; a list of one
+    small object per sample made Prefect walk and pickle thousands of them per task.
+    ``samples()`` gives the per-sample view (``ShardSample``, array slices, no copies).
+    """
+
+    sample_id: np.ndarray  # int64 [n]
+    offsets: np.ndarray  # int64 [n + 1]: sample i is input_ids[offsets[i]:offsets[i + 1]]
+    input_ids: np.ndarray  # int32 [tokens]
+    target: np.ndarray  # bool [tokens]
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def samples(self) -> list[ShardSample]:
+        o = self.offsets
+        return [ShardSample(int(sid), self.input_ids[o[i]:o[i + 1]], self.target[o[i]:o[i + 1]])
+                for i, sid in enumerate(self.sample_id)]
 
 
 def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,

@@ -55,10 +55,11 @@ def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str,
 
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_key: str, shard: int, samples: list,
+def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_key: str, shard: int, samples,
                      out_path: str, *, batch_tokens: int, chunk: int, device: str, dtype: str,
                      backend: str = "transformers", compile: bool = False) -> dict:
-    """Runs on a Ray worker: scores the shard and writes its losses to ``out_path`` itself.
+    """Runs on a Ray worker: scores the shard (a ``SampleBatch`` or a list of ``ShardSample``)
+    and writes its losses to ``out_path`` itself.
 
     The file is written atomically (``tasks/storage.py``) and only its path and counts go
     back, so per-token results never pass through the object store or the driver. A
@@ -72,15 +73,22 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
 
     from tokenclean.tasks import storage
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
+    if hasattr(samples, "samples"):  # a SampleBatch (what the flow sends): its per-sample views
+        samples = samples.samples()
     sm = scorer(backend, base_path, base_key, device, dtype, compile)
+    t1 = time.perf_counter()
     table = sm.losses(samples, adapter=adapter, adapter_key=model_key if adapter else None,
                       batch_tokens=batch_tokens, chunk=chunk)
+    t2 = time.perf_counter()
     storage.write_parquet(table, out_path)
     losses = table.column("loss").to_numpy()
+    t3 = time.perf_counter()
     return {"shard": shard, "path": out_path, "rows": table.num_rows, "nonfinite": int((~np.isfinite(losses)).sum()),
             "n_tokens": int(sum(len(s.input_ids) for s in samples)),
-            "n_samples": len(samples), "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+            "n_samples": len(samples), "seconds": t3 - t0, "pid": os.getpid(),
+            # where the worker's time went: model (first task of a worker: load), losses, writing the file
+            "timing": {"model": t1 - t0, "losses": t2 - t1, "write": t3 - t2}, "span": (started, time.time()),
             "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "node": where()["node"]}
 
 

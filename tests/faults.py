@@ -70,13 +70,18 @@ def shard_first_ids(cfg, parts: list[int]) -> list[int]:
     from tokenclean.flows.prepare import prepare
     from tokenclean.tasks import store
 
+    from tokenclean.flows.scoring import MIN_SHARD_TOKENS, chunk_shards
+
     ctx = prepare(cfg, progress=False)
     try:
-        ids = store.unscored_samples(ctx.con, ctx.base_model, ctx.dataset, parts)
+        ids, lengths = store.unscored_lengths(ctx.con, ctx.base_model, ctx.dataset, parts)
     finally:
         ctx.con.close()
-    n = cfg.score.shard_samples
-    return [ids[j] for j in range(0, len(ids), n)]
+    # the token budget depends on the cluster's slots; these tests set shard_samples so that it cannot bind
+    assert cfg.score.shard_samples and cfg.score.shard_samples * int(lengths.max()) <= MIN_SHARD_TOKENS, \
+        "set score.shard_samples so that a shard stays under MIN_SHARD_TOKENS tokens"
+    return [int(shard_ids[0]) for _, shard_ids in chunk_shards(ids, lengths, 0, MIN_SHARD_TOKENS,
+                                                               cfg.score.shard_samples)]
 
 
 KILL_TRAINING_ENV = "TOKENCLEAN_KILL_TRAINING"

@@ -225,3 +225,53 @@ def test_schema_2_database_is_upgraded_in_place(tmp_path):
                                                                                                None)]
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == store_db.SCHEMA_VERSION
     con.close()
+
+
+def test_sample_batch_is_the_per_sample_arrays_flattened(tmp_path):
+    """The flat arrays a scoring task receives hold exactly each sample's tokens and mask, in id order."""
+    from tokenclean.tasks.score import SampleBatch
+
+    rng = np.random.default_rng(1)
+    rows = _samples(40, 5, rng).to_pylist()
+    for r in rows:  # varied lengths, so offsets matter
+        n = int(rng.integers(3, 30))
+        r["input_ids"] = [int(x) for x in rng.integers(0, 1000, n)]
+        r["response_mask"] = [bool(x) for x in rng.integers(0, 2, n)]
+        r["truth"], r["n_tokens"] = [0] * n, n
+    con = store.connect(tmp_path / "run.duckdb")
+    store.insert_dataset(con, DATASET, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA), [], {}, {})
+    con.execute("SELECT 1").fetchone()  # an unfinished result on the connection must not matter
+    ids = [int(x) for x in rng.choice(40, 17, replace=False)]
+    batch = SampleBatch(*store.sample_batch(con, np.array(ids)))
+    expect = store.sample_arrays(con, ids)
+    assert len(batch) == 17 and batch.n_tokens == sum(len(a) for _, a, _ in expect)
+    for got, (sid, toks, mask) in zip(batch.samples(), expect, strict=True):
+        assert got.sample_id == sid and got.input_ids.dtype == np.int32 and got.target.dtype == bool
+        assert np.array_equal(got.input_ids, toks) and np.array_equal(got.target, mask)
+    assert len(SampleBatch(*store.sample_batch(con, []))) == 0
+    con.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shards_cover_every_sample_once_within_their_budgets(seed):
+    from tokenclean.flows.scoring import MIN_SHARD_TOKENS, chunk_shards, shard_token_budget
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    ids = np.sort(rng.choice(10**6, n, replace=False)).astype(np.int64)
+    lengths = rng.integers(1, 5000, n).astype(np.int64)
+    slots, cap = int(rng.integers(1, 9)), int(rng.choice([20000, 10**6, 4_194_304]))
+    budget = shard_token_budget(int(lengths.sum()), slots, cap)
+    assert min(cap, MIN_SHARD_TOKENS) <= budget <= cap
+    max_samples = [None, int(rng.integers(1, 50))][seed % 2]
+    shards = chunk_shards(ids, lengths, 7, budget, max_samples)
+    assert [s for s, _ in shards] == list(range(7, 7 + len(shards)))
+    assert np.array_equal(np.concatenate([c for _, c in shards]), ids)  # each id once, in order
+    size = dict(zip(ids.tolist(), lengths.tolist()))
+    for _, chunk in shards:
+        tokens = sum(size[i] for i in chunk.tolist())
+        assert tokens <= budget or len(chunk) == 1  # a longer sample is a shard of its own
+        assert max_samples is None or len(chunk) <= max_samples
+    if max_samples is None and budget > MIN_SHARD_TOKENS and budget < cap:
+        # sized from the pool: about 4 shards per slot (more only from samples that do not fit evenly)
+        assert len(shards) <= 4 * slots + int(np.ceil(lengths.max() * len(shards) / budget))

@@ -56,7 +56,10 @@ class ScoreConfig(_Strict):
     backend: str = Field("transformers", description="transformers, vllm, or package.module:Factory (a custom scorer)")
     batch_tokens: int = Field(16384, description="token budget per forward batch (padding included)")
     lm_head_chunk: int = Field(2048, description="rows of hidden states per lm_head+CE chunk")
-    shard_samples: int = Field(512, description="samples per scoring shard (unit of retry / resume)")
+    shard_tokens: int = Field(4_194_304, ge=1, description="most tokens in one scoring shard (the unit of retry and resume); "
+                                                     "shards are sized to give each scoring slot about 4, within "
+                                                     "[16384, shard_tokens] tokens")
+    shard_samples: int | None = Field(None, ge=1, description="most samples in one scoring shard (default: no limit)")
     compile: bool = Field(False, description="torch.compile norms/MLP/CE on GPU workers (+17-34% tok/s on H100; "
                                               "needs Triton and a C compiler on the workers)")
 

@@ -113,6 +113,38 @@ def sample_lengths(con, sample_ids: list[int]) -> dict[int, int]:
                             [sample_ids]).fetchall())
 
 
+def sample_batch(con, sample_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(sample_id, offsets, input_ids, response_mask) of the given samples, ordered by id, as flat arrays.
+
+    Read through Arrow: the list columns' values and offsets are taken as they are, with
+    no Python object per sample or per token.
+    """
+    ids = sample_ids.tolist() if isinstance(sample_ids, np.ndarray) else list(sample_ids)
+    # a cursor: Arrow output comes from a relation (con.sql), which DuckDB refuses on a connection
+    # with an unfinished result (any earlier execute().fetchone()); samples are committed data
+    cur = con.cursor()
+    try:
+        t = cur.sql("SELECT sample_id, input_ids, response_mask FROM samples WHERE sample_id IN (SELECT unnest($ids)) "
+                    "ORDER BY sample_id", params={"ids": ids}).to_arrow_table().combine_chunks()
+    finally:
+        cur.close()
+
+    def flat(name):
+        col = t.column(name)
+        if col.num_chunks == 0:
+            return np.zeros(1, np.int64), np.zeros(0)
+        arr = col.chunk(0)
+        off = arr.offsets.to_numpy().astype(np.int64)
+        return off - off[0], arr.values.to_numpy(zero_copy_only=False)[off[0]:off[-1]]
+
+    offsets, tokens = flat("input_ids")
+    mask_offsets, mask = flat("response_mask")
+    if not np.array_equal(offsets, mask_offsets):
+        raise ValueError("samples table: input_ids and response_mask lengths differ")
+    return (t.column("sample_id").to_numpy().astype(np.int64), offsets, tokens.astype(np.int32, copy=False),
+            mask.astype(bool, copy=False))
+
+
 def sample_arrays(con, sample_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(sample_id, input_ids, response_mask) of the given samples, ordered by id."""
     rows = con.execute("SELECT sample_id, input_ids, response_mask FROM samples WHERE sample_id IN (SELECT unnest(?)) "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tokenclean.tasks.store.data import pool_relation
 from tokenclean.tasks.store.db import sql_key, transaction
 
@@ -28,6 +30,15 @@ def unscored_samples(con, model: str, dataset: str, parts: list[int]) -> list[in
         f"""SELECT p.sample_id FROM {pool_relation(dataset, parts)} p WHERE NOT EXISTS
             (SELECT 1 FROM token_losses t WHERE t.model = ? AND t.sample_id = p.sample_id)
             ORDER BY p.part, p.sample_id""", [model]).fetchall()]
+
+
+def unscored_lengths(con, model: str, dataset: str, parts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``unscored_samples`` with each sample's token count, as two int64 arrays (what shard planning needs)."""
+    got = con.execute(
+        f"""SELECT p.sample_id, s.n_tokens FROM {pool_relation(dataset, parts)} p JOIN samples s USING (sample_id)
+            WHERE NOT EXISTS (SELECT 1 FROM token_losses t WHERE t.model = ? AND t.sample_id = p.sample_id)
+            ORDER BY p.part, p.sample_id""", [model]).fetchnumpy()
+    return (np.asarray(got["sample_id"], dtype=np.int64), np.asarray(got["n_tokens"], dtype=np.int64))
 
 
 def next_shard(con, model: str) -> int:
