@@ -186,7 +186,7 @@ def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> 
         name = label(variant, iteration)
         t0 = time.perf_counter()
         samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
-        result = run_placed(evaluate_task, cfg.ray, 1, cfg.ray.gpus_per_eval_task, ctx.base_path, ctx.base_model,
+        result = run_placed(evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task, cfg.ray.gpus_per_eval_task, ctx.base_path, ctx.base_model,
                             model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
                             device=cfg.model.device, dtype=cfg.model.dtype, label=name,
                             tokenizer_path=ctx.tokenizer_path, max_new_tokens=cfg.eval.max_new_tokens,

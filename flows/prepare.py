@@ -96,9 +96,15 @@ def placed_numerics(cfg: RunConfig, gpus: float) -> list:
 
 
 def scorer_settings(cfg: RunConfig) -> dict:
-    """How scoring workers will compute losses (``placed_numerics`` with the scoring task's GPUs)."""
-    return {"numerics": placed_numerics(cfg, cfg.ray.num_gpus_per_task), "backend": cfg.score.backend,
-            "compile": cfg.score.compile}
+    """How scoring workers will compute losses (``placed_numerics`` with the scoring task's GPUs).
+
+    ``score.compile: auto`` resolves here, to on exactly when the workers score on CUDA, so
+    the losses' key names what ran (the CPU default stays uncompiled: inductor's CPU code
+    needs a C compiler and brings nothing to a memory-light tiny model).
+    """
+    numerics = placed_numerics(cfg, cfg.ray.num_gpus_per_task)
+    compile = cfg.score.compile if isinstance(cfg.score.compile, bool) else numerics[0] == "cuda"
+    return {"numerics": numerics, "backend": cfg.score.backend, "compile": compile}
 
 
 def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:

@@ -165,7 +165,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     storage.shard_path(shard_dir, shard),
                     batch_tokens=cfg.score.batch_tokens,
                     chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
-                    compile=cfg.score.compile)
+                    compile=ctx.scorer["compile"])
                 pending[fut] = shard
                 spans[shard] = [time.time()]
                 del samples

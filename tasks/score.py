@@ -104,7 +104,9 @@ def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torc
 
 
 def compile_pointwise(model) -> None:
-    """Opt-in: ``torch.compile`` (dynamic shapes) each decoder layer's RMSNorms and MLP, and the chunk CE.
+    """``torch.compile`` (dynamic shapes) each decoder layer's RMSNorms and MLP, and the chunk CE.
+
+    On by default where scoring runs on CUDA (``score.compile: auto``); off on CPU.
 
     Fuses what eager runs as separate memory-bound kernels (RMSNorm's fp32 upcast/pow/
     mean/rsqrt/mul chain, SiLU(gate) * up, the CE's upcast + logsumexp + gather);
@@ -327,6 +329,12 @@ class ScoringModel:
         self.base_path = base_path
         self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype).to(self.device).eval()
         if compile:
+            if self.device.type == "cuda":
+                from torch.utils._triton import has_triton
+
+                if not has_triton():
+                    raise RuntimeError("score.compile is on (the default on CUDA) but Triton is not installed where "
+                                       "this worker runs; install it (pip install triton) or set score.compile: false")
             compile_pointwise(self.model)
         self._adapters: dict[str, str] = {}  # adapter key -> peft adapter name
         self.numerics = [self.device.type, str(self.dtype).removeprefix("torch.")]

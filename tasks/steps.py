@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tokenclean.tasks import store
 from tokenclean.tasks.evaluate import evaluate_model
-from tokenclean.tasks.placement import where
+from tokenclean.tasks.placement import use_assigned_cpus, where
 from tokenclean.tasks.score import process_model
 from tokenclean.tasks.train import TrainJob, train_worker
 
@@ -74,6 +74,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
     from tokenclean.tasks import storage
 
     t0, started = time.perf_counter(), time.time()
+    use_assigned_cpus()
     if hasattr(samples, "samples"):  # a SampleBatch (what the flow sends): its per-sample views
         samples = samples.samples()
     sm = scorer(backend, base_path, base_key, device, dtype, compile)
@@ -124,6 +125,7 @@ def evaluate_task(base_path: str, base_key: str, adapter: str | None, model_key:
     """Runs on a Ray worker with ``ray.gpus_per_eval_task`` GPUs; metrics come back by object store."""
     from tokenclean.tasks.score import numerics
 
+    use_assigned_cpus()
     result = evaluate_model(base_path, adapter, samples, meta, batch_tokens=batch_tokens, device=device, dtype=dtype,
                             base_key=base_key, adapter_key=model_key if adapter else None,
                             tokenizer_path=tokenizer_path, max_new_tokens=max_new_tokens)

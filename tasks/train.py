@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenclean.config import TrainConfig
-from tokenclean.tasks.placement import where
+from tokenclean.tasks.placement import use_assigned_cpus, where
 from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, register_varlen_attention
 from tokenclean.tasks.score import decoder_and_head, numerics, resolve_device, resolve_dtype
 
@@ -276,6 +276,7 @@ def train_worker(job: TrainJob) -> dict:
     # is kept because the GPU image's transformers (5.17) may predate the new one.
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
     freeze_import_heap()
+    use_assigned_cpus()
     cfg = TrainConfig.model_validate(job.cfg)
     rank, world = _world()
     accumulation = cfg.accumulation(world)

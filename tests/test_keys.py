@@ -360,3 +360,21 @@ def test_scorer_key_resolves_auto_as_the_workers_will():
 
     a = RunConfig.model_validate({"score": {"compile": True}})
     assert keys.scorer_key("m", scorer_settings(a)) != keys.scorer_key("m", scorer_settings(RunConfig()))
+
+
+def test_compile_auto_is_on_exactly_where_workers_score_on_cuda():
+    """``score.compile: auto`` (the default) keys the losses by what the workers will run: compiled on CUDA only."""
+    from tokenclean.flows.prepare import scorer_settings
+    from tokenclean.tasks import keys
+
+    def resolved(score=None, **ray):
+        return scorer_settings(RunConfig.model_validate({"ray": ray, "score": score or {}}))
+
+    assert resolved(num_gpus_per_task=1)["compile"] is True
+    assert resolved(num_gpus_per_task=0)["compile"] is False
+    assert resolved({"compile": False}, num_gpus_per_task=1)["compile"] is False
+    assert resolved({"compile": True}, num_gpus_per_task=0)["compile"] is True
+    # auto on CPU is the uncompiled key, so CPU runs keep the losses they stored before compile defaulted to auto
+    assert keys.scorer_key("m", resolved()) == keys.scorer_key("m", resolved({"compile": False}))
+    with pytest.raises(ValueError):
+        RunConfig.model_validate({"score": {"compile": "sometimes"}})

@@ -60,8 +60,9 @@ class ScoreConfig(_Strict):
                                                      "shards are sized to give each scoring slot about 4, within "
                                                      "[16384, shard_tokens] tokens")
     shard_samples: int | None = Field(None, ge=1, description="most samples in one scoring shard (default: no limit)")
-    compile: bool = Field(False, description="torch.compile norms/MLP/CE on GPU workers (+17-34% tok/s on H100; "
-                                              "needs Triton and a C compiler on the workers)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile norms/MLP/CE in the scoring workers (+17-34% tok/s on H100). auto: on "
+                            "where the workers score on CUDA (needs Triton there), off on CPU")
 
 
     @field_validator("backend")
@@ -154,6 +155,7 @@ class RayConfig(_Strict):
     gpus_per_train_worker: float = Field(0.0, ge=0, description="GPUs per training worker")
     cpus_per_train_worker: float = Field(1.0, gt=0)
     gpus_per_eval_task: float = Field(0.0, ge=0, description="GPUs for an evaluation task")
+    cpus_per_eval_task: float = Field(1.0, gt=0, description="CPUs for an evaluation task (torch threads on CPU)")
     train_max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint)")
     env_vars: list[str] = Field(
         default_factory=list, description="names of the driver's environment variables to give every worker, e.g. "
