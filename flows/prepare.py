@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenclean.tasks import keys, store
-from tokenclean.tasks.ingest import ingest, tokenization_of
+from tokenclean.tasks.ingest import CHUNK_ROWS, IngestSpec, stage_inputs, tokenization_of
 from tokenclean.config import RunConfig, dump_config
 
 
@@ -116,7 +116,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = base_model_identity(cfg, base_path)
-    con = store.connect(cfg.db_path)
+    con = store.connect(cfg.db_path, memory_limit=cfg.db_memory_limit)
     try:
         tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template)
         split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
@@ -124,7 +124,8 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths)
         dataset = keys.dataset_key(tokenization, inputs, split)
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
-                            inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress)
+                            inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
+                            workers=cfg.data.ingest_workers)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
@@ -150,7 +151,7 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                 inputs: str, tokenizer_path: str, template: str, *, progress: bool) -> dict:
+                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -158,27 +159,31 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     """
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
-                       tokenizer_path, template, progress=progress)
+                       tokenizer_path, template, progress=progress, workers=workers)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
 
 
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                inputs: str, tokenizer_path: str, template: str, *, progress: bool) -> dict:
+                inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
+                chunk_rows: int = CHUNK_ROWS) -> dict:
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
         return {"ingested": False, **summary}
     t0 = time.perf_counter()
-    res = ingest(paths, eval_paths, tokenizer, max_length=max_length, eval_fraction=split["eval_fraction"],
-                 n_parts=split["parts"], seed=split["seed"], tokenization=tokenization, progress=progress,
-                 template=template)
-    if res.samples.num_rows == 0:
-        raise ValueError(f"no usable rows in {paths}: all {res.n_read} rows were quarantined "
-                         f"(first reason: {res.quarantine[0]['reason'] if res.quarantine else 'empty input'})")
-    summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
-               "truncated": int(sum(res.samples.column("truncated").to_pylist()))}
+    spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template)
+    # streamed: chunks are processed (on Ray workers when ingest.workers > 1) and staged in the run
+    # database as they come; the driver holds a few chunks, not the inputs
+    n_read = stage_inputs(con, paths, eval_paths, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
+                          progress=progress)
+    staged = store.stage_summary(con)
+    if staged["samples"] == 0:
+        q = store.staged_quarantine(con)
+        raise ValueError(f"no usable rows in {paths}: all {n_read} rows were quarantined "
+                         f"(first reason: {q[0]['reason'] if q else 'empty input'})")
+    summary = {"rows_read": n_read, **staged}
     described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
                  "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
-    counts = store.insert_dataset(con, dataset, res.samples, res.quarantine, described, summary)
+    counts = store.insert_staged_dataset(con, dataset, described, summary)
     return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts}

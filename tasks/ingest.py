@@ -28,7 +28,7 @@ from tokenclean.tasks.template import (
     TemplateError,
     render,
     template_id,
-    tokenize_rendered,
+    tokenize_batch,
     tokenizer_fingerprint,
 )
 
@@ -45,9 +45,21 @@ class RowError(ValueError):
 class RawRow:
     source: str
     index: int
-    value: Any  # parsed object, or None when parsing failed
+    value: Any  # the parsed object (Parquet / datasets rows); None for a JSON line not parsed yet
     raw: str
     error: str | None = None
+    json_line: bool = False  # ``raw`` is a JSON line, parsed where the chunk is processed (``process_chunk``)
+
+    def parsed(self) -> Any:
+        if self.error:
+            raise RowError(self.error)
+        if self.json_line:
+            try:
+                return json.loads(self.raw)
+            except json.JSONDecodeError as e:
+                self.raw = self.raw[:2000]
+                raise RowError(f"not JSON: {e.msg} at column {e.colno}") from e
+        return self.value
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRow]:
@@ -60,10 +72,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             except UnicodeDecodeError as e:
                 yield RawRow(str(path), i, None, line[:2000].decode("utf-8", "replace"), f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
-            try:
-                yield RawRow(str(path), i, json.loads(text), text)
-            except json.JSONDecodeError as e:
-                yield RawRow(str(path), i, None, text[:2000], f"not JSON: {e.msg} at column {e.colno}")
+            yield RawRow(str(path), i, None, text, json_line=True)
 
 
 def _read_table_rows(source: str, rows: Iterator[dict]) -> Iterator[RawRow]:
@@ -232,13 +241,6 @@ INGEST_SCHEMA = SAMPLE_SCHEMA.append(pa.field("part", pa.int16())).append(pa.fie
     .append(pa.field("row_index", pa.int64()))
 
 
-@dataclass
-class IngestResult:
-    samples: pa.Table
-    quarantine: list[dict]
-    n_read: int
-
-
 def source_name(source: str) -> str:
     """What a row's source is called in the run: a file's name, ``hf:NAME[:split]`` (a local dataset by its folder
     name). Locations are left out, so moving an input changes nothing stored (see ``keys.inputs_fingerprint``)."""
@@ -253,68 +255,221 @@ def tokenization_of(tokenizer, max_length: int, template: str = "tulu") -> str:
     return tokenization_key(tokenizer_fingerprint(tokenizer), template_id(tokenizer, template), max_length)
 
 
-def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
-           n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False,
-           template: str = "tulu") -> IngestResult:
-    """Read, validate, render (``template``: tulu or model) and tokenise every row; sample ids are keyed by
-    ``tokenization``."""
+CHUNK_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class IngestSpec:
+    """Everything that turns a row into a sample, besides the tokenizer: what a chunk's worker needs."""
+
+    tokenization: str
+    max_length: int
+    eval_fraction: float
+    n_parts: int
+    seed: int
+    template: str = "tulu"
+
+
+@dataclass
+class IngestChunk:
+    """One chunk of input rows, processed: its samples (``INGEST_SCHEMA`` plus ``ordinal``, ``source_path``
+    and ``raw``, which staging uses to find duplicate ids) and its quarantined rows (with their ``ordinal``)."""
+
+    samples: pa.Table
+    quarantine: list[dict]
+    n_read: int
+
+
+def _list_array(arrays: list, value_type) -> pa.Array:
+    """An Arrow list column from per-row numpy arrays: one concatenation, no Python int per token."""
+    import numpy as np
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    if arrays:
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+
+
+def process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
+    """Validate, render and tokenise one chunk of rows: a pure function of the rows (and their place
+    ``start`` in the input), so any worker gives the same result, and 1 or N workers the same dataset.
+
+    The chunk's texts go through one batch call of the tokenizer. Duplicate ids are not
+    decided here (a chunk cannot see the others): staging does it over the whole input.
+    """
+    good, quarantine = [], []
+    for j, row in enumerate(rows):
+        try:
+            norm = normalize(row.parsed())
+            try:
+                rendered = render(spec.template, tokenizer, norm.messages, norm.truth)
+            except TemplateError as e:
+                raise RowError(str(e)) from e
+            good.append((j, row, norm, rendered))
+        except RowError as e:
+            quarantine.append({"ordinal": start + j, "source": row.source, "row_index": row.index, "reason": str(e),
+                               "raw": row.raw})
+    toks = tokenize_batch(tokenizer, [g[3] for g in good], spec.max_length)
+    cols: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
+    ordinal, source_path, raw = [], [], []
+    for (j, row, norm, rendered), tok in zip(good, toks):
+        n_resp = int(tok.response_mask.sum())
+        if n_resp == 0:
+            quarantine.append({"ordinal": start + j, "source": row.source, "row_index": row.index,
+                               "reason": f"no response token within max_length={spec.max_length} (prompt too long)",
+                               "raw": row.raw})
+            continue
+        a_start = a_end = -1
+        if norm.answer is not None:
+            # Token span of the answer's last occurrence in the final response.
+            lo, hi = rendered.response_spans[-1]
+            c0 = rendered.text.rfind(norm.answer, lo, hi)
+            idx = tok.tokens_in(c0, c0 + len(norm.answer))
+            if len(idx) and tok.response_mask[idx].all():
+                a_start, a_end = int(idx[0]), int(idx[-1]) + 1
+        cols["sample_id"].append(content_sample_id(spec.tokenization, norm.uid, norm.content_hash))
+        cols["tokenization"].append(spec.tokenization)
+        cols["uid"].append(norm.uid)
+        cols["source"].append(source_name(row.source))
+        cols["row_index"].append(row.index)
+        cols["part"].append(assign_part(norm.uid, spec.seed, spec.eval_fraction, spec.n_parts, is_eval))
+        cols["task"].append(norm.task)
+        cols["answer"].append(norm.answer)
+        cols["content_hash"].append(norm.content_hash)
+        cols["n_tokens"].append(len(tok.input_ids))
+        cols["n_response"].append(n_resp)
+        cols["truncated"].append(tok.truncated)
+        cols["answer_start"].append(a_start)
+        cols["answer_end"].append(a_end)
+        cols["input_ids"].append(tok.input_ids)
+        cols["response_mask"].append(tok.response_mask)
+        cols["truth"].append(tok.truth)
+        cols["text"].append(rendered.text)
+        cols["char_start"].append(tok.char_starts)
+        cols["char_end"].append(tok.char_ends)
+        ordinal.append(start + j)
+        source_path.append(row.source)
+        raw.append(row.raw)
+    arrays = []
+    for f in INGEST_SCHEMA:
+        v = cols[f.name]
+        if f.name == "truth":
+            arrays.append(pa.array([None if t is None else t.tolist() for t in v], f.type) if any(t is None for t in v)
+                          else _list_array(v, f.type.value_type))
+        elif isinstance(f.type, pa.ListType):
+            arrays.append(_list_array(v, f.type.value_type))
+        else:
+            arrays.append(pa.array(v, f.type))
+    table = pa.Table.from_arrays(arrays, schema=INGEST_SCHEMA)
+    table = table.append_column("ordinal", pa.array(ordinal, pa.int64())).append_column(
+        "source_path", pa.array(source_path, pa.string())).append_column("raw", pa.array(raw, pa.string()))
+    quarantine.sort(key=lambda q: q["ordinal"])
+    return IngestChunk(table, quarantine, len(rows))
+
+
+def _row_chunks(entries: list[str], eval_entries: list[str], chunk_rows: int):
+    """(rows, start ordinal, is_eval) per chunk, in input order; a chunk holds rows of one source entry."""
+    start = 0
+    for entry, is_eval in [(e, False) for e in entries] + [(e, True) for e in eval_entries]:
+        rows: list[RawRow] = []
+        for row in read_rows(entry):
+            rows.append(row)
+            if len(rows) == chunk_rows:
+                yield rows, start, is_eval
+                start, rows = start + len(rows), []
+        if rows:
+            yield rows, start, is_eval
+            start += len(rows)
+
+
+def ingest_chunks(entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *,
+                  chunk_rows: int = CHUNK_ROWS, workers: int = 1, progress: bool = False):
+    """Processed chunks of the inputs, in input order, with at most about ``2 * workers`` chunks in memory.
+
+    ``workers`` > 1 processes chunks as Ray tasks (the cluster the flow runs on, started
+    here as a local one if none is), ``workers`` at a time plus as many queued; the
+    results are taken back in input order, so the output does not depend on ``workers``.
+    With 1 the chunks are processed here, each with one batch call of the tokenizer.
+    """
     from tqdm.auto import tqdm
 
-    tokenization = tokenization or tokenization_of(tokenizer, max_length, template)
-    cols: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
-    quarantine: list[dict] = []
-    seen: dict[str, str] = {}
-    n_read = 0
-    if template == "tulu" and tokenizer.eos_token is None:
+    if spec.template == "tulu" and tokenizer.eos_token is None:
         raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
-    sources = [(e, False) for e in entries] + [(e, True) for e in eval_entries]
-    for entry, is_eval in sources:
-        for row in tqdm(read_rows(entry), desc=f"ingest {Path(entry).name}", disable=not progress, unit="row"):
-            n_read += 1
-            try:
-                if row.error:
-                    raise RowError(row.error)
-                norm = normalize(row.value)
-                if norm.uid in seen:
-                    raise RowError(f"duplicate id {norm.uid!r} (first seen in {seen[norm.uid]})")
-                try:
-                    rendered = render(template, tokenizer, norm.messages, norm.truth)
-                except TemplateError as e:
-                    raise RowError(str(e)) from e
-                tok = tokenize_rendered(tokenizer, rendered, max_length)
-                n_resp = int(tok.response_mask.sum())
-                if n_resp == 0:
-                    raise RowError(f"no response token within max_length={max_length} (prompt too long)")
-            except RowError as e:
-                quarantine.append({"source": row.source, "row_index": row.index, "reason": str(e), "raw": row.raw})
-                continue
-            seen[norm.uid] = f"{row.source}:{row.index}"
-            a_start = a_end = -1
-            if norm.answer is not None:
-                # Token span of the answer's last occurrence in the final response.
-                lo, hi = rendered.response_spans[-1]
-                c0 = rendered.text.rfind(norm.answer, lo, hi)
-                idx = tok.tokens_in(c0, c0 + len(norm.answer))
-                if len(idx) and tok.response_mask[idx].all():
-                    a_start, a_end = int(idx[0]), int(idx[-1]) + 1
-            cols["sample_id"].append(content_sample_id(tokenization, norm.uid, norm.content_hash))
-            cols["tokenization"].append(tokenization)
-            cols["uid"].append(norm.uid)
-            cols["source"].append(source_name(row.source))
-            cols["row_index"].append(row.index)
-            cols["part"].append(assign_part(norm.uid, seed, eval_fraction, n_parts, is_eval))
-            cols["task"].append(norm.task)
-            cols["answer"].append(norm.answer)
-            cols["content_hash"].append(norm.content_hash)
-            cols["n_tokens"].append(len(tok.input_ids))
-            cols["n_response"].append(n_resp)
-            cols["truncated"].append(tok.truncated)
-            cols["answer_start"].append(a_start)
-            cols["answer_end"].append(a_end)
-            cols["input_ids"].append(tok.input_ids.tolist())
-            cols["response_mask"].append(tok.response_mask.tolist())
-            cols["truth"].append(tok.truth.tolist() if tok.truth is not None else None)
-            cols["text"].append(rendered.text)
-            cols["char_start"].append(tok.char_starts.tolist())
-            cols["char_end"].append(tok.char_ends.tolist())
-    return IngestResult(pa.table(cols, schema=INGEST_SCHEMA), quarantine, n_read)
+    bar = tqdm(desc="ingest", disable=not progress, unit="row", unit_scale=True)
+    chunks = _row_chunks(entries, eval_entries, chunk_rows)
+    try:
+        if workers <= 1:
+            for rows, start, is_eval in chunks:
+                out = process_chunk(rows, start, is_eval, tokenizer, spec)
+                bar.update(out.n_read)
+                yield out
+            return
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1)(process_chunk)
+        tok_ref = ray.put(tokenizer)
+        pending: list = []
+        for rows, start, is_eval in chunks:
+            pending.append(remote.remote(rows, start, is_eval, tok_ref, spec))
+            if len(pending) >= 2 * workers:
+                out = ray.get(pending.pop(0))
+                bar.update(out.n_read)
+                yield out
+        for ref in pending:
+            out = ray.get(ref)
+            bar.update(out.n_read)
+            yield out
+    finally:
+        bar.close()
+
+
+@dataclass
+class IngestResult:
+    samples: pa.Table
+    quarantine: list[dict]
+    n_read: int
+
+
+def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *,
+                 chunk_rows: int = CHUNK_ROWS, workers: int = 1, progress: bool = False) -> int:
+    """Stream the inputs into ``con``'s staging tables chunk by chunk, then quarantine duplicate ids.
+
+    Returns the number of rows read. Memory holds about ``2 * workers`` chunks, whatever the input's size.
+    """
+    from tokenclean.tasks import store
+
+    store.stage_reset(con)
+    n_read = 0
+    for chunk in ingest_chunks(entries, eval_entries, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
+                               progress=progress):
+        store.stage_chunk(con, chunk.samples, chunk.quarantine)
+        n_read += chunk.n_read
+    store.stage_duplicates(con)
+    return n_read
+
+
+def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
+           n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False,
+           template: str = "tulu", chunk_rows: int = CHUNK_ROWS, workers: int = 1) -> IngestResult:
+    """Read, validate, render (``template``: tulu or model) and tokenise every row, in memory.
+
+    The same code as the pipeline's streamed ingest (``stage_inputs``), staged in an
+    in-memory DuckDB: for tests and small inputs that want the table itself.
+    """
+    import duckdb
+
+    from tokenclean.tasks import store
+
+    spec = IngestSpec(tokenization or tokenization_of(tokenizer, max_length, template), max_length, eval_fraction,
+                      n_parts, seed, template)
+    con = duckdb.connect()
+    try:
+        n_read = stage_inputs(con, entries, eval_entries, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
+                              progress=progress)
+        samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
+        return IngestResult(samples.cast(INGEST_SCHEMA), store.staged_quarantine(con), n_read)
+    finally:
+        con.close()

@@ -98,3 +98,35 @@ def test_split_is_deterministic_and_balanced():
         assert abs(parts.count(p) / 6000 - 0.3) < 0.03
     assert assign_part("id-1", 0, 0.1, 3, True) == EVAL_PART
     assert parts != [assign_part(f"id-{i}", 1, 0.1, 3, False) for i in range(6000)]
+
+
+def test_output_is_the_same_for_any_chunking_and_number_of_workers(tmp_path, tiny, tokenizer):
+    """Sample ids, parts, every column and the quarantine (duplicates across chunks included) do not depend
+    on how rows are chunked or how many Ray workers tokenise them."""
+    import ray
+
+    rows = [json.loads(line) for line in open(tiny.train)][:300]
+    mixed = []
+    for i, r in enumerate(rows):
+        mixed.append(r)
+        if i % 37 == 5:
+            mixed.append(BAD[i % len(BAD)][0])
+    mixed += [rows[3], rows[250]]  # ids seen before, far apart: in other chunks
+    train = _write_jsonl(tmp_path / "train.jsonl", mixed)
+    extra = _write_jsonl(tmp_path / "extra.jsonl", GOOD)
+    kw = dict(max_length=96, eval_fraction=0.1, n_parts=3, seed=5)
+    started = not ray.is_initialized()
+    try:
+        runs = [ingest([train, extra], [str(tiny.eval)], tokenizer, chunk_rows=c, workers=w, **kw)
+                for c, w in ((100_000, 1), (7, 1), (7, 3), (64, 2))]
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    first = runs[0]
+    assert first.samples.num_rows > 300 and any("duplicate id" in q["reason"] for q in first.quarantine)
+    assert sum("duplicate id" in q["reason"] for q in first.quarantine) >= 3  # GOOD's "a" again, rows 3 and 250
+    for other in runs[1:]:
+        assert other.n_read == first.n_read
+        assert other.samples.equals(first.samples)
+        assert other.quarantine == first.quarantine
+

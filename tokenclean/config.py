@@ -36,6 +36,8 @@ class DataConfig(_Strict):
     template: Literal["tulu", "model"] = Field(
         "tulu", description="tulu (the paper's), or model: the tokenizer's own chat template")
     seed: int = 0
+    ingest_workers: int = Field(1, ge=1, description="execution: Ray tasks tokenising input chunks at once (1: in "
+                                                     "the flow process); the dataset is the same for any number")
 
     @field_validator("eval_fraction")
     @classmethod
@@ -183,6 +185,9 @@ class RunConfig(_Strict):
     storage: str | None = Field(
         None, description="where workers write shard files: unset = the run directory; a shared path (NFS) or an "
                           "fsspec URL (s3://bucket/prefix) that every node and the driver reach")
+    db_memory_limit: str | None = Field(
+        "2GB", description="DuckDB's memory limit in the flow process (it spills to disk beyond it); null: DuckDB's "
+                           "default, 80% of RAM")
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
 
     @model_validator(mode="after")

@@ -26,42 +26,149 @@ def dataset_summary(con, dataset: str) -> dict | None:
     return json.loads(row[0]) if row else None
 
 
-def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict], inputs: dict, summary: dict) -> dict:
-    """Record one ingest, in one transaction: new samples and their tokens, membership, quarantine.
+STAGE, STAGE_Q = "ingest_stage", "ingest_stage_quarantine"
 
-    ``samples`` has the sample columns plus ``part``, ``source`` and ``row_index``. Samples
-    already stored under the same id (same tokenization, id and content) are not written
-    again: their stored losses stay valid. Returns counts of new and known samples.
+
+def stage_reset(con) -> None:
+    """Start staging an ingest: drop what an interrupted one left (its dataset was never recorded)."""
+    con.execute(f"DROP TABLE IF EXISTS {STAGE}")
+    con.execute(f"DROP TABLE IF EXISTS {STAGE_Q}")
+    con.execute(f"CREATE TABLE {STAGE_Q} (ordinal BIGINT, source VARCHAR, row_index BIGINT, reason VARCHAR, raw VARCHAR)")
+
+
+def stage_chunk(con, samples: pa.Table, quarantine: list[dict]) -> None:
+    """Append one processed chunk (``ingest.IngestChunk``) to the staging tables.
+
+    Staging tables are ordinary tables of the run database, appended chunk by chunk
+    outside a transaction: DuckDB writes them to the file as they grow, so the memory
+    of an ingest does not grow with the input. Nothing reads them but ``insert_staged_dataset``.
     """
-    membership = samples.select(["sample_id", "part", "source", "row_index"])
-    sample_cols = samples.drop_columns(["part", "source", "row_index"])
+    con.register("_chunk", samples)
+    try:
+        con.execute(f"CREATE TABLE IF NOT EXISTS {STAGE} AS SELECT * FROM _chunk LIMIT 0")
+        con.execute(f"INSERT INTO {STAGE} SELECT * FROM _chunk")
+    finally:
+        con.unregister("_chunk")
+    if quarantine:
+        q = pa.Table.from_pylist([{k: r.get(k) for k in ("ordinal", "source", "row_index", "reason", "raw")}
+                                  for r in quarantine])
+        con.register("_q", q)
+        try:
+            con.execute(f"INSERT INTO {STAGE_Q} SELECT ordinal, source, row_index, reason, raw FROM _q")
+        finally:
+            con.unregister("_q")
+
+
+def _stage_exists(con) -> bool:
+    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [STAGE]).fetchone()[0] > 0
+
+
+def stage_duplicates(con) -> int:
+    """Quarantine every staged row whose id an earlier row (in input order) already has; returns how many.
+
+    Decided over the whole input after every chunk is staged, so it does not depend on
+    how rows were chunked or on how many workers processed them.
+    """
+    if not _stage_exists(con):
+        return 0
+    dups = con.execute(
+        f"""SELECT ordinal, uid, source_path, row_index, raw, first_path, first_row FROM (
+              SELECT ordinal, uid, source_path, row_index, raw,
+                     first_value(source_path) OVER w AS first_path, first_value(row_index) OVER w AS first_row,
+                     row_number() OVER w AS n
+              FROM {STAGE} WINDOW w AS (PARTITION BY uid ORDER BY ordinal))
+            WHERE n > 1 ORDER BY ordinal""").fetchall()
+    if dups:
+        stage_chunk_q = [{"ordinal": o, "source": path, "row_index": ri, "raw": raw,
+                          "reason": f"duplicate id {uid!r} (first seen in {fp}:{fr})"}
+                         for o, uid, path, ri, raw, fp, fr in dups]
+        con.register("_q", pa.Table.from_pylist(stage_chunk_q))
+        try:
+            con.execute(f"INSERT INTO {STAGE_Q} SELECT ordinal, source, row_index, reason, raw FROM _q")
+            con.execute(f"DELETE FROM {STAGE} WHERE ordinal IN (SELECT ordinal FROM _q)")
+        finally:
+            con.unregister("_q")
+    return len(dups)
+
+
+def stage_summary(con) -> dict:
+    """Counts of the staged ingest: samples kept, rows quarantined, samples truncated."""
+    n, trunc = (con.execute(f"SELECT count(*), count(*) FILTER (WHERE truncated) FROM {STAGE}").fetchone()
+                if _stage_exists(con) else (0, 0))
+    q = con.execute(f"SELECT count(*) FROM {STAGE_Q}").fetchone()[0]
+    return {"samples": n, "quarantined": q, "truncated": trunc}
+
+
+def staged_samples(con) -> pa.Table:
+    """The staged samples in input order, ``INGEST_SCHEMA`` columns (for ``ingest.ingest``)."""
+    cols = ", ".join(f'"{c}"' for c in _INGEST_COLUMNS)
+    cur = con.cursor()
+    try:
+        return cur.sql(f"SELECT {cols} FROM {STAGE} ORDER BY ordinal").to_arrow_table()
+    finally:
+        cur.close()
+
+
+def staged_quarantine(con) -> list[dict]:
+    return [dict(zip(("source", "row_index", "reason", "raw"), r)) for r in con.execute(
+        f"SELECT source, row_index, reason, raw FROM {STAGE_Q} ORDER BY ordinal").fetchall()]
+
+
+_INGEST_COLUMNS = ("sample_id", "tokenization", "uid", "task", "answer", "content_hash", "n_tokens", "n_response",
+                   "truncated", "answer_start", "answer_end", "input_ids", "response_mask", "truth", "text",
+                   "char_start", "char_end", "part", "source", "row_index")
+_SAMPLE_COLUMNS = _INGEST_COLUMNS[:-3]
+
+
+def insert_staged_dataset(con, dataset: str, inputs: dict, summary: dict) -> dict:
+    """Record the staged ingest as ``dataset``, in one transaction: new samples and their response tokens,
+    membership, quarantine, the dataset row; then drop the staging tables.
+
+    Samples already stored under the same id (same tokenization, id and content) are not
+    written again: their stored losses stay valid. Returns counts of new and known samples.
+    Every step is SQL over the staged tables (streamed and spilled by DuckDB, never held
+    in Python).
+    """
+    if not _stage_exists(con):
+        raise ValueError("nothing staged")
+    sample_cols = ", ".join(f'"{c}"' for c in _SAMPLE_COLUMNS)
     with transaction(con):
-        con.register("_new_samples", sample_cols)
-        known = con.execute("SELECT count(*) FROM _new_samples n SEMI JOIN samples s USING (sample_id)").fetchone()[0]
-        con.execute("""CREATE TEMP TABLE _fresh AS SELECT * FROM _new_samples n
-                       WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.sample_id = n.sample_id)""")
-        con.unregister("_new_samples")
-        con.execute("INSERT INTO samples BY NAME SELECT * FROM _fresh")
+        known = con.execute(f"SELECT count(*) FROM {STAGE} n SEMI JOIN samples s USING (sample_id)").fetchone()[0]
+        # only the ids are held apart (8 bytes a sample); the rows stream from the staging table
+        con.execute(f"""CREATE TEMP TABLE _fresh AS SELECT DISTINCT sample_id FROM {STAGE} n
+                        WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.sample_id = n.sample_id)""")
+        con.execute(f"INSERT INTO samples BY NAME SELECT {sample_cols} FROM {STAGE} SEMI JOIN _fresh USING (sample_id)")
         con.execute(
-            """INSERT INTO response_tokens
+            f"""INSERT INTO response_tokens
                SELECT sample_id, pos, token_id, truth FROM (
                  SELECT sample_id, unnest(range(n_tokens)) AS pos, unnest(input_ids) AS token_id,
-                        unnest(response_mask) AS is_target, unnest(truth) AS truth FROM _fresh)
+                        unnest(response_mask) AS is_target, unnest(truth) AS truth
+                 FROM {STAGE} SEMI JOIN _fresh USING (sample_id))
                WHERE is_target""")
         n_new = con.execute("SELECT count(*) FROM _fresh").fetchone()[0]
         con.execute("DROP TABLE _fresh")
         con.execute("DELETE FROM dataset_samples WHERE dataset = ?", [dataset])
-        con.register("_members", membership)
-        con.execute("INSERT INTO dataset_samples SELECT ?, sample_id, part, source, row_index FROM _members", [dataset])
-        con.unregister("_members")
+        con.execute(f"INSERT INTO dataset_samples SELECT ?, sample_id, part, source, row_index FROM {STAGE} "
+                    "ORDER BY ordinal", [dataset])
         con.execute("DELETE FROM quarantine WHERE dataset = ?", [dataset])
-        if quarantine:
-            con.register("_q", pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
-            con.execute("INSERT INTO quarantine SELECT ?, source, row_index, reason, raw FROM _q", [dataset])
-            con.unregister("_q")
+        con.execute(f"INSERT INTO quarantine SELECT ?, source, row_index, reason, raw FROM {STAGE_Q} ORDER BY ordinal",
+                    [dataset])
         con.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, now())",
                     [dataset, json.dumps(inputs), json.dumps(summary)])
+        con.execute(f"DROP TABLE {STAGE}")
+        con.execute(f"DROP TABLE {STAGE_Q}")
     return {"new_samples": n_new, "known_samples": known}
+
+
+def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict], inputs: dict, summary: dict) -> dict:
+    """Record an ingest given in memory (``samples`` in ``INGEST_SCHEMA``, quarantine rows as dicts):
+    staged as one chunk, then ``insert_staged_dataset``."""
+    n = samples.num_rows
+    table = samples.append_column("ordinal", pa.array(range(n), pa.int64())) \
+        .append_column("source_path", samples.column("source")).append_column("raw", pa.nulls(n, pa.string()))
+    stage_reset(con)
+    stage_chunk(con, table, [{"ordinal": n + i, **q} for i, q in enumerate(quarantine)])
+    return insert_staged_dataset(con, dataset, inputs, summary)
 
 
 def dataset_diff(con, old: str, new: str) -> dict:

@@ -83,8 +83,14 @@ class SchemaMismatch(RuntimeError):
     pass
 
 
-def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -> duckdb.DuckDBPyConnection:
+def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0,
+            memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """Open (and create) a run database.
+
+    ``memory_limit`` bounds DuckDB's memory in this process (``run.db_memory_limit``):
+    beyond it DuckDB evicts cached pages and spills joins and sorts to disk. Without it
+    DuckDB may cache up to 80% of the machine's RAM, so the flow process would grow with
+    the pool (measured: 751 MB at 50k ingested rows, 981 MB at 200k).
 
     A second process gets ``DatabaseBusy`` with the holder named, optionally after
     waiting ``wait_s`` seconds for the lock; DuckDB's own lock keeps the file intact.
@@ -107,11 +113,22 @@ def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0) -
                 ) from e
             time.sleep(0.5)
     try:
+        if memory_limit:
+            con.execute(f"SET memory_limit = '{_size(memory_limit)}'")
         _check_schema(con, path, read_only)
     except BaseException:
         con.close()
         raise
     return con
+
+
+def _size(value: str) -> str:
+    """A DuckDB size setting such as ``2GB`` or ``512MiB`` (checked: it is inlined into SQL)."""
+    import re
+
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*[KMGT]i?B\s*", str(value), flags=re.IGNORECASE):
+        raise ValueError(f"not a memory size: {value!r} (e.g. 2GB, 512MiB)")
+    return str(value).strip()
 
 
 def _check_schema(con, path: Path, read_only: bool) -> None:

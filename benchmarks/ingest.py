@@ -1,0 +1,140 @@
+"""Ingest throughput and memory against the tokenizer's own batch throughput on the same texts.
+
+    python benchmarks/ingest.py --rows 50000,200000,1000000 --out ingest.json
+
+For each size, one generated chat-format JSONL (``tokenclean.synth``, the demo's world; ``messages``
+rows with labelled spans) is ingested with the embedded demo model's tokenizer into a fresh run
+database, in a fresh process, the way ``prepare`` does it: ``tasks.ingest.stage_inputs`` (chunks
+read, validated, rendered and tokenised with one batch call each, staged in the database as they
+come, duplicate ids found in SQL) and ``store.insert_staged_dataset`` (samples, response tokens,
+membership, quarantine). A thread samples the process's RSS every 20 ms.
+
+In the same process, after ingest, the baseline: the rendered texts of the same rows through
+the tokenizer's batch call with offsets (``tokenizer(texts, return_offsets_mapping=True)``, in
+batches of the ingest's chunk size), which is the least any ingest must do. Figures: rows/s
+and tokens/s of both, their ratio, peak RSS, and peak RSS per million tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class PeakRss:
+    def __init__(self, every_s: float = 0.02):
+        import psutil
+
+        self.proc, self.every, self.peak = psutil.Process(), every_s, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def child(rows: int, workdir: Path, workers: int, chunk_rows: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from tokenclean.config import RunConfig
+    from tokenclean.embedded import EmbeddedSpec, build
+    from tokenclean.synth import SynthSpec, generate
+    from tokenclean.tasks import store
+    from tokenclean.tasks.ingest import IngestSpec, read_rows, normalize, stage_inputs, tokenization_of
+    from tokenclean.tasks.template import render
+
+    demo = RunConfig().embedded
+    built = build(EmbeddedSpec(synth=SynthSpec(n_people=demo.n_people, n_train=demo.n_train, n_eval=demo.n_eval,
+                                               corrupt_fraction=demo.corrupt_fraction, seed=demo.seed),
+                               pretrain_steps=demo.pretrain_steps))
+    tok = AutoTokenizer.from_pretrained(built.model)
+    paths = generate(SynthSpec(n_people=demo.n_people, n_train=rows, n_eval=10, seed=7), workdir / "data")
+    spec = IngestSpec(tokenization_of(tok, 256, "tulu"), 256, 0.0, 3, 0, "tulu")
+    con = store.connect(workdir / "run.duckdb", memory_limit=RunConfig().db_memory_limit)  # as prepare opens it
+    rss_start = PeakRss().proc.memory_info().rss
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        n_read = stage_inputs(con, [str(paths["train"])], [], tok, spec, chunk_rows=chunk_rows, workers=workers)
+        summary = {"rows_read": n_read, **store.stage_summary(con)}
+        counts = store.insert_staged_dataset(con, "bench", {}, summary)
+        ingest_s = time.perf_counter() - t0
+    n_tokens = con.execute("SELECT sum(n_tokens) FROM samples").fetchone()[0]
+    con.close()
+    # the baseline: the same rendered texts through the tokenizer's batch call with offsets
+    texts = []
+    for row in read_rows(str(paths["train"])):
+        n = normalize(row.parsed())
+        texts.append(render("tulu", tok, n.messages, n.truth).text)
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), chunk_rows):
+        tok(texts[i:i + chunk_rows], add_special_tokens=False, return_offsets_mapping=True)
+    tokenizer_s = time.perf_counter() - t0
+    mb = 1 / 2**20
+    return {"rows": rows, "samples": summary["samples"], "quarantined": summary["quarantined"], "tokens": n_tokens,
+            "new_samples": counts["new_samples"], "ingest_s": ingest_s, "tokenizer_s": tokenizer_s,
+            "ingest_rows_per_s": rows / ingest_s, "tokenizer_rows_per_s": rows / tokenizer_s,
+            "ratio": tokenizer_s / ingest_s, "rss_start_mb": rss_start * mb, "peak_rss_mb": rss.peak * mb,
+            "peak_rss_mb_per_m_tokens": rss.peak * mb / (n_tokens / 1e6), "workers": workers,
+            "chunk_rows": chunk_rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="50000,200000", help="comma-separated input sizes")
+    ap.add_argument("--workers", type=int, default=1, help="ingest workers (Ray tasks when > 1)")
+    ap.add_argument("--chunk-rows", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    from tokenclean.tasks.ingest import CHUNK_ROWS
+
+    chunk_rows = args.chunk_rows or CHUNK_ROWS
+    if args.child is not None:
+        print(json.dumps(child(args.child, args.workdir, args.workers, chunk_rows)))
+        return
+    results = []
+    for n in [int(float(x)) for x in args.rows.split(",")]:
+        with tempfile.TemporaryDirectory(prefix="tc-ingest-") as tmp:
+            cmd = [sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--workers", str(args.workers),
+                   "--chunk-rows", str(chunk_rows)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{n} rows failed:\n{out.stderr[-4000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results.append(r)
+            print(f"{r['rows']:>9,} rows {r['tokens']:>12,} tokens: ingest {r['ingest_s']:7.1f} s "
+                  f"({r['ingest_rows_per_s']:,.0f} rows/s), tokenizer {r['tokenizer_s']:6.1f} s "
+                  f"({r['tokenizer_rows_per_s']:,.0f} rows/s): ratio {r['ratio']:.2f}; peak RSS "
+                  f"{r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb_per_m_tokens']:,.1f} MB per M tokens)", flush=True)
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        print(f"peak RSS at {b['rows']:,} rows / at {a['rows']:,} rows: {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
+    if args.out:
+        args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                                        "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
