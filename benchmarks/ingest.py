@@ -54,7 +54,7 @@ class PeakRss:
         self._t.join()
 
 
-def child(rows: int, workdir: Path, workers: int, chunk_rows: int) -> dict:
+def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit: str | None) -> dict:
     from transformers import AutoTokenizer
 
     from tokenclean.config import RunConfig
@@ -71,7 +71,7 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int) -> dict:
     tok = AutoTokenizer.from_pretrained(built.model)
     paths = generate(SynthSpec(n_people=demo.n_people, n_train=rows, n_eval=10, seed=7), workdir / "data")
     spec = IngestSpec(tokenization_of(tok, 256, "tulu"), 256, 0.0, 3, 0, "tulu")
-    con = store.connect(workdir / "run.duckdb", memory_limit=RunConfig().db_memory_limit)  # as prepare opens it
+    con = store.connect(workdir / "run.duckdb", memory_limit=memory_limit)  # as prepare's ingest runs
     rss_start = PeakRss().proc.memory_info().rss
     with PeakRss() as rss:
         t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int) -> dict:
             "ingest_rows_per_s": rows / ingest_s, "tokenizer_rows_per_s": rows / tokenizer_s,
             "ratio": tokenizer_s / ingest_s, "rss_start_mb": rss_start * mb, "peak_rss_mb": rss.peak * mb,
             "peak_rss_mb_per_m_tokens": rss.peak * mb / (n_tokens / 1e6), "workers": workers,
-            "chunk_rows": chunk_rows}
+            "chunk_rows": chunk_rows, "db_memory_limit": memory_limit}
 
 
 def main() -> None:
@@ -104,21 +104,26 @@ def main() -> None:
     ap.add_argument("--rows", default="50000,200000", help="comma-separated input sizes")
     ap.add_argument("--workers", type=int, default=1, help="ingest workers (Ray tasks when > 1)")
     ap.add_argument("--chunk-rows", type=int, default=None)
+    ap.add_argument("--db-memory-limit", default=None, help="DuckDB memory limit (default: prepare's for ingest)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from tokenclean.config import RunConfig
     from tokenclean.tasks.ingest import CHUNK_ROWS
 
     chunk_rows = args.chunk_rows or CHUNK_ROWS
+    from tokenclean.flows.prepare import INGEST_DB_MEMORY
+
+    memory_limit = args.db_memory_limit or INGEST_DB_MEMORY
     if args.child is not None:
-        print(json.dumps(child(args.child, args.workdir, args.workers, chunk_rows)))
+        print(json.dumps(child(args.child, args.workdir, args.workers, chunk_rows, memory_limit)))
         return
     results = []
     for n in [int(float(x)) for x in args.rows.split(",")]:
         with tempfile.TemporaryDirectory(prefix="tc-ingest-") as tmp:
             cmd = [sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--workers", str(args.workers),
-                   "--chunk-rows", str(chunk_rows)]
+                   "--chunk-rows", str(chunk_rows), "--db-memory-limit", memory_limit]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"{n} rows failed:\n{out.stderr[-4000:]}")

@@ -125,7 +125,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         dataset = keys.dataset_key(tokenization, inputs, split)
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
                             inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
-                            workers=cfg.data.ingest_workers)
+                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
@@ -151,7 +151,8 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1) -> dict:
+                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
+                 db_memory_limit: str | None = None) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -159,15 +160,22 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     """
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
-                       tokenizer_path, template, progress=progress, workers=workers)
+                       tokenizer_path, template, progress=progress, workers=workers,
+                       db_memory_limit=db_memory_limit)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
 
 
+# DuckDB's memory while ingesting: staging only appends and streams, so a small cache is enough, and
+# the flow process stays flat (benchmarks/ingest.py: peak RSS 641 MB at 50k rows, 767 MB at 200k with
+# 256MB; 741 MB and 986 MB, then 2,457 MB at 1M, with run.db_memory_limit's 2GB)
+INGEST_DB_MEMORY = "256MB"
+
+
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                chunk_rows: int = CHUNK_ROWS) -> dict:
+                chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None) -> dict:
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
         return {"ingested": False, **summary}
@@ -175,15 +183,16 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
     spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template)
     # streamed: chunks are processed (on Ray workers when ingest.workers > 1) and staged in the run
     # database as they come; the driver holds a few chunks, not the inputs
-    n_read = stage_inputs(con, paths, eval_paths, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
-                          progress=progress)
-    staged = store.stage_summary(con)
-    if staged["samples"] == 0:
-        q = store.staged_quarantine(con)
-        raise ValueError(f"no usable rows in {paths}: all {n_read} rows were quarantined "
-                         f"(first reason: {q[0]['reason'] if q else 'empty input'})")
-    summary = {"rows_read": n_read, **staged}
-    described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
-                 "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
-    counts = store.insert_staged_dataset(con, dataset, described, summary)
+    with store.memory_limit(con, INGEST_DB_MEMORY, after=db_memory_limit):
+        n_read = stage_inputs(con, paths, eval_paths, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
+                              progress=progress)
+        staged = store.stage_summary(con)
+        if staged["samples"] == 0:
+            q = store.staged_quarantine(con)
+            raise ValueError(f"no usable rows in {paths}: all {n_read} rows were quarantined "
+                             f"(first reason: {q[0]['reason'] if q else 'empty input'})")
+        summary = {"rows_read": n_read, **staged}
+        described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
+                     "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
+        counts = store.insert_staged_dataset(con, dataset, described, summary)
     return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts}

@@ -122,6 +122,22 @@ def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0,
     return con
 
 
+@contextlib.contextmanager
+def memory_limit(con, limit: str | None, after: str | None = None):
+    """DuckDB's memory limit set to ``limit`` inside, then to ``after`` (None: DuckDB's default).
+
+    ``after`` is given rather than read back: DuckDB reports the setting rounded ("1.8 GiB").
+    """
+    if not limit:
+        yield
+        return
+    con.execute(f"SET memory_limit = '{_size(limit)}'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{_size(after)}'" if after else "RESET memory_limit")
+
+
 def _size(value: str) -> str:
     """A DuckDB size setting such as ``2GB`` or ``512MiB`` (checked: it is inlined into SQL)."""
     import re
