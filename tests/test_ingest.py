@@ -130,3 +130,27 @@ def test_output_is_the_same_for_any_chunking_and_number_of_workers(tmp_path, tin
         assert other.samples.equals(first.samples)
         assert other.quarantine == first.quarantine
 
+
+
+def test_ingest_of_a_pool_larger_than_its_memory_budget_completes_within_it(tmp_path, tiny):
+    """A subprocess ingests 12,000 rows of 1,024 tokens (12.3 M tokens) under an enforced budget of 400 MB of
+    growth. Held the way ingest once held a pool (Python lists, about 52 bytes a token, measured in issue 13),
+    those tokens alone would need 640 MB; streamed in chunks, the process stays under the budget."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rows, words, budget_mb = 12_000, 700, 400
+    with open(tmp_path / "big.jsonl", "w") as f:
+        for i in range(rows):
+            text = " ".join(f"w{(i * 31 + j * 7) % 997}" for j in range(words))
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"Say something, {i}.", "response": text}) + "\n")
+    child = Path(__file__).with_name("ingest_memory_child.py")
+    out = subprocess.run([sys.executable, str(child), str(tiny.model), str(tmp_path / "big.jsonl"),
+                          str(tmp_path / "run.duckdb"), str(budget_mb), "16", "128MB"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["samples"] == rows
+    assert got["tokens"] * 52 / 2**20 > budget_mb, got  # the pool, held as lists, would not fit the budget
+    assert got["growth_mb"] <= budget_mb, got
