@@ -74,7 +74,7 @@ def _pool_samples(con, dataset: str, parts: list[int]):
     from tokenclean.tasks import store
     from tokenclean.tasks.score import ShardSample
 
-    ids = store.unscored_samples(con, "-none-", dataset, parts)
+    ids, _ = store.unscored_lengths(con, "-none-", dataset, parts)  # no model has this key: every pool sample
     return [ShardSample(sid, a, m) for sid, a, m in store.sample_arrays(con, ids)]
 
 

@@ -215,11 +215,6 @@ def samples_by_part(con, dataset: str) -> dict[int, int]:
                             [dataset]).fetchall())
 
 
-def sample_lengths(con, sample_ids: list[int]) -> dict[int, int]:
-    return dict(con.execute("SELECT sample_id, n_tokens FROM samples WHERE sample_id IN (SELECT unnest(?))",
-                            [sample_ids]).fetchall())
-
-
 def sample_batch(con, sample_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(sample_id, offsets, input_ids, response_mask) of the given samples, ordered by id, as flat arrays.
 

@@ -24,16 +24,9 @@ def model_inputs(con, model: str) -> dict | None:
     return json.loads(row[0]) if row else None
 
 
-def unscored_samples(con, model: str, dataset: str, parts: list[int]) -> list[int]:
-    """Samples of the pool with no loss yet under ``model`` (a shard loads all of a sample's losses or none)."""
-    return [r[0] for r in con.execute(
-        f"""SELECT p.sample_id FROM {pool_relation(dataset, parts)} p WHERE NOT EXISTS
-            (SELECT 1 FROM token_losses t WHERE t.model = ? AND t.sample_id = p.sample_id)
-            ORDER BY p.part, p.sample_id""", [model]).fetchall()]
-
-
 def unscored_lengths(con, model: str, dataset: str, parts: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``unscored_samples`` with each sample's token count, as two int64 arrays (what shard planning needs)."""
+    """Samples of the pool with no loss yet under ``model`` (a shard loads all of a sample's losses or none),
+    in pool order, with each sample's token count: two int64 arrays (what shard planning needs)."""
     got = con.execute(
         f"""SELECT p.sample_id, s.n_tokens FROM {pool_relation(dataset, parts)} p JOIN samples s USING (sample_id)
             WHERE NOT EXISTS (SELECT 1 FROM token_losses t WHERE t.model = ? AND t.sample_id = p.sample_id)
