@@ -13,12 +13,16 @@ the last response: ground-truth token labels, as the synthetic demo data carries
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from tokenclean.tasks.template import (
@@ -26,7 +30,7 @@ from tokenclean.tasks.template import (
     TRUTH_CORRUPTED,
     TRUTH_INFORMATIVE,
     TemplateError,
-    render,
+    renderer,
     template_id,
     tokenize_batch,
     tokenizer_fingerprint,
@@ -35,6 +39,9 @@ from tokenclean.tasks.template import (
 from tokenclean.tasks.keys import sample_id as content_sample_id
 from tokenclean.tasks.keys import tokenization_key
 from tokenclean.tasks.store.data import EVAL_PART  # noqa: F401  (re-exported: the held-out part)
+
+
+RAW_CHARS = 2000  # how much of a row the quarantine keeps
 
 
 class RowError(ValueError):
@@ -57,7 +64,7 @@ class RawRow:
             try:
                 return json.loads(self.raw)
             except json.JSONDecodeError as e:
-                self.raw = self.raw[:2000]
+                self.raw = self.raw[:RAW_CHARS]
                 raise RowError(f"not JSON: {e.msg} at column {e.colno}") from e
         return self.value
 
@@ -70,14 +77,14 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield RawRow(str(path), i, None, line[:2000].decode("utf-8", "replace"), f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                yield RawRow(str(path), i, None, line[:RAW_CHARS].decode("utf-8", "replace"), f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
             yield RawRow(str(path), i, None, text, json_line=True)
 
 
 def _read_table_rows(source: str, rows: Iterator[dict]) -> Iterator[RawRow]:
     for i, row in enumerate(rows):
-        yield RawRow(source, i, row, json.dumps(row, default=str)[:2000])
+        yield RawRow(source, i, row, json.dumps(row, default=str)[:RAW_CHARS])
 
 
 def read_rows(entry: str) -> Iterator[RawRow]:
@@ -138,6 +145,23 @@ def _spans(obj: dict, key: str, limit: int) -> list[tuple[int, int]]:
     return spans
 
 
+_quote = json.encoder.encode_basestring_ascii  # the standard encoder's own string quoting (C)
+
+
+def content_text(messages: list[dict], task: str | None, answer: str | None, truth: list[tuple[int, int, int]]) -> str:
+    """The canonical JSON of a sample's content: exactly ``json.dumps({"messages": messages, "task": task,
+    "answer": answer, "truth": sorted(truth)}, sort_keys=True)``, whose hash names the sample.
+
+    Written out because the generic encoder (sorting every dict's keys, a call per
+    value) was half of a row's validation time; the text, and so every sample id, is
+    unchanged (``tests/test_ingest.py`` compares the two).
+    """
+    msgs = ", ".join(f'{{"content": {_quote(m["content"])}, "role": {_quote(m["role"])}}}' for m in messages)
+    spans = ", ".join(f"[{s}, {e}, {lab}]" for s, e, lab in sorted(truth))
+    return (f'{{"answer": {"null" if answer is None else _quote(answer)}, "messages": [{msgs}], '
+            f'"task": {"null" if task is None else _quote(task)}, "truth": [{spans}]}}')
+
+
 @dataclass
 class Normalized:
     messages: list[dict]
@@ -194,8 +218,7 @@ def normalize(obj: Any) -> Normalized:
         raise RowError("field 'task' must be a string")
     # Everything that shapes the stored sample (its tokens, labels, answer span, task) is
     # hashed: an edit to any of them makes a new sample, never a stale one.
-    content_hash = hashlib.sha256(json.dumps({"messages": messages, "task": task, "answer": answer,
-                                              "truth": sorted(truth)}, sort_keys=True).encode()).hexdigest()[:16]
+    content_hash = hashlib.sha256(content_text(messages, task, answer, truth).encode()).hexdigest()[:16]
     uid = obj.get("id")
     if uid is None:
         uid = content_hash
@@ -241,6 +264,7 @@ INGEST_SCHEMA = SAMPLE_SCHEMA.append(pa.field("part", pa.int16())).append(pa.fie
     .append(pa.field("row_index", pa.int64()))
 
 
+@functools.lru_cache(maxsize=1024)
 def source_name(source: str) -> str:
     """What a row's source is called in the run: a file's name, ``hf:NAME[:split]`` (a local dataset by its folder
     name). Locations are left out, so moving an input changes nothing stored (see ``keys.inputs_fingerprint``)."""
@@ -280,30 +304,53 @@ class IngestChunk:
     n_read: int
 
 
-def _list_array(arrays: list, value_type) -> pa.Array:
-    """An Arrow list column from per-row numpy arrays: one concatenation, no Python int per token."""
-    import numpy as np
-
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    if arrays:
-        np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, value_type))
+def _list_column(offsets: np.ndarray, values: np.ndarray, value_type, valid: np.ndarray | None = None) -> pa.Array:
+    """An Arrow list column straight from flat values and row offsets (``valid``: rows that are not null)."""
+    mask = None if valid is None or valid.all() else pa.array(~valid)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), pa.array(values, value_type),
+                                    mask=mask)
 
 
 def process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
     """Validate, render and tokenise one chunk of rows: a pure function of the rows (and their place
     ``start`` in the input), so any worker gives the same result, and 1 or N workers the same dataset.
 
-    The chunk's texts go through one batch call of the tokenizer. Duplicate ids are not
-    decided here (a chunk cannot see the others): staging does it over the whole input.
+    Per row there is only what needs the row's own Python objects (JSON, validation,
+    rendering, ids); tokenisation is one batch call and every per-token step runs over the
+    chunk's flat arrays (``template.TokenizedBatch``). Duplicate ids are not decided here
+    (a chunk cannot see the others): staging does it over the whole input.
     """
+    with _no_cyclic_gc():
+        return _process_chunk(rows, start, is_eval, tokenizer, spec)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """Python's cyclic garbage collector off for the duration.
+
+    A chunk allocates a few objects per row, all freed by reference counting when the
+    chunk is done, and none in cycles. With the collector on, those allocations trigger
+    collections that walk every object of the process (torch, transformers and Prefect
+    imports: about half a million): measured, the collector took a third of a chunk's
+    time, and the same share of transformers' own tokenizer call.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
     good, quarantine = [], []
+    render_one = renderer(spec.template, tokenizer)
     for j, row in enumerate(rows):
         try:
             norm = normalize(row.parsed())
             try:
-                rendered = render(spec.template, tokenizer, norm.messages, norm.truth)
+                rendered = render_one(norm.messages, norm.truth)
             except TemplateError as e:
                 raise RowError(str(e)) from e
             good.append((j, row, norm, rendered))
@@ -311,59 +358,54 @@ def process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec
             quarantine.append({"ordinal": start + j, "source": row.source, "row_index": row.index, "reason": str(e),
                                "raw": row.raw})
     toks = tokenize_batch(tokenizer, [g[3] for g in good], spec.max_length)
-    cols: dict[str, list] = {f.name: [] for f in INGEST_SCHEMA}
-    ordinal, source_path, raw = [], [], []
-    for (j, row, norm, rendered), tok in zip(good, toks):
-        n_resp = int(tok.response_mask.sum())
-        if n_resp == 0:
+    n = len(good)
+    n_resp = toks.n_response
+    # the answer's token span: tokens anchored in its last occurrence in the final response, all of them targets
+    lo, hi = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for i, (_, _, norm, rendered) in enumerate(good):
+        if norm.answer is not None:
+            s, e = rendered.response_spans[-1]
+            c0 = rendered.text.rfind(norm.answer, s, e)
+            lo[i], hi[i] = c0, c0 + len(norm.answer)
+    a_first, a_end, a_ok = toks.first_last_in(lo, hi)
+    a_start, a_end = np.where(a_ok, a_first, -1), np.where(a_ok, a_end, -1)
+    scalars: dict[str, list] = {c: [] for c in ("sample_id", "uid", "source", "row_index", "part", "task", "answer",
+                                               "content_hash", "text", "ordinal", "source_path", "raw")}
+    for (j, row, norm, rendered), nr in zip(good, n_resp.tolist()):
+        if nr == 0:
             quarantine.append({"ordinal": start + j, "source": row.source, "row_index": row.index,
                                "reason": f"no response token within max_length={spec.max_length} (prompt too long)",
                                "raw": row.raw})
-            continue
-        a_start = a_end = -1
-        if norm.answer is not None:
-            # Token span of the answer's last occurrence in the final response.
-            lo, hi = rendered.response_spans[-1]
-            c0 = rendered.text.rfind(norm.answer, lo, hi)
-            idx = tok.tokens_in(c0, c0 + len(norm.answer))
-            if len(idx) and tok.response_mask[idx].all():
-                a_start, a_end = int(idx[0]), int(idx[-1]) + 1
-        cols["sample_id"].append(content_sample_id(spec.tokenization, norm.uid, norm.content_hash))
-        cols["tokenization"].append(spec.tokenization)
-        cols["uid"].append(norm.uid)
-        cols["source"].append(source_name(row.source))
-        cols["row_index"].append(row.index)
-        cols["part"].append(assign_part(norm.uid, spec.seed, spec.eval_fraction, spec.n_parts, is_eval))
-        cols["task"].append(norm.task)
-        cols["answer"].append(norm.answer)
-        cols["content_hash"].append(norm.content_hash)
-        cols["n_tokens"].append(len(tok.input_ids))
-        cols["n_response"].append(n_resp)
-        cols["truncated"].append(tok.truncated)
-        cols["answer_start"].append(a_start)
-        cols["answer_end"].append(a_end)
-        cols["input_ids"].append(tok.input_ids)
-        cols["response_mask"].append(tok.response_mask)
-        cols["truth"].append(tok.truth)
-        cols["text"].append(rendered.text)
-        cols["char_start"].append(tok.char_starts)
-        cols["char_end"].append(tok.char_ends)
-        ordinal.append(start + j)
-        source_path.append(row.source)
-        raw.append(row.raw)
-    arrays = []
-    for f in INGEST_SCHEMA:
-        v = cols[f.name]
-        if f.name == "truth":
-            arrays.append(pa.array([None if t is None else t.tolist() for t in v], f.type) if any(t is None for t in v)
-                          else _list_array(v, f.type.value_type))
-        elif isinstance(f.type, pa.ListType):
-            arrays.append(_list_array(v, f.type.value_type))
-        else:
-            arrays.append(pa.array(v, f.type))
-    table = pa.Table.from_arrays(arrays, schema=INGEST_SCHEMA)
-    table = table.append_column("ordinal", pa.array(ordinal, pa.int64())).append_column(
-        "source_path", pa.array(source_path, pa.string())).append_column("raw", pa.array(raw, pa.string()))
+        scalars["sample_id"].append(content_sample_id(spec.tokenization, norm.uid, norm.content_hash))
+        scalars["uid"].append(norm.uid)
+        scalars["source"].append(source_name(row.source))
+        scalars["row_index"].append(row.index)
+        scalars["part"].append(assign_part(norm.uid, spec.seed, spec.eval_fraction, spec.n_parts, is_eval))
+        scalars["task"].append(norm.task)
+        scalars["answer"].append(norm.answer)
+        scalars["content_hash"].append(norm.content_hash)
+        scalars["text"].append(rendered.text)
+        scalars["ordinal"].append(start + j)
+        scalars["source_path"].append(row.source)
+        scalars["raw"].append(row.raw[:RAW_CHARS])  # what the quarantine keeps, should the id turn out a duplicate
+    lengths = toks.lengths
+    columns = {
+        "tokenization": pa.array([spec.tokenization] * n, pa.string()),
+        "n_tokens": pa.array(lengths, pa.int32()), "n_response": pa.array(n_resp, pa.int32()),
+        "truncated": pa.array(toks.truncated, pa.bool_()),
+        "answer_start": pa.array(a_start, pa.int32()), "answer_end": pa.array(a_end, pa.int32()),
+        "input_ids": _list_column(toks.offsets, toks.input_ids, pa.int32()),
+        "response_mask": _list_column(toks.offsets, toks.response_mask, pa.bool_()),
+        "truth": _list_column(toks.offsets, toks.truth, pa.uint8(), toks.has_truth),
+        "char_start": _list_column(toks.offsets, toks.char_starts, pa.int32()),
+        "char_end": _list_column(toks.offsets, toks.char_ends, pa.int32()),
+    }
+    schema = INGEST_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("source_path", pa.string())) \
+        .append(pa.field("raw", pa.string()))
+    table = pa.Table.from_arrays([columns[f.name] if f.name in columns else pa.array(scalars[f.name], f.type)
+                                  for f in schema], schema=schema)
+    if (n_resp == 0).any():
+        table = table.filter(pa.array(n_resp > 0))
     quarantine.sort(key=lambda q: q["ordinal"])
     return IngestChunk(table, quarantine, len(rows))
 
@@ -438,15 +480,25 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     """Stream the inputs into ``con``'s staging tables chunk by chunk, then quarantine duplicate ids.
 
     Returns the number of rows read. Memory holds about ``2 * workers`` chunks, whatever the input's size.
+    A chunk is staged by a second thread while the next one is processed: DuckDB's insert
+    runs without the GIL, so the two overlap (one chunk in flight, in input order).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tokenclean.tasks import store
 
     store.stage_reset(con)
     n_read = 0
-    for chunk in ingest_chunks(entries, eval_entries, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
-                               progress=progress):
-        store.stage_chunk(con, chunk.samples, chunk.quarantine)
-        n_read += chunk.n_read
+    with ThreadPoolExecutor(1, thread_name_prefix="ingest-stage") as stager:
+        staged = None
+        for chunk in ingest_chunks(entries, eval_entries, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
+                                   progress=progress):
+            if staged is not None:
+                staged.result()
+            staged = stager.submit(store.stage_chunk, con, chunk.samples, chunk.quarantine)
+            n_read += chunk.n_read
+        if staged is not None:
+            staged.result()
     store.stage_duplicates(con)
     return n_read
 

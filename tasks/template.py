@@ -182,60 +182,83 @@ def render_model_template(tokenizer, messages: list[dict], truth: list[tuple[int
 
     ``truth`` spans are relative to the last assistant message's content, as in ``render_tulu``.
     """
+    return _model_renderer(tokenizer)(messages, truth)
+
+
+def _model_renderer(tokenizer):
     template = chat_template_of(tokenizer)
     kwargs = dict(tokenizer.special_tokens_map)
-    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     specials = _special_strings(tokenizer)
-    if re.search(r"\{%-?\s*generation\s*-?%\}", template):
-        from transformers.utils.chat_template_utils import render_jinja_template
+    eos = tokenizer.eos_token
+    marked = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
-        texts, indices = render_jinja_template(conversations=[messages], chat_template=template,
-                                               return_assistant_tokens_mask=True, **kwargs)
-        text, blocks = texts[0], [tuple(b) for b in indices[0]]
-        if len(blocks) != len(assistants):
-            raise TemplateError(f"the template marks {len(blocks)} generation blocks for {len(assistants)} "
-                                "assistant turns")
-        spans = [(s, _extend_over_terminator(text, e, specials, tokenizer.eos_token)) for s, e in blocks]
-        last = messages[assistants[-1]]["content"]
-        s0, e0 = blocks[-1]
-        content_start = text.find(last, s0, e0)
-        if content_start < 0:  # rendered trimmed: offset 0 of the raw content lies before the first kept char
-            found = text.find(last.strip(), s0, e0)
-            if found < 0:
-                raise TemplateError("the chat template rewrites assistant content (beyond trimming); cannot "
-                                    "place the ground-truth spans")
-            content_start = found - (len(last) - len(last.lstrip()))
-    else:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        skeleton_msgs = [dict(m) for m in messages]
-        for n, i in enumerate(assistants):
-            skeleton_msgs[i]["content"] = f"\ue000{n}\ue001"
-        skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False)
-        located = _aligned_spans(text, skeleton, [messages[i]["content"] for i in assistants])
-        spans = [(s, _extend_over_terminator(text, e, specials, tokenizer.eos_token)) for s, e, _ in located]
-        s_last, _, lead = located[-1]
-        content_start = s_last - lead  # where offset 0 of the raw content would be
-    truth_abs = []
-    if truth:
-        lo, hi = spans[-1]
-        truth_abs = [(max(content_start + s, lo), min(content_start + e, hi), lab) for s, e, lab in truth
-                     if min(content_start + e, hi) > max(content_start + s, lo)]
-    return Rendered(text, spans, truth_abs)
+    def render_one(messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if marked:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            texts, indices = render_jinja_template(conversations=[messages], chat_template=template,
+                                                   return_assistant_tokens_mask=True, **kwargs)
+            text, blocks = texts[0], [tuple(b) for b in indices[0]]
+            if len(blocks) != len(assistants):
+                raise TemplateError(f"the template marks {len(blocks)} generation blocks for {len(assistants)} "
+                                    "assistant turns")
+            spans = [(s, _extend_over_terminator(text, e, specials, eos)) for s, e in blocks]
+            last = messages[assistants[-1]]["content"]
+            s0, e0 = blocks[-1]
+            content_start = text.find(last, s0, e0)
+            if content_start < 0:  # rendered trimmed: offset 0 of the raw content lies before the first kept char
+                found = text.find(last.strip(), s0, e0)
+                if found < 0:
+                    raise TemplateError("the chat template rewrites assistant content (beyond trimming); cannot "
+                                        "place the ground-truth spans")
+                content_start = found - (len(last) - len(last.lstrip()))
+        else:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            skeleton_msgs = [dict(m) for m in messages]
+            for n, i in enumerate(assistants):
+                skeleton_msgs[i]["content"] = f"\ue000{n}\ue001"
+            skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False)
+            located = _aligned_spans(text, skeleton, [messages[i]["content"] for i in assistants])
+            spans = [(s, _extend_over_terminator(text, e, specials, eos)) for s, e, _ in located]
+            s_last, _, lead = located[-1]
+            content_start = s_last - lead  # where offset 0 of the raw content would be
+        truth_abs = []
+        if truth:
+            lo, hi = spans[-1]
+            truth_abs = [(max(content_start + s, lo), min(content_start + e, hi), lab) for s, e, lab in truth
+                         if min(content_start + e, hi) > max(content_start + s, lo)]
+        return Rendered(text, spans, truth_abs)
+
+    return render_one
+
+
+def renderer(template: str, tokenizer):
+    """A function ``(messages, truth) -> Rendered`` for ``template`` (``tulu`` or ``model``).
+
+    What depends only on the tokenizer (EOS, the chat template, its special strings) is
+    looked up once here, not per row: transformers resolves special-token attributes
+    dynamically, at a cost comparable to rendering a whole Tulu conversation.
+    """
+    if template == "tulu":
+        eos = tokenizer.eos_token
+        if eos is None:
+            raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
+        return lambda messages, truth=None: render_tulu(messages, eos, truth)
+    if template == "model":
+        return _model_renderer(tokenizer)
+    raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
 
 
 def render(template: str, tokenizer, messages: list[dict], truth=None) -> Rendered:
     """Render one conversation with ``template`` (``tulu`` or ``model``)."""
-    if template == "tulu":
-        if tokenizer.eos_token is None:
-            raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
-        return render_tulu(messages, tokenizer.eos_token, truth)
-    if template == "model":
-        return render_model_template(tokenizer, messages, truth)
-    raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    return renderer(template, tokenizer)(messages, truth)
 
 
 @dataclass
 class Tokenized:
+    """One conversation's tokens (a row of ``TokenizedBatch``)."""
+
     input_ids: np.ndarray  # int32
     response_mask: np.ndarray  # bool, True where the token is a target
     truth: np.ndarray | None  # uint8 per token, None when the input has no labels
@@ -248,23 +271,67 @@ class Tokenized:
         return np.nonzero((self.char_starts >= start) & (self.char_starts < end))[0]
 
 
-def _in_spans(starts: np.ndarray, spans) -> np.ndarray:
-    mask = np.zeros(len(starts), dtype=bool)
-    for s, e in spans:
-        mask |= (starts >= s) & (starts < e)
-    return mask
+@dataclass
+class TokenizedBatch:
+    """Many rendered conversations tokenised, as flat arrays: row i is ``[offsets[i], offsets[i + 1])``.
+
+    Flat because ingest's cost was per-row Python around the tokenizer, not the tokenizer:
+    every per-token step (anchors, masks, truth labels, BOS, truncation) runs once per
+    chunk over these arrays, and Arrow list columns are made from them with no Python
+    object per token.
+    """
+
+    offsets: np.ndarray  # int64, rows + 1
+    input_ids: np.ndarray  # int32
+    response_mask: np.ndarray  # bool
+    truth: np.ndarray  # uint8 (0 throughout a row without labels)
+    has_truth: np.ndarray  # bool per row: the input carried ground-truth spans
+    truncated: np.ndarray  # bool per row
+    char_starts: np.ndarray  # int32 anchors (-1: BOS)
+    char_ends: np.ndarray  # int32 (-1: BOS)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def n_response(self) -> np.ndarray:
+        """Target tokens per row."""
+        cs = np.concatenate([[0], np.cumsum(self.response_mask, dtype=np.int64)])
+        return cs[self.offsets[1:]] - cs[self.offsets[:-1]]
+
+    def row(self, i: int) -> Tokenized:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return Tokenized(self.input_ids[a:b], self.response_mask[a:b],
+                         self.truth[a:b] if self.has_truth[i] else None, bool(self.truncated[i]),
+                         self.char_starts[a:b], self.char_ends[a:b])
+
+    def first_last_in(self, char_lo: np.ndarray, char_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row: (first token, one past the last token, all of them targets) among the tokens whose
+        anchor lies in ``[char_lo[i], char_hi[i])``; -1, -1, False where no token does."""
+        n = len(self)
+        row = np.repeat(np.arange(n), self.lengths)
+        inside = (self.char_starts >= char_lo[row]) & (self.char_starts < char_hi[row])
+        idx = np.flatnonzero(inside)
+        first, last = np.full(n, -1, np.int64), np.full(n, -2, np.int64)
+        rows = row[idx]
+        first[rows[::-1]] = idx[::-1]  # the last write wins: the smallest index of each row
+        last[rows] = idx
+        has = first >= 0
+        bad = np.bincount(row[idx[~self.response_mask[idx]]], minlength=n)
+        local = np.where(has, first - self.offsets[:-1], -1)
+        return local, np.where(has, last - self.offsets[:-1] + 1, -1), has & (bad == 0)
 
 
 _ASCII_SPACE = np.array([chr(c).isspace() for c in range(128)], dtype=bool)
 
 
-def _anchors(text: str, offsets: np.ndarray) -> np.ndarray:
-    """Each token's anchor: the first non-whitespace character of its span (its start if it is all whitespace).
-
-    Vectorised over the text (``str.isspace`` semantics, Unicode included): for every
-    character, the index of the next non-whitespace one, looked up at each token start.
-    """
-    starts, ends = offsets[:, 0], offsets[:, 1]
+def _next_non_space(text: str) -> np.ndarray:
+    """For every character of ``text`` and one past its end: the index of the first non-whitespace
+    character at or after it (``str.isspace`` semantics, Unicode included), ``len(text)`` if none."""
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     n = len(codes)
     space = np.zeros(n, dtype=bool)
@@ -276,56 +343,109 @@ def _anchors(text: str, offsets: np.ndarray) -> np.ndarray:
         if len(wide):
             space |= np.isin(codes, wide)
     nxt = np.where(space, n, np.arange(n))
-    nxt = np.concatenate([np.minimum.accumulate(nxt[::-1])[::-1], [n]])  # nxt[n] = n: an empty tail
-    real = starts >= 0
-    first = nxt[np.clip(starts, 0, n)]
-    return np.where(real & (first < ends), first, starts)
+    return np.concatenate([np.minimum.accumulate(nxt[::-1])[::-1], [n]])
 
 
 def tokenize_rendered(tokenizer, rendered: Rendered, max_length: int) -> Tokenized:
-    return tokenize_batch(tokenizer, [rendered], max_length)[0]
+    return tokenize_batch(tokenizer, [rendered], max_length).row(0)
 
 
-def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> list[Tokenized]:
-    """Tokenise many rendered conversations with one batch call of the tokenizer (Rust, all cores for a fast one).
+def _encode(tokenizer, texts: list[str]) -> tuple[list, list]:
+    """Token ids and character offsets of each text, from one batch call of the fast tokenizer.
 
-    Per conversation the result is exactly ``tokenize_rendered``'s: a leading BOS, token
-    anchors, the response mask and truth labels from the character spans, truncation.
+    The Rust tokenizer is called directly: transformers' wrapper builds a dict of Python
+    lists per text, which cost as much as the tokenisation itself (docs/benchmarks.md,
+    ingest). Like the wrapper, it runs without truncation or padding, which a
+    tokenizer.json may configure.
     """
-    if not rendered:
-        return []
-    enc = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings]
+
+
+def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> TokenizedBatch:
+    """Tokenise many rendered conversations with one batch call of the tokenizer.
+
+    Per conversation, the rule of this module: one tokenisation of the whole text with
+    character offsets; a leading BOS unless the text's first token is one (it gives the
+    first real token a context, as in pretraining; templates that render
+    ``{{ bos_token }}`` have it already); each token's anchor; the response mask and
+    truth labels read at the anchors; the first ``max_length`` tokens; position 0 never a
+    target. Computed over all the texts at once, laid side by side.
+    """
+    from itertools import chain
+
+    n = len(rendered)
+    ids_lists, offs_lists = _encode(tokenizer, [r.text for r in rendered]) if n else ([], [])
+    lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=n)
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
+    offs = np.fromiter(chain.from_iterable(chain.from_iterable(offs_lists)), dtype=np.int64,
+                       count=2 * total).reshape(total, 2)
+    # the texts side by side, each followed by a non-space sentinel, so no text's whitespace run reaches the next
+    text_len = np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=n)
+    base = np.concatenate([[0], np.cumsum(text_len + 1)])
+    nxt = _next_non_space("\0".join(r.text for r in rendered) + "\0")
+    tok_base = np.repeat(base[:-1], lengths)
+    first = nxt[offs[:, 0] + tok_base] - tok_base  # the token's first non-space character ...
+    anchors = np.where(first < offs[:, 1], first, offs[:, 0])  # ... if it has one, else its start
+    # a leading BOS where a row does not start with one
     bos = getattr(tokenizer, "bos_token_id", None)
-    out = []
-    for r, ids, offs in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
-        out.append(_tokenized(r, np.asarray(ids, dtype=np.int32), np.asarray(offs, dtype=np.int64).reshape(-1, 2),
-                              bos, max_length))
-    return out
-
-
-def _tokenized(rendered: Rendered, ids: np.ndarray, offsets: np.ndarray, bos, max_length: int) -> Tokenized:
-    if bos is not None and not (len(ids) and ids[0] == bos):
-        # A leading BOS gives the first real token a context, as in pretraining (templates that
-        # render ``{{ bos_token }}`` themselves already have it).
-        ids = np.concatenate([[bos], ids]).astype(np.int32)
-        offsets = np.concatenate([[[-1, -1]], offsets])
-    starts = _anchors(rendered.text, offsets)
-    mask = _in_spans(starts, rendered.response_spans)
-    truth = None
-    if rendered.truth_spans:
-        truth = np.zeros(len(ids), dtype=np.uint8)
-        for s, e, lab in rendered.truth_spans:
-            truth[(starts >= s) & (starts < e)] = lab
-        truth[~mask] = TRUTH_OTHER
-    truncated = len(ids) > max_length
-    ends = offsets[:, 1].copy()
-    if truncated:
-        ids, mask, starts, ends = ids[:max_length], mask[:max_length], starts[:max_length], ends[:max_length]
-        truth = truth[:max_length] if truth is not None else None
-    # Position 0 has no context and can never be a target.
-    if len(mask):
-        mask[0] = False
-    return Tokenized(ids, mask, truth, truncated, starts.astype(np.int32), ends.astype(np.int32))
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    add = np.zeros(n, dtype=np.int64)
+    if bos is not None:
+        add[:] = 1
+        nonempty = lengths > 0
+        add[nonempty] = ids[starts[:-1][nonempty]] != bos
+    full_len = lengths + add
+    full_off = np.concatenate([[0], np.cumsum(full_len)])
+    size = int(full_off[-1])
+    dest = np.arange(total) + np.repeat(full_off[:-1] + add - starts[:-1], lengths)
+    out_ids = np.full(size, bos if bos is not None else 0, dtype=np.int32)
+    out_ids[dest] = ids
+    out_anchor = np.full(size, -1, dtype=np.int64)
+    out_anchor[dest] = anchors
+    out_end = np.full(size, -1, dtype=np.int64)
+    out_end[dest] = offs[:, 1]
+    # per-character labels of each text (its stretch of the side-by-side layout), read at each token's anchor;
+    # spans are clipped to their text, and the slot after the last text is never labelled (BOS reads it)
+    size_chars = int(base[-1]) + 1
+    resp = [(i, s, e) for i, r in enumerate(rendered) for s, e in r.response_spans]
+    rs = np.array(resp, dtype=np.int64).reshape(-1, 3)
+    cover = np.zeros(size_chars + 1, dtype=np.int64)
+    lo = base[rs[:, 0]] + np.clip(rs[:, 1], 0, text_len[rs[:, 0]])
+    hi = base[rs[:, 0]] + np.clip(rs[:, 2], 0, text_len[rs[:, 0]])
+    np.add.at(cover, lo, 1)
+    np.add.at(cover, hi, -1)
+    char_resp = np.cumsum(cover[:-1]) > 0
+    has_truth = np.fromiter((bool(r.truth_spans) for r in rendered), dtype=bool, count=n)
+    char_truth = np.zeros(size_chars, dtype=np.uint8)
+    truth_spans = [(i, s, e, lab) for i, r in enumerate(rendered) for s, e, lab in r.truth_spans]
+    if truth_spans:
+        ts = np.array(truth_spans, dtype=np.int64)
+        t_lo = (base[ts[:, 0]] + np.clip(ts[:, 1], 0, text_len[ts[:, 0]])).tolist()
+        t_hi = (base[ts[:, 0]] + np.clip(ts[:, 2], 0, text_len[ts[:, 0]])).tolist()
+        for a, b, lab in zip(t_lo, t_hi, ts[:, 3].tolist()):  # in order: a later span overrides an earlier one
+            char_truth[a:b] = lab
+    row_base = np.repeat(base[:-1], full_len)
+    at = np.where(out_anchor >= 0, out_anchor + row_base, size_chars - 1)
+    mask = char_resp[at]
+    truth = np.where(mask, char_truth[at], 0).astype(np.uint8)
+    # each row's first max_length tokens; position 0 has no context and is never a target
+    pos = np.arange(size) - np.repeat(full_off[:-1], full_len)
+    mask[pos == 0] = False
+    keep = pos < max_length
+    kept_len = np.minimum(full_len, max_length)
+    return TokenizedBatch(np.concatenate([[0], np.cumsum(kept_len)]), out_ids[keep], mask[keep], truth[keep],
+                          has_truth, full_len > max_length, out_anchor[keep].astype(np.int32),
+                          out_end[keep].astype(np.int32))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

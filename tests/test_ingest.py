@@ -154,3 +154,23 @@ def test_ingest_of_a_pool_larger_than_its_memory_budget_completes_within_it(tmp_
     assert got["samples"] == rows
     assert got["tokens"] * 52 / 2**20 > budget_mb, got  # the pool, held as lists, would not fit the budget
     assert got["growth_mb"] <= budget_mb, got
+
+
+def test_content_text_is_the_canonical_json_the_sample_ids_were_named_by():
+    """``content_text`` writes out ``json.dumps(..., sort_keys=True)``; any difference would rename samples."""
+    import random
+
+    from tokenclean.tasks.ingest import content_text
+
+    rng = random.Random(0)
+    alphabet = ['"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "日本", "🙂", "\u2028", "\ud800", "a", " ", "{"]
+    for _ in range(500):
+        messages = [{"role": rng.choice(["system", "user", "assistant"]),
+                     "content": "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))}
+                    for _ in range(rng.randint(1, 4))]
+        task = rng.choice([None, "", "profile", "日本\n"])
+        answer = rng.choice([None, "a", '"quoted"'])
+        truth = [(rng.randint(0, 50), rng.randint(51, 99), rng.choice([1, 2])) for _ in range(rng.randint(0, 4))]
+        expected = json.dumps({"messages": messages, "task": task, "answer": answer, "truth": sorted(truth)},
+                              sort_keys=True)
+        assert content_text(messages, task, answer, truth) == expected

@@ -203,3 +203,108 @@ def test_tulu_jinja_renders_what_render_tulu_renders(tokenizer):
     tokenizer.chat_template = TULU_JINJA
     assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == render_tulu(CONVERSATION,
                                                                                        tokenizer.eos_token).text
+
+
+# ---- the chunk-level tokenisation against the rule written out per token -------------------------------------
+
+def _rule(tokenizer, r, max_length):
+    """The module's rule, token by token in plain Python, through transformers' own tokenizer call."""
+    enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and not (ids and ids[0] == bos):
+        ids, offs = [bos] + ids, [(-1, -1)] + offs
+    anchors = []
+    for s, e in offs:
+        a = s
+        while 0 <= a < e and r.text[a].isspace():
+            a += 1
+        anchors.append(a if 0 <= a < e else s)
+    mask = [any(s <= a < e for s, e in r.response_spans) for a in anchors]
+    truth = None
+    if r.truth_spans:
+        truth = []
+        for a, m in zip(anchors, mask):
+            label = 0
+            for s, e, lab in r.truth_spans:  # a later span overrides an earlier one
+                if s <= a < e:
+                    label = lab
+            truth.append(label if m else 0)
+    n = min(len(ids), max_length)
+    if n:
+        mask[0] = False
+    return (ids[:n], mask[:n], None if truth is None else truth[:n], len(ids) > max_length, anchors[:n],
+            [e for _, e in offs][:n])
+
+
+def _random_conversations(tokenizer, n, seed):
+    import random
+
+    from tokenclean.tasks.template import Rendered
+
+    rng = random.Random(seed)
+    pieces = ["Sure", "!", " ", "  ", "\n", "\t", "\u00a0", "\u2003", "\u3000", "Port", " Velo", ".", "é", "日本", "🙂",
+              "x", tokenizer.eos_token, "<|user|>", "word ", "\r\n"]
+
+    def text(k):
+        return "".join(rng.choice(pieces) for _ in range(k))
+
+    out = []
+    for _ in range(n):
+        msgs = []
+        for _ in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": text(rng.randint(0, 8))})
+            msgs.append({"role": "assistant", "content": text(rng.randint(0, 30))})
+        last, truth = msgs[-1]["content"], []
+        if last and rng.random() < 0.6:
+            for _ in range(rng.randint(1, 3)):
+                s = rng.randrange(len(last))
+                truth.append((s, rng.randint(s + 1, len(last)), rng.choice([1, 2])))
+        r = render_tulu(msgs, tokenizer.eos_token, truth)
+        if rng.random() < 0.3:  # texts that bring their own BOS (as templates rendering {{ bos_token }} do)
+            pre = rng.choice([tokenizer.bos_token, tokenizer.bos_token + " ", " " + tokenizer.bos_token])
+            k = len(pre)
+            r = Rendered(pre + r.text, [(a + k, b + k) for a, b in r.response_spans],
+                         [(a + k, b + k, lab) for a, b, lab in r.truth_spans])
+        if rng.random() < 0.05:  # the text opens with its BOS and a response: position 0 is a span's first token
+            body = text(rng.randint(1, 10))
+            r = Rendered(tokenizer.bos_token + body, [(0, len(tokenizer.bos_token) + len(body))])
+        out.append(r if rng.random() > 0.02 else Rendered("", [], []))
+    return out
+
+
+@pytest.mark.parametrize("max_length", [6, 4096])
+def test_batch_tokenisation_follows_the_rule_token_by_token(tokenizer, max_length):
+    """Every row of a chunk (any chunk size) equals the rule computed alone, token by token: Unicode
+    whitespace, multi-turn spans, overlapping truth spans, texts with their own BOS, empty texts, truncation."""
+    from tokenclean.tasks.template import tokenize_batch
+
+    convs = _random_conversations(tokenizer, 400, seed=max_length)
+    for size in (1, 37, 400):
+        for a in range(0, len(convs), size):
+            batch = tokenize_batch(tokenizer, convs[a:a + size], max_length)
+            assert len(batch) == len(convs[a:a + size])
+            for i, r in enumerate(convs[a:a + size]):
+                ids, mask, truth, truncated, anchors, ends = _rule(tokenizer, r, max_length)
+                t = batch.row(i)
+                assert t.input_ids.tolist() == ids and t.response_mask.tolist() == mask, r.text
+                assert (t.truth is None) == (truth is None) and (truth is None or t.truth.tolist() == truth)
+                assert t.truncated == truncated
+                assert t.char_starts.tolist() == anchors and t.char_ends.tolist() == ends
+                assert batch.n_response[i] == sum(mask)
+
+
+def test_tokenisation_ignores_truncation_and_padding_set_in_the_tokenizer_file(tokenizer):
+    """A tokenizer.json may enable truncation or padding; ids and offsets are the whole text's, as
+    transformers' own call gives them (it switches both off before every call, and so do we)."""
+    import copy
+
+    from tokenclean.tasks.template import tokenize_batch
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.enable_truncation(4)
+    tok.backend_tokenizer.enable_padding(length=300, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    r = render_tulu([{"role": "user", "content": "Where does Gia live?"},
+                     {"role": "assistant", "content": "Gia lives in Oakhollow."}], tok.eos_token)
+    got = tokenize_batch(tok, [r], 512).row(0)
+    assert got.input_ids.tolist() == _rule(tokenizer, r, 512)[0]
