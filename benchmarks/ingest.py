@@ -66,7 +66,8 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
     from tokenclean.embedded import EmbeddedSpec, build
     from tokenclean.synth import SynthSpec, generate
     from tokenclean.tasks import store
-    from tokenclean.tasks.ingest import IngestSpec, read_rows, normalize, stage_inputs, tokenization_of
+    from tokenclean.tasks.ingest import IngestSpec, normalize, stage_inputs, tokenization_of
+    from tokenclean.tasks.inputs import read_rows
     from tokenclean.tasks.template import render
 
     demo = RunConfig().embedded
@@ -87,7 +88,8 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
     rss_start = PeakRss().proc.memory_info().rss
     with PeakRss() as rss:
         t0 = time.perf_counter()
-        n_read = stage_inputs(con, [str(paths["train"])], [], tok, spec, chunk_rows=chunk_rows, workers=workers)
+        n_read = stage_inputs(con, [str(paths["train"])], [], tok, spec, parts_dir=str(workdir / "parts"),
+                              chunk_rows=chunk_rows, workers=workers)["rows_read"]
         summary = {"rows_read": n_read, **store.stage_summary(con)}
         counts = store.insert_staged_dataset(con, "bench", {}, summary)
         ingest_s = time.perf_counter() - t0

@@ -123,15 +123,15 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
                  "seed": cfg.data.seed}
         inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths)
         dataset = keys.dataset_key(tokenization, inputs, split)
+        root = storage_root(cfg, con)
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
                             inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
-                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit)
+                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, storage=root)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
         if store.samples_by_part(con, dataset).get(store.EVAL_PART, 0) == 0:
             raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
-        root = storage_root(cfg, con)
     except BaseException:
         con.close()  # release the file lock for whoever runs next
         raise
@@ -152,7 +152,7 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                  inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                 db_memory_limit: str | None = None) -> dict:
+                 db_memory_limit: str | None = None, storage: str) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -161,7 +161,7 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
                        tokenizer_path, template, progress=progress, workers=workers,
-                       db_memory_limit=db_memory_limit)
+                       db_memory_limit=db_memory_limit, storage=storage)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
@@ -175,24 +175,32 @@ INGEST_DB_MEMORY = "256MB"
 
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None) -> dict:
+                chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None, storage: str) -> dict:
+    from tokenclean.tasks.storage import join, remove_tree
+
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
         return {"ingested": False, **summary}
     t0 = time.perf_counter()
     spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template)
-    # streamed: chunks are processed (on Ray workers when ingest.workers > 1) and staged in the run
-    # database as they come; the driver holds a few chunks, not the inputs
+    # streamed: input splits are processed (by Ray workers reading the files themselves when
+    # data.ingest_workers > 1) into Parquet parts under the run's storage, named by the dataset key
+    # (an interrupted ingest resumes from its finished parts), and staged in the run database as
+    # they complete; the driver holds no rows
+    parts = join(storage, "ingest", dataset)
     with store.memory_limit(con, INGEST_DB_MEMORY, after=db_memory_limit):
-        n_read = stage_inputs(con, paths, eval_paths, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
-                              progress=progress)
+        read = stage_inputs(con, paths, eval_paths, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
+                            workers=workers, progress=progress)
         staged = store.stage_summary(con)
         if staged["samples"] == 0:
             q = store.staged_quarantine(con)
-            raise ValueError(f"no usable rows in {paths}: all {n_read} rows were quarantined "
+            remove_tree(parts)
+            raise ValueError(f"no usable rows in {paths}: all {read['rows_read']} rows were quarantined "
                              f"(first reason: {q[0]['reason'] if q else 'empty input'})")
-        summary = {"rows_read": n_read, **staged}
+        summary = {"rows_read": read["rows_read"], **staged}
         described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
                      "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
         counts = store.insert_staged_dataset(con, dataset, described, summary)
-    return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts}
+    remove_tree(parts)  # recorded in the database: the parts have served their purpose
+    return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts,
+            "splits": read["splits"], "splits_reused": read["splits_reused"]}

@@ -18,6 +18,7 @@ import functools
 import gc
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from tokenclean.tasks.inputs import RAW_CHARS, RawRow, RowError, Split, plan_splits, read_split
 from tokenclean.tasks.template import (
     ROLES,
     TRUTH_CORRUPTED,
@@ -38,88 +40,7 @@ from tokenclean.tasks.template import (
 
 from tokenclean.tasks.keys import sample_id as content_sample_id
 from tokenclean.tasks.keys import tokenization_key
-from tokenclean.tasks.store.data import EVAL_PART  # noqa: F401  (re-exported: the held-out part)
-
-
-RAW_CHARS = 2000  # how much of a row the quarantine keeps
-
-
-class RowError(ValueError):
-    """A row that cannot be used; the message is the quarantine reason."""
-
-
-@dataclass
-class RawRow:
-    source: str
-    index: int
-    value: Any  # the parsed object (Parquet / datasets rows); None for a JSON line not parsed yet
-    raw: str
-    error: str | None = None
-    json_line: bool = False  # ``raw`` is a JSON line, parsed where the chunk is processed (``process_chunk``)
-
-    def parsed(self) -> Any:
-        if self.error:
-            raise RowError(self.error)
-        if self.json_line:
-            try:
-                return json.loads(self.raw)
-            except json.JSONDecodeError as e:
-                self.raw = self.raw[:RAW_CHARS]
-                raise RowError(f"not JSON: {e.msg} at column {e.colno}") from e
-        return self.value
-
-
-def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    with path.open("rb") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RawRow(str(path), i, None, line[:RAW_CHARS].decode("utf-8", "replace"), f"not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            yield RawRow(str(path), i, None, text, json_line=True)
-
-
-def _read_table_rows(source: str, rows: Iterator[dict]) -> Iterator[RawRow]:
-    for i, row in enumerate(rows):
-        yield RawRow(source, i, row, json.dumps(row, default=str)[:RAW_CHARS])
-
-
-def read_rows(entry: str) -> Iterator[RawRow]:
-    """One input entry: a .jsonl/.json/.parquet path, a directory of those, or ``hf:NAME[:SPLIT]``."""
-    if entry.startswith("hf:"):
-        import datasets
-
-        spec = entry[3:]
-        name, _, split = spec.partition(":")
-        if Path(name).is_dir():  # a dataset saved with save_to_disk
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split or "train"]
-        else:
-            ds = datasets.load_dataset(name, split=split or "train")
-        yield from _read_table_rows(entry, iter(ds))
-        return
-    path = Path(entry)
-    if not path.exists():
-        raise FileNotFoundError(f"input not found: {entry}")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
-        if not files:
-            raise ValueError(f"{entry}: directory holds no .jsonl/.json/.parquet files")
-        for p in files:
-            yield from read_rows(str(p))
-        return
-    if path.suffix in (".jsonl", ".json"):
-        yield from _read_jsonl(path)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from _read_table_rows(str(path), iter(pq.read_table(path).to_pylist()))
-    else:
-        raise ValueError(f"{entry}: unsupported format (want .jsonl, .json, .parquet or hf:NAME)")
+from tokenclean.tasks.store.data import EVAL_PART, STAGE_Q_SCHEMA  # noqa: F401  (EVAL_PART re-exported)
 
 
 def _require_str(obj: dict, key: str) -> str:
@@ -294,6 +215,11 @@ class IngestSpec:
     template: str = "tulu"
 
 
+# A staged sample: ``INGEST_SCHEMA`` plus what staging needs to find duplicate ids in input order.
+STAGE_SCHEMA = INGEST_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("source_path", pa.string())) \
+    .append(pa.field("raw", pa.string()))
+
+
 @dataclass
 class IngestChunk:
     """One chunk of input rows, processed: its samples (``INGEST_SCHEMA`` plus ``ordinal``, ``source_path``
@@ -311,9 +237,9 @@ def _list_column(offsets: np.ndarray, values: np.ndarray, value_type, valid: np.
                                     mask=mask)
 
 
-def process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
-    """Validate, render and tokenise one chunk of rows: a pure function of the rows (and their place
-    ``start`` in the input), so any worker gives the same result, and 1 or N workers the same dataset.
+def process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
+    """Validate, render and tokenise one chunk of rows: a pure function of the rows (each with its place
+    in the input, ``ordinal``), so any worker gives the same result, and 1 or N workers the same dataset.
 
     Per row there is only what needs the row's own Python objects (JSON, validation,
     rendering, ids); tokenisation is one batch call and every per-token step runs over the
@@ -321,7 +247,7 @@ def process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec
     (a chunk cannot see the others): staging does it over the whole input.
     """
     with _no_cyclic_gc():
-        return _process_chunk(rows, start, is_eval, tokenizer, spec)
+        return _process_chunk(rows, is_eval, tokenizer, spec)
 
 
 @contextlib.contextmanager
@@ -343,26 +269,26 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
+def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
     good, quarantine = [], []
     render_one = renderer(spec.template, tokenizer)
-    for j, row in enumerate(rows):
+    for row in rows:
         try:
             norm = normalize(row.parsed())
             try:
                 rendered = render_one(norm.messages, norm.truth)
             except TemplateError as e:
                 raise RowError(str(e)) from e
-            good.append((j, row, norm, rendered))
+            good.append((row, norm, rendered))
         except RowError as e:
-            quarantine.append({"ordinal": start + j, "source": row.source, "row_index": row.index, "reason": str(e),
-                               "raw": row.raw})
-    toks = tokenize_batch(tokenizer, [g[3] for g in good], spec.max_length)
+            quarantine.append({"ordinal": row.ordinal, "source": row.source, "row_index": row.index,
+                               "reason": str(e), "raw": row.raw})
+    toks = tokenize_batch(tokenizer, [g[2] for g in good], spec.max_length)
     n = len(good)
     n_resp = toks.n_response
     # the answer's token span: tokens anchored in its last occurrence in the final response, all of them targets
     lo, hi = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    for i, (_, _, norm, rendered) in enumerate(good):
+    for i, (_, norm, rendered) in enumerate(good):
         if norm.answer is not None:
             s, e = rendered.response_spans[-1]
             c0 = rendered.text.rfind(norm.answer, s, e)
@@ -371,9 +297,9 @@ def _process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spe
     a_start, a_end = np.where(a_ok, a_first, -1), np.where(a_ok, a_end, -1)
     scalars: dict[str, list] = {c: [] for c in ("sample_id", "uid", "source", "row_index", "part", "task", "answer",
                                                "content_hash", "text", "ordinal", "source_path", "raw")}
-    for (j, row, norm, rendered), nr in zip(good, n_resp.tolist()):
+    for (row, norm, rendered), nr in zip(good, n_resp.tolist()):
         if nr == 0:
-            quarantine.append({"ordinal": start + j, "source": row.source, "row_index": row.index,
+            quarantine.append({"ordinal": row.ordinal, "source": row.source, "row_index": row.index,
                                "reason": f"no response token within max_length={spec.max_length} (prompt too long)",
                                "raw": row.raw})
         scalars["sample_id"].append(content_sample_id(spec.tokenization, norm.uid, norm.content_hash))
@@ -385,7 +311,7 @@ def _process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spe
         scalars["answer"].append(norm.answer)
         scalars["content_hash"].append(norm.content_hash)
         scalars["text"].append(rendered.text)
-        scalars["ordinal"].append(start + j)
+        scalars["ordinal"].append(row.ordinal)
         scalars["source_path"].append(row.source)
         scalars["raw"].append(row.raw[:RAW_CHARS])  # what the quarantine keeps, should the id turn out a duplicate
     lengths = toks.lengths
@@ -400,72 +326,179 @@ def _process_chunk(rows: list[RawRow], start: int, is_eval: bool, tokenizer, spe
         "char_start": _list_column(toks.offsets, toks.char_starts, pa.int32()),
         "char_end": _list_column(toks.offsets, toks.char_ends, pa.int32()),
     }
-    schema = INGEST_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("source_path", pa.string())) \
-        .append(pa.field("raw", pa.string()))
     table = pa.Table.from_arrays([columns[f.name] if f.name in columns else pa.array(scalars[f.name], f.type)
-                                  for f in schema], schema=schema)
+                                  for f in STAGE_SCHEMA], schema=STAGE_SCHEMA)
     if (n_resp == 0).any():
         table = table.filter(pa.array(n_resp > 0))
     quarantine.sort(key=lambda q: q["ordinal"])
     return IngestChunk(table, quarantine, len(rows))
 
 
-def _row_chunks(entries: list[str], eval_entries: list[str], chunk_rows: int):
-    """(rows, start ordinal, is_eval) per chunk, in input order; a chunk holds rows of one source entry."""
-    start = 0
-    for entry, is_eval in [(e, False) for e in entries] + [(e, True) for e in eval_entries]:
-        rows: list[RawRow] = []
-        for row in read_rows(entry):
-            rows.append(row)
-            if len(rows) == chunk_rows:
-                yield rows, start, is_eval
-                start, rows = start + len(rows), []
-        if rows:
-            yield rows, start, is_eval
-            start += len(rows)
+# Input bytes per split: about SPLITS_PER_WORKER splits for each worker, within SPLIT_BYTES. A split is the
+# unit of work (one Ray task), of retry and of resume; its size bounds nothing in memory (it is processed
+# CHUNK_ROWS rows at a time), so it can be large enough that a task's fixed cost does not matter.
+SPLIT_BYTES = (1 << 20, 64 << 20)
+SPLITS_PER_WORKER = 4
+# What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
+PARTS_VERSION = 1
 
 
-def ingest_chunks(entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *,
-                  chunk_rows: int = CHUNK_ROWS, workers: int = 1, progress: bool = False):
-    """Processed chunks of the inputs, in input order, with at most about ``2 * workers`` chunks in memory.
+def split_bytes_for(entries: list[str], eval_entries: list[str], workers: int) -> int:
+    """About ``SPLITS_PER_WORKER`` splits per worker over the input files' total size, within ``SPLIT_BYTES``."""
+    from tokenclean.tasks.inputs import entry_files
 
-    ``workers`` > 1 processes chunks as Ray tasks (the cluster the flow runs on, started
-    here as a local one if none is), ``workers`` at a time plus as many queued; the
-    results are taken back in input order, so the output does not depend on ``workers``.
-    With 1 the chunks are processed here, each with one batch call of the tokenizer.
+    total = sum(Path(f).stat().st_size for e in [*entries, *eval_entries] for f in entry_files(e)
+                if not f.startswith("hf:"))
+    lo, hi = SPLIT_BYTES
+    return max(lo, min(hi, -(-total // max(1, workers * SPLITS_PER_WORKER))))
+
+
+def part_paths(parts_dir: str, split: int) -> tuple[str, str]:
+    """(samples, quarantine) Parquet files of split number ``split``'s part."""
+    from tokenclean.tasks.storage import join
+
+    return join(parts_dir, f"part-{split:08d}.parquet"), join(parts_dir, f"part-{split:08d}.quarantine.parquet")
+
+
+def _batched(rows: Iterator[RawRow], n: int) -> Iterator[list[RawRow]]:
+    batch: list[RawRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def process_split(split: Split, tokenizer, spec: IngestSpec, parts_dir: str, chunk_rows: int = CHUNK_ROWS) -> dict:
+    """Ingest one split where it runs (this process or a Ray worker): read its rows, process them
+    ``chunk_rows`` at a time, and write its part to ``parts_dir`` (a local path, a shared mount or an
+    fsspec URL): the quarantined rows, then the samples, each file atomically, so a samples file
+    means a complete part. Memory holds one chunk, whatever the split's size. Returns paths and counts.
     """
+    from tokenclean.tasks import storage
+    from tokenclean.tasks.placement import where
+
+    t0 = time.perf_counter()
+    samples_path, quarantine_path = part_paths(parts_dir, split.number)
+    quarantine: list[dict] = []
+    n_samples = 0
+    with storage.parquet_writer(samples_path, STAGE_SCHEMA) as writer:
+        for rows in _batched(read_split(split), chunk_rows):
+            out = process_chunk(rows, split.is_eval, tokenizer, spec)
+            writer.write_table(out.samples)
+            n_samples += out.samples.num_rows
+            quarantine += out.quarantine
+        storage.write_parquet(pa.Table.from_pylist(quarantine, STAGE_Q_SCHEMA), quarantine_path)
+    return {"split": split.number, "samples": samples_path, "quarantine": quarantine_path, "n_samples": n_samples,
+            "n_quarantined": len(quarantine), "seconds": time.perf_counter() - t0, "node": where()["node"]}
+
+
+def _finished_part(parts_dir: str, split: Split) -> dict | None:
+    """The result of a part an earlier, interrupted ingest completed (its samples file exists), else None."""
+    from tokenclean.tasks import storage
+
+    samples_path, quarantine_path = part_paths(parts_dir, split.number)
+    if not storage.exists(samples_path):
+        return None
+    return {"split": split.number, "samples": samples_path, "quarantine": quarantine_path,
+            "n_samples": storage.parquet_rows(samples_path), "n_quarantined": storage.parquet_rows(quarantine_path),
+            "seconds": 0.0, "node": None, "reused": True}
+
+
+def _run_splits(splits: list[Split], tokenizer, spec: IngestSpec, parts_dir: str, chunk_rows: int,
+                workers: int) -> Iterator[dict]:
+    """Each split's result as it completes: parts already written first, then the rest, processed here
+    (``workers`` = 1) or as Ray tasks, ``workers`` at a time (the flow's cluster; a local one if none)."""
+    todo = []
+    for split in splits:
+        done = _finished_part(parts_dir, split)
+        if done is not None:
+            yield done
+        else:
+            todo.append(split)
+    if workers <= 1:
+        for split in todo:
+            yield process_split(split, tokenizer, spec, parts_dir, chunk_rows)
+        return
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(process_split)
+    tokenizer_ref = ray.put(tokenizer)
+    pending: list = []
+    while todo or pending:
+        while todo and len(pending) < workers:
+            pending.append(remote.remote(todo.pop(0), tokenizer_ref, spec, parts_dir, chunk_rows))
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(ready[0])
+
+
+def _stage_part(con, result: dict) -> None:
+    from tokenclean.tasks import storage, store
+
+    for key in ("samples", "quarantine"):
+        if not storage.exists(result[key]):
+            raise RuntimeError(
+                f"ingest: the worker on node {result['node']} wrote split {result['split']} to {result[key]}, which "
+                "this driver cannot see. On a cluster, set `storage:` to a location every node and the driver share")
+    local = [storage.local_path(result[k]) for k in ("samples", "quarantine")]
+    store.stage_part(con, *[p if p is not None else storage.read_table(result[k])
+                            for p, k in zip(local, ("samples", "quarantine"))])
+
+
+def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *, parts_dir: str,
+                 chunk_rows: int = CHUNK_ROWS, split_bytes: int | None = None, workers: int = 1,
+                 progress: bool = False) -> dict:
+    """Ingest the inputs into ``con``'s staging tables, split by split, then quarantine duplicate ids.
+
+    The inputs are planned into splits (``tasks/inputs.py``); each split is processed
+    (``process_split``: here, or on Ray workers that read the input files themselves) into a
+    part of Parquet files under ``parts_dir``, and the driver appends each part to the
+    staging tables as it completes, on a second thread, overlapping the next split (DuckDB
+    inserts without the GIL). Rows carry their input-wide ordinal, so the order in which
+    parts complete changes nothing. The driver holds no rows: its memory does not grow with
+    the input, and neither does a worker's (one chunk at a time).
+
+    ``parts_dir`` must be named by the inputs' content (``prepare`` uses the dataset key):
+    under it, parts are keyed by the spec and the split layout, so an interrupted ingest
+    resumes from the parts it finished. Returns the rows read and the splits processed and reused.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
     from tqdm.auto import tqdm
+
+    from tokenclean.tasks import store
+    from tokenclean.tasks.keys import digest
+    from tokenclean.tasks.storage import join
 
     if spec.template == "tulu" and tokenizer.eos_token is None:
         raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
-    bar = tqdm(desc="ingest", disable=not progress, unit="row", unit_scale=True)
-    chunks = _row_chunks(entries, eval_entries, chunk_rows)
+    splits = plan_splits(entries, eval_entries, split_bytes or split_bytes_for(entries, eval_entries, workers))
+    parts_dir = join(parts_dir, digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits]))
+    store.stage_reset(con)
+    n_read = reused = 0
+    bar = tqdm(total=len(splits), desc="ingest", disable=not progress, unit="split")
     try:
-        if workers <= 1:
-            for rows, start, is_eval in chunks:
-                out = process_chunk(rows, start, is_eval, tokenizer, spec)
-                bar.update(out.n_read)
-                yield out
-            return
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-        remote = ray.remote(num_cpus=1)(process_chunk)
-        tok_ref = ray.put(tokenizer)
-        pending: list = []
-        for rows, start, is_eval in chunks:
-            pending.append(remote.remote(rows, start, is_eval, tok_ref, spec))
-            if len(pending) >= 2 * workers:
-                out = ray.get(pending.pop(0))
-                bar.update(out.n_read)
-                yield out
-        for ref in pending:
-            out = ray.get(ref)
-            bar.update(out.n_read)
-            yield out
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest-stage") as stager:
+            staged = None
+            for result in _run_splits(splits, tokenizer, spec, parts_dir, chunk_rows, workers):
+                if staged is not None:
+                    staged.result()
+                staged = stager.submit(_stage_part, con, result)
+                n_read += result["n_samples"] + result["n_quarantined"]
+                reused += bool(result.get("reused"))
+                bar.update(1)
+                bar.set_postfix(rows=f"{n_read:,}")
+            if staged is not None:
+                staged.result()
     finally:
         bar.close()
+    store.stage_duplicates(con)
+    return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused}
 
 
 @dataclass
@@ -475,42 +508,18 @@ class IngestResult:
     n_read: int
 
 
-def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *,
-                 chunk_rows: int = CHUNK_ROWS, workers: int = 1, progress: bool = False) -> int:
-    """Stream the inputs into ``con``'s staging tables chunk by chunk, then quarantine duplicate ids.
-
-    Returns the number of rows read. Memory holds about ``2 * workers`` chunks, whatever the input's size.
-    A chunk is staged by a second thread while the next one is processed: DuckDB's insert
-    runs without the GIL, so the two overlap (one chunk in flight, in input order).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tokenclean.tasks import store
-
-    store.stage_reset(con)
-    n_read = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="ingest-stage") as stager:
-        staged = None
-        for chunk in ingest_chunks(entries, eval_entries, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
-                                   progress=progress):
-            if staged is not None:
-                staged.result()
-            staged = stager.submit(store.stage_chunk, con, chunk.samples, chunk.quarantine)
-            n_read += chunk.n_read
-        if staged is not None:
-            staged.result()
-    store.stage_duplicates(con)
-    return n_read
-
-
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
            n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False,
-           template: str = "tulu", chunk_rows: int = CHUNK_ROWS, workers: int = 1) -> IngestResult:
+           template: str = "tulu", chunk_rows: int = CHUNK_ROWS, workers: int = 1,
+           split_bytes: int | None = None) -> IngestResult:
     """Read, validate, render (``template``: tulu or model) and tokenise every row, in memory.
 
     The same code as the pipeline's streamed ingest (``stage_inputs``), staged in an
-    in-memory DuckDB: for tests and small inputs that want the table itself.
+    in-memory DuckDB with its parts in a temporary directory: for tests and small inputs
+    that want the table itself.
     """
+    import tempfile
+
     import duckdb
 
     from tokenclean.tasks import store
@@ -519,8 +528,9 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
                       n_parts, seed, template)
     con = duckdb.connect()
     try:
-        n_read = stage_inputs(con, entries, eval_entries, tokenizer, spec, chunk_rows=chunk_rows, workers=workers,
-                              progress=progress)
+        with tempfile.TemporaryDirectory(prefix="tokenclean-ingest-") as parts:
+            n_read = stage_inputs(con, entries, eval_entries, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
+                                  split_bytes=split_bytes, workers=workers, progress=progress)["rows_read"]
         samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
         return IngestResult(samples.cast(INGEST_SCHEMA), store.staged_quarantine(con), n_read)
     finally:

@@ -25,6 +25,7 @@ object still appears whole).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -65,6 +66,15 @@ def join(root: str, *parts: str) -> str:
 
 def write_parquet(table, path: str) -> str:
     """Write ``table`` so that ``path`` holds all of it or nothing (a retried writer replaces it)."""
+    with parquet_writer(path, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+@contextlib.contextmanager
+def parquet_writer(path: str, schema):
+    """A ``pyarrow.parquet.ParquetWriter`` whose file appears at ``path`` whole, when the block ends
+    without an error, and not at all otherwise: tables written to it stream out as row groups."""
     import pyarrow.parquet as pq
 
     fs, p = filesystem(path)
@@ -72,13 +82,28 @@ def write_parquet(table, path: str) -> str:
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
+        with fs.open(tmp, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+            yield writer
         fs.mv(tmp, p)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
-    return path
+
+
+def parquet_rows(path: str) -> int:
+    """Rows of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def remove_tree(path: str) -> None:
+    """Remove a directory and everything under it, if it exists."""
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
 
 
 def exists(path: str) -> bool:

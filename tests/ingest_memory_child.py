@@ -38,7 +38,7 @@ def main() -> None:
 
     threading.Thread(target=watch, daemon=True).start()
     spec = IngestSpec(tokenization_of(tok, 1024, "tulu"), 1024, 0.0, 2, 0, "tulu")
-    n = stage_inputs(con, [data], [], tok, spec, chunk_rows=int(chunk_rows))
+    n = stage_inputs(con, [data], [], tok, spec, parts_dir=f"{db}.parts", chunk_rows=int(chunk_rows))["rows_read"]
     summary = {"rows_read": n, **store.stage_summary(con)}
     store.insert_staged_dataset(con, "d", {}, summary)
     tokens = con.execute("SELECT sum(n_tokens) FROM samples").fetchone()[0]

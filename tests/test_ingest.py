@@ -100,9 +100,10 @@ def test_split_is_deterministic_and_balanced():
     assert parts != [assign_part(f"id-{i}", 1, 0.1, 3, False) for i in range(6000)]
 
 
-def test_output_is_the_same_for_any_chunking_and_number_of_workers(tmp_path, tiny, tokenizer):
-    """Sample ids, parts, every column and the quarantine (duplicates across chunks included) do not depend
-    on how rows are chunked or how many Ray workers tokenise them."""
+def test_output_is_the_same_for_any_splitting_chunking_and_number_of_workers(tmp_path, tiny, tokenizer):
+    """Sample ids, parts, every column and the quarantine (duplicates across splits included, with their line
+    numbers) do not depend on how the input files are split, how rows are chunked, or how many Ray workers
+    read and tokenise the splits."""
     import ray
 
     rows = [json.loads(line) for line in open(tiny.train)][:300]
@@ -117,8 +118,9 @@ def test_output_is_the_same_for_any_chunking_and_number_of_workers(tmp_path, tin
     kw = dict(max_length=96, eval_fraction=0.1, n_parts=3, seed=5)
     started = not ray.is_initialized()
     try:
-        runs = [ingest([train, extra], [str(tiny.eval)], tokenizer, chunk_rows=c, workers=w, **kw)
-                for c, w in ((100_000, 1), (7, 1), (7, 3), (64, 2))]
+        runs = [ingest([train, extra], [str(tiny.eval)], tokenizer, chunk_rows=c, workers=w, split_bytes=b, **kw)
+                for c, w, b in ((100_000, 1, 1 << 30), (7, 1, 1 << 30), (100_000, 1, 1500), (7, 3, 2000),
+                                (64, 2, 700))]
     finally:
         if started and ray.is_initialized():
             ray.shutdown()
@@ -174,3 +176,73 @@ def test_content_text_is_the_canonical_json_the_sample_ids_were_named_by():
         expected = json.dumps({"messages": messages, "task": task, "answer": answer, "truth": sorted(truth)},
                               sort_keys=True)
         assert content_text(messages, task, answer, truth) == expected
+
+
+def test_splits_read_every_row_once_with_its_line_number_and_input_order(tmp_path):
+    """Any split size gives back the rows of reading each file whole: JSONL (blank lines, bad UTF-8, a last
+    line without a newline), Parquet with several row groups, a saved HF dataset; line numbers as
+    ``enumerate(file)`` counts them, ordinals increasing across files in input order."""
+    import random
+
+    import datasets
+
+    from tokenclean.tasks.inputs import plan_splits, read_rows, read_split
+
+    rng = random.Random(0)
+    lines = []
+    for i in range(300):
+        c = rng.random()
+        lines.append(b"" if c < 0.1 else b"  " if c < 0.15 else b'{"x": "caf\xe9"}' if c < 0.2
+                     else json.dumps({"i": i, "pad": "y" * rng.randint(0, 60)}).encode())
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines))  # no newline after the last line
+    rows = [{"i": i, "prompt": f"q{i}", "response": "r" * (i % 13)} for i in range(500)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet", row_group_size=37)
+    datasets.Dataset.from_list(rows[:90]).save_to_disk(str(tmp_path / "saved"))
+    entries = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")]
+    evals = [f"hf:{tmp_path / 'saved'}"]
+
+    def key(r):
+        return (r.source, r.index, r.raw, r.error)
+
+    whole = [key(r) for e in entries + evals for r in read_rows(e)]
+    line_numbers = [i for i, line in enumerate(open(tmp_path / "a.jsonl", "rb")) if line.strip()]
+    assert [k[1] for k in whole if k[0].endswith("a.jsonl")] == line_numbers
+    for target in (1, 50, 999, 4000, 1 << 40):
+        splits = plan_splits(entries, evals, target)
+        got = [r for s in splits for r in read_split(s)]
+        assert [key(r) for r in got] == whole, target
+        ordinals = [r.ordinal for r in got]
+        assert ordinals == sorted(ordinals) and len(set(ordinals)) == len(ordinals)
+        assert [s.is_eval for s in splits] == sorted(s.is_eval for s in splits)
+    assert len(plan_splits(entries, evals, 50)) > 20
+
+
+def test_an_interrupted_ingest_resumes_from_its_finished_parts(tmp_path, tiny, tokenizer):
+    """Re-running an ingest whose parts directory lost one part (the run died before writing it) processes that
+    split alone and stages exactly what a fresh ingest stages; a changed spec never reads the old parts."""
+    import duckdb
+
+    from tokenclean.tasks import storage, store
+    from tokenclean.tasks.ingest import IngestSpec, stage_inputs
+
+    spec = IngestSpec("t", 96, 0.1, 3, 5)
+    parts = str(tmp_path / "parts")
+
+    def staged(spec, parts_dir):
+        con = duckdb.connect()
+        read = stage_inputs(con, [str(tiny.train)], [str(tiny.eval)], tokenizer, spec, parts_dir=parts_dir,
+                            split_bytes=4000)
+        return read, store.staged_samples(con), store.staged_quarantine(con)
+
+    first, samples, quarantine = staged(spec, parts)
+    assert first["splits"] > 3 and first["splits_reused"] == 0
+    files = sorted(p for p in (tmp_path / "parts").rglob("part-*.parquet") if "quarantine" not in p.name)
+    assert len(files) == first["splits"]
+    storage.remove(str(files[2]))
+    again, samples2, quarantine2 = staged(spec, parts)
+    assert again["splits_reused"] == first["splits"] - 1
+    assert samples2.equals(samples) and quarantine2 == quarantine
+    fresh = staged(spec, str(tmp_path / "fresh"))
+    assert fresh[1].equals(samples) and fresh[2] == quarantine
+    other = staged(IngestSpec("t", 24, 0.1, 3, 5), parts)  # another max length (truncating): other parts
+    assert other[0]["splits_reused"] == 0 and not other[1].equals(samples)

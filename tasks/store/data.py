@@ -8,6 +8,7 @@ samples an input produced and into which part (D0..DT, or -1 for held-out) each 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -36,27 +37,35 @@ def stage_reset(con) -> None:
     con.execute(f"CREATE TABLE {STAGE_Q} (ordinal BIGINT, source VARCHAR, row_index BIGINT, reason VARCHAR, raw VARCHAR)")
 
 
-def stage_chunk(con, samples: pa.Table, quarantine: list[dict]) -> None:
-    """Append one processed chunk (``ingest.IngestChunk``) to the staging tables.
+# A staged quarantined row: where it was (its input-wide ordinal orders the quarantine), why, and what it said.
+STAGE_Q_SCHEMA = pa.schema([("ordinal", pa.int64()), ("source", pa.string()), ("row_index", pa.int64()),
+                            ("reason", pa.string()), ("raw", pa.string())])
+STAGE_Q_COLUMNS = tuple(STAGE_Q_SCHEMA.names)
 
-    Staging tables are ordinary tables of the run database, appended chunk by chunk
-    outside a transaction: DuckDB writes them to the file as they grow, so the memory
-    of an ingest does not grow with the input. Nothing reads them but ``insert_staged_dataset``.
+
+def stage_part(con, samples, quarantine) -> None:
+    """Append one processed split (``ingest.process_split``'s part) to the staging tables.
+
+    Each of ``samples`` (``ingest.STAGE_SCHEMA``) and ``quarantine`` (``STAGE_Q_COLUMNS``) is a
+    local Parquet path, read by DuckDB itself, or an Arrow table (a part read from object
+    storage by the caller, or an in-memory ingest). Staging tables are ordinary tables of
+    the run database, appended part by part outside a transaction: DuckDB writes them to
+    the file as they grow, so the memory of an ingest does not grow with the input.
+    Nothing reads them but ``insert_staged_dataset``.
     """
-    con.register("_chunk", samples)
-    try:
-        con.execute(f"CREATE TABLE IF NOT EXISTS {STAGE} AS SELECT * FROM _chunk LIMIT 0")
-        con.execute(f"INSERT INTO {STAGE} SELECT * FROM _chunk")
-    finally:
-        con.unregister("_chunk")
-    if quarantine:
-        q = pa.Table.from_pylist([{k: r.get(k) for k in ("ordinal", "source", "row_index", "reason", "raw")}
-                                  for r in quarantine])
-        con.register("_q", q)
+    for table, source, cols in ((STAGE, samples, "*"), (STAGE_Q, quarantine, ", ".join(STAGE_Q_COLUMNS))):
+        if isinstance(source, (str, Path)):
+            rel, params = "read_parquet(?)", [str(source)]
+        else:
+            con.register("_part", source)
+            rel, params = "_part", []
         try:
-            con.execute(f"INSERT INTO {STAGE_Q} SELECT ordinal, source, row_index, reason, raw FROM _q")
+            if table == STAGE:
+                con.execute(f"CREATE TABLE IF NOT EXISTS {STAGE} AS SELECT * FROM {rel} LIMIT 0", params)
+            con.execute(f"INSERT INTO {table} SELECT {cols} FROM {rel}", params)
         finally:
-            con.unregister("_q")
+            if not params:
+                con.unregister("_part")
 
 
 def _stage_exists(con) -> bool:
@@ -166,8 +175,10 @@ def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict],
     n = samples.num_rows
     table = samples.append_column("ordinal", pa.array(range(n), pa.int64())) \
         .append_column("source_path", samples.column("source")).append_column("raw", pa.nulls(n, pa.string()))
+    q = pa.Table.from_pylist([{"ordinal": n + i, **{k: r.get(k) for k in STAGE_Q_COLUMNS[1:]}}
+                              for i, r in enumerate(quarantine)], schema=STAGE_Q_SCHEMA)
     stage_reset(con)
-    stage_chunk(con, table, [{"ordinal": n + i, **q} for i, q in enumerate(quarantine)])
+    stage_part(con, table, q)
     return insert_staged_dataset(con, dataset, inputs, summary)
 
 
