@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import get_run_logger
 
@@ -26,8 +27,8 @@ from tokenclean.flows.scoring import score_model
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.evaluate import METRICS_VERSION, load_eval_samples, metric_rows
 from tokenclean.tasks.select import load_selected
-from tokenclean.flows.runtime import run_placed
-from tokenclean.flows.training import train_adapter
+from tokenclean.flows.runtime import submit_placed
+from tokenclean.flows.training import submit_training
 from tokenclean.tasks.steps import evaluate_task, select_task
 from tokenclean.tasks.train import TrainJob, training_table
 from tokenclean.summary import label
@@ -121,6 +122,88 @@ def _lora_of_continued(ctx: RunContext, name: str, tcfg, parent: Model) -> dict:
     return {"inherited_from_parent": inherited}
 
 
+@dataclass
+class _AdapterStep:
+    """One adapter of ``ensure_adapters``: its key and inputs, and the training job if it must be trained."""
+
+    variant: str
+    iteration: int
+    key: str
+    inputs: dict
+    out: Path
+    computed: bool  # not recorded complete under its key: trained now, or found saved and recorded now
+    job: TrainJob | None = None  # None: nothing to train (recorded, or saved by a run that died before recording)
+    stats: dict | None = None
+
+
+def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str, tcfg,
+                  parent: Model | None = None) -> _AdapterStep:
+    cfg = ctx.cfg
+    name = label(variant, iteration)
+    train_cfg = tcfg.learning()
+    if parent is not None:
+        train_cfg["lora"] = _lora_of_continued(ctx, name, tcfg, parent)
+    train_cfg["numerics"] = ctx.train_numerics
+    key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
+    inputs = {"base_model": ctx.base_model, "selection": selection, "train": train_cfg,
+              "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
+    rec = store.adapter_record(ctx.con, key)
+    out = ctx.adapter_dir(key)
+    step = _AdapterStep(variant, iteration, key, inputs, out,
+                        rec is None or not (ctx.run_dir / rec["path"] / "train.json").exists())
+    if step.computed:
+        done = out / "train.json"
+        step.stats = json.loads(done.read_text()) if done.exists() else None
+        if step.stats is None or step.stats.get("key") != key:  # else: saved, but the run died before recording it
+            layout = {f: getattr(tcfg, f) for f in sorted(tcfg.EXECUTION)} | {"workers": cfg.ray.train_workers}
+            checkpoints = ctx.checkpoint_dir(key, keys.digest("layout", layout))
+            step.job = TrainJob(ctx.base_path, tcfg.model_dump(mode="json"),
+                                training_table(load_selected(ctx.con, selection)), str(out), str(checkpoints), key,
+                                label=name, init_adapter=parent.adapter if parent else None,
+                                device=cfg.model.device, dtype=cfg.model.dtype)
+    return step
+
+
+def ensure_adapters(ctx: RunContext, requests: list[tuple]) -> list[Model]:
+    """``ensure_adapter`` for independent adapters (``(variant, iteration, selection, train config[, parent])``
+    each): the ones not stored train at the same time, as many at once as the cluster has the declared
+    resources for (``flows/training.py``), and each is recorded under its key.
+
+    The fixed-model variants are independent once the reference has scored the pool, so
+    this is what lets them share the cluster instead of queueing behind each other.
+    """
+    cfg = ctx.cfg
+    steps = [_adapter_step(ctx, *r) for r in requests]
+    jobs = {step.key: step.job for step in steps if step.job}  # one training per key, whoever asks for it
+    running = {key: submit_training(job, cfg.ray, ctx.run_dir / "ray_train") for key, job in jobs.items()}
+    for step in steps:
+        if step.job is None:
+            continue
+        step.stats = running[step.key].result()
+        name = label(step.variant, step.iteration)
+        if step.stats["numerics"] != ctx.train_numerics:
+            raise RuntimeError(
+                f"training {name}: the workers computed with {step.stats['numerics']} but the adapter's key says "
+                f"{ctx.train_numerics}; set model.device / model.dtype (and ray.gpus_per_train_worker) to match")
+        if jobs.pop(step.key, None) is not None:
+            store.log_stage(ctx.con, ctx.flow_run, "train", name, step.key, step.stats["seconds"], step.stats)
+    return [_record_adapter(ctx, step) for step in steps]
+
+
+def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
+    if step.computed:
+        weights = keys.weights_hash(step.out)
+        model_key = keys.adapter_model_key(ctx.base_model, weights)
+        # stored relative to the run directory, so a moved or copied run keeps finding its adapters
+        store.record_adapter(ctx.con, step.key, model_key, str(step.out.relative_to(ctx.run_dir)), step.inputs,
+                             step.stats, {"base_model": ctx.base_model, "adapter": step.key, "weights": weights})
+        # The adapter is recorded: its optimiser checkpoints have served their purpose.
+        shutil.rmtree(ctx.run_dir / "checkpoints" / step.key, ignore_errors=True)
+    rec = store.adapter_record(ctx.con, step.key)
+    _output(ctx, step.variant, step.iteration, "adapter", step.key, step.computed)
+    return Model(rec["model"], str(ctx.run_dir / rec["path"]), step.key)
+
+
 def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str, tcfg,
                    parent: Model | None = None) -> Model:
     """LoRA fine-tune of the base (or of ``parent``'s adapter) on the selection's kept tokens.
@@ -130,74 +213,50 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
     micro-batch, checkpointing) keys only the checkpoints, so a resumed run continues
     only under the layout that wrote them. Training is Ray work (``flows/training.py``).
     """
-    cfg = ctx.cfg
-    name = label(variant, iteration)
-    train_cfg = tcfg.learning()
-    if parent is not None:
-        train_cfg["lora"] = _lora_of_continued(ctx, name, tcfg, parent)
-    train_cfg["numerics"] = ctx.train_numerics
-    key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
-    rec = store.adapter_record(ctx.con, key)
-    computed = rec is None or not (ctx.run_dir / rec["path"] / "train.json").exists()
-    if computed:
-        out = ctx.adapter_dir(key)
-        done = out / "train.json"
-        stats = json.loads(done.read_text()) if done.exists() else None
-        if stats is None or stats.get("key") != key:  # else: saved, but the run died before recording it
-            layout = {f: getattr(tcfg, f) for f in sorted(tcfg.EXECUTION)} | {"workers": cfg.ray.train_workers}
-            checkpoints = ctx.checkpoint_dir(key, keys.digest("layout", layout))
-            job = TrainJob(ctx.base_path, tcfg.model_dump(mode="json"), training_table(load_selected(ctx.con, selection)),
-                           str(out), str(checkpoints), key, label=name,
-                           init_adapter=parent.adapter if parent else None, device=cfg.model.device,
-                           dtype=cfg.model.dtype)
-            stats = train_adapter(job, cfg.ray, ctx.run_dir / "ray_train")
-            if stats["numerics"] != ctx.train_numerics:
-                raise RuntimeError(
-                    f"training {name}: the workers computed with {stats['numerics']} but the adapter's key says "
-                    f"{ctx.train_numerics}; set model.device / model.dtype (and ray.gpus_per_train_worker) to match")
-            store.log_stage(ctx.con, ctx.flow_run, "train", name, key, stats["seconds"], stats)
-        weights = keys.weights_hash(out)
-        model_key = keys.adapter_model_key(ctx.base_model, weights)
-        inputs = {"base_model": ctx.base_model, "selection": selection, "train": train_cfg,
-                  "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
-        # stored relative to the run directory, so a moved or copied run keeps finding its adapters
-        store.record_adapter(ctx.con, key, model_key, str(out.relative_to(ctx.run_dir)), inputs, stats,
-                             {"base_model": ctx.base_model, "adapter": key, "weights": weights})
-        rec = store.adapter_record(ctx.con, key)
-        # The adapter is recorded: its optimiser checkpoints have served their purpose.
-        shutil.rmtree(ctx.run_dir / "checkpoints" / key, ignore_errors=True)
-    _output(ctx, variant, iteration, "adapter", key, computed)
-    return Model(rec["model"], str(ctx.run_dir / rec["path"]), key)
+    return ensure_adapters(ctx, [(variant, iteration, selection, tcfg, parent)])[0]
 
 
-def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> str:
-    """Held-out loss and exact match of ``model``, under the key of the model and the eval set.
+def ensure_evals(ctx: RunContext, requests: list[tuple[str, int, Model]]) -> list[str]:
+    """Held-out loss and answer metrics of each ``(variant, iteration, model)``, under the key of the model and
+    the eval set; the evaluations not stored run at the same time, as many at once as the cluster has
+    ``ray.cpus_per_eval_task`` / ``ray.gpus_per_eval_task`` for.
 
-    Evaluation is a Ray task with ``ray.gpus_per_eval_task`` GPUs: the eval samples go out
-    as arguments, the metrics come back; the driver only records them.
+    An evaluation is a Ray task: the eval samples go out as arguments, the metrics come
+    back; the driver only records them.
     """
     cfg = ctx.cfg
     eval_set = store.pool_digest(ctx.con, ctx.dataset, [store.EVAL_PART], limit=cfg.eval.max_samples)
-    key = keys.eval_key(model.key, eval_set, {"max_samples": cfg.eval.max_samples, "metrics": METRICS_VERSION,
-                                              "max_new_tokens": cfg.eval.max_new_tokens,
-                                              "numerics": ctx.eval_numerics})
-    computed = not store.eval_done(ctx.con, key)
-    if computed:
-        name = label(variant, iteration)
-        t0 = time.perf_counter()
+    settings = {"max_samples": cfg.eval.max_samples, "metrics": METRICS_VERSION,
+                "max_new_tokens": cfg.eval.max_new_tokens, "numerics": ctx.eval_numerics}
+    evals = [(variant, iteration, model, keys.eval_key(model.key, eval_set, settings))
+             for variant, iteration, model in requests]
+    todo = {key: model for _, _, model, key in evals if not store.eval_done(ctx.con, key)}
+    running = {}
+    if todo:
         samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
-        result = run_placed(evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task, cfg.ray.gpus_per_eval_task, ctx.base_path, ctx.base_model,
-                            model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
-                            device=cfg.model.device, dtype=cfg.model.dtype, label=name,
-                            tokenizer_path=ctx.tokenizer_path, max_new_tokens=cfg.eval.max_new_tokens,
-                            keep_worker=True)
+        names = {key: label(variant, iteration) for variant, iteration, _, key in reversed(evals)}
+        for key, model in todo.items():
+            running[key] = (time.perf_counter(), submit_placed(
+                evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task, cfg.ray.gpus_per_eval_task, ctx.base_path,
+                ctx.base_model, model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
+                device=cfg.model.device, dtype=cfg.model.dtype, label=names[key], tokenizer_path=ctx.tokenizer_path,
+                max_new_tokens=cfg.eval.max_new_tokens, keep_worker=True))
+    for key, (t0, future) in running.items():
+        result = future.result()
+        name = names[key]
         placement = result.pop("placement")
         if placement["numerics"] != ctx.eval_numerics:
             raise RuntimeError(f"evaluating {name}: the worker computed with {placement['numerics']} but the key "
                                f"says {ctx.eval_numerics}; set model.device / model.dtype (and ray.gpus_per_eval_task)")
-        store.record_eval(ctx.con, key, model.key, {"model": model.key, "eval_set": eval_set,
-                                                     "max_samples": cfg.eval.max_samples}, metric_rows(result))
+        store.record_eval(ctx.con, key, todo[key].key, {"model": todo[key].key, "eval_set": eval_set,
+                                                         "max_samples": cfg.eval.max_samples}, metric_rows(result))
         store.log_stage(ctx.con, ctx.flow_run, "evaluate", name, key, time.perf_counter() - t0,
                         result["overall"] | {"placement": placement})
-    _output(ctx, variant, iteration, "eval", key, computed)
-    return key
+    for variant, iteration, _, key in evals:
+        _output(ctx, variant, iteration, "eval", key, key in todo)
+    return [key for _, _, _, key in evals]
+
+
+def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> str:
+    """``ensure_evals`` for one model."""
+    return ensure_evals(ctx, [(variant, iteration, model)])[0]

@@ -16,7 +16,8 @@ from __future__ import annotations
 from prefect import flow
 
 from tokenclean.flows.artifacts import (
-    Model, base, ensure_adapter, ensure_eval, ensure_losses, ensure_scores, ensure_selection,
+    Model, base, ensure_adapter, ensure_adapters, ensure_eval, ensure_evals, ensure_losses, ensure_scores,
+    ensure_selection,
 )
 from tokenclean.flows.prepare import RunContext, prepare
 from tokenclean.tasks import store
@@ -27,8 +28,7 @@ def warmup_reference(ctx: RunContext) -> Model:
     """theta_1 = base fine-tuned with LoRA on D0, every response token kept."""
     d0 = ensure_selection(ctx, "reference", 0, "full", [0])
     theta1 = ensure_adapter(ctx, "reference", 0, d0, ctx.cfg.reference_train)
-    ensure_eval(ctx, "base", 0, base(ctx))
-    ensure_eval(ctx, "reference", 0, theta1)
+    ensure_evals(ctx, [("base", 0, base(ctx)), ("reference", 0, theta1)])
     return theta1
 
 
@@ -45,10 +45,10 @@ def run_fixed_model(ctx: RunContext) -> None:
         ensure_losses(ctx, "base", 0, base(ctx), pool)
         ensure_losses(ctx, "reference", 0, theta1, pool)
         scores = ensure_scores(ctx, "reference", 0, theta1, pool)
-    for method in cfg.baselines:
-        kept = ensure_selection(ctx, method, 1, method, pool, scores)
-        adapter = ensure_adapter(ctx, method, 1, kept, cfg.train)
-        ensure_eval(ctx, method, 1, adapter)
+    # independent of each other from here: they train (and are evaluated) at the same time
+    kept = [ensure_selection(ctx, method, 1, method, pool, scores) for method in cfg.baselines]
+    adapters = ensure_adapters(ctx, [(method, 1, k, cfg.train) for method, k in zip(cfg.baselines, kept)])
+    ensure_evals(ctx, [(method, 1, adapter) for method, adapter in zip(cfg.baselines, adapters)])
 
 
 def run_self_evolving(ctx: RunContext) -> Model:

@@ -166,18 +166,26 @@ def scoring_slots(cfg: RayConfig) -> int:
     return max(1, int(res.get("CPU", 1)))
 
 
-def run_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_worker: bool = False, **kwargs):
-    """Run a Prefect ``task`` once and return its result: on a Ray worker holding ``cpus``/``gpus``
-    (submitted to the flow's Ray task runner), or in this process when Ray is off.
+def submit_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_worker: bool = False, **kwargs):
+    """Start a Prefect ``task`` on a Ray worker holding ``cpus``/``gpus`` (submitted to the flow's Ray task
+    runner) and return its future; Ray runs as many at once as the cluster has those resources for.
+    With Ray off it runs here, now, and the future is already done.
 
     ``keep_worker``: see ``placement_options``.
     """
     if not cfg.enabled:
-        return task(*args, **kwargs)
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        try:
+            done.set_result(task(*args, **kwargs))
+        except Exception as e:  # raised where the result is asked for, as from a Ray worker
+            done.set_exception(e)
+        return done
     from prefect_ray.context import remote_options
 
     with remote_options(**placement_options(cpus, gpus, keep_worker)):
-        return task.submit(*args, **kwargs).result()
+        return task.submit(*args, **kwargs)
 
 
 def placement_options(cpus: float | None, gpus: float, keep_worker: bool) -> dict:

@@ -35,26 +35,32 @@ def _ray_train_loop(config: dict) -> None:
     train_worker(config["job"])
 
 
-def train_adapter(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
-    """Train ``job`` where the config places it; return its statistics (with ``placement``).
+def submit_training(job: TrainJob, ray_cfg: RayConfig, storage: Path):
+    """Start training ``job`` where the config places it; a future of its statistics (with ``placement``).
 
-    * Ray off: in this process.
+    * Ray off: in this process (the future is done on return).
     * One worker: a Ray task (the ``train-adapter`` Prefect task submitted to the flow's
-      Ray task runner) with the declared CPUs/GPUs. No process group is needed, and the
+      Ray task runner) with the declared CPUs/GPUs, so independent adapters train at the
+      same time wherever the cluster has room. No process group is needed, and the
       task lands on a warm Ray worker: starting a Ray Train worker group costs ~20 s on
       a 2-core machine, which is most of a small run. Ray re-executes a task whose
       worker died; the new attempt resumes from the last checkpoint.
-    * Several workers: Ray Train (``data_parallel``).
+    * Several workers: Ray Train (``data_parallel``); a group spans the workers it asks
+      for, so groups train one after another (the future is done on return).
     """
-    from tokenclean.flows.runtime import run_placed
+    from concurrent.futures import Future
+
+    from tokenclean.flows.runtime import submit_placed
     from tokenclean.tasks.steps import train_task
 
     if not ray_cfg.enabled and ray_cfg.train_workers != 1:
         raise ValueError(f"ray.train_workers = {ray_cfg.train_workers} needs Ray (ray.enabled: true)")
     if ray_cfg.train_workers == 1:
-        return run_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
-                          keep_worker=True)
-    return data_parallel(job, ray_cfg, storage)
+        return submit_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
+                             keep_worker=True)
+    done: Future = Future()
+    done.set_result(data_parallel(job, ray_cfg, storage))
+    return done
 
 
 def data_parallel(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:

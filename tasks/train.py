@@ -313,7 +313,7 @@ def train_worker(job: TrainJob) -> dict:
 
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; steps.jsonl has them
     resume = resume_checkpoint(ckpt_dir)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -325,7 +325,7 @@ def train_worker(job: TrainJob) -> dict:
              "resumed_from": resume and int(Path(resume).name.split("-")[1]),
              "samples": table.num_rows, "tokens": n_tok, "label_tokens": n_lab,
              "first_loss": losses[0] if losses else None, "final_loss": float(np.mean(losses[-10:])) if losses else None,
-             "train_loss": out.training_loss, "seconds": seconds,
+             "train_loss": out.training_loss, "seconds": seconds, "span": [started, time.time()],
              "tokens_per_s": n_tok * cfg.epochs / seconds if seconds and not resume else None,
              "world_size": world, "accumulation": accumulation, "init_adapter": job.init_adapter, "key": job.key,
              "numerics": numerics(str(device), job.dtype), **job.extra}

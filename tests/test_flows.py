@@ -178,3 +178,12 @@ def test_inspect_lists_every_artifact_with_its_key_and_inputs(finished_run):
     one = CliRunner().invoke(app, ["inspect", str(finished_run.run_dir), "--sample", uid, "--selection", "global"])
     assert one.exit_code == 0, one.output
     assert "KEEP" in one.output and _out(finished_run, "global", "selection") in one.output
+
+
+def test_the_fixed_model_variants_train_at_the_same_time(finished_run):
+    """Once the reference has scored the pool the variants are independent: on the 2-CPU test cluster
+    (one CPU per training task) two of them train at once, and their trainings overlap in time."""
+    details = {n: json.loads(d) for n, d in _q(finished_run, "SELECT name, detail FROM stage_log WHERE stage = 'train'")}
+    spans = sorted(details[m]["span"] for m in ("full", "random", "local", "global"))
+    overlaps = sum(a[1] > b[0] for a, b in zip(spans, spans[1:]))
+    assert overlaps >= 2, spans
