@@ -222,12 +222,10 @@ STAGE_SCHEMA = INGEST_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.f
 
 @dataclass
 class IngestChunk:
-    """One chunk of input rows, processed: its samples (``INGEST_SCHEMA`` plus ``ordinal``, ``source_path``
-    and ``raw``, which staging uses to find duplicate ids) and its quarantined rows (with their ``ordinal``)."""
+    """One chunk of input rows, processed: its samples (``STAGE_SCHEMA``) and its quarantined rows."""
 
     samples: pa.Table
     quarantine: list[dict]
-    n_read: int
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray, value_type, valid: np.ndarray | None = None) -> pa.Array:
@@ -331,7 +329,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
     if (n_resp == 0).any():
         table = table.filter(pa.array(n_resp > 0))
     quarantine.sort(key=lambda q: q["ordinal"])
-    return IngestChunk(table, quarantine, len(rows))
+    return IngestChunk(table, quarantine)
 
 
 # Input bytes per split: about SPLITS_PER_WORKER splits for each worker, within SPLIT_BYTES. A split is the
@@ -437,6 +435,7 @@ def _run_splits(splits: list[Split], tokenizer, spec: IngestSpec, parts_dir: str
 
 
 def _stage_part(con, result: dict) -> None:
+    """Append a split's part to the staging tables, one row group (a processed chunk) at a time."""
     from tokenclean.tasks import storage, store
 
     for key in ("samples", "quarantine"):
@@ -444,9 +443,10 @@ def _stage_part(con, result: dict) -> None:
             raise RuntimeError(
                 f"ingest: the worker on node {result['node']} wrote split {result['split']} to {result[key]}, which "
                 "this driver cannot see. On a cluster, set `storage:` to a location every node and the driver share")
-    local = [storage.local_path(result[k]) for k in ("samples", "quarantine")]
-    store.stage_part(con, *[p if p is not None else storage.read_table(result[k])
-                            for p, k in zip(local, ("samples", "quarantine"))])
+    for table in storage.row_groups(result["samples"]):
+        store.stage_samples(con, table)
+    for table in storage.row_groups(result["quarantine"]):
+        store.stage_quarantine(con, table)
 
 
 def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *, parts_dir: str,

@@ -99,6 +99,17 @@ def parquet_rows(path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
+def row_groups(path: str):
+    """The row groups of a Parquet file, one Arrow table at a time (memory: one row group)."""
+    import pyarrow.parquet as pq
+
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        reader = pq.ParquetFile(f)
+        for i in range(reader.num_row_groups):
+            yield reader.read_row_group(i)
+
+
 def remove_tree(path: str) -> None:
     """Remove a directory and everything under it, if it exists."""
     fs, p = filesystem(path)

@@ -36,8 +36,9 @@ class DataConfig(_Strict):
     template: Literal["tulu", "model"] = Field(
         "tulu", description="tulu (the paper's), or model: the tokenizer's own chat template")
     seed: int = 0
-    ingest_workers: int = Field(1, ge=1, description="execution: Ray tasks tokenising input chunks at once (1: in "
-                                                     "the flow process); the dataset is the same for any number")
+    ingest_workers: int = Field(1, ge=1, description="execution: Ray tasks reading and tokenising input splits at "
+                                                     "once (1: in the flow process); the dataset is the same for any "
+                                                     "number")
 
     @field_validator("eval_fraction")
     @classmethod

@@ -8,7 +8,6 @@ samples an input produced and into which part (D0..DT, or -1 for held-out) each 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -43,29 +42,29 @@ STAGE_Q_SCHEMA = pa.schema([("ordinal", pa.int64()), ("source", pa.string()), ("
 STAGE_Q_COLUMNS = tuple(STAGE_Q_SCHEMA.names)
 
 
-def stage_part(con, samples, quarantine) -> None:
-    """Append one processed split (``ingest.process_split``'s part) to the staging tables.
+def stage_samples(con, samples: pa.Table) -> None:
+    """Append processed samples (``ingest.STAGE_SCHEMA``) to the staging table.
 
-    Each of ``samples`` (``ingest.STAGE_SCHEMA``) and ``quarantine`` (``STAGE_Q_COLUMNS``) is a
-    local Parquet path, read by DuckDB itself, or an Arrow table (a part read from object
-    storage by the caller, or an in-memory ingest). Staging tables are ordinary tables of
-    the run database, appended part by part outside a transaction: DuckDB writes them to
-    the file as they grow, so the memory of an ingest does not grow with the input.
-    Nothing reads them but ``insert_staged_dataset``.
+    Staging tables are ordinary tables of the run database, appended a chunk at a time
+    (one Parquet row group of a split's part) outside a transaction: DuckDB writes them to
+    the file as they grow, so the memory of an ingest does not grow with the input or
+    with a split. Nothing reads them but ``insert_staged_dataset``.
     """
-    for table, source, cols in ((STAGE, samples, "*"), (STAGE_Q, quarantine, ", ".join(STAGE_Q_COLUMNS))):
-        if isinstance(source, (str, Path)):
-            rel, params = "read_parquet(?)", [str(source)]
-        else:
-            con.register("_part", source)
-            rel, params = "_part", []
-        try:
-            if table == STAGE:
-                con.execute(f"CREATE TABLE IF NOT EXISTS {STAGE} AS SELECT * FROM {rel} LIMIT 0", params)
-            con.execute(f"INSERT INTO {table} SELECT {cols} FROM {rel}", params)
-        finally:
-            if not params:
-                con.unregister("_part")
+    con.register("_chunk", samples)
+    try:
+        con.execute(f"CREATE TABLE IF NOT EXISTS {STAGE} AS SELECT * FROM _chunk LIMIT 0")
+        con.execute(f"INSERT INTO {STAGE} SELECT * FROM _chunk")
+    finally:
+        con.unregister("_chunk")
+
+
+def stage_quarantine(con, rows: pa.Table) -> None:
+    """Append quarantined rows (``STAGE_Q_SCHEMA``) to the staging quarantine."""
+    con.register("_q", rows)
+    try:
+        con.execute(f"INSERT INTO {STAGE_Q} SELECT {', '.join(STAGE_Q_COLUMNS)} FROM _q")
+    finally:
+        con.unregister("_q")
 
 
 def _stage_exists(con) -> bool:
@@ -178,7 +177,8 @@ def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict],
     q = pa.Table.from_pylist([{"ordinal": n + i, **{k: r.get(k) for k in STAGE_Q_COLUMNS[1:]}}
                               for i, r in enumerate(quarantine)], schema=STAGE_Q_SCHEMA)
     stage_reset(con)
-    stage_part(con, table, q)
+    stage_samples(con, table)
+    stage_quarantine(con, q)
     return insert_staged_dataset(con, dataset, inputs, summary)
 
 
