@@ -59,6 +59,31 @@ class PeakRss:
         self._t.join()
 
 
+def _time_calls() -> dict:
+    """Wrap the ingest functions that run in this process with timers; returns the running totals.
+
+    ``process_split`` (reading a split, processing it, writing its part) contains
+    ``process_chunk`` (validation, rendering, ids, per-chunk arrays), which contains
+    ``_encode`` (the Rust tokenizer call and reading its ids and offsets: the tokenizer's
+    own work). With Ray workers none of these runs in this process.
+    """
+    from tokenclean.tasks import ingest, template
+
+    totals: dict = {}
+    for module, name in ((ingest, "process_split"), (ingest, "process_chunk"), (template, "_encode")):
+        original = getattr(module, name)
+
+        def timed(*a, _original=original, _name=name, **k):
+            t0 = time.perf_counter()
+            try:
+                return _original(*a, **k)
+            finally:
+                totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - t0
+
+        setattr(module, name, timed)
+    return totals
+
+
 def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit: str | None) -> dict:
     from transformers import AutoTokenizer
 
@@ -85,14 +110,17 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
 
         ray.init(address="local", **ray_init_kwargs(True, workers) | {"log_to_driver": False})
         ray.get(warm_workers())
+    breakdown = _time_calls()  # where an in-process ingest's time goes (seconds summed per function)
     rss_start = PeakRss().proc.memory_info().rss
     with PeakRss() as rss:
         t0 = time.perf_counter()
         n_read = stage_inputs(con, [str(paths["train"])], [], tok, spec, parts_dir=str(workdir / "parts"),
                               chunk_rows=chunk_rows, workers=workers)["rows_read"]
+        breakdown["stage_inputs"] = time.perf_counter() - t0
         summary = {"rows_read": n_read, **store.stage_summary(con)}
         counts = store.insert_staged_dataset(con, "bench", {}, summary)
         ingest_s = time.perf_counter() - t0
+        breakdown["insert_staged_dataset"] = ingest_s - breakdown["stage_inputs"]
     n_tokens = con.execute("SELECT sum(n_tokens) FROM samples").fetchone()[0]
     con.close()
     # the baseline: the same rendered texts through the tokenizer's batch call with offsets
@@ -117,7 +145,7 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
             "ratio": tokenizer_s / ingest_s, "tokenizer_nogc_s": tokenizer_nogc_s,
             "ratio_nogc": tokenizer_nogc_s / ingest_s, "rss_start_mb": rss_start * mb, "peak_rss_mb": rss.peak * mb,
             "peak_rss_mb_per_m_tokens": rss.peak * mb / (n_tokens / 1e6), "workers": workers,
-            "chunk_rows": chunk_rows, "db_memory_limit": memory_limit}
+            "chunk_rows": chunk_rows, "db_memory_limit": memory_limit, "breakdown_s": dict(breakdown)}
 
 
 def main() -> None:
@@ -155,6 +183,7 @@ def main() -> None:
                   f"({r['tokenizer_rows_per_s']:,.0f} rows/s): ratio {r['ratio']:.2f} ({r['ratio_nogc']:.2f} against "
                   f"the tokenizer with GC off, {r['tokenizer_nogc_s']:.1f} s); peak RSS "
                   f"{r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb_per_m_tokens']:,.1f} MB per M tokens)", flush=True)
+        print("           seconds in: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_s"].items()), flush=True)
     if len(results) >= 2:
         a, b = results[0], results[-1]
         print(f"peak RSS at {b['rows']:,} rows / at {a['rows']:,} rows: {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}")

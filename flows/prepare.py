@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.ingest import CHUNK_ROWS, IngestSpec, stage_inputs, tokenization_of
 from tokenclean.config import RunConfig, dump_config
+from tokenclean.tasks.storage import join
 
 
 @dataclass
@@ -49,8 +50,6 @@ class RunContext:
         return self.run_dir / "checkpoints" / key / layout
 
     def shard_dir(self, model_key: str) -> str:
-        from tokenclean.tasks.storage import join
-
         return join(self.storage or str(self.run_dir), "shards", model_key)
 
 
@@ -124,9 +123,11 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths)
         dataset = keys.dataset_key(tokenization, inputs, split)
         root = storage_root(cfg, con)
+        # each input split's processed part: in the workers' storage, copied to the run directory if remote
+        parts = (join(root, "ingest", dataset), str(run_dir / "ingest" / dataset))
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
                             inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
-                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, storage=root)
+                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, parts=parts)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
@@ -143,8 +144,6 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
 def storage_root(cfg: RunConfig, con) -> str:
     """The run's own place for worker-written files: the run directory, or ``<storage>/<name>-<run id>``
     (a configured root may hold many runs; the id, kept in the database, keeps them apart)."""
-    from tokenclean.tasks.storage import join
-
     if cfg.storage is None:
         return str(cfg.run_dir)
     return join(cfg.storage, f"{cfg.name}-{store.run_id(con)}")
@@ -152,7 +151,7 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                  inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                 db_memory_limit: str | None = None, storage: str) -> dict:
+                 db_memory_limit: str | None = None, parts: tuple[str, str]) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -161,7 +160,7 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
                        tokenizer_path, template, progress=progress, workers=workers,
-                       db_memory_limit=db_memory_limit, storage=storage)
+                       db_memory_limit=db_memory_limit, parts=parts)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
@@ -175,8 +174,9 @@ INGEST_DB_MEMORY = "256MB"
 
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None, storage: str) -> dict:
-    from tokenclean.tasks.storage import join, remove_tree
+                chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None,
+                parts: tuple[str, str]) -> dict:
+    from tokenclean.tasks.storage import remove_tree
 
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
@@ -187,20 +187,22 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
     # data.ingest_workers > 1) into Parquet parts under the run's storage, named by the dataset key
     # (an interrupted ingest resumes from its finished parts), and staged in the run database as
     # they complete; the driver holds no rows
-    parts = join(storage, "ingest", dataset)
     with store.memory_limit(con, INGEST_DB_MEMORY, after=db_memory_limit):
-        read = stage_inputs(con, paths, eval_paths, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
-                            workers=workers, progress=progress)
+        read = stage_inputs(con, paths, eval_paths, tokenizer, spec, parts_dir=parts[0], local_dir=parts[1],
+                            chunk_rows=chunk_rows, workers=workers, progress=progress)
         staged = store.stage_summary(con)
         if staged["samples"] == 0:
             q = store.staged_quarantine(con)
-            remove_tree(parts)
+            store.stage_reset(con)
+            for directory in parts:
+                remove_tree(directory)
             raise ValueError(f"no usable rows in {paths}: all {read['rows_read']} rows were quarantined "
                              f"(first reason: {q[0]['reason'] if q else 'empty input'})")
         summary = {"rows_read": read["rows_read"], **staged}
         described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
                      "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
         counts = store.insert_staged_dataset(con, dataset, described, summary)
-    remove_tree(parts)  # recorded in the database: the parts have served their purpose
+    for directory in parts:  # recorded in the database: the parts have served their purpose
+        remove_tree(directory)
     return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts,
             "splits": read["splits"], "splits_reused": read["splits_reused"]}

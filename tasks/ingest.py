@@ -434,39 +434,41 @@ def _run_splits(splits: list[Split], tokenizer, spec: IngestSpec, parts_dir: str
         yield ray.get(ready[0])
 
 
-def _stage_part(con, result: dict) -> None:
-    """Append a split's part to the staging tables, one row group (a processed chunk) at a time."""
-    from tokenclean.tasks import storage, store
+def _local_part(result: dict, key: str, local_dir: str | None) -> str:
+    """A part file as a local path DuckDB can read: where it lies, or copied from object storage to ``local_dir``."""
+    from tokenclean.tasks import storage
 
-    for key in ("samples", "quarantine"):
-        if not storage.exists(result[key]):
-            raise RuntimeError(
-                f"ingest: the worker on node {result['node']} wrote split {result['split']} to {result[key]}, which "
-                "this driver cannot see. On a cluster, set `storage:` to a location every node and the driver share")
-    for table in storage.row_groups(result["samples"]):
-        store.stage_samples(con, table)
-    for table in storage.row_groups(result["quarantine"]):
-        store.stage_quarantine(con, table)
+    path = result[key]
+    if not storage.exists(path):
+        raise RuntimeError(
+            f"ingest: the worker on node {result['node']} wrote split {result['split']} to {path}, which this "
+            "driver cannot see. On a cluster, set `storage:` to a location every node and the driver share")
+    local = storage.local_path(path)
+    if local is not None:
+        return local
+    if local_dir is None:
+        raise ValueError(f"ingest parts in {path} need a local directory to be read from (local_dir)")
+    return storage.fetch(path, storage.join(local_dir, path.rsplit("/", 1)[1]))
 
 
 def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *, parts_dir: str,
-                 chunk_rows: int = CHUNK_ROWS, split_bytes: int | None = None, workers: int = 1,
-                 progress: bool = False) -> dict:
-    """Ingest the inputs into ``con``'s staging tables, split by split, then quarantine duplicate ids.
+                 local_dir: str | None = None, chunk_rows: int = CHUNK_ROWS, split_bytes: int | None = None,
+                 workers: int = 1, progress: bool = False) -> dict:
+    """Ingest the inputs into parts under ``parts_dir`` and stage them on ``con``, then quarantine duplicate ids.
 
     The inputs are planned into splits (``tasks/inputs.py``); each split is processed
     (``process_split``: here, or on Ray workers that read the input files themselves) into a
-    part of Parquet files under ``parts_dir``, and the driver appends each part to the
-    staging tables as it completes, on a second thread, overlapping the next split (DuckDB
-    inserts without the GIL). Rows carry their input-wide ordinal, so the order in which
-    parts complete changes nothing. The driver holds no rows: its memory does not grow with
-    the input, and neither does a worker's (one chunk at a time).
+    part of Parquet files under ``parts_dir`` (a local path, or an fsspec URL whose parts
+    are copied to ``local_dir`` as they complete). The parts are the staging:
+    ``store.stage_parts`` puts views over them and ``store.insert_staged_dataset`` reads them
+    once, in SQL. Rows carry their input-wide ordinal, so the order in which parts complete
+    changes nothing. The driver holds no rows: its memory does not grow with the input, and
+    neither does a worker's (one chunk at a time).
 
     ``parts_dir`` must be named by the inputs' content (``prepare`` uses the dataset key):
     under it, parts are keyed by the spec and the split layout, so an interrupted ingest
     resumes from the parts it finished. Returns the rows read and the splits processed and reused.
     """
-    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import asdict
 
     from tqdm.auto import tqdm
@@ -478,25 +480,22 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     if spec.template == "tulu" and tokenizer.eos_token is None:
         raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
     splits = plan_splits(entries, eval_entries, split_bytes or split_bytes_for(entries, eval_entries, workers))
-    parts_dir = join(parts_dir, digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits]))
-    store.stage_reset(con)
+    layout = digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits])
+    parts_dir, local_dir = join(parts_dir, layout), local_dir and join(local_dir, layout)
     n_read = reused = 0
-    bar = tqdm(total=len(splits), desc="ingest", disable=not progress, unit="split")
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="ingest-stage") as stager:
-            staged = None
-            for result in _run_splits(splits, tokenizer, spec, parts_dir, chunk_rows, workers):
-                if staged is not None:
-                    staged.result()
-                staged = stager.submit(_stage_part, con, result)
-                n_read += result["n_samples"] + result["n_quarantined"]
-                reused += bool(result.get("reused"))
-                bar.update(1)
-                bar.set_postfix(rows=f"{n_read:,}")
-            if staged is not None:
-                staged.result()
-    finally:
-        bar.close()
+    samples, quarantine = {}, {}
+    with tqdm(total=len(splits), desc="ingest", disable=not progress, unit="split") as bar:
+        for result in _run_splits(splits, tokenizer, spec, parts_dir, chunk_rows, workers):
+            samples[result["split"]] = _local_part(result, "samples", local_dir)
+            quarantine[result["split"]] = _local_part(result, "quarantine", local_dir)
+            n_read += result["n_samples"] + result["n_quarantined"]
+            reused += bool(result.get("reused"))
+            bar.update(1)
+            bar.set_postfix(rows=f"{n_read:,}")
+    if splits:
+        store.stage_parts(con, [samples[s.number] for s in splits], [quarantine[s.number] for s in splits])
+    else:
+        store.stage_parts(con, STAGE_SCHEMA.empty_table(), STAGE_Q_SCHEMA.empty_table())
     store.stage_duplicates(con)
     return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused}
 
@@ -531,7 +530,9 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
         with tempfile.TemporaryDirectory(prefix="tokenclean-ingest-") as parts:
             n_read = stage_inputs(con, entries, eval_entries, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
                                   split_bytes=split_bytes, workers=workers, progress=progress)["rows_read"]
-        samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
-        return IngestResult(samples.cast(INGEST_SCHEMA), store.staged_quarantine(con), n_read)
+            samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
+            quarantine = store.staged_quarantine(con)
+            store.stage_reset(con)
+        return IngestResult(samples.cast(INGEST_SCHEMA), quarantine, n_read)
     finally:
         con.close()

@@ -99,15 +99,18 @@ def parquet_rows(path: str) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def row_groups(path: str):
-    """The row groups of a Parquet file, one Arrow table at a time (memory: one row group)."""
-    import pyarrow.parquet as pq
-
+def fetch(path: str, local: str) -> str:
+    """Copy a (remote) file to the local path ``local``, atomically; returns ``local``."""
     fs, p = filesystem(path)
-    with fs.open(p, "rb") as f:
-        reader = pq.ParquetFile(f)
-        for i in range(reader.num_row_groups):
-            yield reader.read_row_group(i)
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fs.get(p, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return local
 
 
 def remove_tree(path: str) -> None:

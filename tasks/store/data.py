@@ -7,6 +7,7 @@ samples an input produced and into which part (D0..DT, or -1 for held-out) each 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -26,100 +27,101 @@ def dataset_summary(con, dataset: str) -> dict | None:
     return json.loads(row[0]) if row else None
 
 
-STAGE, STAGE_Q = "ingest_stage", "ingest_stage_quarantine"
-
-
-def stage_reset(con) -> None:
-    """Start staging an ingest: drop what an interrupted one left (its dataset was never recorded)."""
-    con.execute(f"DROP TABLE IF EXISTS {STAGE}")
-    con.execute(f"DROP TABLE IF EXISTS {STAGE_Q}")
-    con.execute(f"CREATE TABLE {STAGE_Q} (ordinal BIGINT, source VARCHAR, row_index BIGINT, reason VARCHAR, raw VARCHAR)")
-
+# An ingest is staged as views over its parts (each split's Parquet files), read where they lie:
+# nothing is copied into the database before ``insert_staged_dataset`` writes the dataset.
+STAGE, STAGE_Q, STAGE_DUPS = "ingest_stage", "ingest_stage_quarantine", "ingest_duplicates"
+STAGE_KEPT, STAGE_ALL_Q = "ingest_kept", "ingest_quarantined"  # the samples minus duplicates; all quarantined rows
 
 # A staged quarantined row: where it was (its input-wide ordinal orders the quarantine), why, and what it said.
 STAGE_Q_SCHEMA = pa.schema([("ordinal", pa.int64()), ("source", pa.string()), ("row_index", pa.int64()),
                             ("reason", pa.string()), ("raw", pa.string())])
 STAGE_Q_COLUMNS = tuple(STAGE_Q_SCHEMA.names)
+_STAGE_Q_SQL = "ordinal BIGINT, source VARCHAR, row_index BIGINT, reason VARCHAR, raw VARCHAR"
+# the reason of a duplicate, as SQL over the window below: duplicate id 'x' (first seen in FILE:LINE)
+_DUPLICATE_REASON = "concat('duplicate id ', chr(39), uid, chr(39), ' (first seen in ', first_path, ':', first_row, ')')"
 
 
-def stage_samples(con, samples: pa.Table) -> None:
-    """Append processed samples (``ingest.STAGE_SCHEMA``) to the staging table.
+def _sql_string(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
 
-    Staging tables are ordinary tables of the run database, appended a chunk at a time
-    (one Parquet row group of a split's part) outside a transaction: DuckDB writes them to
-    the file as they grow, so the memory of an ingest does not grow with the input or
-    with a split. Nothing reads them but ``insert_staged_dataset``.
+
+def _relation(con, name: str, source) -> str:
+    """SQL for a staged source: Parquet files (local paths) read by DuckDB, or an Arrow table registered."""
+    if isinstance(source, (list, tuple)):
+        return f"read_parquet([{', '.join(_sql_string(p) for p in source)}])"
+    con.register(f"_{name}_rows", source)
+    return f"_{name}_rows"
+
+
+def stage_reset(con) -> None:
+    """Drop what staging an ingest made on this connection (an interrupted one's views and tables)."""
+    for view in (STAGE_KEPT, STAGE_ALL_Q, STAGE, STAGE_Q):
+        con.execute(f"DROP VIEW IF EXISTS {view}")
+    con.execute(f"DROP TABLE IF EXISTS {STAGE_DUPS}")
+    for name in (STAGE, STAGE_Q):
+        with contextlib.suppress(Exception):
+            con.unregister(f"_{name}_rows")
+
+
+def stage_parts(con, samples, quarantine) -> None:
+    """Stage an ingest: ``samples`` (``ingest.STAGE_SCHEMA``) and ``quarantine`` (``STAGE_Q_SCHEMA``), each a
+    non-empty list of local Parquet files (one per split) or an Arrow table.
+
+    Views, not copies: DuckDB reads the parts where they lie, in parallel and within its
+    memory limit, when ``insert_staged_dataset`` writes the dataset. So an ingest's memory
+    does not grow with the input, and its rows are written into the database once.
     """
-    con.register("_chunk", samples)
-    try:
-        con.execute(f"CREATE TABLE IF NOT EXISTS {STAGE} AS SELECT * FROM _chunk LIMIT 0")
-        con.execute(f"INSERT INTO {STAGE} SELECT * FROM _chunk")
-    finally:
-        con.unregister("_chunk")
+    stage_reset(con)
+    con.execute(f"CREATE TEMP VIEW {STAGE} AS SELECT * FROM {_relation(con, STAGE, samples)}")
+    con.execute(f"CREATE TEMP VIEW {STAGE_Q} AS SELECT {', '.join(STAGE_Q_COLUMNS)} "
+                f"FROM {_relation(con, STAGE_Q, quarantine)}")
+    con.execute(f"CREATE TEMP TABLE {STAGE_DUPS} ({_STAGE_Q_SQL})")
+    con.execute(f"CREATE TEMP VIEW {STAGE_KEPT} AS SELECT * FROM {STAGE} ANTI JOIN {STAGE_DUPS} USING (ordinal)")
+    con.execute(f"CREATE TEMP VIEW {STAGE_ALL_Q} AS SELECT * FROM {STAGE_Q} UNION ALL SELECT * FROM {STAGE_DUPS}")
 
 
-def stage_quarantine(con, rows: pa.Table) -> None:
-    """Append quarantined rows (``STAGE_Q_SCHEMA``) to the staging quarantine."""
-    con.register("_q", rows)
-    try:
-        con.execute(f"INSERT INTO {STAGE_Q} SELECT {', '.join(STAGE_Q_COLUMNS)} FROM _q")
-    finally:
-        con.unregister("_q")
-
-
-def _stage_exists(con) -> bool:
-    return con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = ?", [STAGE]).fetchone()[0] > 0
+def _staged(con) -> bool:
+    return con.execute("SELECT count(*) FROM duckdb_views() WHERE view_name = ?", [STAGE_KEPT]).fetchall()[0][0] > 0
 
 
 def stage_duplicates(con) -> int:
     """Quarantine every staged row whose id an earlier row (in input order) already has; returns how many.
 
-    Decided over the whole input after every chunk is staged, so it does not depend on
-    how rows were chunked or on how many workers processed them.
+    Decided over the whole input once every split is staged, so it does not depend on how
+    the input was split or chunked, or on how many workers processed it.
     """
-    if not _stage_exists(con):
+    if not _staged(con):
         return 0
-    dups = con.execute(
-        f"""SELECT ordinal, uid, source_path, row_index, raw, first_path, first_row FROM (
-              SELECT ordinal, uid, source_path, row_index, raw,
-                     first_value(source_path) OVER w AS first_path, first_value(row_index) OVER w AS first_row,
-                     row_number() OVER w AS n
-              FROM {STAGE} WINDOW w AS (PARTITION BY uid ORDER BY ordinal))
-            WHERE n > 1 ORDER BY ordinal""").fetchall()
-    if dups:
-        stage_chunk_q = [{"ordinal": o, "source": path, "row_index": ri, "raw": raw,
-                          "reason": f"duplicate id {uid!r} (first seen in {fp}:{fr})"}
-                         for o, uid, path, ri, raw, fp, fr in dups]
-        con.register("_q", pa.Table.from_pylist(stage_chunk_q))
-        try:
-            con.execute(f"INSERT INTO {STAGE_Q} SELECT ordinal, source, row_index, reason, raw FROM _q")
-            con.execute(f"DELETE FROM {STAGE} WHERE ordinal IN (SELECT ordinal FROM _q)")
-        finally:
-            con.unregister("_q")
-    return len(dups)
+    con.execute(f"DELETE FROM {STAGE_DUPS}")
+    con.execute(
+        f"""INSERT INTO {STAGE_DUPS}
+            SELECT ordinal, source_path, row_index, {_DUPLICATE_REASON}, raw
+            FROM (SELECT ordinal, uid, source_path, row_index, raw,
+                         first_value(source_path) OVER w AS first_path, first_value(row_index) OVER w AS first_row,
+                         row_number() OVER w AS n
+                  FROM {STAGE} WINDOW w AS (PARTITION BY uid ORDER BY ordinal))
+            WHERE n > 1""")
+    return con.execute(f"SELECT count(*) FROM {STAGE_DUPS}").fetchall()[0][0]
 
 
 def stage_summary(con) -> dict:
     """Counts of the staged ingest: samples kept, rows quarantined, samples truncated."""
-    n, trunc = (con.execute(f"SELECT count(*), count(*) FILTER (WHERE truncated) FROM {STAGE}").fetchone()
-                if _stage_exists(con) else (0, 0))
-    q = con.execute(f"SELECT count(*) FROM {STAGE_Q}").fetchone()[0]
+    if not _staged(con):
+        return {"samples": 0, "quarantined": 0, "truncated": 0}
+    n, trunc = con.execute(f"SELECT count(*), count(*) FILTER (WHERE truncated) FROM {STAGE_KEPT}").fetchall()[0]
+    q = con.execute(f"SELECT count(*) FROM {STAGE_ALL_Q}").fetchall()[0][0]
     return {"samples": n, "quarantined": q, "truncated": trunc}
 
 
 def staged_samples(con) -> pa.Table:
     """The staged samples in input order, ``INGEST_SCHEMA`` columns (for ``ingest.ingest``)."""
     cols = ", ".join(f'"{c}"' for c in _INGEST_COLUMNS)
-    cur = con.cursor()
-    try:
-        return cur.sql(f"SELECT {cols} FROM {STAGE} ORDER BY ordinal").to_arrow_table()
-    finally:
-        cur.close()
+    return con.sql(f"SELECT {cols} FROM {STAGE_KEPT} ORDER BY ordinal").to_arrow_table()
 
 
 def staged_quarantine(con) -> list[dict]:
     return [dict(zip(("source", "row_index", "reason", "raw"), r)) for r in con.execute(
-        f"SELECT source, row_index, reason, raw FROM {STAGE_Q} ORDER BY ordinal").fetchall()]
+        f"SELECT source, row_index, reason, raw FROM {STAGE_ALL_Q} ORDER BY ordinal").fetchall()]
 
 
 _INGEST_COLUMNS = ("sample_id", "tokenization", "uid", "task", "answer", "content_hash", "n_tokens", "n_response",
@@ -137,34 +139,40 @@ def insert_staged_dataset(con, dataset: str, inputs: dict, summary: dict) -> dic
     Every step is SQL over the staged tables (streamed and spilled by DuckDB, never held
     in Python).
     """
-    if not _stage_exists(con):
+    if not _staged(con):
         raise ValueError("nothing staged")
     sample_cols = ", ".join(f'"{c}"' for c in _SAMPLE_COLUMNS)
-    with transaction(con):
-        known = con.execute(f"SELECT count(*) FROM {STAGE} n SEMI JOIN samples s USING (sample_id)").fetchone()[0]
-        # only the ids are held apart (8 bytes a sample); the rows stream from the staging table
-        con.execute(f"""CREATE TEMP TABLE _fresh AS SELECT DISTINCT sample_id FROM {STAGE} n
+    # rows are found by key, never by position, and the one ordered insert says ORDER BY: without
+    # insertion order DuckDB streams the parts' list columns within its memory limit
+    con.execute("SET preserve_insertion_order = false")
+    with contextlib.ExitStack() as restore, transaction(con):
+        restore.callback(con.execute, "RESET preserve_insertion_order")
+        known = con.execute(f"SELECT count(*) FROM {STAGE_KEPT} n SEMI JOIN samples s USING (sample_id)"
+                            ).fetchall()[0][0]
+        # only the ids are held apart (8 bytes a sample); the rows stream from the parts, read once: the
+        # response tokens come from the samples just written
+        con.execute(f"""CREATE TEMP TABLE _fresh AS SELECT DISTINCT sample_id FROM {STAGE_KEPT} n
                         WHERE NOT EXISTS (SELECT 1 FROM samples s WHERE s.sample_id = n.sample_id)""")
-        con.execute(f"INSERT INTO samples BY NAME SELECT {sample_cols} FROM {STAGE} SEMI JOIN _fresh USING (sample_id)")
+        con.execute(f"INSERT INTO samples BY NAME SELECT {sample_cols} FROM {STAGE_KEPT} SEMI JOIN _fresh "
+                    "USING (sample_id)")
         con.execute(
             f"""INSERT INTO response_tokens
                SELECT sample_id, pos, token_id, truth FROM (
                  SELECT sample_id, unnest(range(n_tokens)) AS pos, unnest(input_ids) AS token_id,
                         unnest(response_mask) AS is_target, unnest(truth) AS truth
-                 FROM {STAGE} SEMI JOIN _fresh USING (sample_id))
+                 FROM samples SEMI JOIN _fresh USING (sample_id))
                WHERE is_target""")
-        n_new = con.execute("SELECT count(*) FROM _fresh").fetchone()[0]
+        n_new = con.execute("SELECT count(*) FROM _fresh").fetchall()[0][0]
         con.execute("DROP TABLE _fresh")
         con.execute("DELETE FROM dataset_samples WHERE dataset = ?", [dataset])
-        con.execute(f"INSERT INTO dataset_samples SELECT ?, sample_id, part, source, row_index FROM {STAGE} "
+        con.execute(f"INSERT INTO dataset_samples SELECT ?, sample_id, part, source, row_index FROM {STAGE_KEPT} "
                     "ORDER BY ordinal", [dataset])
         con.execute("DELETE FROM quarantine WHERE dataset = ?", [dataset])
-        con.execute(f"INSERT INTO quarantine SELECT ?, source, row_index, reason, raw FROM {STAGE_Q} ORDER BY ordinal",
-                    [dataset])
+        con.execute(f"INSERT INTO quarantine SELECT ?, source, row_index, reason, raw FROM {STAGE_ALL_Q} "
+                    "ORDER BY ordinal", [dataset])
         con.execute("INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, now())",
                     [dataset, json.dumps(inputs), json.dumps(summary)])
-        con.execute(f"DROP TABLE {STAGE}")
-        con.execute(f"DROP TABLE {STAGE_Q}")
+    stage_reset(con)
     return {"new_samples": n_new, "known_samples": known}
 
 
@@ -176,9 +184,7 @@ def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict],
         .append_column("source_path", samples.column("source")).append_column("raw", pa.nulls(n, pa.string()))
     q = pa.Table.from_pylist([{"ordinal": n + i, **{k: r.get(k) for k in STAGE_Q_COLUMNS[1:]}}
                               for i, r in enumerate(quarantine)], schema=STAGE_Q_SCHEMA)
-    stage_reset(con)
-    stage_samples(con, table)
-    stage_quarantine(con, q)
+    stage_parts(con, table, q)
     return insert_staged_dataset(con, dataset, inputs, summary)
 
 
