@@ -158,7 +158,6 @@ def main() -> None:
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from tokenclean.config import RunConfig
     from tokenclean.tasks.ingest import CHUNK_ROWS
 
     chunk_rows = args.chunk_rows or CHUNK_ROWS

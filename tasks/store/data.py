@@ -156,7 +156,7 @@ def insert_staged_dataset(con, dataset: str, inputs: dict, summary: dict) -> dic
         con.execute(f"INSERT INTO samples BY NAME SELECT {sample_cols} FROM {STAGE_KEPT} SEMI JOIN _fresh "
                     "USING (sample_id)")
         con.execute(
-            f"""INSERT INTO response_tokens
+            """INSERT INTO response_tokens
                SELECT sample_id, pos, token_id, truth FROM (
                  SELECT sample_id, unnest(range(n_tokens)) AS pos, unnest(input_ids) AS token_id,
                         unnest(response_mask) AS is_target, unnest(truth) AS truth
