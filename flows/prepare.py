@@ -205,4 +205,4 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
     for directory in parts:  # recorded in the database: the parts have served their purpose
         remove_tree(directory)
     return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts,
-            "splits": read["splits"], "splits_reused": read["splits_reused"]}
+            "splits": read["splits"], "splits_reused": read["splits_reused"], "placement": read["placement"]}

@@ -424,7 +424,9 @@ def _run_splits(splits: list[Split], tokenizer, spec: IngestSpec, parts_dir: str
 
     if not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(process_split)
+    # spread, as Ray Data places its read tasks: a split reads as much as it computes, and each node
+    # brings its own disks and network
+    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(process_split)
     tokenizer_ref = ray.put(tokenizer)
     pending: list = []
     while todo or pending:
@@ -467,7 +469,8 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
 
     ``parts_dir`` must be named by the inputs' content (``prepare`` uses the dataset key):
     under it, parts are keyed by the spec and the split layout, so an interrupted ingest
-    resumes from the parts it finished. Returns the rows read and the splits processed and reused.
+    resumes from the parts it finished. Returns the rows read, the splits processed and reused,
+    and the nodes that processed them (``placement``).
     """
     from dataclasses import asdict
 
@@ -483,13 +486,15 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     layout = digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits])
     parts_dir, local_dir = join(parts_dir, layout), local_dir and join(local_dir, layout)
     n_read = reused = 0
-    samples, quarantine = {}, {}
+    samples, quarantine, nodes = {}, {}, set()
     with tqdm(total=len(splits), desc="ingest", disable=not progress, unit="split") as bar:
         for result in _run_splits(splits, tokenizer, spec, parts_dir, chunk_rows, workers):
             samples[result["split"]] = _local_part(result, "samples", local_dir)
             quarantine[result["split"]] = _local_part(result, "quarantine", local_dir)
             n_read += result["n_samples"] + result["n_quarantined"]
             reused += bool(result.get("reused"))
+            if result["node"] is not None:
+                nodes.add(result["node"])
             bar.update(1)
             bar.set_postfix(rows=f"{n_read:,}")
     if splits:
@@ -497,7 +502,8 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     else:
         store.stage_parts(con, STAGE_SCHEMA.empty_table(), STAGE_Q_SCHEMA.empty_table())
     store.stage_duplicates(con)
-    return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused}
+    return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused,
+            "placement": [{"node": node} for node in sorted(nodes)]}
 
 
 @dataclass

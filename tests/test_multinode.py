@@ -73,6 +73,8 @@ def _snapshot(cfg: RunConfig) -> dict:
             out[f"eval/{name}"] = store.eval_metrics(con, output_key(con, name, "eval"))
         out["placement"] = [json.loads(d) for (d,) in con.execute(
             "SELECT detail FROM stage_log WHERE stage IN ('score', 'train', 'evaluate')").fetchall()]
+        out["ingest"] = [json.loads(d) for (d,) in con.execute(
+            "SELECT detail FROM stage_log WHERE stage = 'ingest'").fetchall()]
         return out
     finally:
         con.close()
@@ -110,7 +112,9 @@ def undisturbed(tiny, data, multinode, tmp_path_factory):
     """The config every disturbed run uses, run once without faults, in this process, by address."""
     from tokenclean.flows.cleaning import run
 
-    cfg = RunConfig.model_validate(_cfg(tmp_path_factory.mktemp("mn-calm"), data, multinode, "calm"))
+    config = _cfg(tmp_path_factory.mktemp("mn-calm"), data, multinode, "calm")
+    config["data"]["ingest_workers"] = 2  # the disturbed runs ingest in their driver: the same dataset
+    cfg = RunConfig.model_validate(config)
     run(cfg)
     return _snapshot(cfg)
 
@@ -124,6 +128,18 @@ def test_scoring_spreads_over_the_nodes_of_a_cluster_given_by_address(undisturbe
     # every model was loaded once per worker process that scored with it, on whichever node
     for d in scoring:
         assert sum(d["workers"].values()) == len(d["workers"])
+
+
+def test_ingest_reads_its_input_splits_on_the_worker_nodes(undisturbed, multinode):
+    """With ``data.ingest_workers: 2`` the input splits are Ray tasks that read the files themselves, on the
+    worker nodes: never in the driver, which attached at the head (no CPUs there). Which worker node takes
+    which split is Ray's choice (spread, but the nodes are busy warming up while the driver ingests). The
+    dataset equals the one every disturbed run ingests in its driver: their comparisons with this run are
+    by sample id and content."""
+    (ingest,) = undisturbed["ingest"]
+    assert ingest["splits"] >= 2 and ingest["splits_reused"] == 0
+    used = _nodes([ingest])
+    assert used and used <= set(multinode.node_ids().values()), used
 
 
 def test_flow_runs_link_the_clusters_ray_dashboard(undisturbed, multinode):
