@@ -166,6 +166,19 @@ def scoring_slots(cfg: RayConfig) -> int:
     return max(1, int(res.get("CPU", 1)))
 
 
+def run_now(fn, *args, **kwargs):
+    """Call ``fn`` here, now, and return a finished future of its result (or of its error, raised where
+    the result is asked for, as from a Ray worker): for work that has no cluster to go to."""
+    from concurrent.futures import Future
+
+    done: Future = Future()
+    try:
+        done.set_result(fn(*args, **kwargs))
+    except Exception as e:  # noqa: BLE001 - handed to whoever asks for the result
+        done.set_exception(e)
+    return done
+
+
 def submit_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_worker: bool = False, **kwargs):
     """Start a Prefect ``task`` on a Ray worker holding ``cpus``/``gpus`` (submitted to the flow's Ray task
     runner) and return its future; Ray runs as many at once as the cluster has those resources for.
@@ -174,14 +187,7 @@ def submit_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_wo
     ``keep_worker``: see ``placement_options``.
     """
     if not cfg.enabled:
-        from concurrent.futures import Future
-
-        done: Future = Future()
-        try:
-            done.set_result(task(*args, **kwargs))
-        except Exception as e:  # raised where the result is asked for, as from a Ray worker
-            done.set_exception(e)
-        return done
+        return run_now(task, *args, **kwargs)
     from prefect_ray.context import remote_options
 
     with remote_options(**placement_options(cpus, gpus, keep_worker)):

@@ -184,11 +184,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "
                     f"{ctx.scorer['numerics']}; set model.device / model.dtype (and ray.num_gpus_per_task) "
                     "explicitly so workers and key agree")
-            if not storage.exists(res["path"]):
-                raise RuntimeError(
-                    f"scoring {name}: the worker on node {res['node']} wrote shard {res['shard']} to {res['path']}, "
-                    "which this driver cannot see. On a cluster, set `storage:` to a location every node and the "
-                    "driver share (an NFS path mounted at the same place, or an fsspec URL such as s3://bucket/x)")
+            storage.require_visible(res["path"], f"scoring {name}: shard {res['shard']}", res["node"])
             _load(con, model_key, res["shard"], res["path"])
             tick = time.perf_counter()
             driver["load"] += tick - tock

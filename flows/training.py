@@ -48,9 +48,7 @@ def submit_training(job: TrainJob, ray_cfg: RayConfig, storage: Path):
     * Several workers: Ray Train (``data_parallel``); a group spans the workers it asks
       for, so groups train one after another (the future is done on return).
     """
-    from concurrent.futures import Future
-
-    from tokenclean.flows.runtime import submit_placed
+    from tokenclean.flows.runtime import run_now, submit_placed
     from tokenclean.tasks.steps import train_task
 
     if not ray_cfg.enabled and ray_cfg.train_workers != 1:
@@ -58,9 +56,7 @@ def submit_training(job: TrainJob, ray_cfg: RayConfig, storage: Path):
     if ray_cfg.train_workers == 1:
         return submit_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
                              keep_worker=True)
-    done: Future = Future()
-    done.set_result(data_parallel(job, ray_cfg, storage))
-    return done
+    return run_now(data_parallel, job, ray_cfg, storage)
 
 
 def data_parallel(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:

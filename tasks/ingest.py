@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from tokenclean.tasks.inputs import RAW_CHARS, RawRow, RowError, Split, plan_splits, read_split
+from tokenclean.tasks.inputs import RAW_CHARS, RawRow, RowError, Split, entry_files, plan_splits, read_split
 from tokenclean.tasks.template import (
     ROLES,
     TRUTH_CORRUPTED,
@@ -343,8 +343,6 @@ PARTS_VERSION = 1
 
 def split_bytes_for(entries: list[str], eval_entries: list[str], workers: int) -> int:
     """About ``SPLITS_PER_WORKER`` splits per worker over the input files' total size, within ``SPLIT_BYTES``."""
-    from tokenclean.tasks.inputs import entry_files
-
     total = sum(Path(f).stat().st_size for e in [*entries, *eval_entries] for f in entry_files(e)
                 if not f.startswith("hf:"))
     lo, hi = SPLIT_BYTES
@@ -441,10 +439,7 @@ def _local_part(result: dict, key: str, local_dir: str | None) -> str:
     from tokenclean.tasks import storage
 
     path = result[key]
-    if not storage.exists(path):
-        raise RuntimeError(
-            f"ingest: the worker on node {result['node']} wrote split {result['split']} to {path}, which this "
-            "driver cannot see. On a cluster, set `storage:` to a location every node and the driver share")
+    storage.require_visible(path, f"ingest: split {result['split']} ({key})", result["node"])
     local = storage.local_path(path)
     if local is not None:
         return local

@@ -120,6 +120,16 @@ def remove_tree(path: str) -> None:
         fs.rm(p, recursive=True)
 
 
+def require_visible(path: str, what: str, node) -> None:
+    """Stop with a clear error when ``path``, which a worker on ``node`` wrote (``what``), is not visible here:
+    the default storage (the run directory) on nodes that do not share it loses results otherwise."""
+    if not exists(path):
+        raise RuntimeError(
+            f"{what}: the worker on node {node} wrote it to {path}, which this driver cannot see. On a cluster, "
+            "set `storage:` to a location every node and the driver share (an NFS path mounted at the same "
+            "place, or an fsspec URL such as s3://bucket/x)")
+
+
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
     return fs.exists(p)

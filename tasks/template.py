@@ -266,10 +266,6 @@ class Tokenized:
     char_starts: np.ndarray  # anchor character of each token in the rendered text (-1: BOS)
     char_ends: np.ndarray  # end (exclusive) of each token's characters (-1: BOS)
 
-    def tokens_in(self, start: int, end: int) -> np.ndarray:
-        """Indices of the tokens whose anchor lies in [start, end)."""
-        return np.nonzero((self.char_starts >= start) & (self.char_starts < end))[0]
-
 
 @dataclass
 class TokenizedBatch:
