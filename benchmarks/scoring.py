@@ -8,6 +8,9 @@ rest response (the targets). Variants, all in the same process on the same sampl
 * ``packed``   -- tasks.score.score_arrays(packed=True): packs of <= batch_tokens tokens,
                   varlen flash attention, hidden states gathered at targets, chunked lm_head+CE.
 * ``packed+compile`` (``--compile``) -- the same after tasks.score.compile_pointwise.
+* ``packed+liger`` / ``packed+compile+liger`` (``--liger``) -- lm_head + CE by liger-kernel's
+                  fused kernel (``score.linear_ce: liger``); their losses are also compared
+                  with the same run's ``packed`` losses (``vs_packed_loss_max_abs_diff``).
 * ``bucketed`` -- score_arrays(packed=False): length-sorted padded batches, chunked CE
                   (the path before packing).
 * ``naive``    -- HF ``model(input_ids, attention_mask).logits`` (full logits), fp32
@@ -40,7 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenclean.tasks.packing import flash_varlen_available  # noqa: E402
-from tokenclean.tasks.score import ShardSample, compile_pointwise, plan_batches, score_arrays  # noqa: E402
+from tokenclean.tasks.score import (  # noqa: E402
+    ShardSample, check_linear_ce, compile_pointwise, plan_batches, score_arrays,
+)
 
 LLAMA_COMMON = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
                     hidden_act="silu", attention_bias=False, mlp_bias=False)
@@ -221,20 +226,30 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
         if variant == "naive":
             return lambda: naive_losses(model, batch, rows=rows, device=device, seed=args.seed)
         return lambda: score_arrays(model, batch, batch_tokens=args.batch_tokens, chunk=args.chunk,
-                                    device=device, packed=variant == "packed")
+                                    device=device, packed=variant.startswith("packed"),
+                                    linear_ce="liger" if variant.endswith("+liger") else "chunked")
 
-    variants = {v: runner(v, samples) for v in ("packed", "bucketed", "naive")}
-    warmups = {v: runner(v, warm) for v in ("packed", "bucketed", "naive")}
+    variants = {v: runner(v, samples) for v in ("packed", "bucketed", "naive", "packed+liger")}
+    warmups = {v: runner(v, warm) for v in ("packed", "bucketed", "naive", "packed+liger")}
     computed = {
         "packed": n_tok,
         "bucketed": int(sum(int(lengths[b].max()) * len(b) for b in plan_batches(lengths, args.batch_tokens))),
     }
     order = [v for v in ("packed", "bucketed", "naive") if v not in args.skip]
-    if args.compile:
+    computed["packed+liger"] = n_tok
+    if args.liger:
+        check_linear_ce("liger", device.type)
+        order.insert(1, "packed+liger")
+    if args.compile:  # last: compile_pointwise changes the model for every later call
         order.append("packed+compile")
         variants["packed+compile"] = variants["packed"]
         warmups["packed+compile"] = lambda: (compile_pointwise(model), warmups["packed"](), warmups["packed"]())
         computed["packed+compile"] = n_tok
+        if args.liger:
+            order.append("packed+compile+liger")
+            variants["packed+compile+liger"] = variants["packed+liger"]
+            warmups["packed+compile+liger"] = lambda: (warmups["packed+liger"](), warmups["packed+liger"]())
+            computed["packed+compile+liger"] = n_tok
 
     results, losses = [], {}
     check = None
@@ -280,6 +295,10 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
         check = precision_check(model, samples[: args.check_samples], args, device)
     for r in results:
         r["precision_check"] = check
+        if r["variant"].endswith("+liger") and "packed" in losses:
+            d = np.abs(losses[r["variant"]] - losses["packed"])
+            r["vs_packed_loss_max_abs_diff"] = float(np.nanmax(d))
+            print(f"  {r['variant']:15s} vs packed losses: max |diff| {r['vs_packed_loss_max_abs_diff']:.2e}")
         r["speedup_vs_naive"] = r["tok_s"] / naive["tok_s"] if naive else None
         if ref is not None and r["variant"] != "naive":
             d = np.abs(losses[r["variant"]] - ref)
@@ -308,6 +327,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip", default="", help="comma list of variants to skip (packed,bucketed,naive)")
     ap.add_argument("--compile", action="store_true", help="also time packed after compile_pointwise")
+    ap.add_argument("--liger", action="store_true", help="also time packed with score.linear_ce: liger (CUDA)")
     ap.add_argument("--check-samples", type=int, default=64,
                     help="samples for the precision check against an fp32 copy (0: skip)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")

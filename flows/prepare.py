@@ -100,10 +100,21 @@ def scorer_settings(cfg: RunConfig) -> dict:
     ``score.compile: auto`` resolves here, to on exactly when the workers score on CUDA, so
     the losses' key names what ran (the CPU default stays uncompiled: inductor's CPU code
     needs a C compiler and brings nothing to a memory-light tiny model).
+
+    ``score.linear_ce`` enters the settings only when it is not ``chunked``, the path every
+    loss was computed by before the setting existed: a setting added later departs from
+    the old key only where it departs from the old computation, so stored losses stay
+    found. A kernel the workers' device cannot run is refused here, before any work.
     """
+    from tokenclean.tasks.score import check_linear_ce
+
     numerics = placed_numerics(cfg, cfg.ray.num_gpus_per_task)
     compile = cfg.score.compile if isinstance(cfg.score.compile, bool) else numerics[0] == "cuda"
-    return {"numerics": numerics, "backend": cfg.score.backend, "compile": compile}
+    settings = {"numerics": numerics, "backend": cfg.score.backend, "compile": compile}
+    if cfg.score.linear_ce != "chunked":
+        check_linear_ce(cfg.score.linear_ce, numerics[0], load=False)
+        settings["linear_ce"] = cfg.score.linear_ce
+    return settings
 
 
 def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:

@@ -165,7 +165,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     storage.shard_path(shard_dir, shard),
                     batch_tokens=cfg.score.batch_tokens,
                     chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
-                    compile=ctx.scorer["compile"])
+                    compile=ctx.scorer["compile"], linear_ce=ctx.scorer.get("linear_ce", "chunked"))
                 pending[fut] = shard
                 spans[shard] = [time.time()]
                 del samples
@@ -184,6 +184,10 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "
                     f"{ctx.scorer['numerics']}; set model.device / model.dtype (and ray.num_gpus_per_task) "
                     "explicitly so workers and key agree")
+            expected_ce = ctx.scorer.get("linear_ce", "chunked")
+            if res.get("linear_ce") is not None and res["linear_ce"] != expected_ce:
+                raise RuntimeError(f"scoring {name}: a worker computed lm_head + CE with {res['linear_ce']} but the "
+                                   f"losses' key says {expected_ce}")
             storage.require_visible(res["path"], f"scoring {name}: shard {res['shard']}", res["node"])
             _load(con, model_key, res["shard"], res["path"])
             tick = time.perf_counter()

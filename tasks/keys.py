@@ -23,8 +23,10 @@ The chain, leaves first:
 * ``adapter_model_key``: the base model key + the hash of the adapter's saved weights
   and config (what is on disk, not what it was meant to be).
 * ``scorer_key``: a model key + how its losses are computed: the device type and dtype
-  the scoring workers resolve to, the scoring backend, compile. Token losses live under
-  it. Training and evaluation instead put the numerics of the process that runs them
+  the scoring workers resolve to, the scoring backend, compile, and the lm_head + CE
+  kernel where it is not the plain chunked one (a setting added later enters only where
+  it departs from what ran before it existed, so stored losses stay found). Token losses
+  live under it. Training and evaluation instead put the numerics of the process that runs them
   into their own keys, so a scoring setting never retrains or re-evaluates anything.
 * ``scores_key``: the base and reference scorer keys.
 * ``selection_key``: method, k, seed, scores key and pool digest (only those that

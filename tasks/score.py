@@ -10,6 +10,8 @@ Memory discipline: the decoder's hidden states are gathered at target positions 
 then pushed through lm_head + cross-entropy in chunks of ``lm_head_chunk`` rows, so
 the (tokens x vocab) fp32 logits tensor never exists (at 128k vocab and 16k tokens it
 would be 8 GiB). The decoder runs with ``use_cache=False`` (no KV cache is kept).
+``linear_ce="liger"`` hands lm_head + cross-entropy to liger-kernel's fused Triton kernel
+instead (``LINEAR_CE``); the default stays the plain chunked path.
 
 One process holds the base weights once; a reference model is the same weights with
 a LoRA adapter switched on (``ScoringModel``), so base and reference share memory.
@@ -29,8 +31,9 @@ from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, pack_arra
 
 __all__ = [
     "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "SampleBatch", "resolve_device", "resolve_dtype", "chunked_token_nll",
-    "compile_pointwise", "plan_batches", "plan_packs", "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays",
-    "score_samples", "ScoringModel", "process_model",
+    "LINEAR_CE", "check_linear_ce", "liger_token_nll", "token_nll", "compile_pointwise", "plan_batches", "plan_packs",
+    "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays", "score_samples", "ScoringModel",
+    "process_model",
 ]
 
 _SCHEMAS: dict = {}
@@ -103,6 +106,67 @@ def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torc
     return out, correct
 
 
+LINEAR_CE = ("chunked", "liger")
+
+
+def _liger_fn():
+    """liger-kernel's fused linear cross-entropy, or a clear error saying how to get it."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as e:
+        raise RuntimeError("score.linear_ce: liger needs liger-kernel (and Triton) where the scoring workers run: "
+                           "pip install liger-kernel, or set score.linear_ce: chunked") from e
+    return liger_fused_linear_cross_entropy
+
+
+def check_linear_ce(linear_ce: str, device_type: str, *, load: bool = True) -> None:
+    """Refuse a head/CE implementation that cannot run on ``device_type``, before any work.
+
+    liger's kernels are Triton: they run on CUDA, or on the CPU under Triton's interpreter
+    (``TRITON_INTERPRET=1``, numpy-speed, which is how the CPU tests check them).
+    ``load`` also imports the kernel (where the workers run; the driver need not have it).
+    """
+    import os
+
+    if linear_ce not in LINEAR_CE:
+        raise ValueError(f"linear_ce {linear_ce!r}: use one of {', '.join(LINEAR_CE)}")
+    if linear_ce == "liger":
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"score.linear_ce: liger runs Triton kernels, which need CUDA; the scoring workers "
+                             f"run on {device_type} (set score.linear_ce: chunked there)")
+        if load:
+            _liger_fn()
+
+
+def liger_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
+                    with_correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``chunked_token_nll``'s contract through liger-kernel's fused linear cross-entropy.
+
+    liger multiplies ``hidden`` by the head in the model dtype (as lm_head does) and runs
+    the softmax, the target's log-probability and the argmax in one fp32 Triton kernel
+    over the logits chunk in place, so no fp32 copy of the logits is written. It picks its
+    own chunk (about hidden-sized logits). ``reduction="none"`` gives the per-token loss;
+    ``return_token_accuracy`` gives argmax == target, the exact-match metric's need.
+    """
+    out = _liger_fn()(hidden, lm_head.weight, targets, bias=getattr(lm_head, "bias", None), reduction="none",
+                      return_token_accuracy=with_correct)
+    if not with_correct:
+        return (out if isinstance(out, torch.Tensor) else out.loss).float(), None
+    return out.loss.float(), out.token_accuracy > 0.5
+
+
+def token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int,
+              with_correct: bool = False, linear_ce: str = "chunked"):
+    """NLL of ``targets`` given ``hidden`` by the chosen head/CE implementation (``LINEAR_CE``).
+
+    No rows (a padded batch of prompt-only samples) takes the chunked path, which returns
+    empty tensors; liger sizes its chunks from the row count and is not asked for zero.
+    """
+    if linear_ce == "liger" and hidden.shape[0]:
+        return liger_token_nll(hidden, targets, lm_head, with_correct)
+    return chunked_token_nll(hidden, targets, lm_head, chunk, with_correct)
+
+
 def compile_pointwise(model) -> None:
     """``torch.compile`` (dynamic shapes) each decoder layer's RMSNorms and MLP, and the chunk CE.
 
@@ -169,7 +233,7 @@ def _nan_where(losses: torch.Tensor, first: torch.Tensor | np.ndarray) -> torch.
 
 @torch.no_grad()
 def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: torch.Tensor, chunk: int,
-                       with_correct: bool = False):
+                       with_correct: bool = False, linear_ce: str = "chunked"):
     """Per-target losses for one padded batch.
 
     ``target[b, p]`` marks token p of row b as a target; its loss comes from the hidden
@@ -179,14 +243,14 @@ def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: tor
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, L, H)
     rows, cols = target.nonzero(as_tuple=True)
     h = hidden[rows, (cols - 1).clamp_min(0)]
-    losses, correct = chunked_token_nll(h, ids[rows, cols], head, chunk, with_correct)
+    losses, correct = token_nll(h, ids[rows, cols], head, chunk, with_correct, linear_ce)
     return _nan_where(losses, cols == 0), correct
 
 
 @torch.no_grad()
 def packed_token_losses(model, ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                         cu_host: list[int], max_len: int, target_index: torch.Tensor, chunk: int,
-                        with_correct: bool = False):
+                        with_correct: bool = False, linear_ce: str = "chunked"):
     """Per-target losses for one packed row (see ``tokenclean.tasks.packing``).
 
     ``ids``/``position_ids``: (1, T); ``cu_seqlens``: (n+1,) int32 on the device and the
@@ -200,7 +264,7 @@ def packed_token_losses(model, ids: torch.Tensor, position_ids: torch.Tensor, cu
         hidden = decoder(input_ids=ids, position_ids=position_ids, use_cache=False, tc_cu_seqlens=cu_seqlens,
                          tc_cu_host=cu_host, tc_max_len=max_len).last_hidden_state[0]  # (T, H)
     h = hidden[(target_index - 1).clamp_min(0)]
-    return chunked_token_nll(h, ids[0, target_index], head, chunk, with_correct)
+    return token_nll(h, ids[0, target_index], head, chunk, with_correct, linear_ce)
 
 
 @dataclass
@@ -238,13 +302,15 @@ class SampleBatch:
 
 
 def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
-                 progress=None, with_correct: bool = False, packed: bool = True) -> dict[str, np.ndarray]:
+                 progress=None, with_correct: bool = False, packed: bool = True,
+                 linear_ce: str = "chunked") -> dict[str, np.ndarray]:
     """Losses of every target token of ``samples`` as numpy columns (no pyarrow needed).
 
     Keys: sample_id (int64), pos (int32), token_id (int32), loss (float32)[, correct (bool)].
     Rows come pack by pack (or batch by batch); order within is by sample then position.
     Device results stay on the device until the end (one transfer, no per-batch sync).
     ``progress(n)`` is called after each batch with its number of real tokens.
+    ``linear_ce`` picks the head/CE implementation (``token_nll``).
     """
     device = torch.device(device)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
@@ -266,7 +332,7 @@ def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk:
             d_cu = torch.from_numpy(cu).to(device)
             d_t = torch.from_numpy(t_index).to(device)
             losses, correct = packed_token_losses(model, d_ids, d_pos, d_cu, cu.tolist(), max_len, d_t, chunk,
-                                                  with_correct)
+                                                  with_correct, linear_ce)
             losses = _nan_where(losses, t_pos == 0)
             host_cols["sample_id"].append(sids[batch][t_row])
             host_cols["pos"].append(t_pos.astype(np.int32))
@@ -282,7 +348,7 @@ def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk:
                 n = len(s.input_ids)
                 ids[r, :n], attn[r, :n], tgt[r, :n] = s.input_ids, 1, s.target
             t_ids, t_attn, t_tgt = (torch.from_numpy(a).to(device) for a in (ids, attn, tgt))
-            losses, correct = batch_token_losses(model, t_ids, t_attn, t_tgt, chunk, with_correct)
+            losses, correct = batch_token_losses(model, t_ids, t_attn, t_tgt, chunk, with_correct, linear_ce)
             rows, cols = np.nonzero(tgt)
             host_cols["sample_id"].append(sids[batch][rows])
             host_cols["pos"].append(cols.astype(np.int32))
@@ -303,12 +369,12 @@ def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk:
 
 
 def score_samples(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
-                  progress=None, with_correct: bool = False, packed: bool = True):
+                  progress=None, with_correct: bool = False, packed: bool = True, linear_ce: str = "chunked"):
     """Losses of every target token of ``samples`` as an Arrow table (sample_id, pos, token_id, loss[, correct])."""
     import pyarrow as pa
 
     cols = score_arrays(model, samples, batch_tokens=batch_tokens, chunk=chunk, device=device,
-                        progress=progress, with_correct=with_correct, packed=packed)
+                        progress=progress, with_correct=with_correct, packed=packed, linear_ce=linear_ce)
     schema = _schemas()["EVAL_SCHEMA" if with_correct else "LOSS_SCHEMA"]
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
@@ -319,13 +385,18 @@ class ScoringModel:
     ``losses(samples, adapter=None)`` scores with the base model, ``adapter=path``
     with base + that LoRA adapter. Loading a second adapter reuses the base weights.
     ``compile=True`` applies ``compile_pointwise`` (faster on GPU after a one-time compile).
+    ``linear_ce`` picks how lm_head + cross-entropy run for ``losses`` (``token_nll``);
+    it is checked against the device here, before the weights load.
     """
 
-    def __init__(self, base_path: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False):
+    def __init__(self, base_path: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False,
+                 linear_ce: str = "chunked"):
         from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        check_linear_ce(linear_ce, self.device.type)
+        self.linear_ce = linear_ce
         self.base_path = base_path
         self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype).to(self.device).eval()
         if compile:
@@ -365,7 +436,7 @@ class ScoringModel:
         """Arrow table of per-target losses (see ``score_samples``) with base or base + ``adapter``."""
         name = self._activate(adapter, adapter_key)
         kw = dict(batch_tokens=batch_tokens, chunk=chunk, device=self.device, progress=progress,
-                  with_correct=with_correct, packed=packed)
+                  with_correct=with_correct, packed=packed, linear_ce=self.linear_ce)
         if name is None and self._adapters:
             with self.model.disable_adapter():
                 return score_samples(self.model, samples, **kw)
@@ -388,14 +459,15 @@ _PROCESS_MODELS: dict[tuple, ScoringModel] = {}
 
 
 def process_model(base_path: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
-                  model_key: str | None = None) -> ScoringModel:
+                  model_key: str | None = None, linear_ce: str = "chunked") -> ScoringModel:
     """One ScoringModel per worker process: Ray reuses workers, so weights load once.
 
     Cached under ``model_key`` (the base weights' content hash) when given, so a model
     directory rewritten in place is loaded again rather than served from the cache.
     """
-    key = (model_key or str(base_path), device, dtype, compile)
+    key = (model_key or str(base_path), device, dtype, compile, linear_ce)
     if key not in _PROCESS_MODELS:
         _PROCESS_MODELS.clear()  # a new base replaces the old one instead of doubling memory
-        _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype, compile=compile)
+        _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype, compile=compile,
+                                            linear_ce=linear_ce)
     return _PROCESS_MODELS[key]

@@ -24,17 +24,21 @@ from tokenclean.tasks.train import TrainJob, train_worker
 _PLUGINS: dict = {}
 
 
-def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str, compile: bool = False):
+def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str, compile: bool = False,
+           linear_ce: str = "chunked"):
     """The per-process scoring model, cached under the base model's key.
 
     ``transformers`` (default), ``vllm`` (prompt_logprobs), or ``package.module:Factory``:
     a callable taking (base_path, device=, dtype=, compile=) and returning an object with
     the ``ScoringModel.losses`` contract, for custom scorers (the reliability tests' fault
     injector is one). The backend string is part of the base model key, so losses from
-    different scorers never mix.
+    different scorers never mix. ``linear_ce`` (the head/CE kernel) is the transformers
+    backend's; the config refuses it with any other.
     """
     if backend == "transformers":
-        return process_model(base_path, device, dtype, compile, model_key=base_key)
+        return process_model(base_path, device, dtype, compile, model_key=base_key, linear_ce=linear_ce)
+    if linear_ce != "chunked":
+        raise ValueError(f"score.linear_ce {linear_ce!r} needs score.backend: transformers, not {backend!r}")
     cache_key = (backend, base_key, device, dtype, compile)
     if cache_key not in _PLUGINS:
         _PLUGINS.clear()  # one base model per worker process
@@ -57,7 +61,7 @@ def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str,
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_key: str, shard: int, samples,
                      out_path: str, *, batch_tokens: int, chunk: int, device: str, dtype: str,
-                     backend: str = "transformers", compile: bool = False) -> dict:
+                     backend: str = "transformers", compile: bool = False, linear_ce: str = "chunked") -> dict:
     """Runs on a Ray worker: scores the shard (a ``SampleBatch`` or a list of ``ShardSample``)
     and writes its losses to ``out_path`` itself.
 
@@ -77,7 +81,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
     use_assigned_cpus()
     if hasattr(samples, "samples"):  # a SampleBatch (what the flow sends): its per-sample views
         samples = samples.samples()
-    sm = scorer(backend, base_path, base_key, device, dtype, compile)
+    sm = scorer(backend, base_path, base_key, device, dtype, compile, linear_ce)
     t1 = time.perf_counter()
     table = sm.losses(samples, adapter=adapter, adapter_key=model_key if adapter else None,
                       batch_tokens=batch_tokens, chunk=chunk)
@@ -90,7 +94,8 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
             "n_samples": len(samples), "seconds": t3 - t0, "pid": os.getpid(),
             # where the worker's time went: model (first task of a worker: load), losses, writing the file
             "timing": {"model": t1 - t0, "losses": t2 - t1, "write": t3 - t2}, "span": (started, time.time()),
-            "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "node": where()["node"]}
+            "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "linear_ce": getattr(sm, "linear_ce", None),
+            "node": where()["node"]}
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)

@@ -378,3 +378,17 @@ def test_compile_auto_is_on_exactly_where_workers_score_on_cuda():
     assert keys.scorer_key("m", resolved()) == keys.scorer_key("m", resolved({"compile": False}))
     with pytest.raises(ValueError):
         RunConfig.model_validate({"score": {"compile": "sometimes"}})
+
+
+def test_linear_ce_keys_the_losses_only_where_it_departs_from_the_plain_path():
+    """``score.linear_ce: liger`` gets its own losses key; the default leaves every stored key as it was."""
+    from tokenclean.flows.prepare import scorer_settings
+    from tokenclean.tasks import keys
+
+    def key(score=None):
+        return keys.scorer_key("m", scorer_settings(RunConfig.model_validate(
+            {"ray": {"num_gpus_per_task": 1}, "score": score or {}})))
+
+    before = keys.scorer_key("m", {"numerics": ["cuda", "bfloat16"], "backend": "transformers", "compile": True})
+    assert key() == key({"linear_ce": "chunked"}) == before
+    assert key({"linear_ce": "liger"}) != before

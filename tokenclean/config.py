@@ -66,6 +66,10 @@ class ScoreConfig(_Strict):
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile norms/MLP/CE in the scoring workers (+17-34% tok/s on H100). auto: on "
                             "where the workers score on CUDA (needs Triton there), off on CPU")
+    linear_ce: Literal["chunked", "liger"] = Field(
+        "chunked", description="lm_head + cross-entropy in the scoring workers: chunked (plain PyTorch, lm_head_chunk "
+                               "rows at a time) or liger (liger-kernel's fused Triton kernel; needs CUDA and "
+                               "pip install liger-kernel; per-token losses agree within bf16 rounding)")
 
 
     @field_validator("backend")
@@ -74,6 +78,12 @@ class ScoreConfig(_Strict):
         if v not in ("transformers", "vllm") and ":" not in v:
             raise ValueError("backend must be transformers, vllm or package.module:Factory")
         return v
+
+    @model_validator(mode="after")
+    def _linear_ce_backend(self):
+        if self.linear_ce != "chunked" and self.backend != "transformers":
+            raise ValueError(f"linear_ce: {self.linear_ce} is the transformers backend's; backend is {self.backend}")
+        return self
 
 
 class SelectConfig(_Strict):
