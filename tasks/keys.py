@@ -89,7 +89,7 @@ def scores_key(base_model: str, ref_model: str) -> str:
 
 
 # A method whose rule changed gets a new tag, so a stored selection made by the old rule is never reused.
-SELECTION_RULES = {"local": "largest-remainder-budget"}
+SELECTION_RULES = {"local": "largest-remainder-exact"}  # was largest-remainder-budget: float remainders
 
 
 def selection_key(method: str, k: float, seed: int, scores: str | None, pool: str) -> str:

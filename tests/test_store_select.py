@@ -98,11 +98,28 @@ def test_global_keeps_exact_top_k_with_deterministic_ties(db):
     assert len(per_sample) < 10
 
 
-@pytest.mark.parametrize("k", [0.3, 0.29, 0.6, 0.77])
-def test_local_spends_the_global_budget_top_per_sample(tmp_path, k):
-    """Local keeps exactly round(k * N) tokens, as global does; each sample floor(k n_i) or one more, its best."""
+def _apportioned(k: float, lengths) -> dict[int, int]:
+    """Largest-remainder quotas in exact rational arithmetic: floor(k n_i), then one more for the
+    samples with the largest remainders (ties to the smaller sample id) until round(k N) is spent."""
+    from fractions import Fraction
+
+    kk = Fraction(str(k))
+    quota = {i: math.floor(kk * int(n)) for i, n in enumerate(lengths)}
+    spare = round(k * int(sum(lengths))) - sum(quota.values())
+    by_rest = sorted((i for i, n in enumerate(lengths) if kk * int(n) % 1), key=lambda i: (-(kk * int(lengths[i]) % 1), i))
+    for i in by_rest[:spare]:
+        quota[i] += 1
+    return quota
+
+
+@pytest.mark.parametrize("k,lengths", [(0.3, None), (0.29, None), (0.6, None), (0.77, None), (0.1, None),
+                                       (0.6, [2, 7, 12]),  # remainders all exactly 0.2: the id decides
+                                       (0.6, [12, 7, 2, 7, 12, 2])])
+def test_local_spends_the_global_budget_top_per_sample(tmp_path, k, lengths):
+    """Local keeps exactly round(k * N) tokens, as global does; each sample its best floor(k n_i), and one
+    more for the largest remainders k n_i - floor(k n_i), equal remainders going to the smaller sample id."""
     rng = np.random.default_rng(1)
-    lengths = rng.integers(1, 23, 40)
+    lengths = rng.integers(1, 23, 40) if lengths is None else np.array(lengths)
     rows = []
     for i, n_resp in enumerate(lengths):
         rows.append({"sample_id": i, "tokenization": "t", "uid": f"u{i}", "source": "t", "row_index": i, "part": 0,
@@ -122,10 +139,11 @@ def test_local_spends_the_global_budget_top_per_sample(tmp_path, k):
     loc = select_tokens(con, "l", "local", k, [0], iteration=1)
     glo = select_tokens(con, "g", "global", k, [0], iteration=1)
     assert loc["n_kept"] == glo["n_kept"] == round(k * len(toks))
+    quotas = _apportioned(k, lengths)
     for s, n in enumerate(lengths):
         kept = {p for (p,) in con.execute("SELECT pos FROM selected_tokens WHERE selection='l' AND sample_id=?",
                                           [s]).fetchall()}
-        assert math.floor(k * n + 1e-9) <= len(kept) <= math.ceil(k * n - 1e-9)
+        assert len(kept) == quotas[s], (s, n, len(kept), quotas[s])
         best = sorted(range(2, 2 + n), key=lambda p: -score[(s, p)])[:len(kept)]
         assert kept == set(best)
     con.close()

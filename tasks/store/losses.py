@@ -115,7 +115,7 @@ def ensure_scores(con, scores: str, base_model: str, ref_model: str, dataset: st
             [scores, ref_model, base_model, scores])
         added = con.execute("SELECT count(*) FROM token_scores WHERE scores = ?", [scores]).fetchone()[0] - before
     n, bad = con.execute(
-        f"SELECT count(*), count(*) FILTER (WHERE NOT isfinite(score)) FROM token_scores "
+        f"SELECT count(*), count(*) FILTER (WHERE score IS NULL OR NOT isfinite(score)) FROM token_scores "
         f"WHERE scores = ? AND sample_id IN (SELECT sample_id FROM {pool})", [scores]).fetchone()
     return {"n_scores": n, "n_added": added, "n_nonfinite": bad}
 

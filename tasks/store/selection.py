@@ -1,7 +1,8 @@
 """Token selections as SQL: global top-k and the baselines, written under the selection key.
 
 * ``global``: the paper's rule. Rank every candidate token of the pool by score and keep
-  exactly round(k * N); a sample may lose all its tokens.
+  exactly round(k * N) (Python's ``round`` of the float k * N: halves go to the even
+  integer); a sample may lose all its tokens.
 * ``local``: RHO-1 style, the top tokens within each sample, at the same total budget
   round(k * N) as ``global``: each sample keeps floor(k * n_i) or one more, the extra
   tokens going to the samples with the largest remainders k * n_i - floor(k * n_i)
@@ -9,6 +10,7 @@
   instead keeps 3.8% more tokens than global in the demo, and the comparison of the two
   methods would then be one of budgets as much as of rules.
 * ``random``: exactly round(k * N) tokens chosen by a seeded md5 order (reproducible anywhere).
+  It ranks no scores, so its N is every response token of the pool, scored or not.
 * ``full``: every response token.
 
 Ties are broken by (sample_id, pos); sample ids are content-addressed, so a selection is
@@ -77,7 +79,7 @@ def write_selection(con, selection: str, method: str, k: float, *, dataset: str,
         n_bad = 0
         if scores is not None and method in ("global", "local"):
             n_bad = con.execute(f"SELECT count(*) FROM ({scores_relation(scores, dataset, parts, False)}) "
-                                f"WHERE NOT isfinite(score)").fetchone()[0]
+                                f"WHERE score IS NULL OR NOT isfinite(score)").fetchone()[0]
         # recorded as the key sees them: only the inputs this method uses (full ignores k, only random a seed)
         ranked = method in ("global", "local")
         con.execute("INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
@@ -91,16 +93,23 @@ def write_selection(con, selection: str, method: str, k: float, *, dataset: str,
 def _local_sql(cand: str, k: float, n_keep: int) -> str:
     """Top tokens per sample, quotas apportioned by largest remainder so they sum to ``n_keep``.
 
-    The 1e-9 guards floor() against k * n landing just under an integer in binary
-    floating point (0.29 * 100 = 28.999999999999996).
+    The arithmetic is exact: k is the fraction p/q its decimal text names (0.6 is 3/5),
+    so sample i's share k * n_i is floor (p * n_i) // q plus the remainder (p * n_i) % q
+    in q-ths, all integers. Remainders computed in floating point carry rounding noise
+    (0.6 * 2 and 0.6 * 7 do not leave the same double remainder), which would let a
+    sample's length, not its id, decide between equal remainders.
     """
+    from fractions import Fraction
+
+    frac = Fraction(repr(float(k)))
+    p, q = frac.numerator, frac.denominator
     return f"""
         WITH c AS (SELECT sample_id, pos, score FROM ({cand})),
-             q AS (SELECT sample_id, floor({k} * count(*) + 1e-9)::BIGINT AS base,
-                          {k} * count(*) - floor({k} * count(*) + 1e-9) AS rest
+             q AS (SELECT sample_id, ({p}::HUGEINT * count(*)) // {q} AS base,
+                          ({p}::HUGEINT * count(*)) % {q} AS rest
                    FROM c GROUP BY sample_id),
              extra AS (SELECT sample_id, row_number() OVER (ORDER BY rest DESC, sample_id) AS r FROM q
-                       WHERE rest > 1e-9),
+                       WHERE rest > 0),
              quota AS (SELECT q.sample_id, q.base + CASE WHEN e.r <= {int(n_keep)} - (SELECT sum(base) FROM q)
                                                           THEN 1 ELSE 0 END AS quota
                        FROM q LEFT JOIN extra e USING (sample_id)),
