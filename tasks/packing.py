@@ -15,8 +15,9 @@ its own attention function, ``tokenclean_varlen``, with transformers' ``Attentio
   It is probed once per (device, dtype) against the per-segment fallback before use.
 * otherwise (CPU, fp32, or the probe failed): one causal SDPA call per sample slice.
 
-Both are exact block-diagonal causal attention; nothing is computed for padding
-because there is none.
+Both are exact block-diagonal causal attention, sliding-window where the layer asks for
+it; nothing is computed for padding because there is none. Attention features the
+kernels do not compute (logit softcapping, sinks) are refused, never approximated.
 """
 from __future__ import annotations
 
@@ -72,34 +73,45 @@ def pack_arrays(input_ids: list[np.ndarray], targets: list[np.ndarray]):
 # ---------------------------------------------------------------------------------------- attention
 
 
-def _segment_sdpa(q, k, v, cu_host, scale):
-    """(T, Hq, D) x (T, Hk, D) -> (T, Hq, D): causal SDPA per segment. Exact; any device/dtype."""
+def _segment_sdpa(q, k, v, cu_host, scale, window: int | None = None):
+    """(T, Hq, D) x (T, Hk, D) -> (T, Hq, D): causal SDPA per segment. Exact; any device/dtype.
+
+    ``window``: sliding-window attention as transformers defines it (a query at i sees keys
+    j with i - window < j <= i); None is full causal attention.
+    """
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     for s, e in zip(cu_host[:-1], cu_host[1:]):
         if e <= s:
             continue
+        causal = dict(is_causal=True)
+        if window is not None and e - s > window:
+            i = torch.arange(e - s, device=q.device)
+            causal = dict(attn_mask=(i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))
         o = F.scaled_dot_product_attention(
             q[s:e].transpose(0, 1).unsqueeze(0), k[s:e].transpose(0, 1).unsqueeze(0),
-            v[s:e].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=gqa)
+            v[s:e].transpose(0, 1).unsqueeze(0), scale=scale, enable_gqa=gqa, **causal)
         out[s:e] = o[0].transpose(0, 1)
     return out
 
 
-def _flash_varlen(q, k, v, cu, max_len, scale):
+def _flash_varlen(q, k, v, cu, max_len, scale, window: int | None = None):
+    # FlashAttention's window counts keys to the left of the query: transformers' window - 1 (its own flash path)
+    kw = {} if window is None else {"window_size_left": int(window) - 1, "window_size_right": 0}
     return torch.ops.aten._flash_attention_forward(
-        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)[0]
+        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale, **kw)[0]
 
 
 _FLASH_OK: dict[tuple, bool] = {}
 
 
-def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether PyTorch's flash varlen kernel runs here and agrees with the per-segment fallback (probed once)."""
+def flash_varlen_available(device: torch.device, dtype: torch.dtype, windowed: bool = False) -> bool:
+    """Whether PyTorch's flash varlen kernel runs here and agrees with the per-segment fallback (probed once,
+    and once more with a sliding window before a windowed model relies on it)."""
     device = torch.device(device)
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    key = (str(device), dtype)
+    key = (str(device), dtype, windowed)
     if key not in _FLASH_OK:
         ok = False
         try:
@@ -113,8 +125,9 @@ def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
             k = torch.randn(T, 2, 64, device=device, dtype=dtype, generator=g)
             v = torch.randn(T, 2, 64, device=device, dtype=dtype, generator=g)
             cu = torch.tensor(cu_host, dtype=torch.int32, device=device)
-            got = _flash_varlen(q, k, v, cu, max(lens), 0.125).float()
-            ref = _segment_sdpa(q.float(), k.float(), v.float(), cu_host, 0.125)
+            window = 16 if windowed else None
+            got = _flash_varlen(q, k, v, cu, max(lens), 0.125, window).float()
+            ref = _segment_sdpa(q.float(), k.float(), v.float(), cu_host, 0.125, window)
             ok = bool(torch.isfinite(got).all()) and float((got - ref).norm() / ref.norm()) < 2e-2
         except Exception:  # noqa: BLE001 - any failure means: use the fallback
             ok = False
@@ -122,23 +135,38 @@ def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _FLASH_OK[key]
 
 
-def varlen_attention(q, k, v, cu, cu_host, max_len, scale):
-    """Block-diagonal causal attention over packed (T, H, D) tensors."""
-    if flash_varlen_available(q.device, q.dtype) and q.shape[-1] <= 256:
-        return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, scale)
-    return _segment_sdpa(q, k, v, cu_host, scale)
+def varlen_attention(q, k, v, cu, cu_host, max_len, scale, window: int | None = None):
+    """Block-diagonal causal attention over packed (T, H, D) tensors (``window``: sliding-window)."""
+    if window is not None and max_len <= window:
+        window = None  # no segment is longer than the window: plain causal attention is the same
+    if flash_varlen_available(q.device, q.dtype, window is not None) and q.shape[-1] <= 256:
+        return _flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, max_len, scale, window)
+    return _segment_sdpa(q, k, v, cu_host, scale, window)
+
+
+# What an attention layer may ask for beyond (sliding-window) causal attention; the packed kernels do not
+# compute these, so a model that passes them is refused rather than scored with other attention.
+_UNSUPPORTED = {"softcap": "attention logit softcapping", "s_aux": "attention sinks"}
 
 
 def _transformers_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                                   **kwargs):
-    """transformers attention-interface entry: query (1, Hq, T, D), key/value (1, Hk, T, D)."""
+                                   sliding_window=None, **kwargs):
+    """transformers attention-interface entry: query (1, Hq, T, D), key/value (1, Hk, T, D).
+
+    Honours ``sliding_window`` (Mistral, Gemma-2/3's local layers, Phi-3, Qwen2 with
+    ``use_sliding_window``) as transformers' own masks do; refuses what it cannot compute.
+    """
     cu = kwargs.get("tc_cu_seqlens")
     if cu is None:
         raise RuntimeError(f"attention '{VARLEN_ATTN}' needs tc_cu_seqlens/tc_cu_host/tc_max_len kwargs")
     if query.shape[0] != 1:
         raise ValueError("packed attention expects a single packed row")
+    for name, what in _UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"the model's attention uses {what} ({type(module).__name__}); packed "
+                                      "scoring and training compute plain (sliding-window) causal attention only")
     out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                           cu, kwargs["tc_cu_host"], kwargs["tc_max_len"], scaling)
+                           cu, kwargs["tc_cu_host"], kwargs["tc_max_len"], scaling, sliding_window)
     return out.unsqueeze(0), None  # (1, T, Hq, D), like sdpa_attention_forward
 
 

@@ -148,6 +148,10 @@ def liger_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.
     own chunk (about hidden-sized logits). ``reduction="none"`` gives the per-token loss;
     ``return_token_accuracy`` gives argmax == target, the exact-match metric's need.
     """
+    if isinstance(lm_head, ScaledHead):  # (W h) / s = W (h / s): liger takes the weight, not the module
+        if getattr(lm_head.head, "bias", None) is not None:
+            raise NotImplementedError("score.linear_ce: liger with a biased, scaled lm_head")
+        hidden, lm_head = hidden / lm_head.divisor, lm_head.head
     out = _liger_fn()(hidden, lm_head.weight, targets, bias=getattr(lm_head, "bias", None), reduction="none",
                       return_token_accuracy=with_correct)
     if not with_correct:
@@ -212,14 +216,34 @@ def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     return 1.0 - float(lengths.sum()) / padded if padded else 0.0
 
 
+class ScaledHead(torch.nn.Module):
+    """lm_head followed by a division, as models with ``logits_scaling`` (Granite) compute their logits."""
+
+    def __init__(self, head: torch.nn.Module, divisor: float):
+        super().__init__()
+        self.head, self.divisor = head, float(divisor)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden) / self.divisor
+
+
 def decoder_and_head(model):
-    """Decoder and lm_head of a (PEFT-wrapped) causal LM; refuses models whose logits are not lm_head(h)."""
+    """Decoder and the function from hidden states to logits of a (PEFT-wrapped) causal LM.
+
+    That is ``lm_head``, or ``ScaledHead`` where the config divides the logits
+    (``logits_scaling``); models whose logits are anything else (softcapped, multiplied
+    by ``logit_scale``) are refused rather than scored wrong.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     for attr in ("final_logit_softcapping", "logit_scale"):
         if getattr(cfg, attr, None) not in (None, 1.0):
             raise NotImplementedError(f"model config sets {attr}; the chunked scorer assumes logits = lm_head(h)")
-    return base.get_decoder(), base.get_output_embeddings()
+    head = base.get_output_embeddings()
+    scaling = getattr(cfg, "logits_scaling", None)
+    if scaling not in (None, 1, 1.0):
+        head = ScaledHead(head, scaling)
+    return base.get_decoder(), head
 
 
 def _nan_where(losses: torch.Tensor, first: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -238,3 +238,46 @@ def test_torch_level_path_needs_no_pyarrow():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("5")
+
+
+def _family(name: str):
+    """Tiny random models of families whose attention or logits differ from Llama's."""
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, tie_word_embeddings=False)
+    cfg, cls = {
+        "mistral-window-8": (tf.MistralConfig(sliding_window=8, **common), tf.MistralForCausalLM),
+        "gemma3-window-8": (tf.Gemma3TextConfig(sliding_window=8, head_dim=16, **common), tf.Gemma3ForCausalLM),
+        "granite-logits-scaling": (tf.GraniteConfig(logits_scaling=8.0, **common), tf.GraniteForCausalLM),
+        "gemma2-softcap": (tf.Gemma2Config(head_dim=16, final_logit_softcapping=None, **common),
+                           tf.Gemma2ForCausalLM),
+    }[name]
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(20 * getattr(cfg, "logits_scaling", 1.0))
+    return m
+
+
+@pytest.mark.parametrize("family", ["mistral-window-8", "gemma3-window-8", "granite-logits-scaling"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_other_families_score_as_their_own_forward(family, packed):
+    """Sliding-window attention (every sample longer than the window) and scaled logits: the scorer's
+    losses are the model's own forward's, packed or padded."""
+    model = _family(family)
+    samples = _samples(12, seed=3, lo=20, hi=90)
+    ref = _reference(model, samples)
+    got = _by_key(score_arrays(model, samples, batch_tokens=256, chunk=17, device="cpu", packed=packed,
+                               with_correct=True))
+    np.testing.assert_array_equal(got["pos"], ref["pos"])
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(got["correct"], ref["correct"])
+    assert ref["loss"].std() > 0.5
+
+
+def test_attention_the_packed_kernels_cannot_compute_is_refused():
+    """Gemma-2's attention logit softcapping is not approximated by plain attention: refused, saying why."""
+    model = _family("gemma2-softcap")
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        score_arrays(model, _samples(2), batch_tokens=256, chunk=17, device="cpu", packed=True)
