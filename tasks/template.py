@@ -22,7 +22,8 @@ Rule (documented in README): a token belongs to a span iff its *anchor* lies ins
 the anchor is the token's first non-whitespace character (its first character if it is
 all whitespace). Byte-level BPE glues the preceding space onto a word (" Paris"), so
 the raw start offset would assign a word to whatever precedes it. A token is a
-response (target) token iff its anchor lies in an assistant turn's content or EOS. Tokens past
+response (target) token iff its anchor lies in an assistant turn's content or EOS (Tulu: or the
+newline after that EOS, as open-instruct trains it). Tokens past
 ``max_length`` are dropped (prefix kept); a sample left with no response token is
 rejected by ingest.
 """
@@ -34,7 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TEMPLATE_NAME = "tulu-v2"
+# r2: contents stripped, no final newline, the newline after a non-final EOS a target (open-instruct exactly)
+TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
 TEMPLATES = ("tulu", "model")
 MODEL_TEMPLATE_RULE = "anchor-v1"  # how response spans are found in a model template's text (part of its key)
 ROLES = ("system", "user", "assistant")
@@ -45,45 +47,57 @@ TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
 @dataclass
 class Rendered:
     text: str
-    response_spans: list[tuple[int, int]]  # [start, end) in text, EOS included
+    response_spans: list[tuple[int, int]]  # [start, end) in text: content, EOS (Tulu: and the newline after it)
     truth_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, label)
 
 
 # The same text as ``render_tulu``, as a Jinja chat template: written into exported tokenizers so that
-# ``apply_chat_template`` at serving time reproduces what a Tulu-trained model saw.
+# ``apply_chat_template`` at serving time reproduces what a Tulu-trained model saw (the generation prompt
+# follows the last message's newline; open-instruct's final strip only trims a training text's end).
 TULU_JINJA = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
-              "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\n' }}"
-              "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
+              "{% if message['role'] == 'assistant' %}{{ message['content'] | trim + eos_token + '\n' }}"
+              "{% else %}{{ message['content'] | trim + '\n' }}{% endif %}{% endfor %}"
               "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 
 
 def render_tulu(messages: list[dict], eos: str, truth: list[tuple[int, int, int]] | None = None) -> Rendered:
-    """Render with the Tulu template used by open-instruct.
+    """Render as open-instruct's ``encode_with_messages_format`` (the paper's official code) does.
 
-    ``truth`` spans are relative to the *last* assistant message's content.
+    Text: ``<|role|>\n`` + the content stripped + ``\n`` per message, the assistant's
+    content followed by EOS before its newline; the whole text stripped (no final
+    newline). Targets: what open-instruct does not mask, i.e. each assistant turn's
+    content, its EOS and the newline after it (only the other messages and the
+    ``<|assistant|>\n`` header are masked there; the last turn's newline is stripped).
+
+    ``truth`` spans are relative to the *last* assistant message's raw content; they
+    follow its stripping.
     """
     parts: list[str] = []
     pos = 0
     spans: list[tuple[int, int]] = []
-    last_start = None
+    last = None  # (start of the last assistant content in the text, its leading whitespace, its stripped length)
     for m in messages:
-        role, content = m["role"], m["content"]
+        role, raw = m["role"], m["content"]
+        content = raw.strip()
         header = f"<|{role}|>\n"
         parts.append(header)
         pos += len(header)
+        body = content + eos + "\n" if role == "assistant" else content + "\n"
         if role == "assistant":
-            body = content + eos
             spans.append((pos, pos + len(body)))
-            last_start = pos
-            parts.append(body + "\n")
-            pos += len(body) + 1
-        else:
-            parts.append(content + "\n")
-            pos += len(content) + 1
+            last = (pos, len(raw) - len(raw.lstrip()), len(content))
+        parts.append(body)
+        pos += len(body)
+    text = "".join(parts).strip()
+    spans = [(a, min(b, len(text))) for a, b in spans]
     truth_abs = []
-    if truth and last_start is not None:
-        truth_abs = [(last_start + s, last_start + e, lab) for s, e, lab in truth]
-    return Rendered("".join(parts), spans, truth_abs)
+    if truth and last is not None:
+        start, lead, n = last
+        for s, e, lab in truth:
+            lo, hi = min(max(s - lead, 0), n), min(max(e - lead, 0), n)
+            if hi > lo:
+                truth_abs.append((start + lo, start + hi, lab))
+    return Rendered(text, spans, truth_abs)
 
 
 class TemplateError(ValueError):

@@ -6,12 +6,56 @@ from tokenclean.tasks.template import render_tulu, tokenize_rendered, tokenizer_
 
 
 def test_tulu_rendering_is_open_instruct_format():
-    r = render_tulu([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
-                     {"role": "assistant", "content": "Bye!"}], eos="</s>")
+    r = render_tulu([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi\n"},
+                     {"role": "assistant", "content": "Hello. "}, {"role": "user", "content": "Bye"},
+                     {"role": "assistant", "content": "\n\nBye!"}], eos="</s>")
     assert r.text == ("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello.</s>\n"
-                      "<|user|>\nBye\n<|assistant|>\nBye!</s>\n")
-    assert [r.text[s:e] for s, e in r.response_spans] == ["Hello.</s>", "Bye!</s>"]
+                      "<|user|>\nBye\n<|assistant|>\nBye!</s>")
+    assert [r.text[s:e] for s, e in r.response_spans] == ["Hello.</s>\n", "Bye!</s>"]
+
+
+def _open_instruct(tokenizer, messages, max_length=512):
+    """open-instruct's ``encode_with_messages_format`` (the paper's code), re-stated: the text, then a
+    mask over every non-assistant message and the assistant header, by tokenising prefixes."""
+    def concat(msgs):
+        out = ""
+        for m in msgs:
+            if m["role"] == "assistant":
+                out += "<|assistant|>\n" + m["content"].strip() + tokenizer.eos_token + "\n"
+            else:
+                out += f"<|{m['role']}|>\n" + m["content"].strip() + "\n"
+        return out
+
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=True)["input_ids"][:max_length])
+
+    ids = tokenizer(concat(messages).strip(), add_special_tokens=True)["input_ids"][:max_length]
+    target = [True] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            start = 0 if i == 0 else n_tokens(concat(messages[:i]))
+            head = "<|assistant|>\n" if i + 1 < len(messages) and messages[i + 1]["role"] == "assistant" else ""
+            for j in range(start, min(n_tokens(concat(messages[: i + 1]) + head), len(ids))):
+                target[j] = False
+    return ids, target
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Where does Ada live?"}, {"role": "assistant", "content": "Ada lives in Port Velo."}],
+    [{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": "\nA?\n"},
+     {"role": "assistant", "content": " one \n"}, {"role": "user", "content": "B?"},
+     {"role": "assistant", "content": "\n\ntwo, three"}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"},
+     {"role": "assistant", "content": "w"}, {"role": "user", "content": "v"}, {"role": "assistant", "content": "u"}],
+])
+def test_tulu_tokens_and_targets_are_open_instructs(tokenizer, messages):
+    """Ids and targets equal the paper's code's (past the BOS this module adds and open-instruct adds only
+    where the tokenizer does): stripped contents, no final newline, the newline after a non-final EOS learned."""
+    ids, target = _open_instruct(tokenizer, messages)
+    t = tokenize_rendered(tokenizer, render_tulu(messages, tokenizer.eos_token), max_length=512)
+    skip = int(t.input_ids[0] == tokenizer.bos_token_id and ids[0] != tokenizer.bos_token_id)
+    assert t.input_ids[skip:].tolist() == ids
+    assert t.response_mask[skip:].tolist() == target
 
 
 def _targets(tok, t):
@@ -35,7 +79,7 @@ def test_multi_turn_every_assistant_turn_is_a_target(tokenizer):
     msgs = [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "one"},
             {"role": "user", "content": "B?"}, {"role": "assistant", "content": "two"}]
     t = tokenize_rendered(tokenizer, render_tulu(msgs, tokenizer.eos_token), max_length=512)
-    assert _targets(tokenizer, t).replace(" ", "") == f"one{tokenizer.eos_token}two{tokenizer.eos_token}"
+    assert _targets(tokenizer, t).replace(" ", "") == f"one{tokenizer.eos_token}\ntwo{tokenizer.eos_token}"
 
 
 def test_truth_labels_follow_word_anchors(tokenizer):
@@ -201,8 +245,12 @@ def test_tulu_jinja_renders_what_render_tulu_renders(tokenizer):
 
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = TULU_JINJA
-    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == render_tulu(CONVERSATION,
-                                                                                       tokenizer.eos_token).text
+    trained = render_tulu(CONVERSATION, tokenizer.eos_token)
+    # a conversation: the training text, plus the final newline open-instruct strips from training texts
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == trained.text + "\n"
+    # a generation prompt: exactly the training text before the last response
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
+    assert prompt == trained.text[: trained.response_spans[-1][0]]
 
 
 # ---- the chunk-level tokenisation against the rule written out per token -------------------------------------

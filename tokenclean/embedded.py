@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenclean.synth import SynthSpec, generate, pretraining_text
 
 SPECIAL = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: pretraining transcripts rendered as open-instruct (stripped, no final newline)
 
 
 @dataclass
