@@ -38,9 +38,26 @@ from tokenclean.tasks.template import (
     tokenizer_fingerprint,
 )
 
+try:  # transformers renders chat templates with jinja2; a template's raise_exception raises its TemplateError
+    from jinja2.exceptions import TemplateError as _JinjaTemplateError
+
+    _JINJA_ERRORS: tuple = (_JinjaTemplateError,)
+except ImportError:  # pragma: no cover - jinja2 comes with transformers
+    _JINJA_ERRORS = ()
+
 from tokenclean.tasks.keys import sample_id as content_sample_id
 from tokenclean.tasks.keys import tokenization_key
 from tokenclean.tasks.store.data import EVAL_PART, STAGE_Q_SCHEMA  # noqa: F401  (EVAL_PART re-exported)
+
+
+def _check_text(v: str, what: str) -> str:
+    """A string that Arrow and the tokenizer can take: no lone surrogates (JSON's ``"\ud800"``), which no
+    UTF-8 encoder accepts and which would otherwise fail the whole chunk's tokenizer call."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RowError(f"{what} is not valid Unicode ({e.reason} at character {e.start})") from None
+    return v
 
 
 def _require_str(obj: dict, key: str) -> str:
@@ -49,17 +66,22 @@ def _require_str(obj: dict, key: str) -> str:
         raise RowError(f"missing field '{key}'")
     if not isinstance(v, str):
         raise RowError(f"field '{key}' must be a string, got {type(v).__name__}")
-    return v
+    return _check_text(v, f"field '{key}'")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _spans(obj: dict, key: str, limit: int) -> list[tuple[int, int]]:
+    """``[[start, end], ...]`` character offsets into the response: integers, never coerced (3.9 is not 3)."""
     v = obj.get(key)
     if v is None:
         return []
-    try:
-        spans = [(int(s), int(e)) for s, e in v]
-    except (TypeError, ValueError):
-        raise RowError(f"field '{key}' must be a list of [start, end] pairs")
+    if not isinstance(v, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and _is_int(p[0]) and _is_int(p[1]) for p in v):
+        raise RowError(f"field '{key}' must be a list of [start, end] integer pairs")
+    spans = [(int(s), int(e)) for s, e in v]
     for s, e in spans:
         if not 0 <= s < e <= limit:
             raise RowError(f"field '{key}': span [{s}, {e}] outside the response (length {limit})")
@@ -96,7 +118,7 @@ class Normalized:
 def normalize(obj: Any) -> Normalized:
     if not isinstance(obj, dict):
         raise RowError(f"row must be a JSON object, got {type(obj).__name__}")
-    if "messages" in obj:
+    if obj.get("messages") is not None:  # a null column (Parquet / datasets rows of the other form) is absent
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise RowError("field 'messages' must be a non-empty list")
@@ -110,13 +132,13 @@ def normalize(obj: Any) -> Normalized:
             content = m.get("content")
             if not isinstance(content, str):
                 raise RowError(f"messages[{j}].content must be a string, got {type(content).__name__}")
-            messages.append({"role": role, "content": content})
+            messages.append({"role": role, "content": _check_text(content, f"messages[{j}].content")})
         assistants = [m for m in messages if m["role"] == "assistant"]
         if not assistants:
             raise RowError("no assistant message: nothing to train on")
         if messages[-1]["role"] != "assistant":
             raise RowError("last message must be the assistant's response")
-    elif "prompt" in obj or "response" in obj:
+    elif obj.get("prompt") is not None or obj.get("response") is not None:
         prompt, response = _require_str(obj, "prompt"), _require_str(obj, "response")
         if not prompt.strip():
             raise RowError("empty or whitespace-only prompt")
@@ -126,17 +148,24 @@ def normalize(obj: Any) -> Normalized:
     last = messages[-1]["content"]
     if not last.strip():
         raise RowError("empty or whitespace-only response")
-    truth = [(s, e, TRUTH_INFORMATIVE) for s, e in _spans(obj, "informative_spans", len(last))]
-    truth += [(s, e, TRUTH_CORRUPTED) for s, e in _spans(obj, "corrupted_spans", len(last))]
+    informative, corrupted = _spans(obj, "informative_spans", len(last)), _spans(obj, "corrupted_spans", len(last))
+    for s, e in informative:
+        for cs, ce in corrupted:
+            if s < ce and cs < e:
+                raise RowError(f"informative span [{s}, {e}] overlaps corrupted span [{cs}, {ce}]")
+    truth = [(s, e, TRUTH_INFORMATIVE) for s, e in informative] + [(s, e, TRUTH_CORRUPTED) for s, e in corrupted]
     answer = obj.get("answer")
     if answer is not None:
         if not isinstance(answer, str) or not answer.strip():
             raise RowError("field 'answer' must be a non-empty string")
         if answer not in last:
             raise RowError("field 'answer' does not occur in the response")
+        _check_text(answer, "field 'answer'")
     task = obj.get("task")
-    if task is not None and not isinstance(task, str):
-        raise RowError("field 'task' must be a string")
+    if task is not None:
+        if not isinstance(task, str):
+            raise RowError("field 'task' must be a string")
+        _check_text(task, "field 'task'")
     # Everything that shapes the stored sample (its tokens, labels, answer span, task) is
     # hashed: an edit to any of them makes a new sample, never a stale one.
     content_hash = hashlib.sha256(content_text(messages, task, answer, truth).encode()).hexdigest()[:16]
@@ -145,6 +174,8 @@ def normalize(obj: Any) -> Normalized:
         uid = content_hash
     elif isinstance(uid, bool) or not isinstance(uid, (str, int)):
         raise RowError(f"field 'id' must be a string or integer, got {type(uid).__name__}")
+    elif isinstance(uid, str):
+        _check_text(uid, "field 'id'")
     return Normalized(messages, str(uid), task, answer, truth, content_hash)
 
 
@@ -195,9 +226,18 @@ def source_name(source: str) -> str:
     return Path(source).name
 
 
+# What ingest derives from a row besides its tokens (which rows it refuses, the answer span): a change to
+# these rules makes new sample ids, since stored samples are immutable and found by id.
+# 2: strict spans, invalid Unicode / template refusals / answers the template strips quarantined, answers cut by
+# truncation get no span.
+INGEST_RULES = 2
+
+
 def tokenization_of(tokenizer, max_length: int, template: str = "tulu") -> str:
-    """Key of how ingest turns text into tokens: tokenizer, template (a model template by its text) and max length."""
-    return tokenization_key(tokenizer_fingerprint(tokenizer), template_id(tokenizer, template), max_length)
+    """Key of how ingest turns text into samples: tokenizer, template (a model template by its text), max length
+    and the ingest rules (``INGEST_RULES``)."""
+    return tokenization_key(tokenizer_fingerprint(tokenizer),
+                            f"{template_id(tokenizer, template)};ingest-r{INGEST_RULES}", max_length)
 
 
 CHUNK_ROWS = 2048
@@ -277,6 +317,13 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
                 rendered = render_one(norm.messages, norm.truth)
             except TemplateError as e:
                 raise RowError(str(e)) from e
+            except _JINJA_ERRORS as e:  # the template's own raise_exception ("roles must alternate", ...)
+                raise RowError(f"the chat template refuses the conversation: {e}") from e
+            if norm.answer is not None:
+                s, e = rendered.response_spans[-1]
+                if rendered.text.rfind(norm.answer, s, e) < 0:
+                    raise RowError("field 'answer' does not occur in the response as the template renders it "
+                                   "(the Tulu template strips surrounding whitespace)")
             good.append((row, norm, rendered))
         except RowError as e:
             quarantine.append({"ordinal": row.ordinal, "source": row.source, "row_index": row.index,
@@ -292,6 +339,8 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
             c0 = rendered.text.rfind(norm.answer, s, e)
             lo[i], hi[i] = c0, c0 + len(norm.answer)
     a_first, a_end, a_ok = toks.first_last_in(lo, hi)
+    # an answer truncation cut short has no span: its kept tokens are not the answer
+    a_ok &= hi <= toks.kept_char_end()
     a_start, a_end = np.where(a_ok, a_first, -1), np.where(a_ok, a_end, -1)
     scalars: dict[str, list] = {c: [] for c in ("sample_id", "uid", "source", "row_index", "part", "task", "answer",
                                                "content_hash", "text", "ordinal", "source_path", "raw")}
@@ -338,7 +387,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
 SPLIT_BYTES = (1 << 20, 64 << 20)
 SPLITS_PER_WORKER = 4
 # What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
-PARTS_VERSION = 1
+PARTS_VERSION = 2  # 2: INGEST_RULES 2
 
 
 def split_bytes_for(entries: list[str], eval_entries: list[str], workers: int) -> int:

@@ -82,11 +82,12 @@ def entry_files(entry: str) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"input not found: {entry}")
     if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix in FORMATS)
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in FORMATS)
         if not files:
-            raise ValueError(f"{entry}: directory holds no .jsonl/.json/.parquet files")
+            raise ValueError(f"{entry}: directory holds no .jsonl/.json/.parquet files (sub-directories are "
+                             "not read)")
         return files
-    if path.suffix not in FORMATS:
+    if path.suffix.lower() not in FORMATS:
         raise ValueError(f"{entry}: unsupported format (want .jsonl, .json, .parquet or hf:NAME)")
     return [entry]
 
@@ -122,7 +123,12 @@ def _load_hf(entry: str):
     if Path(name).is_dir():  # a dataset saved with save_to_disk
         ds = datasets.load_from_disk(name)
         if isinstance(ds, datasets.DatasetDict):
+            if (split or "train") not in ds:
+                raise ValueError(f"{entry}: the saved dataset has splits {list(ds)}, not {split or 'train'!r}")
             ds = ds[split or "train"]
+        elif split:
+            raise ValueError(f"{entry}: {name} is a single saved Dataset, with no split {split!r}; "
+                             f"use hf:{name}")
         return ds
     return datasets.load_dataset(name, split=split or "train")
 
@@ -139,7 +145,7 @@ def plan_splits(entries: list[str], eval_entries: list[str], target_bytes: int) 
                 per = max(1, int(target_bytes * n / max(1, ds.data.nbytes)))
                 ranges = [(a, min(n, a + per), a) for a in range(0, n, per)]
                 kind = "hf"
-            elif source.endswith(".parquet"):
+            elif source.lower().endswith(".parquet"):
                 import pyarrow.parquet as pq
 
                 meta = pq.ParquetFile(source).metadata
@@ -194,7 +200,8 @@ def _read_jsonl(split: Split) -> Iterator[RawRow]:
             pos += len(line)
             if line.strip():
                 try:
-                    text = line.decode("utf-8")
+                    # a byte-order mark opens some UTF-8 files (Windows tools): it is not part of the first row
+                    text = line.decode("utf-8-sig" if pos == len(line) else "utf-8")
                 except UnicodeDecodeError as e:
                     yield RawRow(split.source, i, None, line[:RAW_CHARS].decode("utf-8", "replace"),
                                  f"not valid UTF-8 ({e.reason} at byte {e.start})", ordinal=split.ordinal + i)

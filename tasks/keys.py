@@ -207,8 +207,11 @@ def inputs_fingerprint(entries: list[str]) -> str:
 
                 parts.append([entry, datasets.load_dataset(name, split=split or "train")._fingerprint])
             continue
+        from tokenclean.tasks.inputs import entry_files
+
         p = Path(entry)
-        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
+        # exactly the files ingest reads (a directory's top-level data files), so the key moves with them only
+        files = [Path(f) for f in entry_files(entry)] if p.exists() else []
         parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, file_sha256(f, cache=False))
                       for f in files])
     return digest("inputs", parts)

@@ -319,6 +319,15 @@ class TokenizedBatch:
                          self.truth[a:b] if self.has_truth[i] else None, bool(self.truncated[i]),
                          self.char_starts[a:b], self.char_ends[a:b])
 
+    def kept_char_end(self) -> np.ndarray:
+        """Per row, the end of the text its kept tokens cover (-1 if none): what truncation left of it."""
+        n = len(self.offsets) - 1
+        out = np.full(n, -1, dtype=np.int64)
+        nonempty = self.offsets[1:] > self.offsets[:-1]
+        if nonempty.any():
+            out[nonempty] = np.maximum.reduceat(self.char_ends.astype(np.int64), self.offsets[:-1][nonempty])
+        return out
+
     def first_last_in(self, char_lo: np.ndarray, char_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row: (first token, one past the last token, all of them targets) among the tokens whose
         anchor lies in ``[char_lo[i], char_hi[i])``; -1, -1, False where no token does."""

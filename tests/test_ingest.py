@@ -36,6 +36,14 @@ BAD = [  # (row, expected reason fragment)
     ({"prompt": "q", "response": "abc", "informative_spans": [[0, 9]]}, "outside the response"),
     ({"prompt": "long " * 400, "response": "r"}, "no response token within max_length"),
     ({"text": "only text"}, "neither 'messages' nor 'prompt'"),
+    # one bad row must never fail the chunk (or the run): each of these once did
+    (b'{"prompt": "P", "response": "abcdef", "informative_spans": [[0, Infinity]]}\n', "integer pairs"),
+    (b'{"prompt": "P \\ud800", "response": "abc"}\n', "not valid Unicode"),
+    ({"prompt": "q", "response": "abcdef", "informative_spans": [[0.9, 3.9]]}, "integer pairs"),
+    ({"prompt": "q", "response": "abcdef", "informative_spans": ["05"]}, "integer pairs"),
+    ({"prompt": "q", "response": "abcdef", "informative_spans": [[False, True]]}, "integer pairs"),
+    ({"prompt": "q", "response": "abcdef", "informative_spans": [[0, 4]], "corrupted_spans": [[3, 6]]}, "overlaps"),
+    ({"prompt": "q", "response": "The answer is 42 ", "answer": "42 "}, "as the template renders it"),
 ]
 
 
@@ -65,6 +73,49 @@ def test_answer_span_and_truth_are_token_aligned(tmp_path, tokenizer):
     assert tokenizer.decode(labelled).strip() == "deep blue"
 
 
+def test_an_answer_cut_by_truncation_has_no_span(tmp_path, tokenizer):
+    """The tokens truncation leaves of an answer are not the answer: no span, so no metric reads a part of it."""
+    row = {"prompt": "Colour?", "response": "It is deep blue sea green, I think.", "answer": "deep blue sea green"}
+    path = _write_jsonl(tmp_path / "a.jsonl", [row])
+    full = ingest([path], [], tokenizer, max_length=128, eval_fraction=0.0, n_parts=1, seed=0).samples.to_pylist()[0]
+    assert not full["truncated"] and full["answer_start"] >= 0
+    for cut in range(full["answer_start"] + 1, full["answer_end"]):  # every cut inside the answer
+        r = ingest([path], [], tokenizer, max_length=cut, eval_fraction=0.0, n_parts=1,
+                   seed=0).samples.to_pylist()[0]
+        assert r["truncated"] and (r["answer_start"], r["answer_end"]) == (-1, -1), cut
+    r = ingest([path], [], tokenizer, max_length=full["answer_end"], eval_fraction=0.0, n_parts=1,
+               seed=0).samples.to_pylist()[0]
+    assert (r["answer_start"], r["answer_end"]) == (full["answer_start"], full["answer_end"])  # cut just after it
+
+
+def test_a_byte_order_mark_and_null_columns_are_not_rows_content(tmp_path, tokenizer):
+    """A UTF-8 BOM before the first JSON line, and a null ``messages`` column beside prompt/response
+    (what Parquet and datasets give rows of a mixed file), are read as absent."""
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD[0]) + "\n").encode())
+    p = tmp_path / "mixed.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": GOOD[1]["messages"], "prompt": None, "response": None},
+                                         {"messages": None, "prompt": "What is 2+2?", "response": "4."}]), p)
+    res = ingest([str(j), str(p)], [], tokenizer, max_length=128, eval_fraction=0.0, n_parts=1, seed=0)
+    assert res.quarantine == [] and res.samples.num_rows == 3
+
+
+def test_a_chat_template_that_refuses_a_conversation_quarantines_the_row(tmp_path, tokenizer):
+    """A model template's own raise_exception (Mistral-v0.1, Llama-2: roles must alternate) refuses one row."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "{{ '[' + m['role'] + '] ' + m['content'] + eos_token }}{% endfor %}")
+    path = _write_jsonl(tmp_path / "a.jsonl", GOOD[:2])  # GOOD[1] opens with a system turn
+    res = ingest([path], [], tok, max_length=128, eval_fraction=0.0, n_parts=1, seed=0, template="model")
+    assert res.samples.num_rows == 1
+    assert [q["reason"] for q in res.quarantine] == [
+        "the chat template refuses the conversation: Conversation roles must alternate user/assistant"]
+
+
 def test_parquet_and_hf_dataset_inputs_match_jsonl(tmp_path, tokenizer):
     import datasets
 
@@ -88,6 +139,11 @@ def test_unknown_format_and_missing_file_fail_clearly(tmp_path, tokenizer):
         ingest([str(tmp_path / "x.csv")], [], tokenizer, max_length=64, eval_fraction=0, n_parts=1, seed=0)
     with pytest.raises(FileNotFoundError, match="input not found"):
         ingest([str(tmp_path / "nope.jsonl")], [], tokenizer, max_length=64, eval_fraction=0, n_parts=1, seed=0)
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "q", "response": "r"}]).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="no split 'test'"):
+        ingest([f"hf:{tmp_path / 'hf'}:test"], [], tokenizer, max_length=64, eval_fraction=0, n_parts=1, seed=0)
 
 
 def test_split_is_deterministic_and_balanced():
