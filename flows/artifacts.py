@@ -140,9 +140,11 @@ def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str,
                   parent: Model | None = None) -> _AdapterStep:
     cfg = ctx.cfg
     name = label(variant, iteration)
-    train_cfg = tcfg.learning()
-    if parent is not None:
-        train_cfg["lora"] = _lora_of_continued(ctx, name, tcfg, parent)
+    lora = _lora_of_continued(ctx, name, tcfg, parent) if parent is not None else None
+    train_cfg = tcfg.learning(cfg.ray.train_workers if cfg.ray.enabled else 1,
+                              lora["inherited_from_parent"]["dropout"] if lora else None)
+    if lora is not None:
+        train_cfg["lora"] = lora
     train_cfg["numerics"] = ctx.train_numerics
     key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
     inputs = {"base_model": ctx.base_model, "selection": selection, "train": train_cfg,

@@ -392,3 +392,18 @@ def test_linear_ce_keys_the_losses_only_where_it_departs_from_the_plain_path():
     before = keys.scorer_key("m", {"numerics": ["cuda", "bfloat16"], "backend": "transformers", "compile": True})
     assert key() == key({"linear_ce": "chunked"}) == before
     assert key({"linear_ce": "liger"}) != before
+
+
+def test_dropout_puts_the_layout_that_draws_its_masks_into_the_adapter_key():
+    """LoRA dropout draws masks micro-batch by micro-batch on each worker: with it on, the micro-batch size and
+    the number of workers change the adapter (measured: 20% of the weights' scale), so they key it; without
+    it they only move rounding and do not (``test_training_cluster``: layouts agree at dropout 0)."""
+    from tokenclean.config import TrainConfig
+
+    on, off = {}, {"lora": {"dropout": 0.0}}
+    assert TrainConfig(per_device_batch_size=8, **on).learning(1) != TrainConfig(per_device_batch_size=4, **on).learning(1)
+    assert TrainConfig(**on).learning(1) != TrainConfig(**on).learning(2)
+    assert TrainConfig(per_device_batch_size=8, **off).learning(1) == TrainConfig(per_device_batch_size=4, **off).learning(2)
+    # a continued adapter trains with its parent's dropout, whatever train.lora says
+    assert TrainConfig(**off).learning(1, dropout=0.1) != TrainConfig(**off).learning(2, dropout=0.1)
+    assert TrainConfig(**on).learning(1, dropout=0.0) == TrainConfig(**on).learning(2, dropout=0.0)

@@ -115,7 +115,10 @@ class TrainConfig(_Strict):
     ``per_device_batch_size`` x gradient accumulation x ``ray.train_workers``; the
     accumulation is derived and must come out whole. Fields marked *execution* change how
     the work is spread, not what is learned, so they are not part of an adapter's key
-    (they do key its checkpoints: a resumed run continues only under the same layout).
+    (they do key its checkpoints: a resumed run continues only under the same layout) --
+    unless LoRA dropout is on: its masks are drawn micro-batch by micro-batch on each
+    worker, so then the micro-batch size, the strategy and the number of workers change
+    the adapter and are part of its key (``learning``).
     """
 
     lr: float = 1e-4
@@ -137,9 +140,20 @@ class TrainConfig(_Strict):
     EXECUTION: ClassVar[frozenset[str]] = frozenset(
         {"per_device_batch_size", "gradient_checkpointing", "checkpoint_every", "strategy"})
 
-    def learning(self) -> dict:
-        """The fields that decide what is learned: an adapter's key is derived from these."""
-        return self.model_dump(mode="json", exclude=set(self.EXECUTION))
+    # what decides the dropout masks of a training run, beyond the seed (gradient checkpointing replays them)
+    DROPOUT_LAYOUT: ClassVar[tuple[str, ...]] = ("per_device_batch_size", "strategy")
+
+    def learning(self, workers: int = 1, dropout: float | None = None) -> dict:
+        """The fields that decide what is learned: an adapter's key is derived from these.
+
+        ``dropout``: the LoRA dropout the adapter trains with, when not ``lora.dropout``
+        (a continued adapter keeps its parent's). Above 0, the layout that draws its masks
+        (``DROPOUT_LAYOUT`` and ``workers``) is part of what is learned.
+        """
+        out = self.model_dump(mode="json", exclude=set(self.EXECUTION))
+        if (self.lora.dropout if dropout is None else dropout) > 0:
+            out["dropout_layout"] = {f: getattr(self, f) for f in self.DROPOUT_LAYOUT} | {"workers": int(workers)}
+        return out
 
     def accumulation(self, workers: int) -> int:
         per_step = self.per_device_batch_size * workers
