@@ -29,6 +29,8 @@ rejected by ingest.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ import numpy as np
 # r2: contents stripped, no final newline, the newline after a non-final EOS a target (open-instruct exactly)
 TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
 TEMPLATES = ("tulu", "model")
-MODEL_TEMPLATE_RULE = "anchor-v1"  # how response spans are found in a model template's text (part of its key)
+MODEL_TEMPLATE_RULE = "anchor-v2"  # how response spans are found in a model template's text (part of its key); v2: FIXED_DATE
 ROLES = ("system", "user", "assistant")
 # Ground-truth token labels, used only when the input carries them (synthetic demo data).
 TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
@@ -199,14 +201,50 @@ def render_model_template(tokenizer, messages: list[dict], truth: list[tuple[int
     return _model_renderer(tokenizer)(messages, truth)
 
 
+# A chat template that prints today's date (Llama-3.1/3.2: "Today Date: 26 Jul 2024") would make a sample's
+# tokens depend on the day it was ingested, under one key: templates render with this fixed date instead,
+# given as ``date_string`` (the variable those templates read first) and as the clock of ``strftime_now``.
+FIXED_DATE = datetime.datetime(2024, 7, 26)
+
+
+class _FixedClock(datetime.datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls.fromtimestamp(FIXED_DATE.timestamp(), tz)
+
+
+@contextlib.contextmanager
+def _fixed_clock(template: str):
+    """transformers' ``strftime_now`` reads ``datetime.now()`` of its module at call time: point that at
+    ``FIXED_DATE`` while rendering. Templates calling it are refused where that cannot be done."""
+    if "strftime_now" not in template:
+        yield
+        return
+    from transformers.utils import chat_template_utils as ctu
+
+    if getattr(ctu, "datetime", None) is not datetime.datetime:
+        raise TemplateError("the chat template prints the current date (strftime_now), which this transformers "
+                            "version does not let ingest fix; a sample would change with the day it is ingested")
+    ctu.datetime = _FixedClock
+    try:
+        yield
+    finally:
+        ctu.datetime = datetime.datetime
+
+
 def _model_renderer(tokenizer):
     template = chat_template_of(tokenizer)
-    kwargs = dict(tokenizer.special_tokens_map)
+    fixed = {"date_string": FIXED_DATE.strftime("%d %b %Y")}
+    kwargs = dict(tokenizer.special_tokens_map) | fixed
     specials = _special_strings(tokenizer)
     eos = tokenizer.eos_token
     marked = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
     def render_one(messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
+        with _fixed_clock(template):
+            return _render(messages, truth)
+
+    def _render(messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if marked:
             from transformers.utils.chat_template_utils import render_jinja_template
@@ -228,11 +266,11 @@ def _model_renderer(tokenizer):
                                         "place the ground-truth spans")
                 content_start = found - (len(last) - len(last.lstrip()))
         else:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **fixed)
             skeleton_msgs = [dict(m) for m in messages]
             for n, i in enumerate(assistants):
                 skeleton_msgs[i]["content"] = f"\ue000{n}\ue001"
-            skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False)
+            skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False, **fixed)
             located = _aligned_spans(text, skeleton, [messages[i]["content"] for i in assistants])
             spans = [(s, _extend_over_terminator(text, e, specials, eos)) for s, e, _ in located]
             s_last, _, lead = located[-1]
@@ -468,7 +506,7 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the vocabulary, merges and special tokens: anything that changes ids."""
+    """Hash of the vocabulary, merges and special tokens: anything that changes ids or which tokens are special."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -476,4 +514,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:  # slow tokenizer: vocab is the best we have
         h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)).encode())
+    # which tokens are special (tokenizer_config.json can mark more than tokenizer.json does): it decides
+    # what a template's end-of-turn target is, and where generation stops
+    h.update(repr(sorted(_special_strings(tokenizer))).encode())
     return h.hexdigest()[:16]

@@ -356,3 +356,28 @@ def test_tokenisation_ignores_truncation_and_padding_set_in_the_tokenizer_file(t
                      {"role": "assistant", "content": "Gia lives in Oakhollow."}], tok.eos_token)
     got = tokenize_batch(tok, [r], 512).row(0)
     assert got.input_ids.tolist() == _rule(tokenizer, r, 512)[0]
+
+
+def test_a_template_that_prints_the_date_renders_the_same_every_day(tmp_path, tiny):
+    """Llama-3.1/3.2 templates print today's date: rendered with a fixed one, a sample is the same whatever
+    day it is ingested (its key cannot say the day)."""
+    from tokenclean.tasks.template import FIXED_DATE, render_model_template
+
+    dated = ("{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+             "{{ 'Today: ' + date_string + ' / ' + strftime_now('%Y-%m-%d') + '\\n' }}"
+             "{% for m in messages %}{{ '[' + m['role'] + '] ' + m['content'] + eos_token + '\\n' }}{% endfor %}")
+    tok = model_tokenizer(tmp_path, tiny, dated)
+    text = render_model_template(tok, CONVERSATION).text
+    assert text.startswith(f"Today: {FIXED_DATE:%d %b %Y} / {FIXED_DATE:%Y-%m-%d}\n")
+
+
+def test_marking_a_token_special_changes_the_tokenizer_fingerprint(tmp_path, tiny):
+    """tokenizer_config.json can make a token special without touching tokenizer.json; that changes the
+    end-of-turn targets, so it must change the key."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    before = tokenizer_fingerprint(tok)
+    word = next(t for t in tok.get_vocab() if t.isalpha() and len(t) > 3)  # in the vocabulary, not special
+    tok.add_special_tokens({"additional_special_tokens": [word]})
+    assert tokenizer_fingerprint(tok) != before
