@@ -18,7 +18,7 @@ import numpy as np
 from tokenclean.tasks import store
 from tokenclean.tasks.score import ShardSample, process_model
 
-METRICS_VERSION = "loss+cloze+generated-v2"  # part of an evaluation's key: a new metric is a new evaluation
+METRICS_VERSION = "loss+cloze+generated-v3"  # v3: greedy whatever the checkpoint's generation config; whole words  # part of an evaluation's key: a new metric is a new evaluation
 
 
 def load_eval_samples(con, dataset: str, max_samples: int | None = None):
@@ -42,7 +42,20 @@ def normalize_answer(text: str) -> str:
 
 
 def answer_found(answer: str, generated: str) -> bool:
-    return normalize_answer(answer) in normalize_answer(generated)
+    """The answer occurs in the generated text as whole words (case and spacing normalised): "4" is not
+    found in "14 apples", nor "B" in "Because"."""
+    pattern = r"(?<!\w)" + re.escape(normalize_answer(answer)) + r"(?!\w)"
+    return re.search(pattern, normalize_answer(generated)) is not None
+
+
+# Greedy decoding, whatever the model's generation_config.json asks for: transformers fills every generation
+# setting a call leaves unset from that file (a repetition penalty, a contrastive-search alpha, suppressed
+# tokens), which would make "greedy" depend on the checkpoint.
+GREEDY = dict(do_sample=False, num_beams=1, num_beam_groups=1, penalty_alpha=None, repetition_penalty=1.0,
+              encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None, suppress_tokens=None,
+              begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None, sequence_bias=None,
+              min_length=0, min_new_tokens=None, exponential_decay_length_penalty=None, guidance_scale=None,
+              dola_layers=None, watermarking_config=None)
 
 
 def stop_token_ids(tokenizer, samples) -> list[int]:
@@ -77,7 +90,7 @@ def generate_responses(model, tokenizer, prompts: list[np.ndarray], *, max_new_t
             ids[r, width - len(p):] = torch.from_numpy(np.asarray(p, dtype=np.int64))
             mask[r, width - len(p):] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **GREEDY,
                                  max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None, pad_token_id=pad)
         for r, j in enumerate(order[i:i + batch_size]):
             new = gen[r, width:].tolist()

@@ -1,6 +1,7 @@
 """LoRA training on selected tokens and held-out evaluation, on the tiny real model."""
 
 import json
+import re
 import numpy as np
 import pytest
 import torch
@@ -137,9 +138,52 @@ def test_answer_metrics_equal_greedy_decoding(tiny, data):
         assert ok == greedy, r["sample_id"]
         n_cloze += greedy
         text = tok.decode(free[0, start:].tolist(), skip_special_tokens=True)
-        n_gen += " ".join(r["answer"].lower().split()) in " ".join(text.lower().split())
+        norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+        n_gen += re.search(r"(?<!\w)" + re.escape(norm(r["answer"])) + r"(?!\w)", norm(text)) is not None
     res = evaluate_model(str(tiny.model), None, samples, meta, batch_tokens=4096, max_new_tokens=40)
     assert res["overall"]["answer_cloze_match"] == pytest.approx(n_cloze / len(evals))
     assert res["overall"]["answer_match"] == pytest.approx(n_gen / len(evals))
     assert set(res["by_task"]) <= {"city", "job", "pet", "hobby"}
     assert res["overall"]["response_loss"] > 0
+
+
+def test_answer_is_found_as_whole_words():
+    from tokenclean.tasks.evaluate import answer_found
+
+    assert answer_found("Port Velo", "Ana lives in  port velo.")
+    assert answer_found("$5", "It costs $5 today") and answer_found("a heron", "A heron!")
+    assert not answer_found("4", "There are 14 apples.") and not answer_found("B", "Because A")
+    assert not answer_found("Dot", "a heron named Dotty")
+
+
+def test_generation_is_greedy_whatever_the_checkpoint_asks_for(tiny, data, tmp_path):
+    """A generation_config.json with sampling settings and a repetition penalty (Qwen2.5-Instruct ships
+    one) does not change the metric's decoding: it equals a hand-written argmax loop."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenclean.tasks.evaluate import generate_responses, last_turn_start
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.model, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.3,
+         "no_repeat_ngram_size": 2}))
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    _, evals = data
+    prompts = [np.array(r["input_ids"][:last_turn_start(np.array(r["response_mask"]))]) for r in evals[:12]]
+    got = generate_responses(model, tok, prompts, max_new_tokens=24, stop_ids=[tok.eos_token_id], device="cpu")
+    for p, text in zip(prompts, got):
+        ids = torch.tensor([p.tolist()])
+        new = []
+        with torch.no_grad():
+            for _ in range(24):
+                nxt = int(model(ids).logits[0, -1].argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        assert text == tok.decode(new, skip_special_tokens=True)
