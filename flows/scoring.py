@@ -15,6 +15,7 @@ written by another model version can never be loaded.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from tokenclean.tasks import storage, store
 from tokenclean.tasks.score import SampleBatch
-from tokenclean.tasks.steps import score_shard_task
+from tokenclean.tasks.steps import SHARD_META, score_shard_task
 from tokenclean.flows.runtime import scoring_slots
 
 
@@ -75,11 +76,13 @@ def plan_shards(con, model_key: str, dataset: str, parts: list[int], max_tokens:
     return chunk_shards(ids, lengths, store.next_shard(con, model_key), budget, max_samples), total
 
 
-def recover_orphan_shards(con, model_key: str, shard_dir: str) -> tuple[int, int]:
-    """Load shards written but never loaded (the driver died in between).
+def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | None = None) -> tuple[int, int]:
+    """Load shards written but never loaded (the driver died in between, or stopped at a worker's mismatch).
 
-    A shard is loaded only if none of its samples has losses yet; otherwise it is stale
-    (its samples were re-scored under another shard id) and is deleted.
+    A shard is loaded only if none of its samples has losses yet (otherwise it is stale:
+    its samples were re-scored under another shard id) and, given ``scorer`` (the key's
+    settings), only if the numerics and kernel its file says it was computed with are the
+    key's; any other is deleted, and its samples are scored again.
     """
     done = store.loaded_shards(con, model_key)
     n_shards = n_samples = 0
@@ -89,12 +92,21 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str) -> tuple[int, int
             continue
         table = storage.read_table(path, columns=["sample_id"])
         ids = sorted(set(table.column("sample_id").to_pylist()))
-        if store.count_scored(con, model_key, ids):
+        if store.count_scored(con, model_key, ids) or not _made_as_keyed(table.schema.metadata, scorer):
             storage.remove(path)
             continue
         _load(con, model_key, shard, path)
         n_shards, n_samples = n_shards + 1, n_samples + len(ids)
     return n_shards, n_samples
+
+
+def _made_as_keyed(metadata: dict | None, scorer: dict | None) -> bool:
+    """Whether a shard file's record of how it was computed agrees with the losses' key (``SHARD_META``)."""
+    if scorer is None:
+        return True
+    made = json.loads((metadata or {}).get(SHARD_META, b"{}"))
+    want = {"numerics": scorer["numerics"], "linear_ce": scorer.get("linear_ce", "chunked")}
+    return all(made[k] == v for k, v in want.items() if k in made)
 
 
 def _load(con, model_key: str, shard: int, path: str) -> int:
@@ -132,7 +144,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     t_plan = time.perf_counter()
     shard_dir = ctx.shard_dir(model_key)
     n_total = store.count_pool(con, ctx.dataset, parts)[0]
-    rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir)
+    rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir, ctx.scorer)
     slots = scoring_slots(cfg.ray)
     todo, total = plan_shards(con, model_key, ctx.dataset, parts, cfg.score.shard_tokens, cfg.score.shard_samples,
                               slots)
@@ -179,6 +191,10 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
             spans[res["shard"]] += [*res.get("span", (None, None)), time.time()]
             for k, v in res.get("timing", {}).items():
                 worker[k] = worker.get(k, 0.0) + v
+            mismatch = (res.get("numerics") is not None and res["numerics"] != ctx.scorer["numerics"]) or (
+                res.get("linear_ce") is not None and res["linear_ce"] != ctx.scorer.get("linear_ce", "chunked"))
+            if mismatch:  # the file is not what the key says: never left for a later run to recover
+                storage.remove(res["path"])
             if res.get("numerics") is not None and res["numerics"] != ctx.scorer["numerics"]:
                 raise RuntimeError(
                     f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "

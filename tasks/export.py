@@ -161,6 +161,21 @@ def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Pat
 
 # ---- a run's names -> what to export ------------------------------------------------------------------------
 
+def verified_base(con, base_key: str) -> str:
+    """Path of the base model a run recorded under ``base_key``, after checking its weights are still the
+    ones hashed into that key: a model directory rewritten in place since the run would otherwise be merged
+    (or evaluated) under the old key."""
+    from tokenclean.tasks import keys, store
+
+    inputs = store.model_inputs(con, base_key)
+    path = inputs["path"]
+    now = keys.weights_hash(keys.resolve_model_dir(path))
+    if now != inputs["weights"]:
+        raise ValueError(f"the base model at {path} is not the one this run used: its weights hash {now[:12]}, "
+                         f"the run's {inputs['weights'][:12]}. Restore those weights, or re-run the pipeline")
+    return path
+
+
 def _open_run(run: Path):
     from tokenclean.tasks import store
 
@@ -222,8 +237,10 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
         iteration, train_key = found[-1]
         rec = store.adapter_record(con, train_key)
         base_key = rec["inputs"]["base_model"]
-        base_path = store.model_inputs(con, base_key)["path"]
-        dataset = store.artifact_inputs(con, "dataset", store.latest_dataset(con))["inputs"]
+        base_path = verified_base(con, base_key)
+        # the template and tokenizer of the data this adapter was trained on (not of whichever run came last)
+        trained_on = store.selection_record(con, rec["inputs"]["selection"])["dataset"]
+        dataset = store.artifact_inputs(con, "dataset", trained_on)["inputs"]
     finally:
         con.close()
     label = f"{name.split('@')[0]}@{iteration}" if name.startswith("self-evolving") else name

@@ -334,7 +334,9 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
         base_key = output_key(con, "base", "model")
         if base_key is None:
             raise ValueError(f"{db} has no finished flow run: run the pipeline first")
-        base = store.model_inputs(con, base_key)["path"]
+        from tokenclean.tasks.export import verified_base
+
+        base = verified_base(con, base_key)
         model_key, adapter_dir = base_key, None
         if adapter:
             train_key = output_key(con, adapter, "adapter")

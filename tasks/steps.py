@@ -9,6 +9,7 @@ they need as arguments and are shipped to Ray with the resources they declare.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 
@@ -22,6 +23,7 @@ from tokenclean.tasks.score import process_model
 from tokenclean.tasks.train import TrainJob, train_worker
 
 _PLUGINS: dict = {}
+SHARD_META = b"tokenclean.scorer"  # Parquet metadata of a shard file: how its losses were computed
 
 
 def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str, compile: bool = False,
@@ -86,6 +88,9 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
     table = sm.losses(samples, adapter=adapter, adapter_key=model_key if adapter else None,
                       batch_tokens=batch_tokens, chunk=chunk)
     t2 = time.perf_counter()
+    # what computed these losses travels in the file: a shard recovered by a later run is checked against its key
+    made_by = {k: getattr(sm, k) for k in ("numerics", "linear_ce") if getattr(sm, k, None) is not None}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SHARD_META: json.dumps(made_by)})
     storage.write_parquet(table, out_path)
     losses = table.column("loss").to_numpy()
     t3 = time.perf_counter()

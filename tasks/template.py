@@ -56,7 +56,8 @@ class Rendered:
 # The same text as ``render_tulu``, as a Jinja chat template: written into exported tokenizers so that
 # ``apply_chat_template`` at serving time reproduces what a Tulu-trained model saw (the generation prompt
 # follows the last message's newline; open-instruct's final strip only trims a training text's end).
-TULU_JINJA = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
+TULU_JINJA = ("{% if bos_token %}{{ bos_token }}{% endif %}"  # ingest puts BOS first wherever the tokenizer has one
+              "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' }}"
               "{% if message['role'] == 'assistant' %}{{ message['content'] | trim + eos_token + '\n' }}"
               "{% else %}{{ message['content'] | trim + '\n' }}{% endif %}{% endfor %}"
               "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")

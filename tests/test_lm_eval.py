@@ -177,7 +177,10 @@ def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs
     con = store.connect(run / "tokenclean.duckdb")
     shutil.copytree(adapter, run / "adapters" / "a1")
     # what a flow run leaves: the base model and the reference's adapter, by name -> key
-    store.record_model(con, "b0", "base", {"path": str(tiny.model)})
+    from tokenclean.tasks import keys
+
+    store.record_model(con, "b0", "base", {"name": "embedded", "weights": keys.weights_hash(tiny.model),
+                                           "path": str(tiny.model)})
     store.record_adapter(con, "a1", "c1", "adapters/a1", {}, {}, {})
     flow_run = store.start_flow_run(con, "fixed-model-cleaning", {}, "d0")
     store.record_output(con, flow_run, "base", 0, "model", "b0", False)

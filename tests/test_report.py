@@ -56,7 +56,7 @@ def _uids_in_parts(prefix: str, parts: set[int], n: int) -> list[str]:
 
 def _extra_source(path: Path) -> None:
     """A second training source: an HTML/script injection, ordinary rows, and rows that must be quarantined."""
-    inj, *rest = _uids_in_parts("extra", {1, 2}, 5)
+    inj, *rest = _uids_in_parts("extra", {1, 2}, 4)  # 4 rows: all shown (8 samples, round-robin over 2 sources)
     rows = [{"id": inj, "task": "motto", "prompt": INJECTED, "response": "Our motto is <i>always</i> \"1 < 2 & 3 > 2\".",
              "answer": "always"}]
     rows += [{"id": u, "task": "motto", "prompt": f"Question {u}?", "response": f"The answer for {u} is yes."}

@@ -293,3 +293,28 @@ def test_shards_cover_every_sample_once_within_their_budgets(seed):
     if max_samples is None and budget > MIN_SHARD_TOKENS and budget < cap:
         # sized from the pool: about 4 shards per slot (more only from samples that do not fit evenly)
         assert len(shards) <= 4 * slots + int(np.ceil(lengths.max() * len(shards) / budget))
+
+
+def test_a_shard_file_computed_otherwise_than_its_key_says_is_never_recovered(db, tmp_path):
+    """An orphan shard (written, never loaded: the driver stopped) is recovered only if the numerics and
+    kernel its file records are the key's; otherwise it is deleted and its samples are scored again."""
+    import json
+
+    from tokenclean.flows.scoring import recover_orphan_shards
+    from tokenclean.tasks.steps import SHARD_META
+
+    con, _ = db
+    key = "f0"
+    scorer = {"numerics": ["cpu", "float32"], "backend": "transformers", "compile": False}
+    toks = [(s, p, 1.0) for s in range(3) for p in range(2, 7)]
+    for shard, made in ((0, {"numerics": ["cpu", "bfloat16"]}), (1, {"numerics": ["cpu", "float32"],
+                                                                     "linear_ce": "liger"})):
+        table = _losses(key, [t for t in toks if t[0] == shard])
+        storage.write_parquet(table.replace_schema_metadata({SHARD_META: json.dumps(made)}),
+                              storage.shard_path(str(tmp_path / "shards"), shard))
+    good = _losses(key, [t for t in toks if t[0] == 2]).replace_schema_metadata(
+        {SHARD_META: json.dumps({"numerics": ["cpu", "float32"], "linear_ce": "chunked"})})
+    storage.write_parquet(good, storage.shard_path(str(tmp_path / "shards"), 2))
+    assert recover_orphan_shards(con, key, str(tmp_path / "shards"), scorer) == (1, 1)
+    assert storage.shard_files(str(tmp_path / "shards")) == [storage.shard_path(str(tmp_path / "shards"), 2)]
+    assert con.execute("SELECT DISTINCT sample_id FROM token_losses WHERE model = ?", [key]).fetchall() == [(2,)]

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 from tokenclean.tasks.template import render_tulu, tokenize_rendered, tokenizer_fingerprint
@@ -246,11 +248,18 @@ def test_tulu_jinja_renders_what_render_tulu_renders(tokenizer):
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.chat_template = TULU_JINJA
     trained = render_tulu(CONVERSATION, tokenizer.eos_token)
-    # a conversation: the training text, plus the final newline open-instruct strips from training texts
-    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == trained.text + "\n"
+    bos = tokenizer.bos_token
+    # a conversation: BOS (ingest prepends it), the training text, and the final newline open-instruct strips
+    assert tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == bos + trained.text + "\n"
     # a generation prompt: exactly the training text before the last response
     prompt = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=False, add_generation_prompt=True)
-    assert prompt == trained.text[: trained.response_spans[-1][0]]
+    assert prompt == bos + trained.text[: trained.response_spans[-1][0]]
+    # as token ids (how a chat server tokenises it): the ids the model was trained and evaluated on
+    ids = tokenizer.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    full = tokenize_rendered(tokenizer, trained, max_length=512)
+    last = int(np.flatnonzero(np.diff(np.flatnonzero(full.response_mask)) > 1)[-1]) + 1
+    assert list(ids) == full.input_ids[: np.flatnonzero(full.response_mask)[last]].tolist()
 
 
 # ---- the chunk-level tokenisation against the rule written out per token -------------------------------------

@@ -92,7 +92,9 @@ def _current_selections(con) -> list[dict]:
         if o["kind"] == "selection" and o["variant"] != "reference":
             rec = store.selection_record(con, o["key"])
             if rec is not None:
-                out.append(rec | {"name": label(o["variant"], o["iteration"]),
+                # the dataset of the flow run that output it: a selection found by key may have been made
+                # from another dataset with the same samples (the same rows under other file names)
+                out.append(rec | {"name": label(o["variant"], o["iteration"]), "dataset": o["dataset"],
                                   "part_list": [int(p) for p in rec["parts"].split(",")]})
     return out
 

@@ -99,8 +99,9 @@ def current_outputs(con) -> list[dict]:
     Among the latest run of each flow, a variant's outputs come from the newest run that
     recorded it, all of them from that run: a variant's selection, adapter and evaluation
     are never mixed across runs. lm-eval results are a group of their own, listed beside
-    the run's evaluation of the same model, never instead of it. ``dataset`` is the
-    dataset the flow run worked on.
+    the run's evaluation of the same model, never instead of it, and only while they are
+    of the model the variant has now (a re-run that retrains a variant leaves its older
+    lm-eval results behind). ``dataset`` is the dataset the flow run worked on.
     """
     cur = con.execute(
         """WITH latest AS (SELECT flow_run, started_at, dataset FROM (
@@ -110,10 +111,21 @@ def current_outputs(con) -> list[dict]:
                                 l.started_at, l.dataset, o.kind = 'lm-eval' AS ext
                          FROM run_outputs o JOIN latest l USING (flow_run)),
                 pick AS (SELECT variant, ext, arg_max(flow_run, started_at) AS flow_run FROM cand GROUP BY ALL)
-           SELECT c.variant, c.iteration, c.kind, c.key, c.computed, c.flow_run, c.dataset
+           SELECT c.variant, c.iteration, c.kind, c.key, c.computed, c.flow_run, c.dataset,
+                  coalesce(a.model, e.model) AS model
            FROM cand c JOIN pick p ON p.variant = c.variant AND p.ext = c.ext AND p.flow_run = c.flow_run
+           LEFT JOIN adapters a ON c.kind = 'adapter' AND a.adapter = c.key
+           LEFT JOIN evals e ON c.kind = 'lm-eval' AND e.eval = c.key
            ORDER BY c.variant, c.iteration, c.kind""")
-    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+    rows = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+    # the model each name stands for now: an adapter's model, or the base model's key
+    # (by the name a user gives lm-eval: ``summary.label``, ``self-evolving@2``)
+    now = {(f"{r['variant']}@{r['iteration']}" if r["variant"] == "self-evolving" else r["variant"]):
+           r["key"] if r["kind"] == "model" else r["model"] for r in rows if r["kind"] in ("adapter", "model")}
+    out = [r for r in rows if r["kind"] != "lm-eval" or now.get(r["variant"]) == r["model"]]
+    for r in out:
+        r.pop("model")
+    return out
 
 
 def stages_of(con, flow_runs: list[str]) -> list[dict]:
