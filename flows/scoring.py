@@ -92,7 +92,8 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | No
             continue
         table = storage.read_table(path, columns=["sample_id"])
         ids = sorted(set(table.column("sample_id").to_pylist()))
-        if store.count_scored(con, model_key, ids) or not _made_as_keyed(table.schema.metadata, scorer):
+        made = json.loads((table.schema.metadata or {}).get(SHARD_META, b"{}"))
+        if store.count_scored(con, model_key, ids) or _disagreement(made, scorer):
             storage.remove(path)
             continue
         _load(con, model_key, shard, path)
@@ -100,13 +101,12 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | No
     return n_shards, n_samples
 
 
-def _made_as_keyed(metadata: dict | None, scorer: dict | None) -> bool:
-    """Whether a shard file's record of how it was computed agrees with the losses' key (``SHARD_META``)."""
+def _disagreement(made: dict, scorer: dict | None) -> list[str]:
+    """Where what a worker says computed a shard (``made_by``: numerics, kernel) departs from the losses' key."""
     if scorer is None:
-        return True
-    made = json.loads((metadata or {}).get(SHARD_META, b"{}"))
+        return []
     want = {"numerics": scorer["numerics"], "linear_ce": scorer.get("linear_ce", "chunked")}
-    return all(made[k] == v for k, v in want.items() if k in made)
+    return [f"{k} {made[k]} but the losses' key says {v}" for k, v in want.items() if k in made and made[k] != v]
 
 
 def _load(con, model_key: str, shard: int, path: str) -> int:
@@ -191,19 +191,12 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
             spans[res["shard"]] += [*res.get("span", (None, None)), time.time()]
             for k, v in res.get("timing", {}).items():
                 worker[k] = worker.get(k, 0.0) + v
-            mismatch = (res.get("numerics") is not None and res["numerics"] != ctx.scorer["numerics"]) or (
-                res.get("linear_ce") is not None and res["linear_ce"] != ctx.scorer.get("linear_ce", "chunked"))
-            if mismatch:  # the file is not what the key says: never left for a later run to recover
+            wrong = _disagreement(res.get("made_by") or {}, ctx.scorer)
+            if wrong:  # the file is not what the key says: removed, never left for a later run to recover
                 storage.remove(res["path"])
-            if res.get("numerics") is not None and res["numerics"] != ctx.scorer["numerics"]:
                 raise RuntimeError(
-                    f"scoring {name}: a worker computed with {res['numerics']} but the losses' key says "
-                    f"{ctx.scorer['numerics']}; set model.device / model.dtype (and ray.num_gpus_per_task) "
-                    "explicitly so workers and key agree")
-            expected_ce = ctx.scorer.get("linear_ce", "chunked")
-            if res.get("linear_ce") is not None and res["linear_ce"] != expected_ce:
-                raise RuntimeError(f"scoring {name}: a worker computed lm_head + CE with {res['linear_ce']} but the "
-                                   f"losses' key says {expected_ce}")
+                    f"scoring {name}: a worker computed with {'; '.join(wrong)}; set model.device / model.dtype "
+                    "(and ray.num_gpus_per_task) explicitly so workers and key agree")
             storage.require_visible(res["path"], f"scoring {name}: shard {res['shard']}", res["node"])
             _load(con, model_key, res["shard"], res["path"])
             tick = time.perf_counter()

@@ -18,7 +18,9 @@ import numpy as np
 from tokenclean.tasks import store
 from tokenclean.tasks.score import ShardSample, process_model
 
-METRICS_VERSION = "loss+cloze+generated-v3"  # v3: greedy whatever the checkpoint's generation config; whole words  # part of an evaluation's key: a new metric is a new evaluation
+# part of an evaluation's key: a new metric is a new evaluation (v3: greedy whatever the checkpoint's generation
+# config asks for; answers found as whole words)
+METRICS_VERSION = "loss+cloze+generated-v3"
 
 
 def load_eval_samples(con, dataset: str, max_samples: int | None = None):

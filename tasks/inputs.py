@@ -197,11 +197,11 @@ def _read_jsonl(split: Split) -> Iterator[RawRow]:
         for line in f:
             if pos >= split.end:
                 return
-            pos += len(line)
+            at_start, pos = pos == 0, pos + len(line)
             if line.strip():
                 try:
                     # a byte-order mark opens some UTF-8 files (Windows tools): it is not part of the first row
-                    text = line.decode("utf-8-sig" if pos == len(line) else "utf-8")
+                    text = line.decode("utf-8-sig" if at_start else "utf-8")
                 except UnicodeDecodeError as e:
                     yield RawRow(split.source, i, None, line[:RAW_CHARS].decode("utf-8", "replace"),
                                  f"not valid UTF-8 ({e.reason} at byte {e.start})", ordinal=split.ordinal + i)

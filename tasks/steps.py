@@ -99,8 +99,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
             "n_samples": len(samples), "seconds": t3 - t0, "pid": os.getpid(),
             # where the worker's time went: model (first task of a worker: load), losses, writing the file
             "timing": {"model": t1 - t0, "losses": t2 - t1, "write": t3 - t2}, "span": (started, time.time()),
-            "model_id": id(sm), "numerics": getattr(sm, "numerics", None), "linear_ce": getattr(sm, "linear_ce", None),
-            "node": where()["node"]}
+            "model_id": id(sm), "made_by": made_by, "node": where()["node"]}
 
 
 @task(name="train-adapter", cache_policy=NO_CACHE)
