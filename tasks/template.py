@@ -40,7 +40,8 @@ import numpy as np
 # r2: contents stripped, no final newline, the newline after a non-final EOS a target (open-instruct exactly)
 TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
 TEMPLATES = ("tulu", "model")
-MODEL_TEMPLATE_RULE = "anchor-v2"  # how response spans are found in a model template's text (part of its key); v2: FIXED_DATE
+# how response spans are found in a model template's text (part of its key); v2: rendered with FIXED_DATE
+MODEL_TEMPLATE_RULE = "anchor-v2"
 ROLES = ("system", "user", "assistant")
 # Ground-truth token labels, used only when the input carries them (synthetic demo data).
 TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
