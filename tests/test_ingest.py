@@ -169,6 +169,7 @@ def test_output_is_the_same_for_any_splitting_chunking_and_number_of_workers(tmp
         if i % 37 == 5:
             mixed.append(BAD[i % len(BAD)][0])
     mixed += [rows[3], rows[250]]  # ids seen before, far apart: in other chunks
+    mixed.append({"id": "a", "prompt": "dup", "response": "dup"})  # GOOD's "a" (in extra.jsonl) comes after it
     train = _write_jsonl(tmp_path / "train.jsonl", mixed)
     extra = _write_jsonl(tmp_path / "extra.jsonl", GOOD)
     kw = dict(max_length=96, eval_fraction=0.1, n_parts=3, seed=5)
