@@ -319,12 +319,15 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
                 raise RowError(str(e)) from e
             except _JINJA_ERRORS as e:  # the template's own raise_exception ("roles must alternate", ...)
                 raise RowError(f"the chat template refuses the conversation: {e}") from e
+            # the answer's last occurrence in the final response, as rendered (-1: no answer)
+            c0 = -1
             if norm.answer is not None:
                 s, e = rendered.response_spans[-1]
-                if rendered.text.rfind(norm.answer, s, e) < 0:
+                c0 = rendered.text.rfind(norm.answer, s, e)
+                if c0 < 0:
                     raise RowError("field 'answer' does not occur in the response as the template renders it "
                                    "(the Tulu template strips surrounding whitespace)")
-            good.append((row, norm, rendered))
+            good.append((row, norm, rendered, c0))
         except RowError as e:
             quarantine.append({"ordinal": row.ordinal, "source": row.source, "row_index": row.index,
                                "reason": str(e), "raw": row.raw})
@@ -333,10 +336,8 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
     n_resp = toks.n_response
     # the answer's token span: tokens anchored in its last occurrence in the final response, all of them targets
     lo, hi = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    for i, (_, norm, rendered) in enumerate(good):
+    for i, (_, norm, _, c0) in enumerate(good):
         if norm.answer is not None:
-            s, e = rendered.response_spans[-1]
-            c0 = rendered.text.rfind(norm.answer, s, e)
             lo[i], hi[i] = c0, c0 + len(norm.answer)
     a_first, a_end, a_ok = toks.first_last_in(lo, hi)
     # an answer truncation cut short has no span: its kept tokens are not the answer
@@ -344,7 +345,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
     a_start, a_end = np.where(a_ok, a_first, -1), np.where(a_ok, a_end, -1)
     scalars: dict[str, list] = {c: [] for c in ("sample_id", "uid", "source", "row_index", "part", "task", "answer",
                                                "content_hash", "text", "ordinal", "source_path", "raw")}
-    for (row, norm, rendered), nr in zip(good, n_resp.tolist()):
+    for (row, norm, rendered, _), nr in zip(good, n_resp.tolist()):
         if nr == 0:
             quarantine.append({"ordinal": row.ordinal, "source": row.source, "row_index": row.index,
                                "reason": f"no response token within max_length={spec.max_length} (prompt too long)",

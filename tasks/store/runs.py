@@ -118,10 +118,11 @@ def current_outputs(con) -> list[dict]:
            LEFT JOIN evals e ON c.kind = 'lm-eval' AND e.eval = c.key
            ORDER BY c.variant, c.iteration, c.kind""")
     rows = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+    from tokenclean.summary import label  # the name a user gives lm-eval: ``global``, ``self-evolving@2``
+
     # the model each name stands for now: an adapter's model, or the base model's key
-    # (by the name a user gives lm-eval: ``summary.label``, ``self-evolving@2``)
-    now = {(f"{r['variant']}@{r['iteration']}" if r["variant"] == "self-evolving" else r["variant"]):
-           r["key"] if r["kind"] == "model" else r["model"] for r in rows if r["kind"] in ("adapter", "model")}
+    now = {label(r["variant"], r["iteration"]): r["key"] if r["kind"] == "model" else r["model"]
+           for r in rows if r["kind"] in ("adapter", "model")}
     out = [r for r in rows if r["kind"] != "lm-eval" or now.get(r["variant"]) == r["model"]]
     for r in out:
         r.pop("model")
