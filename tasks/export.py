@@ -8,7 +8,9 @@
   pads labels with -100 (``DataCollatorForSeq2Seq``) trains on exactly the kept tokens, unchanged.
   Formats: Parquet, JSONL, and a ``datasets`` directory (``save_to_disk``). Written as it
   streams out of DuckDB, batch by batch, then renamed into place: an interrupted export
-  leaves no half file under the final name.
+  leaves no half file under the final name, and nothing beside it.
+* Where: only a new path or, with ``overwrite``, an earlier export of the same kind; never a run
+  directory's own files (``export_target``).
 * ``export_run_model`` / ``export_model``: base + a variant's LoRA adapter merged into a standard transformers
   model directory with its tokenizer (``AutoModelForCausalLM.from_pretrained``, vLLM), or
   the PEFT adapter alone. A Tulu-trained model gets the Tulu chat template written into
@@ -17,12 +19,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from tokenclean.tasks.export_target import check_target, commit, staging
 
 FORMATS = ("parquet", "jsonl", "hf")
 
@@ -83,79 +86,76 @@ def export_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(cols, schema=EXPORT_SCHEMA)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+def write_dataset(readers, out: Path, fmt: str, *, overwrite: bool = False, manifest: dict | None = None) -> dict:
+    """Write the exported rows of ``readers`` (record-batch readers) to ``out`` in ``fmt``; returns counts.
 
-
-def write_dataset(readers, out: Path, fmt: str) -> dict:
-    """Write the exported rows of ``readers`` (record-batch readers) to ``out`` in ``fmt``; returns counts."""
+    ``out`` must be new, or an earlier dataset export of the same format with ``overwrite``
+    (``export_target.check_target``); ``manifest`` goes into the export's manifest with the counts."""
     import pyarrow.parquet as pq
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose from {FORMATS}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, kind = Path(out), f"dataset-{fmt}"
+    check_target(out, kind, overwrite=overwrite)
     n_rows = n_kept = 0
-    parquet = out if fmt == "parquet" else out.with_name(f".{out.name}.parquet")
-    tmp = _tmp(parquet) if fmt != "jsonl" else _tmp(out)
-    with (pq.ParquetWriter(tmp, EXPORT_SCHEMA) if fmt != "jsonl" else open(tmp, "w")) as sink:
-        for reader in readers:
-            for batch in reader:
-                rows = export_batch(batch)
-                n_rows += rows.num_rows
-                n_kept += int(pa.compute.sum(rows.column("n_kept")).as_py() or 0)
-                if fmt == "jsonl":
-                    for r in rows.to_pylist():
-                        sink.write(json.dumps(r) + "\n")
-                else:
-                    sink.write_batch(rows)
-    if fmt == "hf":
-        import datasets
+    with staging(out) as stage:
+        data = stage / ("rows.jsonl" if fmt == "jsonl" else "rows.parquet")
+        with (pq.ParquetWriter(data, EXPORT_SCHEMA) if fmt != "jsonl" else open(data, "w")) as sink:
+            for reader in readers:
+                for batch in reader:
+                    rows = export_batch(batch)
+                    n_rows += rows.num_rows
+                    n_kept += int(pa.compute.sum(rows.column("n_kept")).as_py() or 0)
+                    if fmt == "jsonl":
+                        for r in rows.to_pylist():
+                            sink.write(json.dumps(r) + "\n")
+                    else:
+                        sink.write_batch(rows)
+        if fmt == "hf":
+            import datasets
 
-        staged = _tmp(out)
-        datasets.Dataset.from_parquet(str(tmp)).save_to_disk(str(staged))
-        os.unlink(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    else:
-        os.replace(tmp, out)
-    return {"rows": n_rows, "kept_tokens": n_kept, "path": str(out), "format": fmt}
+            staged = stage / "dataset"
+            datasets.Dataset.from_parquet(str(data)).save_to_disk(str(staged))
+        else:
+            staged = data
+        res = {"rows": n_rows, "kept_tokens": n_kept, "path": str(out), "format": fmt}
+        res["manifest"] = str(commit(staged, out, kind, {**(manifest or {}), **res}))
+    return res
 
 
 def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Path, *, template: str,
-                 adapter_only: bool = False, provenance: dict | None = None) -> dict:
-    """Base + adapter merged (or the adapter alone) into ``out``, with the tokenizer and a provenance file."""
+                 adapter_only: bool = False, provenance: dict | None = None, overwrite: bool = False) -> dict:
+    """Base + adapter merged (or the adapter alone) into ``out``, with the tokenizer and a provenance manifest.
+
+    ``out`` must be new, or an earlier export of the same kind with ``overwrite`` (``export_target``)."""
     from transformers import AutoTokenizer
 
     from tokenclean.tasks.template import TULU_JINJA
 
-    out = Path(out)
-    staged = _tmp(out)
-    shutil.rmtree(staged, ignore_errors=True)
+    out, kind = Path(out), "adapter" if adapter_only else "model"
+    check_target(out, kind, overwrite=overwrite)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     if template == "tulu":
         tokenizer.chat_template = TULU_JINJA  # serve with the text the model was trained on
-    if adapter_only:
-        shutil.copytree(adapter_dir, staged, ignore=shutil.ignore_patterns("train.json", "steps.jsonl"))
-        cfg_path = staged / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(base_path)
-        cfg_path.write_text(json.dumps(cfg, indent=2))
-    else:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+    with staging(out) as stage:
+        staged = stage / kind
+        if adapter_only:
+            shutil.copytree(adapter_dir, staged, ignore=shutil.ignore_patterns("train.json", "steps.jsonl"))
+            cfg_path = staged / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = str(base_path)
+            cfg_path.write_text(json.dumps(cfg, indent=2))
+        else:
+            import torch
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
-        with torch.no_grad():
-            model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        model.save_pretrained(staged, safe_serialization=True)
-    tokenizer.save_pretrained(staged)
-    (staged / "tokenclean.json").write_text(json.dumps(provenance or {}, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staged, out)
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+            with torch.no_grad():
+                model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            model.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        commit(staged, out, kind, provenance or {})
     return {"path": str(out), "merged": not adapter_only}
 
 
@@ -179,7 +179,7 @@ def verified_base(con, base_key: str) -> str:
 def _open_run(run: Path):
     from tokenclean.tasks import store
 
-    db = Path(run) / "tokenclean.duckdb"
+    db = Path(run) / store.DB_FILE
     if not db.exists():
         raise FileNotFoundError(f"no tokenclean database at {db}")
     return store.connect(db, read_only=True)
@@ -195,7 +195,7 @@ def _outputs(con, name: str, kind: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None) -> dict:
+def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None, *, overwrite: bool = False) -> dict:
     """The current selection ``name`` of a run as a dataset (``self-evolving``: D1..DT, each by its iteration)."""
     from tokenclean.tasks import store
 
@@ -212,18 +212,17 @@ def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None
         missing = store.samples_without_text(con, [r["selection"] for r in records])
         # one cursor per streamed result: a DuckDB connection serves one open result at a time
         readers = (store.export_reader(con.cursor(), r["selection"], r["scores"]) for r in records)
-        res = write_dataset(readers, out, fmt)
+        about = {"selection": name, "selections": [r["selection"] for r in records],
+                 "method": records[0]["method"], "k": records[0]["k"],
+                 "pool_tokens": sum(r["n_candidates"] for r in records), "samples_without_text": missing}
+        res = write_dataset(readers, out, fmt, overwrite=overwrite, manifest=about)
     finally:
         con.close()
-    res |= {"selection": name, "selections": [r["selection"] for r in records],
-            "method": records[0]["method"], "k": records[0]["k"],
-            "pool_tokens": sum(r["n_candidates"] for r in records), "samples_without_text": missing}
-    manifest = out.with_name(out.name + ".tokenclean.json") if fmt != "hf" else out / "tokenclean.json"
-    manifest.write_text(json.dumps(res, indent=2, default=str))
-    return res
+    return about | res
 
 
-def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_only: bool = False) -> dict:
+def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_only: bool = False,
+                     overwrite: bool = False) -> dict:
     """The model of variant ``name``: its adapter (``self-evolving``: the last iteration's) merged into the base."""
     from tokenclean.tasks import store
 
@@ -249,5 +248,6 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
                   "base_path": base_path, "template": dataset.get("template", "tulu"),
                   "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
     res = export_model(base_path, str(run / rec["path"]), dataset["tokenizer"], out,
-                       template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance)
+                       template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance,
+                       overwrite=overwrite)
     return res | {"variant": label, "adapter": train_key}

@@ -196,3 +196,104 @@ def test_exported_model_is_the_merged_adapter(quickstart):
     with torch.no_grad():
         assert torch.equal(again.eval()(ids).logits, b)
     assert not np.isnan(a.numpy()).any()
+
+
+def _tree(path) -> dict:
+    """Every file under ``path`` (or ``path`` itself) with its bytes: what must survive a refused export."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _staging_left(root) -> list:
+    return [p for p in root.rglob("*") if ".tokenclean-staging" in p.name or ".tokenclean-old" in p.name]
+
+
+def test_export_writes_only_new_paths_or_its_own_earlier_export(quickstart):
+    """The export matrix: a foreign directory or file, the run directory, its database, anything else in the run,
+    an export of another kind, an earlier export with a file added, and an earlier export with and without
+    --overwrite. Only the last with the flag replaces anything; every other case exits 2 and leaves every byte."""
+    from typer.testing import CliRunner
+
+    import datasets
+    from tokenclean.cli import app
+
+    home, _ = quickstart
+    run = home / "runs" / "my-run"
+    earlier = run / "export" / "data" / "global"  # the README's first export, written by the fixture
+    assert (earlier / "tokenclean.json").is_file()
+    (home / "mydatasets").mkdir()
+    (home / "mydatasets" / "other.txt").write_text("precious")
+    (home / "notes.parquet").write_text("precious")
+    (home / "notes-dir.parquet").mkdir()
+    (home / "link").symlink_to(home / "mydatasets")
+    refused = [  # (arguments, the path whose bytes must not change, what the error says)
+        (["--format", "hf", "--out", str(home / "mydatasets")], home / "mydatasets", "not a tokenclean export"),
+        (["--format", "parquet", "--out", str(home / "notes.parquet")], home / "notes.parquet", "not a tokenclean"),
+        (["--format", "parquet", "--out", str(home / "notes-dir.parquet")], home / "notes-dir.parquet", "not a"),
+        (["--format", "hf", "--out", str(home / "link")], home / "mydatasets", "symbolic link"),
+        (["--format", "hf", "--out", str(run)], run, "inside the run directory"),
+        (["--model", "global", "--adapter-only", "--out", str(run)], run, "inside the run directory"),
+        (["--format", "parquet", "--out", str(run / "tokenclean.duckdb")], run, "inside the run directory"),
+        (["--format", "parquet", "--out", str(run / "adapters" / "x.parquet")], run, "inside the run directory"),
+        (["--format", "hf", "--out", str(run / "export")], run, "inside the run directory"),
+        (["--format", "hf", "--out", str(run / "export" / "model" / "global")], run, "model export"),
+        (["--model", "global", "--out", str(earlier)], run, "dataset-hf export"),
+        (["--format", "hf", "--out", str(earlier)], run, "--overwrite"),
+        (["--format", "hf", "--out", str(earlier), "--overwrite", "--selection", "nonesuch"], run, "no selection"),
+    ]
+    for args, keep, says in refused:
+        before = _tree(keep)
+        res = CliRunner().invoke(app, ["export", str(run), *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert says in res.output, (args, res.output)
+        assert _tree(keep) == before, args
+    assert (home / "mydatasets" / "other.txt").read_text() == "precious"
+
+    # an earlier export holding a file it did not write is not replaced, even with --overwrite
+    (earlier / "mine.txt").write_text("precious")
+    before = _tree(earlier)
+    res = CliRunner().invoke(app, ["export", str(run), "--format", "hf", "--out", str(earlier), "--overwrite"])
+    assert res.exit_code == 2 and "mine.txt" in res.output, res.output
+    assert _tree(earlier) == before
+    (earlier / "mine.txt").unlink()
+
+    # the one case that replaces: an earlier export of the same kind, with --overwrite
+    rows = datasets.load_from_disk(str(earlier))["labels"]
+    res = CliRunner().invoke(app, ["export", str(run), "--format", "hf", "--out", str(earlier), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert datasets.load_from_disk(str(earlier))["labels"] == rows
+    manifest = json.loads((earlier / "tokenclean.json").read_text())
+    assert manifest["tokenclean_export"] == "dataset-hf"
+    assert sorted(manifest["files"]) == sorted(_tree(earlier))  # it lists exactly what it wrote
+    assert not _staging_left(home)
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path):
+    """An export that fails midway (here: its reader breaks after one batch) leaves neither the target nor any
+    temporary file, and an earlier export at the target stays as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tokenclean.tasks.export import EXPORT_SCHEMA, write_dataset
+
+    def reader():
+        yield pa.RecordBatch.from_pylist([], schema=pa.schema([]))
+        raise OSError(28, "No space left on device")
+
+    for fmt in ("parquet", "jsonl", "hf"):
+        out = tmp_path / f"data-{fmt}"
+        with pytest.raises(Exception):
+            write_dataset([reader()], out, fmt)
+        assert list(tmp_path.iterdir()) == [], fmt
+    # an earlier export survives a failed replacement of it
+    out = tmp_path / "data.parquet"
+    write_dataset([iter([])], out, "parquet")
+    before = _tree(tmp_path)
+    with pytest.raises(OSError):
+        write_dataset([reader()], out, "parquet", overwrite=True)
+    assert _tree(tmp_path) == before
+    assert pq.read_table(out).schema == EXPORT_SCHEMA

@@ -229,7 +229,11 @@ def export(run: Path = typer.Argument(..., help="run directory"),
            model: Optional[str] = typer.Option(None, help="export this variant's model instead (global, local, random, "
                                                           "full, reference, self-evolving = the last iteration's)"),
            adapter_only: bool = typer.Option(False, "--adapter-only", help="with --model: the PEFT adapter alone"),
-           out: Optional[Path] = typer.Option(None, help="where to write (default RUN/export/NAME[.ext])")) -> None:
+           out: Optional[Path] = typer.Option(None, help="where to write (default RUN/export/NAME[.ext]); a new path, "
+                                                          "or an earlier export of the same kind with --overwrite"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier tokenclean export of the "
+                                                                     "same kind at the target (nothing else is "
+                                                                     "ever replaced)")) -> None:
     """Take results away: a cleaned dataset (input_ids, labels, attention_mask, kept spans, scores) or a model.
 
     The dataset trains as is with transformers' Trainer: labels are -100 wherever a token
@@ -248,9 +252,9 @@ def export(run: Path = typer.Argument(..., help="run directory"),
         from tokenclean.tasks.export import export_run_model, export_run_selection
 
         if model is not None:
-            res = export_run_model(run, model, out, adapter_only=adapter_only)
+            res = export_run_model(run, model, out, adapter_only=adapter_only, overwrite=overwrite)
         else:
-            res = export_run_selection(run, selection, fmt, out)
+            res = export_run_selection(run, selection, fmt, out, overwrite=overwrite)
     except (FileNotFoundError, ValueError, DatabaseBusy) as e:
         _fail(str(e))
     typer.echo(json.dumps(res, indent=2))

@@ -7,7 +7,7 @@ call them and write none. Every result is stored under the key of what produced 
 from tokenclean.tasks.store.data import *  # noqa: F401,F403
 from tokenclean.tasks.store.data import EVAL_PART  # noqa: F401
 from tokenclean.tasks.store.db import (  # noqa: F401
-    DatabaseBusy, SchemaMismatch, connect, memory_limit, run_id, sql_key, sql_parts, transaction,
+    DB_FILE, DatabaseBusy, SchemaMismatch, connect, memory_limit, run_id, sql_key, sql_parts, transaction,
 )
 from tokenclean.tasks.store.losses import *  # noqa: F401,F403
 from tokenclean.tasks.store.runs import *  # noqa: F401,F403

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import duckdb
 
+DB_FILE = "tokenclean.duckdb"  # a run directory's database: the run's one source of truth
+
 SCHEMA_VERSION = "3"
 # In-place upgrades from older versions whose rows stay valid under the same keys.
 # 2 -> 3: samples carry their rendered text and each token's character span (for export);
