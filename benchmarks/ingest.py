@@ -106,9 +106,10 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
     if workers > 1:  # the pipeline's Ray session is up, its workers warm, before ingest starts (flows/runtime.py)
         import ray
 
-        from tokenclean.flows.runtime import ray_init_kwargs, warm_workers
+        from tokenclean.flows.runtime import warm_workers
+        from tokenclean.tasks.cluster import connected
 
-        ray.init(address="local", **ray_init_kwargs(True, workers) | {"log_to_driver": False})
+        connected(None, workers, log_to_driver=False).__enter__()  # held until this child process exits
         ray.get(warm_workers())
     breakdown = _time_calls()  # where an in-process ingest's time goes (seconds summed per function)
     rss_start = PeakRss().proc.memory_info().rss

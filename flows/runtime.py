@@ -11,6 +11,7 @@ import contextlib
 import os
 
 from tokenclean.config import RayConfig
+from tokenclean.tasks import watchdog
 
 
 STARTUP_TIMEOUT_S = 180
@@ -48,6 +49,7 @@ def prefect_api():
     if url:
         yield url
         return
+    watchdog.start()  # the server dies with this process, even a SIGKILLed one
     server = start_local_server()
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
@@ -72,11 +74,12 @@ def task_runner(cfg: RayConfig):
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_ray import RayTaskRunner
 
+    from tokenclean.tasks.cluster import init_kwargs
+
     address = ray_address(cfg)
-    init = ray_init_kwargs(address is None, cfg.num_cpus, cfg.env_vars)
-    # "local" forces a fresh cluster even if a stale /tmp/ray/ray_current_cluster
-    # points at a dead one (plain ray.init() would try to join it).
-    return RayTaskRunner(address=address or "local", init_kwargs=init)
+    # ray_session has joined the cluster already; these arguments apply only where it has not
+    return RayTaskRunner(address=address or "local", init_kwargs=init_kwargs(address is None, cfg.num_cpus,
+                                                                            cfg.env_vars))
 
 
 @contextlib.contextmanager
@@ -94,20 +97,18 @@ def ray_session(cfg: RayConfig):
     if not cfg.enabled:
         yield
         return
-    import ray
+    from tokenclean.tasks.cluster import connected
 
-    if ray.is_initialized():
-        yield
-        return
-    address = ray_address(cfg)
-    context = ray.init(address=address or "local", **ray_init_kwargs(address is None, cfg.num_cpus, cfg.env_vars))
-    _SESSION["dashboard"] = getattr(context, "dashboard_url", None) or None
-    try:
-        warm_workers()
-        yield
-    finally:
-        _SESSION["dashboard"] = None
-        ray.shutdown()
+    with connected(ray_address(cfg), cfg.num_cpus, cfg.env_vars) as context:
+        if context is None:  # the caller's connection
+            yield
+            return
+        _SESSION["dashboard"] = getattr(context, "dashboard_url", None) or None
+        try:
+            warm_workers()
+            yield
+        finally:
+            _SESSION["dashboard"] = None
 
 
 _SESSION: dict = {"dashboard": None}
@@ -213,30 +214,3 @@ def placement_options(cpus: float | None, gpus: float, keep_worker: bool) -> dic
     if keep_worker and gpus:
         out["max_calls"] = 0
     return out
-
-
-def ray_init_kwargs(local: bool, num_cpus: int | None = None, env_vars: list[str] | tuple = ()) -> dict:
-    """``ray.init`` keyword arguments for the flow's Ray connection (and ``tokenclean lm-eval``).
-
-    ``env_vars``: further variables of this process's environment that the workers need
-    (``ray.env_vars``, e.g. object-storage credentials); a name that is not set is an error,
-    not a worker that later fails to authenticate.
-    """
-    # PYTHONPATH lets workers import a custom scorer (score.backend: package.module:Factory).
-    passed = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
-              "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "PYTHONPATH")
-    env = {k: os.environ[k] for k in passed if k in os.environ}
-    # TOKENCLEAN_* settings (e.g. for a custom scorer plugin) reach the workers of a cluster
-    # started elsewhere too, whose processes do not inherit this one's environment.
-    env |= {k: v for k, v in os.environ.items() if k.startswith("TOKENCLEAN_")}
-    missing = [k for k in env_vars if k not in os.environ]
-    if missing:
-        raise ValueError(f"ray.env_vars names variables this environment does not set: {missing}")
-    env |= {k: os.environ[k] for k in env_vars}
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    init: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
-    if local:
-        # Local cluster: no dashboard (it wants extra ports and a process per node).
-        init |= {"include_dashboard": False, "num_cpus": num_cpus or os.cpu_count() or 1}
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    return init

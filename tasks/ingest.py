@@ -14,6 +14,7 @@ the last response: ground-truth token labels, as the synthetic demo data carries
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -26,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from tokenclean.tasks.inputs import RAW_CHARS, RawRow, RowError, Split, entry_files, plan_splits, read_split
+from tokenclean.tasks.inputs import RAW_CHARS, RawRow, RowError, Split, entry_files, plan_inputs, read_split
 from tokenclean.tasks.template import (
     ROLES,
     TRUTH_CORRUPTED,
@@ -388,7 +389,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
 SPLIT_BYTES = (1 << 20, 64 << 20)
 SPLITS_PER_WORKER = 4
 # What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
-PARTS_VERSION = 2  # 2: INGEST_RULES 2
+PARTS_VERSION = 3  # 2: INGEST_RULES 2; 3: inputs.READ_RULES 2
 
 
 def split_bytes_for(entries: list[str], eval_entries: list[str], workers: int) -> int:
@@ -468,10 +469,16 @@ def _run_splits(splits: list[Split], tokenizer, spec: IngestSpec, parts_dir: str
         for split in todo:
             yield process_split(split, tokenizer, spec, parts_dir, chunk_rows)
         return
+    from tokenclean.tasks.cluster import connected
+
+    with connected(None, workers, log_to_driver=False):  # the flow's cluster; a local one if none
+        yield from _run_on_ray(todo, tokenizer, spec, parts_dir, chunk_rows, workers)
+
+
+def _run_on_ray(todo: list[Split], tokenizer, spec: IngestSpec, parts_dir: str, chunk_rows: int,
+                workers: int) -> Iterator[dict]:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     # spread, as Ray Data places its read tasks: a split reads as much as it computes, and each node
     # brings its own disks and network
     remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(process_split)
@@ -515,7 +522,7 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     ``parts_dir`` must be named by the inputs' content (``prepare`` uses the dataset key):
     under it, parts are keyed by the spec and the split layout, so an interrupted ingest
     resumes from the parts it finished. Returns the rows read, the splits processed and reused,
-    and the nodes that processed them (``placement``).
+    the nodes that processed them (``placement``) and the files not read, each with why (``skipped``).
     """
     from dataclasses import asdict
 
@@ -527,7 +534,8 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
 
     if spec.template == "tulu" and tokenizer.eos_token is None:
         raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
-    splits = plan_splits(entries, eval_entries, split_bytes or split_bytes_for(entries, eval_entries, workers))
+    plan = plan_inputs(entries, eval_entries, split_bytes or split_bytes_for(entries, eval_entries, workers))
+    splits = plan.splits
     layout = digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits])
     parts_dir, local_dir = join(parts_dir, layout), local_dir and join(local_dir, layout)
     n_read = reused = 0
@@ -548,7 +556,7 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
         store.stage_parts(con, STAGE_SCHEMA.empty_table(), STAGE_Q_SCHEMA.empty_table())
     store.stage_duplicates(con)
     return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused,
-            "placement": [{"node": node} for node in sorted(nodes)]}
+            "placement": [{"node": node} for node in sorted(nodes)], "skipped": plan.skipped}
 
 
 @dataclass
@@ -556,6 +564,7 @@ class IngestResult:
     samples: pa.Table
     quarantine: list[dict]
     n_read: int
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # files not read -> why
 
 
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
@@ -579,11 +588,11 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
     con = duckdb.connect()
     try:
         with tempfile.TemporaryDirectory(prefix="tokenclean-ingest-") as parts:
-            n_read = stage_inputs(con, entries, eval_entries, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
-                                  split_bytes=split_bytes, workers=workers, progress=progress)["rows_read"]
+            read = stage_inputs(con, entries, eval_entries, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
+                                split_bytes=split_bytes, workers=workers, progress=progress)
             samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
             quarantine = store.staged_quarantine(con)
             store.stage_reset(con)
-        return IngestResult(samples.cast(INGEST_SCHEMA), quarantine, n_read)
+        return IngestResult(samples.cast(INGEST_SCHEMA), quarantine, read["rows_read"], read["skipped"])
     finally:
         con.close()

@@ -186,12 +186,17 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 def inputs_fingerprint(entries: list[str]) -> str:
-    """Content hash of data inputs: every file's bytes (directories recursively), hub datasets by fingerprint.
+    """Content hash of data inputs: every file's bytes (a directory's top-level files), hub datasets by fingerprint,
+    and the rules files are read by (``inputs.READ_RULES``).
 
     Files are named by what ingest records as a row's source (the file name), not by
-    their location: moving an unchanged input does not make a new dataset.
+    their location: moving an unchanged input does not make a new dataset. A directory's
+    files that ingest skips (another format, unreadable) are part of it too, by their bytes
+    or, where they cannot be read, by why: adding or changing one is never silent.
     """
-    parts = []
+    from tokenclean.tasks.inputs import READ_RULES, list_entry
+
+    parts: list = [f"read-r{READ_RULES}"]
     for entry in entries:
         if entry == "--eval--":
             parts.append(entry)
@@ -207,11 +212,18 @@ def inputs_fingerprint(entries: list[str]) -> str:
 
                 parts.append([entry, datasets.load_dataset(name, split=split or "train")._fingerprint])
             continue
-        from tokenclean.tasks.inputs import entry_files
-
         p = Path(entry)
-        # exactly the files ingest reads (a directory's top-level data files), so the key moves with them only
-        files = [Path(f) for f in entry_files(entry)] if p.exists() else []
-        parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, file_sha256(f, cache=False))
-                      for f in files])
+        # the files ingest lists (a directory's top-level entries), so the key moves with them only
+        listed = [(Path(f), why) for f, why in list_entry(entry)] if p.exists() else []
+        parts.append([(str(f.relative_to(p)) if p.is_dir() else f.name, _listed_content(f, why)) for f, why in listed])
     return digest("inputs", parts)
+
+
+def _listed_content(path: Path, why: str | None) -> str:
+    """A listed input file's bytes, or why it has none to read (a directory, a broken link, an I/O error)."""
+    if why is None or path.is_file():
+        try:
+            return file_sha256(path, cache=False)
+        except OSError as e:
+            return f"unreadable: {e.strerror or e}"
+    return why

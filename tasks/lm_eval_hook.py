@@ -361,12 +361,11 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
     else:
         import ray
 
-        from tokenclean.flows.runtime import ray_init_kwargs
+        from tokenclean.tasks.cluster import connected
 
-        if not ray.is_initialized():
-            ray.init(address=ray_address, **ray_init_kwargs(ray_address == "local"))
-        job = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_lm_eval_job)
-        results, sources = ray.get(job.remote(*args))
+        with connected(ray_address):
+            job = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_lm_eval_job)
+            results, sources = ray.get(job.remote(*args))
     con = store.connect(db, wait_s=30)
     try:
         record_lm_eval(con, model_key, adapter or "base", tasks, limit, results,

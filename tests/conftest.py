@@ -25,7 +25,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every Ray cluster a test starts (the multi-node one included) listens on 127.0.0.1 alone: tests touch loopback
+# only. Set before Ray is imported, which reads it then; tokenclean's local clusters set it themselves.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 TINY = {"n_people": 6, "n_train": 300, "n_eval": 60, "pretrain_steps": 60, "corrupt_fraction": 0.25, "seed": 7}
 

@@ -611,9 +611,16 @@ def test_compose_ports_and_addresses_agree(compose: dict) -> None:
     prefect = services["prefect-server"]
     assert prefect["entrypoint"] == ["prefect"] and _cmd(prefect)[:2] == ["server", "start"]
     assert "4200" in _cmd(prefect) and any(_expand(str(p)).endswith(":4200") for p in prefect["ports"])
-    # Everything reaching Ray carries the same auth mode.
+    # Everything reaching Ray carries the same auth mode, token authentication by default, and the token
+    # itself comes from the environment, never from this file.
     modes = {_env(services[s]).get("RAY_AUTH_MODE") for s in ("ray-head", "ray-worker", "tokenclean")}
     assert len(modes) == 1 and None not in modes, modes
+    assert _expand(modes.pop()) == "token"
+    for name in ("ray-head", "ray-worker", "tokenclean"):
+        assert _env(services[name]).get("RAY_AUTH_TOKEN", "absent") is None, f"{name}: RAY_AUTH_TOKEN passed through"
+    for name, svc in services.items():  # published ports on loopback unless the operator says otherwise
+        for port in svc.get("ports", []):
+            assert _expand(str(port)).startswith("127.0.0.1:"), (name, port)
 
 
 def test_compose_volumes_consistent(compose: dict) -> None:
@@ -651,6 +658,11 @@ def test_ray_cluster_config() -> None:
     assert re.search(r"(-v|--volume)[ =]\S+:/runs\b", opts), "shared storage must be mounted at /runs"
     head = " ".join(cfg["head_start_ray_commands"])
     assert "ray start --head" in head and "--port=6379" in head and "--ray-client-server-port=10001" in head
+    # authentication on, the token a file synced to every node (not a value in this file), the dashboard on
+    # the head's loopback (reached through `ray dashboard`, an SSH tunnel)
+    assert "--env RAY_AUTH_MODE=token" in opts and "RAY_AUTH_TOKEN=" not in RAY_CLUSTER.read_text()
+    assert cfg["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
     assert "--address=$RAY_HEAD_IP:6379" in " ".join(cfg["worker_start_ray_commands"])
     # Ray's schema forbids unknown top-level keys; these are the ones the launcher knows.
     known = {

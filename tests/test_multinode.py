@@ -278,8 +278,10 @@ def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, und
 
 
 @pytest.fixture
-def s3(monkeypatch):
-    """A real S3-compatible endpoint (moto's server, in a thread of this process) with one bucket."""
+def s3(monkeypatch, tmp_path):
+    """A real S3-compatible endpoint (moto's server, in a thread of this process) with one bucket. Credentials
+    reach the driver and the workers as a user's would, through a credentials file (the standard chain); the
+    names given to the workers with ``ray.env_vars`` are the non-secret ones."""
     import socket
 
     import boto3
@@ -290,8 +292,13 @@ def s3(monkeypatch):
         port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+    credentials = tmp_path / "aws-credentials"
+    credentials.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test\n")
+    credentials.chmod(0o600)
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="tc-shards")
@@ -301,8 +308,8 @@ def s3(monkeypatch):
 
 def test_workers_write_shards_to_object_storage_and_the_driver_loads_them(tiny, data, multinode, undisturbed, s3,
                                                                          tmp_path):
-    """``storage: s3://…``: workers on both nodes write their shards to the bucket (credentials forwarded by
-    ``ray.env_vars``), the driver loads them from there, nothing is written under the run directory,
+    """``storage: s3://…``: workers on both nodes write their shards to the bucket (credentials from a credentials
+    file, its path and the endpoint forwarded by ``ray.env_vars``), the driver loads them from there, nothing is written under the run directory,
     and the results equal the undisturbed run's (which used the run directory)."""
     import s3fs
 

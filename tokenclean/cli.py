@@ -1,16 +1,48 @@
 """`tokenclean` command line: run a config, run the demo, inspect a run."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import reprlib
 import time
+from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Token-level cleaning of SFT data.")
+# What the running command reads and writes, and --debug: set by _where and the callback, read on an error.
+_COMMAND: ContextVar[dict] = ContextVar("tokenclean_command")
+# Usage errors, --help and deliberate exits are typer's own (its bundled click's in recent versions).
+_TYPER_SIGNALS = (typer.Exit, typer.Abort, *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
+
+
+class _OneLineErrors(TyperGroup):
+    """Every command ends an error in one line (``--debug``: the traceback): see ``describe_error``."""
+
+    def invoke(self, ctx: typer.Context):
+        token = _COMMAND.set({})
+        try:
+            return super().invoke(ctx)
+        except _TYPER_SIGNALS:
+            raise
+        except Exception as e:
+            if ctx.params.get("debug"):
+                raise
+            code, msg = describe_error(e, **_COMMAND.get().get("where", {}))
+            typer.secho(f"error: {msg}" + ("" if code == 2 else " (re-run with --debug for the traceback)"),
+                        fg="red", err=True)
+            raise typer.Exit(code) from None
+        finally:
+            _COMMAND.reset(token)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+                  help="Token-level cleaning of SFT data.")
 
 SET_HELP = "Override a config key, e.g. --set select.k=0.5 --set train.lr=2e-4 (repeatable)."
 
@@ -22,6 +54,147 @@ def _quiet_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", envvar="TOKENCLEAN_DEBUG",
+                                     help="on an error, show the full traceback instead of one line")) -> None:
+    _COMMAND.get({})["debug"] = debug
+
+
+def _where(db=None, writes=()) -> None:
+    """Record the command's database and where it writes: an error that lost its path (a failed write()
+    or torch.save) is described from these."""
+    _COMMAND.get({})["where"] = {"db": Path(db) if db else None, "writes": tuple(Path(p) for p in writes if p)}
+
+
+def _debug() -> bool:
+    return bool(_COMMAND.get({}).get("debug"))
+
+
+# Causes in the environment, not in tokenclean: said in one line, exit 2.
+_ENV_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+_QUOTED_FILE = re.compile(r'file "([^"]+)"')  # how DuckDB names the file in its errors
+_LOW_SPACE = 64 << 20  # below this much free space, a write that failed without its errno is put down to a full disk
+
+
+def _chain(exc: BaseException):
+    """``exc`` and what caused it: ``__cause__``/``__context__``, and the remote error a Ray task error carries."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        remote = getattr(e, "cause", None)
+        todo += [e.__cause__, e.__context__, *([remote] if isinstance(remote, BaseException) else [])]
+
+
+def _one_line(text) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+
+
+def _torch_save_target(exc: BaseException) -> Path | None:
+    """The file a failed ``torch.save`` was writing, read from its frame (torch's error names no file)."""
+    for e in _chain(exc):
+        tb = e.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_name == "save" and code.co_filename.endswith(os.path.join("torch", "serialization.py")):
+                f = tb.tb_frame.f_locals.get("f")
+                if isinstance(f, (str, os.PathLike)):
+                    return Path(f)
+            tb = tb.tb_next
+    return None
+
+
+def _fs_cause(paths) -> tuple[str, Path] | None:
+    """Why writes under one of ``paths`` fail, read from its file system, for an error that lost its errno."""
+    for path in paths:
+        p = Path(path)
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        if st.f_flag & os.ST_RDONLY:
+            return os.strerror(errno.EROFS), Path(path)
+        if (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize < _LOW_SPACE:
+            return os.strerror(errno.ENOSPC), Path(path)
+        if not os.access(p if p.is_dir() else p.parent, os.W_OK):
+            return os.strerror(errno.EACCES), Path(path)
+    return None
+
+
+def _at(cause: str, where) -> str:
+    if not where:
+        return cause
+    if isinstance(where, (tuple, list)):
+        return f"{cause}: {where[0]}" if len(where) == 1 else f"{cause} (writing under {', '.join(map(str, where))})"
+    return f"{cause}: {where}"
+
+
+def _ours(exc: BaseException) -> bool:
+    """Raised by tokenclean's own code (its validation), not by a library it called."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("tokenclean")
+
+
+def describe_error(exc: BaseException, db=None, writes=()) -> tuple[int, str]:
+    """(exit code, one line) for an error that ends a command.
+
+    2 and the cause for what the user can act on: a full disk, a read-only or forbidden path (errno anywhere
+    in the error's chain, or its text where a library kept only that: DuckDB, safetensors, torch.save), a
+    corrupt or busy database, a missing file, a refusal by tokenclean's own validation. 1 and the error's
+    type for anything else. ``db``, ``writes``: the command's database and where it writes (``_where``),
+    named when the error itself names no file.
+    """
+    from pydantic import ValidationError
+
+    from tokenclean.tasks.store import DatabaseBusy, SchemaMismatch
+
+    chain = list(_chain(exc))
+    for e in chain:
+        if isinstance(e, (DatabaseBusy, SchemaMismatch)):
+            return 2, _one_line(e)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+            return 2, _one_line(_at(os.strerror(e.errno), e.filename or _torch_save_target(exc) or writes))
+    for e in chain:  # the errno survives only as text: DuckDB, safetensors ("(os error 28)"), torch ("strerror: ...")
+        text = _one_line(e)
+        m = re.search(r"\(os error (\d+)\)", text)
+        cause = os.strerror(int(m.group(1))) if m and int(m.group(1)) in _ENV_ERRNOS else next(
+            (os.strerror(n) for n in _ENV_ERRNOS if os.strerror(n) in text), None)
+        if cause:
+            m = _QUOTED_FILE.search(text)
+            return 2, _at(cause, m.group(1) if m else _torch_save_target(exc) or writes)
+    for e in chain:
+        text = _one_line(e)
+        if "not a valid DuckDB database" in text:
+            m = _QUOTED_FILE.search(text)
+            return 2, f"not a valid DuckDB database (corrupt, or another kind of file): {m.group(1) if m else db}"
+        if "Corrupt database file" in text:
+            return 2, f"corrupt database{' ' + str(db) if db else ''}: {text}"
+        if "inline_container" in text or "file write failed" in text:  # torch.save lost the errno
+            target = _torch_save_target(exc)
+            found = _fs_cause([target] if target else writes)
+            if found:
+                return 2, f"{found[0]}: {found[1]}"
+            return 2, f"could not write {target or 'a file'} (torch.save: {text}); check its free space and permissions"
+    for e in chain:
+        if isinstance(e, ValidationError):
+            return 2, _one_line("; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')} "
+                f"(got {reprlib.repr(err.get('input'))})" for err in e.errors()))
+    if isinstance(exc, FileNotFoundError):
+        return 2, _one_line(_at(os.strerror(exc.errno), exc.filename) if exc.filename else exc)
+    if isinstance(exc, ValueError) and _ours(exc):
+        return 2, _one_line(exc)
+    return 1, _one_line(f"{type(exc).__name__}: {exc}")
 
 
 def _report(cfg) -> None:
@@ -39,34 +212,48 @@ def _report(cfg) -> None:
 
 
 def _fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg="red", err=True)
+    typer.secho(f"error: {_one_line(msg)}", fg="red", err=True)
     raise typer.Exit(2)
 
 
 def _load(config, overrides):
+    """The run config, every field checked against its domain before any work; refused in one line."""
     from pydantic import ValidationError
 
     from tokenclean.config import load_config
 
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
     except ValidationError as e:
-        _fail(f"invalid config {config}:\n{e}")
+        _fail(f"invalid config {config}: " + describe_error(e)[1])
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        _fail(_one_line(e))
+    _where(cfg.db_path, [cfg.run_dir, cfg.storage if cfg.storage and "://" not in cfg.storage else None])
+    return cfg
 
 
 def _run(cfg) -> None:
     from tokenclean.flows.cleaning import run
-    from tokenclean.tasks.store import DatabaseBusy, SchemaMismatch
 
     t0 = time.perf_counter()
-    try:
-        run(cfg)
-    except (DatabaseBusy, SchemaMismatch, FileNotFoundError) as e:
-        _fail(str(e))
-    _report(cfg)
+    run(cfg)
+    _closing_report(cfg)
     typer.echo(f"total wall time: {time.perf_counter() - t0:.1f} s")
+
+
+def _closing_report(cfg) -> None:
+    """The table after the flows finished. Their results are stored by then, so a failure here (another
+    process holding the database, say) is a warning: the run never exits non-zero because of it."""
+    try:
+        _report(cfg)
+    except Exception as e:
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        typer.secho(f"warning: the run finished and its results are stored in {cfg.run_dir}, but the summary could "
+                    f"not be printed ({describe_error(e, cfg.db_path)[1]}); see them with "
+                    f"`tokenclean inspect {cfg.run_dir}`", fg="yellow", err=True)
 
 
 @app.command("run")
@@ -82,14 +269,9 @@ def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an e
                 set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Re-read the inputs, score only new/changed samples (stored base losses reused), re-rank globally."""
     from tokenclean.flows.cleaning import refresh
-    from tokenclean.tasks.store import DatabaseBusy, SchemaMismatch
 
     _quiet_env()
-    cfg = _load(config, set_ or [])
-    try:
-        out = refresh(cfg)
-    except (DatabaseBusy, SchemaMismatch, FileNotFoundError) as e:
-        _fail(str(e))
+    out = refresh(_load(config, set_ or []))
     sel = out["selection"]
     typer.echo(f"refresh: {json.dumps(out['refresh'])}; kept {sel['n_kept']}/{sel['n_candidates']} tokens "
                f"(threshold {sel['threshold']})")
@@ -153,6 +335,7 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
     db = run / "tokenclean.duckdb" if run.is_dir() else run
     if not db.exists():
         raise typer.BadParameter(f"no tokenclean database at {db}")
+    _where(db)
     con = store.connect(db, read_only=True)
     try:
         if sample is None:
@@ -204,7 +387,6 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
            selection: str = typer.Option("global", help="variant whose kept tokens the samples highlight"),
            samples: int = typer.Option(8, help="how many sample responses to show")) -> None:
     """Write a self-contained HTML report of a run (histograms, kept fractions, trends, samples)."""
-    from tokenclean.tasks.store import DatabaseBusy
     from tokenclean.report import build_report
 
     _quiet_env()
@@ -213,12 +395,8 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
         raise typer.BadParameter(f"no tokenclean database at {db}")
     if out is None:
         out = (run if run.is_dir() else run.parent) / "report.html"
-    try:
-        path = build_report(db, out, selection=selection, n_samples=samples)
-    except DatabaseBusy as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2)
-    typer.echo(str(path))
+    _where(db, [out])
+    typer.echo(str(build_report(db, out, selection=selection, n_samples=samples)))
 
 
 @app.command()
@@ -273,14 +451,11 @@ def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
                 gpus: float = typer.Option(0.0, help="GPUs the Ray task asks for (with --ray-address)")) -> None:
     """Run lm-evaluation-harness tasks on the base model or an adapter; record into the run's metrics."""
     from tokenclean.tasks.lm_eval_hook import run_lm_eval_for_run
-    from tokenclean.tasks.store import DatabaseBusy
 
     _quiet_env()
-    try:
-        res = run_lm_eval_for_run(run, adapter, tasks, limit=limit, batch_size=batch_size, device=device,
-                                  ray_address=ray_address, gpus=gpus)
-    except (FileNotFoundError, ValueError, DatabaseBusy) as e:
-        _fail(str(e))
+    _where(run / "tokenclean.duckdb", [run])
+    res = run_lm_eval_for_run(run, adapter, tasks, limit=limit, batch_size=batch_size, device=device,
+                              ray_address=ray_address, gpus=gpus)
     typer.echo(json.dumps(res, indent=2))
 
 

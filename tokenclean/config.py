@@ -5,47 +5,51 @@ Python and a run is reproducible from the YAML that is copied into its workdir.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tokenclean.synth import FIRST, LAST
+
 
 class _Strict(BaseModel):
-    # A typo in a YAML key must fail loudly, not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # A typo in a YAML key must fail loudly, not silently fall back to a default; nan and inf are
+    # never a meaningful setting. Every numeric field carries its domain, so a bad value stops at load.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Seeds reach numpy (uint32) and DuckDB INTEGER columns.
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Count = Annotated[int, Field(ge=1)]
+# A run's directory name: it must stay inside the workdir and be usable in a DuckDB path.
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class EmbeddedConfig(_Strict):
     """Size of the built-in default (tokenizer + tiny Llama + synthetic SFT set)."""
 
-    n_people: int = 16
-    n_train: int = 4000
-    n_eval: int = 400
-    corrupt_fraction: float = 0.25
-    pretrain_steps: int = 250
-    seed: int = 1234
+    n_people: int = Field(16, ge=1, le=len(FIRST) * len(LAST), description="at most as many as the synthetic names")
+    n_train: Count = 4000
+    n_eval: Count = 400
+    corrupt_fraction: float = Field(0.25, ge=0, le=1)
+    pretrain_steps: Count = 250
+    seed: Seed = 1234
 
 
 class DataConfig(_Strict):
     paths: list[str] = Field(default_factory=list, description="JSONL / Parquet files, or hf:NAME[:split]")
     eval_paths: list[str] = Field(default_factory=list, description="held-out set; else eval_fraction of paths")
-    eval_fraction: float = 0.1
-    max_length: int = 2048
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    max_length: Count = 2048
     template: Literal["tulu", "model"] = Field(
         "tulu", description="tulu (the paper's), or model: the tokenizer's own chat template")
-    seed: int = 0
+    seed: Seed = 0
     ingest_workers: int = Field(1, ge=1, description="execution: Ray tasks reading and tokenising input splits at "
                                                      "once (1: in the flow process); the dataset is the same for any "
                                                      "number")
-
-    @field_validator("eval_fraction")
-    @classmethod
-    def _frac(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("eval_fraction must be in [0, 1)")
-        return v
 
 
 class ModelConfig(_Strict):
@@ -57,8 +61,8 @@ class ModelConfig(_Strict):
 
 class ScoreConfig(_Strict):
     backend: str = Field("transformers", description="transformers, vllm, or package.module:Factory (a custom scorer)")
-    batch_tokens: int = Field(16384, description="token budget per forward batch (padding included)")
-    lm_head_chunk: int = Field(2048, description="rows of hidden states per lm_head+CE chunk")
+    batch_tokens: int = Field(16384, ge=1, description="token budget per forward batch (padding included)")
+    lm_head_chunk: int = Field(2048, ge=1, description="rows of hidden states per lm_head+CE chunk")
     shard_tokens: int = Field(4_194_304, ge=1, description="most tokens in one scoring shard (the unit of retry and resume); "
                                                      "shards are sized to give each scoring slot about 4, within "
                                                      "[16384, shard_tokens] tokens")
@@ -87,24 +91,17 @@ class ScoreConfig(_Strict):
 
 
 class SelectConfig(_Strict):
-    k: float = Field(0.6, description="fraction of response tokens kept")
-    seed: int = 0
+    k: float = Field(0.6, gt=0, le=1, description="fraction of response tokens kept")
+    seed: Seed = 0
     pool: Literal["exclude_warmup", "all"] = Field(
         "exclude_warmup", description="fixed-model pool: D1..DT (as the paper's separate warm-up file), or D0..DT; "
                                       "D0 trained the reference, so its scores are inflated")
 
-    @field_validator("k")
-    @classmethod
-    def _k(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError("k must be in (0, 1]")
-        return v
-
 
 class LoraConfig(_Strict):
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.1
+    r: Count = 64
+    alpha: Count = 16
+    dropout: float = Field(0.1, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
 
 
@@ -121,14 +118,14 @@ class TrainConfig(_Strict):
     the adapter and are part of its key (``learning``).
     """
 
-    lr: float = 1e-4
+    lr: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="share of the optimiser steps spent warming up")
     schedule: Literal["linear", "constant"] = "linear"
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(48, description="effective batch in samples (the paper's 48)", ge=1)
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    seed: int = 0
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: no clipping)")
+    weight_decay: float = Field(0.0, ge=0)
+    seed: Seed = 0
     lora: LoraConfig = Field(default_factory=LoraConfig)
     callbacks: list[str] = Field(default_factory=list,
                                  description="extra transformers TrainerCallbacks, as package.module:Class")
@@ -166,8 +163,8 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    batch_tokens: int = 16384
-    max_samples: int | None = None
+    batch_tokens: Count = 16384
+    max_samples: int | None = Field(None, ge=1, description="evaluate on the first N held-out samples (None: all)")
     max_new_tokens: int = Field(128, ge=0, description="greedy generation budget of the answer metric (0: skip it)")
 
 
@@ -176,8 +173,8 @@ class RayConfig(_Strict):
     training and evaluation are Ray work that declares the resources it needs."""
 
     address: str | None = Field(None, description="ray://host:10001 or 'auto'; None starts a local cluster")
-    num_cpus: int | None = None
-    num_gpus_per_task: float = Field(0.0, description="GPUs per scoring task (1 pins one task per GPU)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None: this machine's)")
+    num_gpus_per_task: float = Field(0.0, ge=0, description="GPUs per scoring task (1 pins one task per GPU)")
     train_workers: int = Field(1, ge=1, description="data-parallel training workers (Ray Train)")
     gpus_per_train_worker: float = Field(0.0, ge=0, description="GPUs per training worker")
     cpus_per_train_worker: float = Field(1.0, gt=0)
@@ -186,16 +183,30 @@ class RayConfig(_Strict):
     train_max_failures: int = Field(2, ge=0, description="worker-group restarts (from the last checkpoint)")
     env_vars: list[str] = Field(
         default_factory=list, description="names of the driver's environment variables to give every worker, e.g. "
-                                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for s3 storage "
-                                          "(values are read at run time, never written into the run's config)")
+                                          "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION for s3 storage (values are read at "
+                                          "run time, never written into the run's config). Never secrets: Ray logs "
+                                          "them; workers take credentials from their node's own credential chain")
     enabled: bool = True
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_secrets(cls, v: list[str]) -> list[str]:
+        from tokenclean.tasks.cluster import secret_looking
+
+        refused = secret_looking(v)
+        if refused:
+            raise ValueError(f"names secrets ({', '.join(refused)}): Ray writes a job's environment into its logs "
+                             "in plain text. Give workers credentials through their node (instance role, a "
+                             "credentials file such as AWS_SHARED_CREDENTIALS_FILE, or the environment the raylet "
+                             "was started with)")
+        return v
 
 
 class RunConfig(_Strict):
-    name: str = "default"
+    name: str = Field("default", description="the run directory's name under workdir: letters, digits, . _ -")
     workdir: str = "runs"
     mode: Literal["fixed", "self_evolving", "both"] = "both"
-    iterations: int = Field(2, description="T: the data is split into D0..DT")
+    iterations: int = Field(2, ge=1, description="T: the data is split into D0..DT")
     baselines: list[Literal["full", "random", "local", "global"]] = Field(
         default_factory=lambda: ["full", "random", "local", "global"]
     )
@@ -215,11 +226,13 @@ class RunConfig(_Strict):
                            "default, 80% of RAM")
     embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
 
-    @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
-        if self.iterations < 1:
-            raise ValueError("iterations (T) must be >= 1")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not RUN_NAME.fullmatch(v) or v in (".", ".."):
+            raise ValueError(f"run name {v!r} must be letters, digits, '.', '_' or '-' (not '.' or '..'): "
+                             "it names a directory inside the workdir")
+        return v
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,140 @@
+"""Joining Ray: a local cluster only this user on this host can reach, or the cluster at a given address.
+
+A local cluster (no address) binds every Ray process to 127.0.0.1 and runs with Ray's token
+authentication on, the token in a file only this user can read: another user of the host,
+or anyone on the network, can neither reach it nor submit work to it. A cluster at an
+address is its operator's: tokenclean adds no security settings of its own there
+(``infra/README.md`` says how to run one with authentication on).
+
+Workers get cloud credentials from their node's own credential chain (instance role,
+credentials file, the environment the raylet was started with), never from the driver
+through ``runtime_env``: Ray writes a job's runtime environment into its logs in plain text.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+# Words of a variable's name that say it holds a secret, by the usual conventions (AWS_SECRET_ACCESS_KEY, HF_TOKEN,
+# DB_PASSWORD, OPENAI_API_KEY, ...): whole words, so TOKENCLEAN_CACHE is not one. A name that ends in _FILE, _PATH or
+# _DIR says where a secret lives (AWS_SHARED_CREDENTIALS_FILE), which is no secret.
+_SECRET_WORDS = {"SECRET", "SECRETS", "TOKEN", "TOKENS", "PASSWORD", "PASSWD", "PASSPHRASE", "PWD", "CREDENTIAL",
+                 "CREDENTIALS", "PRIVATE", "AUTH", "APIKEY", "COOKIE"}
+_SECRET_PAIRS = {("API", "KEY"), ("ACCESS", "KEY"), ("SESSION", "KEY"), ("SECRET", "KEY"), ("SIGNING", "KEY"),
+                 ("ENCRYPTION", "KEY"), ("CLIENT", "SECRET")}
+# Ray's own switch for single-host clusters: with it off, Ray takes 127.0.0.1 as the node's address and its
+# servers listen on loopback alone (Ray reads it at import, so ``loopback_only`` sets Ray's copy too).
+_SINGLE_HOST = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Variables the workers need to find the Prefect API, the cache and custom scorer modules (PYTHONPATH).
+PASSED = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
+          "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "PYTHONPATH")
+
+
+def is_secret_name(name: str) -> bool:
+    words = [w for w in re.split(r"[^A-Z0-9]+", name.upper()) if w]
+    if words and words[-1] in ("FILE", "PATH", "DIR"):
+        return False
+    return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
+
+
+def secret_looking(names) -> list[str]:
+    return [n for n in names if is_secret_name(n)]
+
+
+def worker_env(env_vars=()) -> dict:
+    """The environment every worker gets: ``PASSED``, this process's ``TOKENCLEAN_*`` settings (a custom scorer's,
+    say) and the names in ``env_vars`` (``ray.env_vars``), never a variable whose name looks like a secret."""
+    refused = secret_looking(env_vars)
+    if refused:
+        raise ValueError(f"ray.env_vars names secrets ({', '.join(refused)}): Ray writes a job's environment into "
+                         "its logs in plain text. Give workers credentials through their node instead (instance "
+                         "role, a credentials file, or the environment the raylet was started with)")
+    missing = [k for k in env_vars if k not in os.environ]
+    if missing:
+        raise ValueError(f"ray.env_vars names variables this environment does not set: {missing}")
+    names = [*PASSED, *(k for k in os.environ if k.startswith("TOKENCLEAN_")), *env_vars]
+    env = {k: os.environ[k] for k in names if k in os.environ and not is_secret_name(k)}
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return env
+
+
+def init_kwargs(local: bool, num_cpus: int | None = None, env_vars=()) -> dict:
+    """``ray.init`` keyword arguments: the workers' environment, and for a local cluster its size (no dashboard:
+    it wants extra ports and a process per node)."""
+    init: dict = {"runtime_env": {"env_vars": worker_env(env_vars)}, "log_to_driver": True}
+    if local:
+        init |= {"include_dashboard": False, "num_cpus": num_cpus or os.cpu_count() or 1}
+    return init
+
+
+def _private_token() -> None:
+    """Make sure the token Ray uses for a local cluster is readable by this user alone.
+
+    Ray generates ``~/.ray/auth_token`` with the process's umask (0644 here); a token that
+    others can read opens the cluster to them. A token the user gives (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``) is theirs to keep."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # what Ray's own generator makes
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """For the duration: a Ray cluster started here listens on 127.0.0.1 alone, with token authentication."""
+    import ray._private.ray_constants as ray_constants
+    from ray._raylet import Config
+
+    saved = {k: os.environ.get(k) for k in (_SINGLE_HOST, "RAY_AUTH_MODE")}
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_SINGLE_HOST] = "0"
+    os.environ["RAY_AUTH_MODE"] = "token"  # also where the user's environment says "disabled"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    Config.initialize("")  # Ray's C++ side read RAY_AUTH_MODE at import; re-read it, as Ray's own switch does
+    _private_token()
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        Config.initialize("")
+
+
+@contextlib.contextmanager
+def connected(address: str | None, num_cpus: int | None = None, env_vars=(), **extra):
+    """Hold a Ray connection for the duration: to ``address``, or to a new local cluster (loopback, token) that
+    ends with it. Does nothing where Ray is already initialised (the caller's connection is used). Yields the
+    ``ray.init`` context, or None."""
+    import ray
+
+    if ray.is_initialized():
+        yield None
+        return
+    from tokenclean.tasks import watchdog
+
+    local = address in (None, "local")
+    kwargs = init_kwargs(local, num_cpus, env_vars) | extra
+    if local:
+        watchdog.start()  # the cluster dies with this process, even a SIGKILLed one
+    with loopback_only() if local else contextlib.nullcontext():
+        # "local" forces a fresh cluster even if a stale /tmp/ray/ray_current_cluster points at a dead one
+        context = ray.init(address="local" if local else address, **kwargs)
+        try:
+            yield context
+        finally:
+            ray.shutdown()
