@@ -76,13 +76,16 @@ def plan_shards(con, model_key: str, dataset: str, parts: list[int], max_tokens:
     return chunk_shards(ids, lengths, store.next_shard(con, model_key), budget, max_samples), total
 
 
-def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | None = None) -> tuple[int, int]:
+def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | None = None,
+                          unreadable: list[dict] | None = None) -> tuple[int, int]:
     """Load shards written but never loaded (the driver died in between, or stopped at a worker's mismatch).
 
     A shard is loaded only if none of its samples has losses yet (otherwise it is stale:
     its samples were re-scored under another shard id) and, given ``scorer`` (the key's
     settings), only if the numerics and kernel its file says it was computed with are the
-    key's; any other is deleted, and its samples are scored again.
+    key's; any other is deleted, and its samples are scored again. So is a file that cannot
+    be read whole (torn by a power loss, damaged on disk: a failed page checksum), with a
+    warning naming it; each such file is appended to ``unreadable`` as ``{"path", "reason"}``.
     """
     done = store.loaded_shards(con, model_key)
     n_shards = n_samples = 0
@@ -90,15 +93,36 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | No
         shard = storage.shard_number(path)
         if shard in done:
             continue
-        table = storage.read_table(path, columns=["sample_id"])
-        ids = sorted(set(table.column("sample_id").to_pylist()))
-        made = json.loads((table.schema.metadata or {}).get(SHARD_META, b"{}"))
+        try:  # the whole file: every page's checksum is verified before anything is loaded
+            table = storage.read_table(path)
+            made = json.loads((table.schema.metadata or {}).get(SHARD_META, b"{}"))
+            ids = sorted(set(table.column("sample_id").to_pylist()))
+        except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            reason = f"{type(e).__name__}: {e}"
+            _log().warning("shard file %s is unreadable (%s); removed, its samples are scored again", path, reason)
+            storage.remove(path)
+            if unreadable is not None:
+                unreadable.append({"path": path, "reason": reason})
+            continue
         if store.count_scored(con, model_key, ids) or _disagreement(made, scorer):
             storage.remove(path)
             continue
-        _load(con, model_key, shard, path)
+        store.load_loss_shard(con, model_key, shard, table)  # the rows just verified, not a second read
         n_shards, n_samples = n_shards + 1, n_samples + len(ids)
     return n_shards, n_samples
+
+
+def _log():
+    """The flow run's logger (the Prefect UI and the terminal), or this module's outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 def _disagreement(made: dict, scorer: dict | None) -> list[str]:
@@ -144,7 +168,8 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     t_plan = time.perf_counter()
     shard_dir = ctx.shard_dir(model_key)
     n_total = store.count_pool(con, ctx.dataset, parts)[0]
-    rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir, ctx.scorer)
+    unreadable: list[dict] = []
+    rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir, ctx.scorer, unreadable)
     slots = scoring_slots(cfg.ray)
     todo, total = plan_shards(con, model_key, ctx.dataset, parts, cfg.score.shard_tokens, cfg.score.shard_samples,
                               slots)
@@ -157,7 +182,8 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     worker = {"model": 0.0, "losses": 0.0, "write": 0.0}
     spans: dict = {}  # shard -> [submitted, worker started, worker ended, result received] (epoch seconds)
     stats = {"model": name, "key": model_key, "slots": slots, "samples_total": n_total, "samples_skipped": n_total - n_todo - rec_samples,
-             "shards_recovered": rec_shards, "samples_recovered": rec_samples, "shards_scored": 0,
+             "shards_recovered": rec_shards, "samples_recovered": rec_samples, "shards_unreadable": unreadable,
+             "shards_scored": 0,
              "samples_scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}, "placement": []}
     bar = tqdm(total=total, desc=f"score {name}", unit="tok", unit_scale=True, disable=not progress or not todo)
     artifact = _progress_artifact(name, len(todo)) if todo else None
@@ -222,7 +248,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     stats["seconds"] = time.perf_counter() - t0
     stats["timing"] = {"driver": driver, "workers": worker, "spans": spans}
     stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
-    if stats["shards_scored"] or rec_shards:
+    if stats["shards_scored"] or rec_shards or unreadable:
         store.log_stage(con, ctx.flow_run, "score", name, model_key, stats["seconds"], stats)
     return stats
 

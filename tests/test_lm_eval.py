@@ -185,6 +185,7 @@ def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs
     flow_run = store.start_flow_run(con, "fixed-model-cleaning", {}, "d0")
     store.record_output(con, flow_run, "base", 0, "model", "b0", False)
     store.record_output(con, flow_run, "reference", 0, "adapter", "a1", True)
+    store.finish_flow_run(con, flow_run)  # readers see finished runs only
     con.close()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"base": "embedded"}, "embedded": dict(TINY)}))
     res = run_lm_eval_for_run(run, "reference", [FACTS_TASK], limit=LIMIT)

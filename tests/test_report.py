@@ -126,6 +126,8 @@ def run_db(tiny, tmp_path_factory):
         rows = [("answer_match", None, 0.4 + 0.05 * t), ("response_loss", None, 1.0 - 0.05 * t)]
         rows += [("answer_match", task, series[t]) for task, series in TREND_SERIES.items()]
         _eval(con, evolving, "self-evolving", t, f"ab{t}", rows)
+    store.finish_flow_run(con, fixed)  # readers see finished runs only
+    store.finish_flow_run(con, evolving)
     con.close()
     out = build_report(db, tmp / "report.html", selection="global", n_samples=8)
     return {"db": db, "html": out, "text": out.read_text(), "selections": sel_out, "tokenizer": tok}
@@ -275,7 +277,7 @@ def test_missing_pieces_become_notes(tiny, tmp_path):
     db = tmp_path / "run" / "tokenclean.duckdb"
     con = store.connect(db)
     store.insert_dataset(con, DATASET, res.samples, [], {"tokenizer": str(tmp_path / "gone")}, {})
-    store.start_flow_run(con, "fixed-model-cleaning", {}, DATASET)
+    store.finish_flow_run(con, store.start_flow_run(con, "fixed-model-cleaning", {}, DATASET))
     con.close()
     text = build_report(db.parent, tmp_path / "r.html", selection="nope", n_samples=3).read_text()
     assert "could not be built" not in text

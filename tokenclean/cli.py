@@ -341,6 +341,8 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
         if sample is None:
             typer.echo(json.dumps(run_overview(con), indent=2, default=str))
             typer.echo(format_table(comparison(con)))
+            for r in store.unfinished_flow_runs(con):  # not shown above: the table is of finished runs
+                typer.echo(f"{r['flow']} started {r['started_at']:%Y-%m-%d %H:%M:%S}: unfinished (running or killed)")
             if keys:
                 typer.echo("\nartifacts of the latest run of each flow (key; computed by that run or reused; inputs):")
                 for a in artifacts(con):

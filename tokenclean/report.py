@@ -83,7 +83,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
 # --------------------------------------------------------------------------- sections
 
 def _current_selections(con) -> list[dict]:
-    """Current selection outputs (latest run of each flow) with their stored records and labels."""
+    """Current selection outputs (latest finished run of each flow) with their stored records and labels."""
     from tokenclean.tasks import store
     from tokenclean.summary import label
 
@@ -131,6 +131,11 @@ def _overview(con) -> str:
                             "kv"))
     base = _base_path(con)
     meta = f"<p>base model: <code>{esc(base)}</code></p>" if base else _note("No base model recorded by a flow run.")
+    from tokenclean.tasks import store
+
+    for r in store.unfinished_flow_runs(con):  # the report is of finished runs: say what it leaves out
+        meta += _note(f"{r['flow']} started {r['started_at']:%Y-%m-%d %H:%M:%S}: unfinished (running or killed); "
+                      "this report shows the latest finished run of each flow")
     return meta + '<div class="row">' + "".join(parts) + "</div>"
 
 

@@ -2,8 +2,10 @@
 
 Results live under their keys; ``run_outputs`` maps the names a user reads (variant and
 iteration: ``global``, ``self-evolving@2``) to the keys a flow run used, so the
-comparison table, ``inspect`` and the report show exactly the results of the latest run
-of each flow, never a leftover of an earlier configuration.
+comparison table, ``inspect``, the report and export show exactly the results of the
+latest finished run of each flow, never a leftover of an earlier configuration nor the
+half-made outputs of a run that is still going or was killed (``unfinished_flow_runs``
+names those). A flow run records its outputs as it goes and is marked finished last.
 """
 from __future__ import annotations
 
@@ -79,24 +81,40 @@ def log_stage(con, flow_run: str | None, stage: str, name: str, key: str | None,
                 [flow_run, stage, name, key, seconds, json.dumps(detail or {}, default=str)])
 
 
+# the latest finished run of each flow: what every reader (table, inspect, report, export) is made of
+_LATEST_FINISHED = """SELECT * FROM (
+    SELECT *, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn FROM flow_runs
+    WHERE finished_at IS NOT NULL) WHERE rn = 1"""
+
+
 def latest_flow_runs(con) -> list[dict]:
-    """The latest run of each flow (finished or not), newest first."""
+    """The latest finished run of each flow, newest first."""
+    cur = con.execute(f"SELECT flow_run, flow, dataset, started_at, finished_at, config FROM ({_LATEST_FINISHED}) "
+                      "ORDER BY started_at DESC")
+    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+
+
+def unfinished_flow_runs(con) -> list[dict]:
+    """The latest run of each flow where it has not finished (still running, or killed), newest first:
+    readers skip it and show its flow's latest finished run instead."""
     cur = con.execute(
-        """SELECT flow_run, flow, dataset, started_at, finished_at, config FROM (
+        """SELECT flow_run, flow, dataset, started_at FROM (
              SELECT *, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn FROM flow_runs)
-           WHERE rn = 1 ORDER BY started_at DESC""")
+           WHERE rn = 1 AND finished_at IS NULL ORDER BY started_at DESC""")
     return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
 
 
 def latest_dataset(con) -> str | None:
-    row = con.execute("SELECT dataset FROM flow_runs ORDER BY started_at DESC LIMIT 1").fetchone()
+    """The dataset of the newest finished flow run."""
+    row = con.execute("SELECT dataset FROM flow_runs WHERE finished_at IS NOT NULL "
+                      "ORDER BY started_at DESC LIMIT 1").fetchone()
     return row[0] if row else None
 
 
 def current_outputs(con) -> list[dict]:
     """What a user reads by name: each variant's outputs, all from one flow run.
 
-    Among the latest run of each flow, a variant's outputs come from the newest run that
+    Among the latest finished run of each flow, a variant's outputs come from the newest run that
     recorded it, all of them from that run: a variant's selection, adapter and evaluation
     are never mixed across runs. lm-eval results are a group of their own, listed beside
     the run's evaluation of the same model, never instead of it, and only while they are
@@ -104,9 +122,7 @@ def current_outputs(con) -> list[dict]:
     lm-eval results behind). ``dataset`` is the dataset the flow run worked on.
     """
     cur = con.execute(
-        """WITH latest AS (SELECT flow_run, started_at, dataset FROM (
-                SELECT *, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS rn FROM flow_runs)
-                WHERE rn = 1),
+        f"""WITH latest AS (SELECT flow_run, started_at, dataset FROM ({_LATEST_FINISHED})),
                 cand AS (SELECT DISTINCT o.variant, o.iteration, o.kind, o.key, o.computed, o.flow_run,
                                 l.started_at, l.dataset, o.kind = 'lm-eval' AS ext
                          FROM run_outputs o JOIN latest l USING (flow_run)),
