@@ -17,6 +17,7 @@ from tokenclean.tasks import keys, store
 from tokenclean.tasks.ingest import CHUNK_ROWS, IngestSpec, stage_inputs, tokenization_of
 from tokenclean.config import RunConfig, dump_config
 from tokenclean.tasks.storage import join
+from tokenclean.flows.runtime import run_logger
 
 
 @dataclass
@@ -177,19 +178,6 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     return info
 
 
-def _log():
-    """The flow run's logger (the Prefect UI and the terminal), or this module's outside a run."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        import logging
-
-        return logging.getLogger(__name__)
-
-
 # DuckDB's memory while ingesting: staging only appends and streams, so a small cache is enough, and
 # the flow process stays flat (benchmarks/ingest.py: peak RSS 641 MB at 50k rows, 767 MB at 200k with
 # 256MB; 741 MB and 986 MB, then 2,457 MB at 1M, with run.db_memory_limit's 2GB)
@@ -225,7 +213,7 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
         summary = {"rows_read": read["rows_read"], **staged}
         if read["skipped"]:  # files not read (unreadable, another format): listed with the dataset, never silent
             summary["skipped_files"] = read["skipped"]
-            _log().warning("ingest skipped %d file(s): %s", len(read["skipped"]),
+            run_logger().warning("ingest skipped %d file(s): %s", len(read["skipped"]),
                            "; ".join(f"{f}: {why}" for f, why in read["skipped"].items()))
         described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
                      "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}

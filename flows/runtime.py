@@ -62,6 +62,19 @@ def prefect_api():
         server.stop()
 
 
+def run_logger():
+    """The flow run's logger (the Prefect UI and the terminal), or a plain one outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("tokenclean")
+
+
 def ray_address(cfg: RayConfig) -> str | None:
     return cfg.address or os.environ.get("TOKENCLEAN_RAY_ADDRESS") or None
 

@@ -24,7 +24,7 @@ import numpy as np
 from tokenclean.tasks import storage, store
 from tokenclean.tasks.score import SampleBatch
 from tokenclean.tasks.steps import SHARD_META, score_shard_task
-from tokenclean.flows.runtime import scoring_slots
+from tokenclean.flows.runtime import run_logger, scoring_slots
 
 
 MIN_SHARD_TOKENS = 16384
@@ -99,7 +99,7 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | No
             ids = sorted(set(table.column("sample_id").to_pylist()))
         except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
             reason = f"{type(e).__name__}: {e}"
-            _log().warning("shard file %s is unreadable (%s); removed, its samples are scored again", path, reason)
+            run_logger().warning("shard file %s is unreadable (%s); removed, its samples are scored again", path, reason)
             storage.remove(path)
             if unreadable is not None:
                 unreadable.append({"path": path, "reason": reason})
@@ -110,19 +110,6 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | No
         store.load_loss_shard(con, model_key, shard, table)  # the rows just verified, not a second read
         n_shards, n_samples = n_shards + 1, n_samples + len(ids)
     return n_shards, n_samples
-
-
-def _log():
-    """The flow run's logger (the Prefect UI and the terminal), or this module's outside a run."""
-    from prefect.exceptions import MissingContextError
-    from prefect.logging import get_run_logger
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        import logging
-
-        return logging.getLogger(__name__)
 
 
 def _disagreement(made: dict, scorer: dict | None) -> list[str]:
