@@ -144,3 +144,19 @@ class StallAfterCheckpoint:
                 time.sleep(600)
 
         return _Stall()
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a driver started with ``subprocess.Popen`` and every process it started, and wait for them:
+    a driver *and* its cluster lost at once (where only the driver dies, its watchdog ends the rest)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    family = parent.children(recursive=True) + [parent]
+    for p in family:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(family, timeout=30)

@@ -10,13 +10,11 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -26,7 +24,7 @@ from tokenclean.cli import app
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 from tests.conftest import tiny_config
-from tests.faults import BACKEND, FAULT_ENV, shard_first_ids
+from tests.faults import BACKEND, FAULT_ENV, kill_tree, shard_first_ids
 
 UNFINISHED = re.compile(r"^fixed-model-cleaning started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: "
                         r"unfinished \(running or killed\)$")
@@ -67,17 +65,6 @@ def _readers(run_dir: Path, out: Path) -> dict:
             "adapter": (model["variant"], model["adapter"])}
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(family, timeout=30)
-
-
 def _killed_run(cfg: dict, tmp_path: Path) -> None:
     """`tokenclean run` on the same run directory, SIGKILLed (with every process it started) while it scores:
     its flow run is recorded with the outputs made so far and never finished. Another scorer backend gives
@@ -97,7 +84,7 @@ def _killed_run(cfg: dict, tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the run never stalled"
             time.sleep(0.2)
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
 
 
 def test_a_killed_run_changes_nothing_readers_see_and_is_shown_unfinished(finished, tmp_path):

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import yaml
 
 from tests.conftest import tiny_config
-from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, shard_first_ids
+from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, kill_tree, shard_first_ids
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 
@@ -232,18 +230,6 @@ def test_node_lost_while_training_resumes_from_checkpoint_and_equals_undisturbed
     assert {p["node"] for p in train["placement"]} != {where["node"]}  # finished elsewhere
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    parent = psutil.Process(proc.pid)
-    family = parent.children(recursive=True) + [parent]
-    for p in family:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(family, timeout=30)
-
-
 def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, undisturbed, tmp_path):
     """The driver (the flow process, attached to the cluster) is SIGKILLed mid-scoring while the
     cluster keeps running; a second driver on the same database is refused while the first holds
@@ -263,7 +249,7 @@ def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, und
         second = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
         assert second.returncode == 2 and "database busy" in second.stderr, second.stderr[-2000:]
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
     n_before = len(list(shards.glob("*/*.parquet")))
     assert n_before >= 2
     done = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
