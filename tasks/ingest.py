@@ -3,7 +3,8 @@
 A bad row never stops a run: it is written to the quarantine table with the reason,
 and the run summary counts it. Accepted forms per row:
 
-* ``{"messages": [{"role": "user"|"system"|"assistant", "content": str}, ...]}``
+* ``{"messages": [{"role": "user"|"system"|"assistant"|"tool", "content": str}, ...]}``; an assistant
+  message may carry its reasoning (``reasoning_content``, ``reasoning`` or ``thinking``) and ``tool_calls``
 * ``{"prompt": str, "response": str}``
 
 Optional fields: ``id`` (unique; else the content hash), ``task`` (for per-task
@@ -29,6 +30,7 @@ import pyarrow as pa
 
 from tokenclean.tasks.inputs import RAW_CHARS, RawRow, RowError, Split, entry_files, plan_inputs, read_split
 from tokenclean.tasks.template import (
+    REASONING_FIELDS,
     ROLES,
     TRUTH_CORRUPTED,
     TRUTH_INFORMATIVE,
@@ -92,6 +94,58 @@ def _spans(obj: dict, key: str, limit: int) -> list[tuple[int, int]]:
 _quote = json.encoder.encode_basestring_ascii  # the standard encoder's own string quoting (C)
 
 
+def _tool_calls(v, where: str) -> list[dict]:
+    """An assistant's ``tool_calls`` as OpenAI / transformers write them: ``[{"type": "function", "function":
+    {"name": str, "arguments": dict | str}}, ...]`` (or ``{"name", "arguments"}`` directly), kept as given."""
+    if not isinstance(v, list):
+        raise RowError(f"{where} must be a list, got {type(v).__name__}")
+    for k, call in enumerate(v):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"{where}[{k}] must be an object with a function name (\"function\": {{\"name\": ...}})")
+        _check_text(fn["name"], f"{where}[{k}].name")
+        args = fn.get("arguments")
+        if args is not None and not isinstance(args, (dict, str)):
+            raise RowError(f"{where}[{k}].arguments must be an object or a JSON string")
+    return v
+
+
+def _message(m, j: int) -> dict:
+    """One message, validated: role and content; an assistant's reasoning (under any of
+    ``template.REASONING_FIELDS``, kept as ``reasoning``) and ``tool_calls``; a tool message's
+    ``name`` / ``tool_call_id``. An assistant message with tool calls may have null content."""
+    if not isinstance(m, dict):
+        raise RowError(f"messages[{j}] must be an object")
+    role = m.get("role")
+    if role not in ROLES:
+        raise RowError(f"messages[{j}].role must be one of {ROLES}, got {role!r}")
+    content = m.get("content")
+    null = content is None and role == "assistant" and bool(m.get("tool_calls"))
+    if not null and not isinstance(content, str):
+        raise RowError(f"messages[{j}].content must be a string, got {type(content).__name__}")
+    out = {"role": role, "content": "" if null else _check_text(content, f"messages[{j}].content")}
+    if null:  # passed to the template as null: some templates test for it (DeepSeek-V3's tool calls)
+        out["null_content"] = True
+    if role == "assistant":
+        given = [f for f in REASONING_FIELDS if m.get(f) is not None]
+        if len(given) > 1:
+            raise RowError(f"messages[{j}] has reasoning in both {given[0]!r} and {given[1]!r}")
+        if given:
+            r = m[given[0]]
+            if not isinstance(r, str):
+                raise RowError(f"messages[{j}].{given[0]} must be a string, got {type(r).__name__}")
+            out["reasoning"] = _check_text(r, f"messages[{j}].{given[0]}")
+        if m.get("tool_calls"):
+            out["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{j}].tool_calls")
+    elif role == "tool":
+        for k in ("name", "tool_call_id"):
+            if m.get(k) is not None:
+                if not isinstance(m[k], str):
+                    raise RowError(f"messages[{j}].{k} must be a string")
+                out[k] = _check_text(m[k], f"messages[{j}].{k}")
+    return out
+
+
 def content_text(messages: list[dict], task: str | None, answer: str | None, truth: list[tuple[int, int, int]]) -> str:
     """The canonical JSON of a sample's content: exactly ``json.dumps({"messages": messages, "task": task,
     "answer": answer, "truth": sorted(truth)}, sort_keys=True)``, whose hash names the sample.
@@ -100,7 +154,8 @@ def content_text(messages: list[dict], task: str | None, answer: str | None, tru
     value) was half of a row's validation time; the text, and so every sample id, is
     unchanged (``tests/test_ingest.py`` compares the two).
     """
-    msgs = ", ".join(f'{{"content": {_quote(m["content"])}, "role": {_quote(m["role"])}}}' for m in messages)
+    msgs = ", ".join(f'{{"content": {_quote(m["content"])}, "role": {_quote(m["role"])}}}' if len(m) == 2
+                     else json.dumps(m, sort_keys=True) for m in messages)  # reasoning, tool calls: rare
     spans = ", ".join(f"[{s}, {e}, {lab}]" for s, e, lab in sorted(truth))
     return (f'{{"answer": {"null" if answer is None else _quote(answer)}, "messages": [{msgs}], '
             f'"task": {"null" if task is None else _quote(task)}, "truth": [{spans}]}}')
@@ -123,17 +178,7 @@ def normalize(obj: Any) -> Normalized:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise RowError("field 'messages' must be a non-empty list")
-        messages = []
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise RowError(f"messages[{j}] must be an object")
-            role = m.get("role")
-            if role not in ROLES:
-                raise RowError(f"messages[{j}].role must be one of {ROLES}, got {role!r}")
-            content = m.get("content")
-            if not isinstance(content, str):
-                raise RowError(f"messages[{j}].content must be a string, got {type(content).__name__}")
-            messages.append({"role": role, "content": _check_text(content, f"messages[{j}].content")})
+        messages = [_message(m, j) for j, m in enumerate(msgs)]
         assistants = [m for m in messages if m["role"] == "assistant"]
         if not assistants:
             raise RowError("no assistant message: nothing to train on")
@@ -147,7 +192,7 @@ def normalize(obj: Any) -> Normalized:
     else:
         raise RowError("row has neither 'messages' nor 'prompt'/'response'")
     last = messages[-1]["content"]
-    if not last.strip():
+    if not (last.strip() or (messages[-1].get("reasoning") or "").strip() or messages[-1].get("tool_calls")):
         raise RowError("empty or whitespace-only response")
     informative, corrupted = _spans(obj, "informative_spans", len(last)), _spans(obj, "corrupted_spans", len(last))
     for s, e in informative:
@@ -230,8 +275,9 @@ def source_name(source: str) -> str:
 # What ingest derives from a row besides its tokens (which rows it refuses, the answer span): a change to
 # these rules makes new sample ids, since stored samples are immutable and found by id.
 # 2: strict spans, invalid Unicode / template refusals / answers the template strips quarantined, answers cut by
-# truncation get no span.
-INGEST_RULES = 2
+# truncation get no span. 3: tool messages, tool calls and reasoning fields accepted (the Tulu template refuses
+# them with the reason), assistant null content with tool calls.
+INGEST_RULES = 3
 
 
 def tokenization_of(tokenizer, max_length: int, template: str = "tulu") -> str:
@@ -267,6 +313,7 @@ class IngestChunk:
 
     samples: pa.Table
     quarantine: list[dict]
+    reasoning_dropped: int = 0  # assistant turns of its samples whose reasoning the template does not render
 
 
 def _list_column(offsets: np.ndarray, values: np.ndarray, value_type, valid: np.ndarray | None = None) -> pa.Array:
@@ -380,7 +427,8 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
     if (n_resp == 0).any():
         table = table.filter(pa.array(n_resp > 0))
     quarantine.sort(key=lambda q: q["ordinal"])
-    return IngestChunk(table, quarantine)
+    dropped = sum(g[2].reasoning_dropped for g, nr in zip(good, n_resp.tolist()) if nr > 0)
+    return IngestChunk(table, quarantine, dropped)
 
 
 # Input bytes per split: about SPLITS_PER_WORKER splits for each worker, within SPLIT_BYTES. A split is the
@@ -389,7 +437,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
 SPLIT_BYTES = (1 << 20, 64 << 20)
 SPLITS_PER_WORKER = 4
 # What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
-PARTS_VERSION = 3  # 2: INGEST_RULES 2; 3: inputs.READ_RULES 2
+PARTS_VERSION = 4  # 2: INGEST_RULES 2; 3: inputs.READ_RULES 2; 4: INGEST_RULES 3
 
 
 def split_bytes_for(entries: list[str], eval_entries: list[str], workers: int) -> int:
@@ -430,16 +478,20 @@ def process_split(split: Split, tokenizer, spec: IngestSpec, parts_dir: str, chu
     t0 = time.perf_counter()
     samples_path, quarantine_path = part_paths(parts_dir, split.number)
     quarantine: list[dict] = []
-    n_samples = 0
+    n_samples = dropped = 0
     with storage.parquet_writer(samples_path, STAGE_SCHEMA) as writer:
         for rows in _batched(read_split(split), chunk_rows):
             out = process_chunk(rows, split.is_eval, tokenizer, spec)
             writer.write_table(out.samples)
             n_samples += out.samples.num_rows
             quarantine += out.quarantine
-        storage.write_parquet(pa.Table.from_pylist(quarantine, STAGE_Q_SCHEMA), quarantine_path)
+            dropped += out.reasoning_dropped
+        # the count travels in the quarantine file's footer, so a resumed ingest reads it back (_finished_part)
+        storage.write_parquet(pa.Table.from_pylist(quarantine, STAGE_Q_SCHEMA)
+                              .replace_schema_metadata({"reasoning_dropped": str(dropped)}), quarantine_path)
     return {"split": split.number, "samples": samples_path, "quarantine": quarantine_path, "n_samples": n_samples,
-            "n_quarantined": len(quarantine), "seconds": time.perf_counter() - t0, "node": where()["node"]}
+            "n_quarantined": len(quarantine), "reasoning_dropped": dropped, "seconds": time.perf_counter() - t0,
+            "node": where()["node"]}
 
 
 def _finished_part(parts_dir: str, split: Split) -> dict | None:
@@ -451,7 +503,20 @@ def _finished_part(parts_dir: str, split: Split) -> dict | None:
         return None
     return {"split": split.number, "samples": samples_path, "quarantine": quarantine_path,
             "n_samples": storage.parquet_rows(samples_path), "n_quarantined": storage.parquet_rows(quarantine_path),
+            "reasoning_dropped": _footer_count(quarantine_path, "reasoning_dropped"),
             "seconds": 0.0, "node": None, "reused": True}
+
+
+def _footer_count(path: str, key: str) -> int:
+    """An integer ``process_split`` wrote into a part file's footer metadata."""
+    import pyarrow.parquet as pq
+
+    from tokenclean.tasks import storage
+
+    fs, p = storage.filesystem(path)
+    with fs.open(p, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return int(meta.get(key.encode(), b"0"))
 
 
 def _run_splits(splits: list[Split], tokenizer, spec: IngestSpec, parts_dir: str, chunk_rows: int,
@@ -538,7 +603,7 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     splits = plan.splits
     layout = digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits])
     parts_dir, local_dir = join(parts_dir, layout), local_dir and join(local_dir, layout)
-    n_read = reused = 0
+    n_read = reused = dropped = 0
     samples, quarantine, nodes = {}, {}, set()
     with tqdm(total=len(splits), desc="ingest", disable=not progress, unit="split") as bar:
         for result in _run_splits(splits, tokenizer, spec, parts_dir, chunk_rows, workers):
@@ -546,6 +611,7 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
             quarantine[result["split"]] = _local_part(result, "quarantine", local_dir)
             n_read += result["n_samples"] + result["n_quarantined"]
             reused += bool(result.get("reused"))
+            dropped += result["reasoning_dropped"]
             if result["node"] is not None:
                 nodes.add(result["node"])
             bar.update(1)
@@ -555,7 +621,7 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
     else:
         store.stage_parts(con, STAGE_SCHEMA.empty_table(), STAGE_Q_SCHEMA.empty_table())
     store.stage_duplicates(con)
-    return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused,
+    return {"rows_read": n_read, "splits": len(splits), "splits_reused": reused, "reasoning_dropped": dropped,
             "placement": [{"node": node} for node in sorted(nodes)], "skipped": plan.skipped}
 
 
@@ -565,6 +631,7 @@ class IngestResult:
     quarantine: list[dict]
     n_read: int
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # files not read -> why
+    reasoning_dropped: int = 0  # assistant turns of the samples whose reasoning the template does not render
 
 
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
@@ -593,6 +660,7 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
             samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
             quarantine = store.staged_quarantine(con)
             store.stage_reset(con)
-        return IngestResult(samples.cast(INGEST_SCHEMA), quarantine, read["rows_read"], read["skipped"])
+        return IngestResult(samples.cast(INGEST_SCHEMA), quarantine, read["rows_read"], read["skipped"],
+                            read["reasoning_dropped"])
     finally:
         con.close()

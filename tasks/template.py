@@ -5,14 +5,17 @@ Two templates (``data.template``):
 * ``tulu`` (default, as in the paper): open-instruct's ``<|user|>\n...`` format, rendered
   here, so the response spans are known by construction.
 * ``model``: the tokenizer's own Jinja chat template (``apply_chat_template``), for a
-  Llama-3, Qwen2.5, Mistral... model used as its users prompt it. The rendered text is
-  the model's; the response spans are found in it (``render_model_template``): from the
-  template's ``{% generation %}`` markers where it has them, else by rendering once more
-  with each assistant content replaced by a unique placeholder and aligning the two
-  texts. No template is assumed to be prefix-stable (Mistral's moves the system prompt
-  into the last user turn; Qwen3's drops earlier reasoning), because both renderings are
-  of the whole conversation. A template that rewrites assistant content beyond trimming
-  is refused per row (quarantined with the reason), never silently mis-masked.
+  Llama-3, Qwen3, Mistral... model used as its users prompt it, reasoning and tool calls
+  included. The rule: targets are exactly what the model generates in an assistant turn,
+  from the end of the generation prompt to its end-of-turn token (reasoning, content, tool
+  calls). Where the template has ``{% generation %}`` markers they are followed exactly;
+  else the turns are found by rendering once more with each generated piece replaced by a
+  unique mark and aligning the two texts. No template is assumed to be prefix-stable
+  (Mistral's moves the system prompt into the last user turn; Qwen3's drops earlier
+  reasoning), because both renderings are of the whole conversation. Reasoning a template
+  drops is counted (``Rendered.reasoning_dropped``); a template that rewrites or drops
+  what the model generates is refused per row with the reason, never silently mis-masked.
+  Conventions where families differ: ``EMPTY_THINK``, and README "Tokenisation rule".
 
 The mask is derived from character offsets of one tokenisation of the whole rendered
 text. Tokenising prompt and response separately and concatenating gives different ids
@@ -22,8 +25,8 @@ Rule (documented in README): a token belongs to a span iff its *anchor* lies ins
 the anchor is the token's first non-whitespace character (its first character if it is
 all whitespace). Byte-level BPE glues the preceding space onto a word (" Paris"), so
 the raw start offset would assign a word to whatever precedes it. A token is a
-response (target) token iff its anchor lies in an assistant turn's content or EOS (Tulu: or the
-newline after that EOS, as open-instruct trains it). Tokens past
+response (target) token iff its anchor lies in a target span (Tulu: an assistant turn's content,
+its EOS and the newline after it, as open-instruct trains them). Tokens past
 ``max_length`` are dropped (prefix kept); a sample left with no response token is
 rejected by ingest.
 """
@@ -40,9 +43,11 @@ import numpy as np
 # r2: contents stripped, no final newline, the newline after a non-final EOS a target (open-instruct exactly)
 TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
 TEMPLATES = ("tulu", "model")
-# how response spans are found in a model template's text (part of its key); v2: rendered with FIXED_DATE
-MODEL_TEMPLATE_RULE = "anchor-v2"
-ROLES = ("system", "user", "assistant")
+# how response spans are found in a model template's text (part of its key); v2: rendered with FIXED_DATE;
+# v3: targets = what the model generates (from the end of the generation prompt: reasoning, empty think block,
+# tool calls), generation blocks exactly, reasoning and tools passed to the template
+MODEL_TEMPLATE_RULE = "generated-v3"
+ROLES = ("system", "user", "assistant", "tool")
 # Ground-truth token labels, used only when the input carries them (synthetic demo data).
 TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
 
@@ -50,8 +55,9 @@ TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
 @dataclass
 class Rendered:
     text: str
-    response_spans: list[tuple[int, int]]  # [start, end) in text: content, EOS (Tulu: and the newline after it)
+    response_spans: list[tuple[int, int]]  # [start, end) in text: what each assistant turn generates, its EOS
     truth_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, label)
+    reasoning_dropped: int = 0  # assistant turns whose reasoning the template does not render (counted, not lost)
 
 
 # The same text as ``render_tulu``, as a Jinja chat template: written into exported tokenizers so that
@@ -124,11 +130,19 @@ def template_id(tokenizer, template: str) -> str:
         return TEMPLATE_NAME
     if template == "model":
         text = chat_template_of(tokenizer)
-        return f"model:{hashlib.sha256(text.encode()).hexdigest()[:16]}:{MODEL_TEMPLATE_RULE}"
+        return f"model:{hashlib.sha256(text.encode()).hexdigest()[:16]}:{MODEL_TEMPLATE_RULE}:think-{EMPTY_THINK}"
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
 
 
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use code points: never in real text's assistant turns
+# The reasoning fields reasoning datasets use; a row's reasoning is passed to the template under the name the
+# template reads (Qwen3 / DeepSeek: reasoning_content, gpt-oss: thinking).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
+_THINK_TAGS = re.compile("(<think>|</think>)")
+# Conventions where families differ (README, "Tokenisation rule"); part of a model template's key.
+# The empty think block a template renders for a turn without reasoning (Qwen3's "<think>\n\n</think>\n\n"):
+# a target, as a model served with thinking on (the template's default) generates it itself.
+EMPTY_THINK = "target"
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -140,63 +154,67 @@ def _special_strings(tokenizer) -> list[str]:
     return sorted((t for t in specials if t), key=len, reverse=True)
 
 
-def _extend_over_terminator(text: str, end: int, specials: list[str], eos: str | None) -> int:
-    """End of a response span, extended over the end-of-turn token right after the content.
+@dataclass
+class _Field:
+    """A piece of an assistant turn the model generates, replaced by a mark in the skeleton rendering."""
 
-    ``<|eot_id|>``, ``<|im_end|>``, ``</s>``: emitting it is how the model learns to stop,
-    so it is a target, as EOS is in the Tulu template. It must follow the content
-    directly (any special token) or after whitespace (EOS only, as Llama-2's
-    ``content + ' ' + eos``): a special token after a newline is the next turn's header.
-    A span that already ends with a special token (a ``{% generation %}`` block) is kept.
-    """
-    if any(text.endswith(sp, 0, end) for sp in specials):
-        return end
-    for sp in specials:
-        if text.startswith(sp, end):
-            return end + len(sp)
-    j = end
-    while j < len(text) and text[j].isspace():
-        j += 1
-    if eos and j > end and text.startswith(eos, j):
-        return j + len(eos)
-    return end
+    turn: int  # index among the assistant turns
+    kind: str  # content | reasoning | tool
+    raw: str  # as given
+    raw_start: int = -1  # offset in the raw content (content segments), else -1
 
 
-def _aligned_spans(text: str, skeleton: str, contents: list[str]) -> list[tuple[int, int, int]]:
-    """(start, end, leading characters trimmed) of each of ``contents`` in ``text``.
+def _trims(c: str):
+    """``c`` and its whitespace-trimmed variants, least trimmed first (``| trim``, Qwen3's ``lstrip('\\n')``...):
+    (candidate, characters trimmed at the start)."""
+    lead = len(c) - len(c.lstrip())
+    trail = len(c) - len(c.rstrip())
+    if lead + trail > 64:  # bounded: a long whitespace run is tried untrimmed or fully trimmed only
+        cands = [(0, 0), (lead, 0), (0, trail), (lead, trail)]
+    else:
+        cands = sorted(((a, b) for a in range(lead + 1) for b in range(trail + 1) if a + b <= len(c)),
+                       key=lambda ab: ab[0] + ab[1])
+    for a, b in dict.fromkeys(cands):
+        yield c[a:len(c) - b], a
 
-    ``skeleton`` is the same conversation rendered with content i replaced by mark i. The
-    literal pieces between marks must match ``text`` exactly; each content may be rendered
-    as is or trimmed (``| trim`` is common). Anything else is a TemplateError.
-    """
+
+def _aligned(text: str, skeleton: str, fields: list[_Field]) -> dict[int, tuple[int, int, int]]:
+    """Where each field rendered: field index -> (start, end, characters trimmed at its start), from the
+    skeleton (the conversation rendered with field i replaced by mark i). The literal pieces between marks
+    must match ``text`` exactly; a field may be rendered as is or whitespace-trimmed; anything else is a
+    TemplateError. A field the template does not render is absent from the result."""
     pieces = _MARK.split(skeleton)  # literal, index, literal, index, ..., literal
     literals, order = pieces[0::2], [int(i) for i in pieces[1::2]]
-    if sorted(order) != list(range(len(contents))):
-        raise TemplateError("the chat template drops or repeats assistant turns; cannot locate the responses")
-    spans: list[tuple[int, int, int]] = [(0, 0, 0)] * len(contents)
+    if len(set(order)) != len(order):
+        raise TemplateError("the chat template repeats an assistant message; cannot locate the responses")
+    found: dict[int, tuple[int, int, int]] = {}
     cur = 0
     for n, idx in enumerate(order):
         if not text.startswith(literals[n], cur):
-            raise TemplateError("the chat template renders the prompt differently around assistant content")
+            raise TemplateError("the chat template renders the text around assistant turns differently from "
+                                "turn to turn; cannot locate the responses")
         cur += len(literals[n])
         nxt = literals[n + 1]
-        c = contents[idx]
-        for cand in dict.fromkeys((c, c.strip(), c.lstrip(), c.rstrip())):
+        last = n + 1 == len(order)
+        for cand, lead in _trims(fields[idx].raw):
             end = cur + len(cand)
-            if text.startswith(cand, cur) and (text.startswith(nxt, end) if n + 1 < len(order) else text[end:] == nxt):
-                lead = len(c) - len(c.lstrip()) if cand in (c.strip(), c.lstrip()) and cand != c else 0
-                spans[idx] = (cur, end, lead)
+            if text.startswith(cand, cur) and (text[end:] == nxt if last else text.startswith(nxt, end)):
+                found[idx] = (cur, end, lead)
                 cur = end
                 break
         else:
-            raise TemplateError("the chat template rewrites assistant content (beyond trimming); cannot locate it")
+            what = {"content": "content", "reasoning": "reasoning", "tool": "tool call name"}[fields[idx].kind]
+            raise TemplateError(f"the chat template rewrites the {what} of assistant turn {fields[idx].turn + 1} "
+                                "(beyond trimming whitespace); cannot locate it")
     if not text.startswith(literals[-1], cur) or cur + len(literals[-1]) != len(text):
-        raise TemplateError("the chat template renders the prompt differently around assistant content")
-    return spans
+        raise TemplateError("the chat template renders the text around assistant turns differently from turn to "
+                            "turn; cannot locate the responses")
+    return found
 
 
 def render_model_template(tokenizer, messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
-    """Render with the tokenizer's chat template; response spans = assistant contents + their terminator.
+    """Render with the tokenizer's chat template; response spans = what the model generates in each assistant
+    turn (reasoning, content, tool calls) and its end-of-turn token.
 
     ``truth`` spans are relative to the last assistant message's content, as in ``render_tulu``.
     """
@@ -234,6 +252,83 @@ def _fixed_clock(template: str):
         ctu.datetime = datetime.datetime
 
 
+def _template_messages(messages: list[dict], reasoning_field: str | None) -> list[dict]:
+    """Messages as the template reads them: reasoning under the field name the template uses."""
+    out = []
+    for m in messages:
+        d = {k: v for k, v in m.items() if k not in ("reasoning", "null_content")}
+        if m.get("reasoning") is not None and reasoning_field is not None:
+            d[reasoning_field] = m["reasoning"]
+        if m.get("null_content"):
+            d["content"] = None
+        out.append(d)
+    return out
+
+
+@contextlib.contextmanager
+def _template_failures():
+    """A template that fails on a conversation (``'</think>' in None``...) refuses that row, with the cause;
+    its own ``raise_exception`` (a jinja2 TemplateError) passes through for ingest to report."""
+    try:
+        yield
+    except TemplateError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        from jinja2.exceptions import TemplateError as JinjaError
+
+        if isinstance(e, JinjaError):
+            raise
+        raise TemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
+
+
+def _fields_of(messages: list[dict], with_reasoning: bool) -> tuple[list[_Field], list[dict]]:
+    """The generated pieces of every assistant turn, and the messages with each replaced by its mark.
+
+    Content is split at ``<think>``/``</think>`` (kept, since templates such as Qwen3's parse them): the text
+    between the tags is reasoning, the rest content. Whitespace-only pieces are left as they are (templates
+    test them for emptiness), and so are tool call arguments (rendered as JSON, identical in both renderings).
+    """
+    fields: list[_Field] = []
+    skeleton = []
+
+    def mark(f: _Field) -> str:
+        fields.append(f)
+        return f"\ue000{len(fields) - 1}\ue001"
+
+    turn = -1
+    for m in messages:
+        d = dict(m)
+        if m["role"] == "assistant":
+            turn += 1
+            parts, pos, inside = [], 0, False
+            for piece in _THINK_TAGS.split(m.get("content") or ""):
+                if piece in ("<think>", "</think>"):
+                    inside = piece == "<think>"
+                    parts.append(piece)
+                elif piece.strip():
+                    parts.append(mark(_Field(turn, "reasoning" if inside else "content", piece, pos)))
+                else:
+                    parts.append(piece)
+                pos += len(piece)
+            if m.get("content") is not None:
+                d["content"] = "".join(parts)
+            if with_reasoning and (m.get("reasoning") or "").strip():
+                d["reasoning"] = mark(_Field(turn, "reasoning", m["reasoning"]))
+            if m.get("tool_calls"):
+                calls = []
+                for call in m["tool_calls"]:
+                    call = dict(call)
+                    if isinstance(call.get("function"), dict):
+                        call["function"] = dict(call["function"], name=mark(_Field(turn, "tool",
+                                                                                    call["function"]["name"])))
+                    else:
+                        call["name"] = mark(_Field(turn, "tool", call["name"]))
+                    calls.append(call)
+                d["tool_calls"] = calls
+        skeleton.append(d)
+    return fields, skeleton
+
+
 def _model_renderer(tokenizer):
     template = chat_template_of(tokenizer)
     fixed = {"date_string": FIXED_DATE.strftime("%d %b %Y")}
@@ -241,48 +336,142 @@ def _model_renderer(tokenizer):
     specials = _special_strings(tokenizer)
     eos = tokenizer.eos_token
     marked = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+    reasoning_field = next((f for f in REASONING_FIELDS if f in template), None)
+
+    def apply(messages: list[dict], **kw) -> str:
+        return tokenizer.apply_chat_template(_template_messages(messages, reasoning_field), tokenize=False,
+                                             **fixed, **kw)
+
+    def probe(messages: list[dict], **kw) -> str | None:
+        try:
+            with _fixed_clock(template):
+                return apply(messages, **kw)
+        except Exception:  # noqa: BLE001 - a template refusing a probe conversation: that property is unknown
+            return None
+
+    user = [{"role": "user", "content": "u"}]
+    # The generation prompt: what a server appends before the model generates (the header of an assistant turn)
+    with_prompt, without = probe(user, add_generation_prompt=True), probe(user)
+    header = with_prompt[len(without):] if with_prompt and without and with_prompt.startswith(without) else ""
+    no_think = probe(user, add_generation_prompt=True, enable_thinking=False)
+    scaffold = no_think[len(with_prompt):] if no_think and with_prompt and no_think.startswith(with_prompt) else ""
+    # The end-of-turn token: the first special token after an assistant content (EOS, should there be none),
+    # and the special tokens a tool call turn renders before it (DeepSeek's <｜tool▁call▁end｜>...)
+    eot: set[str] = {eos} if eos else set()
+    in_turn: set[str] = set()
+    closes = False  # the template writes an end-of-turn token after an assistant turn
+    tail = probe(user + [{"role": "assistant", "content": "\ue0000\ue001"}])
+    if tail and "\ue0000\ue001" in tail:
+        rest = tail.split("\ue0000\ue001", 1)[1]
+        first = min(((rest.find(s), s) for s in specials if s in rest), default=None)
+        if first is not None:
+            eot.add(first[1])
+            closes = True
+    calls = probe(user + [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "\ue0000\ue001", "arguments": {"a": 1}}}]}])
+    if calls and "\ue0000\ue001" in calls:
+        rest = calls.split("\ue0000\ue001", 1)[1]
+        stop = min((rest.find(s) for s in eot if s in rest), default=len(rest))
+        in_turn = {s for s in specials if s in rest[:stop]}
+
+    def end_of_turn(text: str, end: int, limit: int, turn: int, tools: bool) -> int:
+        """Past the end-of-turn token that closes the turn whose last generated piece ends at ``end``: the first
+        one before ``limit`` (the next piece), after nothing but whitespace, or the turn's tool call syntax."""
+        found = [(p, sp) for sp in eot if (p := text.find(sp, end, limit)) >= 0]
+        if found:
+            p, sp = min(found)
+            between = text[end:p]
+            if not between.strip() or (tools and not any(x in between for x in specials if x not in in_turn)):
+                return p + len(sp)
+        if closes:  # the template has an end-of-turn token, and this turn does not end with it
+            raise TemplateError(f"the chat template renders no end-of-turn token right after assistant turn "
+                                f"{turn + 1}; cannot tell where it ends")
+        return end
 
     def render_one(messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
-        with _fixed_clock(template):
-            return _render(messages, truth)
+        with _fixed_clock(template), _template_failures():
+            return _render_marked(messages, truth) if marked else _render(messages, truth)
 
-    def _render(messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
-        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if marked:
-            from transformers.utils.chat_template_utils import render_jinja_template
+    def _render_marked(messages: list[dict], truth) -> Rendered:
+        """The template's ``{% generation %}`` blocks are the targets, exactly (transformers' assistant mask)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
 
-            texts, indices = render_jinja_template(conversations=[messages], chat_template=template,
-                                                   return_assistant_tokens_mask=True, **kwargs)
-            text, blocks = texts[0], [tuple(b) for b in indices[0]]
-            if len(blocks) != len(assistants):
-                raise TemplateError(f"the template marks {len(blocks)} generation blocks for {len(assistants)} "
-                                    "assistant turns")
-            spans = [(s, _extend_over_terminator(text, e, specials, eos)) for s, e in blocks]
-            last = messages[assistants[-1]]["content"]
+        assistants = [m for m in messages if m["role"] == "assistant"]
+        texts, indices = render_jinja_template(conversations=[_template_messages(messages, reasoning_field)],
+                                               chat_template=template, return_assistant_tokens_mask=True, **kwargs)
+        text, blocks = texts[0], [tuple(b) for b in indices[0]]
+        if len(blocks) != len(assistants):
+            raise TemplateError(f"the template marks {len(blocks)} generation blocks for {len(assistants)} "
+                                "assistant turns")
+        for k, (m, (s, e)) in enumerate(zip(assistants, blocks)):
+            names = [c.get("function", c)["name"] for c in m.get("tool_calls") or []]
+            if any(text.find(name, s, e) < 0 for name in names):
+                raise TemplateError(f"the chat template drops the tool calls of assistant turn {k + 1}")
+        dropped = sum(1 for m, (s, e) in zip(assistants, blocks)
+                      if (m.get("reasoning") or "").strip() and text.find(m["reasoning"].strip(), s, e) < 0)
+        truth_abs = []
+        if truth:
+            last = assistants[-1]["content"] or ""
             s0, e0 = blocks[-1]
             content_start = text.find(last, s0, e0)
             if content_start < 0:  # rendered trimmed: offset 0 of the raw content lies before the first kept char
                 found = text.find(last.strip(), s0, e0)
                 if found < 0:
-                    raise TemplateError("the chat template rewrites assistant content (beyond trimming); cannot "
-                                        "place the ground-truth spans")
+                    raise TemplateError("the chat template rewrites the last assistant content (beyond trimming "
+                                        "whitespace); cannot place the ground-truth spans")
                 content_start = found - (len(last) - len(last.lstrip()))
-        else:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, **fixed)
-            skeleton_msgs = [dict(m) for m in messages]
-            for n, i in enumerate(assistants):
-                skeleton_msgs[i]["content"] = f"\ue000{n}\ue001"
-            skeleton = tokenizer.apply_chat_template(skeleton_msgs, tokenize=False, **fixed)
-            located = _aligned_spans(text, skeleton, [messages[i]["content"] for i in assistants])
-            spans = [(s, _extend_over_terminator(text, e, specials, eos)) for s, e, _ in located]
-            s_last, _, lead = located[-1]
-            content_start = s_last - lead  # where offset 0 of the raw content would be
+            truth_abs = [(max(content_start + s, s0), min(content_start + e, e0), lab) for s, e, lab in truth
+                         if min(content_start + e, e0) > max(content_start + s, s0)]
+        return Rendered(text, blocks, truth_abs, dropped)
+
+    def _render(messages: list[dict], truth) -> Rendered:
+        n_turns = sum(m["role"] == "assistant" for m in messages)
+        fields, skeleton_msgs = _fields_of(messages, reasoning_field is not None)
+        text = apply(messages)
+        located = _aligned(text, apply(skeleton_msgs), fields)
+        dropped_turns: set[int] = set()
+        for i, f in enumerate(fields):
+            if i not in located:
+                if f.kind != "reasoning":
+                    what = "content" if f.kind == "content" else "tool calls"
+                    raise TemplateError(f"the chat template drops the {what} of assistant turn {f.turn + 1}")
+                dropped_turns.add(f.turn)
+        if reasoning_field is None:  # the template reads no reasoning field: a given one is dropped
+            dropped_turns |= {k for k, m in enumerate(m for m in messages if m["role"] == "assistant")
+                              if (m.get("reasoning") or "").strip()}
+        dropped = len(dropped_turns)
+        # each turn: from the end of its header (the generation prompt) to past its end-of-turn token
+        per_turn: dict[int, list[tuple[int, int]]] = {}
+        for i, (s, e, _) in located.items():
+            per_turn.setdefault(fields[i].turn, []).append((s, e))
+        if set(per_turn) != set(range(n_turns)):
+            missing = min(set(range(n_turns)) - set(per_turn)) + 1
+            raise TemplateError(f"the chat template renders nothing of assistant turn {missing} that the model "
+                                "generates (its content and tool calls are empty or dropped)")
+        bounds = sorted((s, e) for s, e, _ in located.values())
+        spans = []
+        for turn in range(n_turns):
+            first, last = min(per_turn[turn])[0], max(e for _, e in per_turn[turn])
+            before = max((e for _, e in bounds if e <= first), default=0)
+            after = min((s for s, _ in bounds if s >= last), default=len(text))
+            start = first
+            h = text.rfind(header, before, first) if header else -1
+            if h >= 0:
+                start = h + len(header)  # what follows the header and precedes the field is generated (<think>\n)
+            if scaffold and EMPTY_THINK == "prompt" and text.startswith(scaffold, start):
+                start += len(scaffold)
+            tools = any(fields[i].kind == "tool" and fields[i].turn == turn for i in located)
+            spans.append((start, end_of_turn(text, last, after, turn, tools)))
         truth_abs = []
         if truth:
-            lo, hi = spans[-1]
-            truth_abs = [(max(content_start + s, lo), min(content_start + e, hi), lab) for s, e, lab in truth
-                         if min(content_start + e, hi) > max(content_start + s, lo)]
-        return Rendered(text, spans, truth_abs)
+            segs = [(f.raw_start, len(f.raw), located[i]) for i, f in enumerate(fields)
+                    if f.turn == n_turns - 1 and f.raw_start >= 0 and i in located]
+            for s, e, lab in truth:
+                for r0, rn, (ts, te, lead) in segs:
+                    a, b = max(s, r0 + lead), min(e, r0 + lead + (te - ts))
+                    if b > a:
+                        truth_abs.append((ts + a - r0 - lead, ts + b - r0 - lead, lab))
+        return Rendered(text, spans, truth_abs, dropped)
 
     return render_one
 
@@ -298,7 +487,15 @@ def renderer(template: str, tokenizer):
         eos = tokenizer.eos_token
         if eos is None:
             raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
-        return lambda messages, truth=None: render_tulu(messages, eos, truth)
+        def tulu(messages: list[dict], truth=None) -> Rendered:
+            for j, m in enumerate(messages):
+                extra = "reasoning" if m.get("reasoning") is not None else "tool_calls" if m.get("tool_calls") else None
+                if m["role"] == "tool" or extra:
+                    raise TemplateError(f"messages[{j}] has {extra or 'role tool'}, which the Tulu template cannot "
+                                        "render; use data.template: model with a template that does")
+            return render_tulu(messages, eos, truth)
+
+        return tulu
     if template == "model":
         return _model_renderer(tokenizer)
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")

@@ -223,8 +223,8 @@ def test_template_that_rewrites_content_is_quarantined(tmp_path, tiny):
     res = ingest([str(data)], [], tok, max_length=256, eval_fraction=0.0, n_parts=1, seed=0, template="model")
     # "YES" survives | upper unchanged; the mixed-case response cannot be located and is refused, with the reason
     assert res.samples.num_rows == 1
-    assert [q["reason"] for q in res.quarantine] == ["the chat template rewrites assistant content (beyond trimming); "
-                                                     "cannot locate it"]
+    assert [q["reason"] for q in res.quarantine] == ["the chat template rewrites the content of assistant turn 1 "
+                                                     "(beyond trimming whitespace); cannot locate it"]
 
 
 def test_tokenization_key_covers_the_template_text(tmp_path, tiny):
