@@ -97,7 +97,8 @@ def scorer_child(workdir: Path, args) -> dict:
     fetch_s = time.perf_counter() - t0
     con.close()
     sm = ScoringModel(base_path, device=cfg.model.device, dtype=cfg.model.dtype)
-    kw = dict(adapter=None, batch_tokens=cfg.score.batch_tokens, chunk=cfg.score.lm_head_chunk)
+    kw = dict(adapter=None, batch_tokens=cfg.score.batch_tokens, chunk=cfg.score.lm_head_chunk,
+              chunk_bytes=cfg.score.lm_head_chunk_bytes)
     sm.losses(samples[:64], **kw)  # warm-up: first-call allocations and kernel selection
     t0 = time.perf_counter()
     table = sm.losses(samples, **kw)

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenclean.tasks.packing import flash_varlen_available  # noqa: E402
 from tokenclean.tasks.score import (  # noqa: E402
-    ShardSample, check_linear_ce, compile_pointwise, plan_batches, score_arrays,
+    LM_HEAD_CHUNK_BYTES, ShardSample, check_linear_ce, compile_pointwise, plan_batches, score_arrays,
 )
 
 LLAMA_COMMON = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
@@ -187,7 +187,7 @@ def precision_check(model, samples, args, device) -> dict:
     sdpa with a padding mask), so they differ by rounding; this shows whether packing is
     any less accurate than padding.
     """
-    kw = dict(batch_tokens=args.batch_tokens, chunk=args.chunk, device=device)
+    kw = dict(batch_tokens=args.batch_tokens, chunk=args.chunk, chunk_bytes=args.chunk_bytes, device=device)
     low = {"packed": _sorted(score_arrays(model, samples, packed=True, **kw)),
            "padded": _sorted(score_arrays(model, samples, packed=False, **kw))}
     dtype = next(model.parameters()).dtype
@@ -226,6 +226,7 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
         if variant == "naive":
             return lambda: naive_losses(model, batch, rows=rows, device=device, seed=args.seed)
         return lambda: score_arrays(model, batch, batch_tokens=args.batch_tokens, chunk=args.chunk,
+                                    chunk_bytes=args.chunk_bytes,
                                     device=device, packed=variant.startswith("packed"),
                                     linear_ce="liger" if variant.endswith("+liger") else "chunked")
 
@@ -282,7 +283,7 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
             "floor_s": floor_s, "pct_floor": floor_s / dt, "util_needed_flops": need / dt / (peak_tflops * 1e12),
             "peak_mem_gib": peak_mem, "mem_before_gib": mem_before, "computed_tokens": computed[v],
             "padding_waste": 1 - n_tok / computed[v],
-            "batch_tokens": args.batch_tokens, "chunk": args.chunk,
+            "batch_tokens": args.batch_tokens, "chunk": args.chunk, "chunk_bytes": args.chunk_bytes,
         }
         results.append(res)
         print(f"  {v:15s} {res['tok_s']:>11.0f} tok/s  {100*res['pct_floor']:5.1f}% floor  "
@@ -321,7 +322,10 @@ def main(argv=None):
     ap.add_argument("--cpu", action="store_true", help="tiny shapes, fp32, CPU (overrides --models/--tokens)")
     ap.add_argument("--tokens", type=int, default=262144, help="total real tokens in the sample set")
     ap.add_argument("--batch-tokens", type=int, default=16384)
-    ap.add_argument("--chunk", type=int, default=2048, help="lm_head+CE rows per chunk")
+    ap.add_argument("--chunk", type=int, default=None, help="at most this many lm_head+CE rows per chunk "
+                                                            "(docs/benchmarks.md's H100 figures: --chunk 2048 --chunk-mib 4096)")
+    ap.add_argument("--chunk-mib", type=int, default=LM_HEAD_CHUNK_BYTES >> 20,
+                    help="lm_head+CE chunk budget in MiB (score.lm_head_chunk_bytes)")
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -333,6 +337,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     args.skip = {s for s in args.skip.split(",") if s}
+    args.chunk_bytes = args.chunk_mib << 20
 
     if args.cpu:
         device, dtype = torch.device("cpu"), torch.float32
@@ -341,8 +346,6 @@ def main(argv=None):
             args.tokens = 12288
         if args.batch_tokens == ap.get_default("batch_tokens"):
             args.batch_tokens = 8192
-        if args.chunk == ap.get_default("chunk"):
-            args.chunk = 1024
         if args.repeats == ap.get_default("repeats"):
             args.repeats = 1
         args.check_samples = 0  # fp32 already: nothing to compare against

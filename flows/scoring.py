@@ -189,7 +189,8 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
                     ctx.base_path, ctx.base_model, adapter, model_key, shard, samples,
                     storage.shard_path(shard_dir, shard),
                     batch_tokens=cfg.score.batch_tokens,
-                    chunk=cfg.score.lm_head_chunk, device=dev, dtype=dtype, backend=cfg.score.backend,
+                    chunk=cfg.score.lm_head_chunk, chunk_bytes=cfg.score.lm_head_chunk_bytes, device=dev,
+                    dtype=dtype, backend=cfg.score.backend,
                     compile=ctx.scorer["compile"], linear_ce=ctx.scorer.get("linear_ce", "chunked"))
                 pending[fut] = shard
                 spans[shard] = [time.time()]

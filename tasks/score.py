@@ -7,9 +7,11 @@ SDPA elsewhere), so no FLOP is spent on padding. ``packed=False`` keeps the olde
 length-sorted padded batches (``plan_batches``; ``padding_waste`` measures their cost).
 
 Memory discipline: the decoder's hidden states are gathered at target positions only,
-then pushed through lm_head + cross-entropy in chunks of ``lm_head_chunk`` rows, so
-the (tokens x vocab) fp32 logits tensor never exists (at 128k vocab and 16k tokens it
-would be 8 GiB). The decoder runs with ``use_cache=False`` (no KV cache is kept).
+then pushed through lm_head + cross-entropy in chunks whose rows follow from a byte budget
+and the vocabulary (``lm_head_rows``: ``score.lm_head_chunk_bytes``), so the (tokens x vocab)
+fp32 logits tensor never exists (at 128k vocab and 16k tokens it would be 8 GiB) and a
+152k vocabulary costs no more than a 32k one. The decoder runs with ``use_cache=False``
+(no KV cache is kept).
 ``linear_ce="liger"`` hands lm_head + cross-entropy to liger-kernel's fused Triton kernel
 instead (``LINEAR_CE``); the default stays the plain chunked path.
 
@@ -31,6 +33,7 @@ from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, pack_arra
 
 __all__ = [
     "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "SampleBatch", "resolve_device", "resolve_dtype", "chunked_token_nll",
+    "LM_HEAD_CHUNK_BYTES", "LOGIT_BYTES", "lm_head_rows", "head_vocab",
     "LINEAR_CE", "check_linear_ce", "liger_token_nll", "token_nll", "compile_pointwise", "plan_batches", "plan_packs",
     "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays", "score_samples", "ScoringModel",
     "process_model",
@@ -83,6 +86,25 @@ def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, with_correct: bool):
 
 _CE = {"fn": _ce_chunk}
 
+# Bytes one logit of a chunk costs at the chunk's peak: its fp32 value and logsumexp's temporary of the same
+# size (measured with ru_maxrss: 8.0 for float32, bfloat16 and float16 models alike; the model-dtype logits
+# are freed by the upcast before logsumexp allocates).
+LOGIT_BYTES = 8
+LM_HEAD_CHUNK_BYTES = 256 << 20  # the default of score.lm_head_chunk_bytes (docs/benchmarks.md: scoring memory)
+
+
+def lm_head_rows(chunk_bytes: int, vocab: int, cap: int | None = None) -> int:
+    """Rows of hidden states per lm_head + CE chunk: as many as fit ``chunk_bytes`` at ``vocab`` logits a row
+    (``LOGIT_BYTES`` each), at least 1, at most ``cap`` (``score.lm_head_chunk``, when set)."""
+    rows = max(1, int(chunk_bytes) // (int(vocab) * LOGIT_BYTES))
+    return min(rows, int(cap)) if cap else rows
+
+
+def head_vocab(head: torch.nn.Module) -> int:
+    """Logits per row that ``head`` (an lm_head, or ``ScaledHead`` around one) computes."""
+    head = getattr(head, "head", head)
+    return int(head.weight.shape[0])
+
 
 def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, chunk: int,
                       with_correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,7 +112,7 @@ def chunked_token_nll(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torc
 
     Per chunk: logits = lm_head(h) in the model dtype (as an HF forward computes them),
     upcast to fp32, loss = logsumexp(logits) - logits[target] (no log-softmax tensor is
-    written). Peak extra memory is about ``chunk x vocab`` x 6 bytes.
+    written). Peak extra memory is ``chunk x vocab x LOGIT_BYTES``.
 
     ``with_correct`` also returns whether the target is the argmax (greedy decoding's
     choice), which is what the teacher-forced exact-match metric needs.
@@ -325,18 +347,20 @@ class SampleBatch:
                 for i, sid in enumerate(self.sample_id)]
 
 
-def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
-                 progress=None, with_correct: bool = False, packed: bool = True,
-                 linear_ce: str = "chunked") -> dict[str, np.ndarray]:
+def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, device: torch.device,
+                 chunk: int | None = None, chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None,
+                 with_correct: bool = False, packed: bool = True, linear_ce: str = "chunked") -> dict[str, np.ndarray]:
     """Losses of every target token of ``samples`` as numpy columns (no pyarrow needed).
 
     Keys: sample_id (int64), pos (int32), token_id (int32), loss (float32)[, correct (bool)].
     Rows come pack by pack (or batch by batch); order within is by sample then position.
     Device results stay on the device until the end (one transfer, no per-batch sync).
     ``progress(n)`` is called after each batch with its number of real tokens.
-    ``linear_ce`` picks the head/CE implementation (``token_nll``).
+    ``linear_ce`` picks the head/CE implementation (``token_nll``). lm_head + CE run ``lm_head_rows`` rows at
+    a time: as many as ``chunk_bytes`` holds at this model's vocabulary, at most ``chunk`` when given.
     """
     device = torch.device(device)
+    chunk = lm_head_rows(chunk_bytes, head_vocab(decoder_and_head(model)[1]), chunk)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     host_cols: dict[str, list[np.ndarray]] = {"sample_id": [], "pos": [], "token_id": []}
     dev_loss: list[torch.Tensor] = []
@@ -392,13 +416,15 @@ def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, chunk:
     return out
 
 
-def score_samples(model, samples: list[ShardSample], *, batch_tokens: int, chunk: int, device: torch.device,
-                  progress=None, with_correct: bool = False, packed: bool = True, linear_ce: str = "chunked"):
+def score_samples(model, samples: list[ShardSample], *, batch_tokens: int, device: torch.device,
+                  chunk: int | None = None, chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None,
+                  with_correct: bool = False, packed: bool = True, linear_ce: str = "chunked"):
     """Losses of every target token of ``samples`` as an Arrow table (sample_id, pos, token_id, loss[, correct])."""
     import pyarrow as pa
 
-    cols = score_arrays(model, samples, batch_tokens=batch_tokens, chunk=chunk, device=device,
-                        progress=progress, with_correct=with_correct, packed=packed, linear_ce=linear_ce)
+    cols = score_arrays(model, samples, batch_tokens=batch_tokens, chunk=chunk, chunk_bytes=chunk_bytes,
+                        device=device, progress=progress, with_correct=with_correct, packed=packed,
+                        linear_ce=linear_ce)
     schema = _schemas()["EVAL_SCHEMA" if with_correct else "LOSS_SCHEMA"]
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
@@ -455,12 +481,13 @@ class ScoringModel:
         self.model.set_adapter(self._adapters[key])
         return self._adapters[key]
 
-    def losses(self, samples: list[ShardSample], *, adapter: str | None, batch_tokens: int, chunk: int,
-               progress=None, with_correct: bool = False, packed: bool = True, adapter_key: str | None = None):
+    def losses(self, samples: list[ShardSample], *, adapter: str | None, batch_tokens: int, chunk: int | None = None,
+               chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None, with_correct: bool = False, packed: bool = True,
+               adapter_key: str | None = None):
         """Arrow table of per-target losses (see ``score_samples``) with base or base + ``adapter``."""
         name = self._activate(adapter, adapter_key)
-        kw = dict(batch_tokens=batch_tokens, chunk=chunk, device=self.device, progress=progress,
-                  with_correct=with_correct, packed=packed, linear_ce=self.linear_ce)
+        kw = dict(batch_tokens=batch_tokens, chunk=chunk, chunk_bytes=chunk_bytes, device=self.device,
+                  progress=progress, with_correct=with_correct, packed=packed, linear_ce=self.linear_ce)
         if name is None and self._adapters:
             with self.model.disable_adapter():
                 return score_samples(self.model, samples, **kw)

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from tokenclean.tasks import store
 from tokenclean.tasks.evaluate import evaluate_model
 from tokenclean.tasks.placement import use_assigned_cpus, where
-from tokenclean.tasks.score import process_model
+from tokenclean.tasks.score import LM_HEAD_CHUNK_BYTES, process_model
 from tokenclean.tasks.train import TrainJob, train_worker
 
 _PLUGINS: dict = {}
@@ -62,8 +62,9 @@ def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str,
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_key: str, shard: int, samples,
-                     out_path: str, *, batch_tokens: int, chunk: int, device: str, dtype: str,
-                     backend: str = "transformers", compile: bool = False, linear_ce: str = "chunked") -> dict:
+                     out_path: str, *, batch_tokens: int, chunk: int | None, device: str, dtype: str,
+                     backend: str = "transformers", compile: bool = False, linear_ce: str = "chunked",
+                     chunk_bytes: int = LM_HEAD_CHUNK_BYTES) -> dict:
     """Runs on a Ray worker: scores the shard (a ``SampleBatch`` or a list of ``ShardSample``)
     and writes its losses to ``out_path`` itself.
 
@@ -86,7 +87,7 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
     sm = scorer(backend, base_path, base_key, device, dtype, compile, linear_ce)
     t1 = time.perf_counter()
     table = sm.losses(samples, adapter=adapter, adapter_key=model_key if adapter else None,
-                      batch_tokens=batch_tokens, chunk=chunk)
+                      batch_tokens=batch_tokens, chunk=chunk, chunk_bytes=chunk_bytes)
     t2 = time.perf_counter()
     # what computed these losses travels in the file: a shard recovered by a later run is checked against its key
     made_by = {k: getattr(sm, k) for k in ("numerics", "linear_ce") if getattr(sm, k, None) is not None}

@@ -297,3 +297,92 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
         write_dataset([reader()], out, "parquet", overwrite=True)
     assert _tree(tmp_path) == before
     assert pq.read_table(out).schema == EXPORT_SCHEMA
+
+
+def _kept_by_ids(home, ds) -> dict:
+    """Each exported row's count of kept tokens in the stored selection (not read from the export's labels), keyed
+    by its input ids (how a trainer's batch row is found again)."""
+    from tokenclean.summary import output_key
+
+    con = _con(home)
+    try:
+        sel = output_key(con, "global", "selection")
+        n = dict(con.execute("SELECT sample_id, count(*) FROM selected_tokens WHERE selection = ? GROUP BY sample_id",
+                             [sel]).fetchall())
+    finally:
+        con.close()
+    return {tuple(r["input_ids"]): n.get(r["sample_id"], 0) for r in ds}
+
+
+def test_trl_sft_trainer_trains_on_the_export_as_is(quickstart, tmp_path):
+    """TRL's ``SFTTrainer`` (pinned in requirements/ci.txt) on the hf export, unchanged: at each step its loss is the
+    mean NLL over the batch rows' labelled tokens (a plain forward, computed here with the weights of that step)
+    and ``num_items_in_batch`` is the number of kept tokens of those rows."""
+    import copy
+
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    home, _ = quickstart
+    ds = datasets.load_from_disk(str(home / "runs" / "my-run" / "export" / "data" / "global"))
+    kept = _kept_by_ids(home, ds)
+    tok = AutoTokenizer.from_pretrained(home / "my-model")
+    model = AutoModelForCausalLM.from_pretrained(home / "my-model")
+    seen = []  # (inputs, num_items_in_batch, weights before the step, loss) of each training step
+
+    class Watched(SFTTrainer):  # observes compute_loss, changes nothing
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights = copy.deepcopy(model.state_dict())
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            seen.append(({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)}, num_items_in_batch,
+                         weights, float((loss[0] if return_outputs else loss).detach())))
+            return loss
+
+    args = SFTConfig(output_dir=str(tmp_path / "t"), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, bf16=False, save_strategy="no", logging_steps=1,
+                     max_length=None, dataloader_drop_last=True)
+    trainer = Watched(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.train()
+    assert len(seen) == 2 and trainer.state.global_step == 2
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    ref = AutoModelForCausalLM.from_pretrained(home / "my-model").eval()
+    for step, (inputs, n_items, weights, loss) in enumerate(seen):
+        ref.load_state_dict(weights)
+        ids, attn, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+        rows = [tuple(r[m.bool()].tolist()) for r, m in zip(ids, attn)]
+        assert int(n_items) == sum(kept[r] for r in rows) == int((labels != -100).sum()), step
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        target = labels[:, 1:]
+        mask = target != -100
+        nll = -logp[:, :-1].gather(-1, target.clamp_min(0)[..., None])[..., 0][mask]
+        assert loss == pytest.approx(float(nll.mean()), abs=1e-5), step
+        assert logged[step] == pytest.approx(loss, abs=1e-4), step
+    assert seen[0][3] != seen[1][3]  # the second step saw updated weights
+
+
+def test_trl_max_length_below_data_max_length_cuts_labelled_tokens(quickstart, tmp_path):
+    """The README's warning holds: ``SFTConfig.max_length`` shorter than the export's rows truncates them and drops
+    labelled tokens (silently); ``max_length`` >= ``data.max_length`` keeps every one."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tokenclean.config import DataConfig
+
+    home, _ = quickstart
+    ds = datasets.load_from_disk(str(home / "runs" / "my-run" / "export" / "data" / "global"))
+    tok = AutoTokenizer.from_pretrained(home / "my-model")
+    model = AutoModelForCausalLM.from_pretrained(home / "my-model")
+    total = sum(lab != -100 for r in ds for lab in r["labels"])
+    longest = max(len(r["input_ids"]) for r in ds)
+
+    def labelled(max_length):
+        args = SFTConfig(output_dir=str(tmp_path / str(max_length)), max_length=max_length, report_to=[],
+                         use_cpu=True, bf16=False)
+        prepared = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok).train_dataset
+        return sum(lab != -100 for r in prepared for lab in r["labels"])
+
+    assert labelled(DataConfig().max_length) == labelled(None) == total  # the quickstart's data.max_length
+    assert labelled(longest // 2) < total

@@ -281,3 +281,82 @@ def test_attention_the_packed_kernels_cannot_compute_is_refused():
     model = _family("gemma2-softcap")
     with pytest.raises(NotImplementedError, match="softcapping"):
         score_arrays(model, _samples(2), batch_tokens=256, chunk=17, device="cpu", packed=True)
+
+
+@pytest.mark.parametrize("vocab", [50, VOCAB, 32000, 128256, 151936, 262144])
+def test_lm_head_rows_follow_the_byte_budget_and_the_vocabulary(vocab):
+    """The rows of a chunk fill the byte budget at ``LOGIT_BYTES`` a logit, whatever the vocabulary: never more,
+    and one more row would not fit (at least one row; a row cap only lowers it)."""
+    from tokenclean.config import ScoreConfig
+    from tokenclean.tasks.score import LM_HEAD_CHUNK_BYTES, LOGIT_BYTES, lm_head_rows
+
+    assert ScoreConfig().lm_head_chunk_bytes == LM_HEAD_CHUNK_BYTES and ScoreConfig().lm_head_chunk is None
+    for budget in (1 << 20, 64 << 20, LM_HEAD_CHUNK_BYTES, 1 << 30, 3 * vocab * LOGIT_BYTES - 1):
+        rows = lm_head_rows(budget, vocab)
+        row_bytes = vocab * LOGIT_BYTES
+        assert rows == 1 or rows * row_bytes <= budget, (budget, rows)
+        assert (rows + 1) * row_bytes > budget, (budget, rows)
+        assert lm_head_rows(budget, vocab, cap=7) == min(rows, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [True, False])
+def test_chunks_are_sized_by_bytes_and_losses_are_unchanged(model, reference, packed, dtype):
+    """score_arrays pushes lm_head exactly ``lm_head_rows(chunk_bytes, vocab)`` rows at a time (seen by a hook on
+    the real head), in the model's dtype; the losses are the plain forward's for any budget."""
+    from tokenclean.tasks.score import LOGIT_BYTES, lm_head_rows
+
+    samples, ref = reference
+    m = model if dtype == torch.float32 else _family_copy(model, dtype)
+    seen = []
+    hook = m.lm_head.register_forward_hook(lambda mod, args, out: seen.append((args[0].shape[0], out.dtype)))
+    try:
+        for budget in (VOCAB * LOGIT_BYTES * 13, VOCAB * LOGIT_BYTES * 64 + 5, 64 << 20):
+            seen.clear()
+            got = _by_key(score_arrays(m, samples, batch_tokens=256, chunk_bytes=budget, device="cpu", packed=packed))
+            rows = lm_head_rows(budget, VOCAB)
+            assert max(r for r, _ in seen) == rows or sum(r for r, _ in seen) == len(got["loss"]) < rows
+            assert all(r <= rows for r, _ in seen) and {d for _, d in seen} == {dtype}
+            tol = 1e-5 if dtype == torch.float32 else 0.2  # bf16 weights vs the fp32 reference
+            np.testing.assert_allclose(got["loss"], ref["loss"], rtol=0, atol=tol)
+    finally:
+        hook.remove()
+
+
+def _family_copy(model, dtype):
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+# Scores 4,096 target tokens of a random-weight Qwen3 with a 151,936 vocabulary in a fresh process and prints how
+# far the process's peak RSS rose above what it held before scoring.
+_PEAK_CHILD = """
+import resource, sys, numpy as np, psutil, torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from tokenclean.tasks.score import ShardSample, score_arrays
+dtype, budget = getattr(torch, sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+m = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32)).to(dtype).eval()
+rng = np.random.default_rng(0)
+s = [ShardSample(i, rng.integers(0, 151936, 512).astype(np.int32), np.arange(512) > 0) for i in range(8)]
+score_arrays(m, s[:1], batch_tokens=4096, chunk_bytes=1 << 20, device="cpu")  # warm: kernels, thread pools
+before = psutil.Process().memory_info().rss
+score_arrays(m, s, batch_tokens=4096, chunk_bytes=budget, device="cpu")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scoring_peak_memory_follows_the_budget_at_a_152k_vocabulary(dtype):
+    """The real memory of a scoring process: with the default budget its peak rises by about the budget, not by
+    the 2.5 GB that 2,048 rows x 151,936 logits x 8 bytes took when chunks were counted in rows. (Budgets under
+    64 MiB make tensors glibc keeps on its heap, whose fragmentation adds to the RSS: not a setting to test.)"""
+    from tokenclean.tasks.score import LM_HEAD_CHUNK_BYTES as budget
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, dtype, str(budget)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rise = int(out.stdout.strip().splitlines()[-1])
+    assert rise < budget + (48 << 20), f"{dtype}: peak RSS rose {rise / 2**20:.0f} MiB with a {budget >> 20} MiB budget"

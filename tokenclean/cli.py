@@ -326,9 +326,12 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
             sample: Optional[str] = typer.Option(None, help="show one sample's tokens (its id in the input, or sample_id)"),
             selection: str = typer.Option("global", help="variant whose kept tokens --sample marks "
                                                          "(global, local, random, full, self-evolving@T)"),
-            keys: bool = typer.Option(True, "--keys/--no-keys", help="list every artifact with its key and inputs")) -> None:
+            keys: bool = typer.Option(True, "--keys/--no-keys", help="list every artifact with its key and inputs"),
+            quarantine: bool = typer.Option(False, "--quarantine", help="list the quarantined rows of the run's "
+                                                                       "current dataset: source, line, id, reason"),
+            limit: Optional[int] = typer.Option(None, min=1, help="with --quarantine: list only the first LIMIT")) -> None:
     """Summarise a run (ingest, quarantine, table, and every artifact's key and what it was derived from),
-    or show one sample's kept tokens."""
+    list its quarantined rows, or show one sample's kept tokens (or why a row with that id was refused)."""
     from tokenclean.tasks import store
     from tokenclean.summary import artifacts, comparison, format_table, run_overview
 
@@ -338,6 +341,9 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
     _where(db)
     con = store.connect(db, read_only=True)
     try:
+        if quarantine:
+            _show_quarantine(con, limit)
+            return
         if sample is None:
             typer.echo(json.dumps(run_overview(con), indent=2, default=str))
             typer.echo(format_table(comparison(con)))
@@ -355,8 +361,28 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
         con.close()
 
 
+def _quarantine_line(q: dict) -> str:
+    return f"{q['source']}:{q['row_index']}\t{q['id'] if q['id'] is not None else '-'}\t{q['reason']}"
+
+
+def _show_quarantine(con, limit: int | None) -> None:
+    """The current dataset's quarantined rows, one a line: source:line (from 0, as the reasons count), id, reason."""
+    from tokenclean.tasks import store
+
+    dataset = store.latest_dataset(con) or store.last_ingested_dataset(con)  # a run that stopped after ingest too
+    if dataset is None:
+        raise typer.BadParameter("the run has no ingested dataset yet")
+    rows = store.quarantined_rows(con, dataset, limit)
+    total = store.count_quarantined(con, dataset)
+    shown = f" (the first {len(rows)})" if len(rows) < total else ""
+    typer.echo(f"{total} quarantined rows in dataset {dataset}{shown}\nsource:line\tid\treason")
+    for q in rows:
+        typer.echo(_quarantine_line(q))
+
+
 def _show_sample(con, sample: str, selection: str) -> None:
-    """One sample's tokens with the scores and KEEP/drop marks of one variant's selection (same iteration)."""
+    """One sample's tokens with the scores and KEEP/drop marks of one variant's selection (same iteration);
+    for an id whose rows were all refused, where they were and why."""
     from transformers import AutoTokenizer
 
     from tokenclean.tasks import store
@@ -368,6 +394,13 @@ def _show_sample(con, sample: str, selection: str) -> None:
         sid = int(sample)
     row = store.sample_row(con, sid) if sid is not None else None
     if row is None:
+        current = dataset or store.last_ingested_dataset(con)
+        refused = store.quarantined_rows(con, current, uid=sample) if current is not None else []
+        if refused:
+            typer.echo(f"sample {sample!r} was quarantined (refused at ingest), not kept:")
+            for q in refused:
+                typer.echo(f"  {_quarantine_line(q)}")
+            return
         raise typer.BadParameter(f"no sample {sample!r} in the run's current dataset")
     sel_key = output_key(con, selection, "selection")
     if sel_key is None:

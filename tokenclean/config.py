@@ -62,7 +62,11 @@ class ModelConfig(_Strict):
 class ScoreConfig(_Strict):
     backend: str = Field("transformers", description="transformers, vllm, or package.module:Factory (a custom scorer)")
     batch_tokens: int = Field(16384, ge=1, description="token budget per forward batch (padding included)")
-    lm_head_chunk: int = Field(2048, ge=1, description="rows of hidden states per lm_head+CE chunk")
+    lm_head_chunk_bytes: int = Field(256 << 20, ge=1 << 20, description="execution: memory for the logits of one "
+                                     "lm_head+CE chunk in a scoring worker (8 bytes a logit); the rows per chunk "
+                                     "follow from it and the model's vocabulary")
+    lm_head_chunk: int | None = Field(None, ge=1, description="execution: at most this many rows per lm_head+CE chunk, "
+                                                              "within lm_head_chunk_bytes (default: no cap)")
     shard_tokens: int = Field(4_194_304, ge=1, description="most tokens in one scoring shard (the unit of retry and resume); "
                                                      "shards are sized to give each scoring slot about 4, within "
                                                      "[16384, shard_tokens] tokens")
@@ -71,9 +75,9 @@ class ScoreConfig(_Strict):
         "auto", description="torch.compile norms/MLP/CE in the scoring workers (+17-34% tok/s on H100). auto: on "
                             "where the workers score on CUDA (needs Triton there), off on CPU")
     linear_ce: Literal["chunked", "liger"] = Field(
-        "chunked", description="lm_head + cross-entropy in the scoring workers: chunked (plain PyTorch, lm_head_chunk "
-                               "rows at a time) or liger (liger-kernel's fused Triton kernel; needs CUDA and "
-                               "pip install liger-kernel; per-token losses agree within bf16 rounding)")
+        "chunked", description="lm_head + cross-entropy in the scoring workers: chunked (plain PyTorch, "
+                               "lm_head_chunk_bytes of logits at a time) or liger (liger-kernel's fused Triton "
+                               "kernel; needs CUDA and pip install liger-kernel; per-token losses agree within bf16 rounding)")
 
 
     @field_validator("backend")

@@ -296,6 +296,32 @@ def quarantine_reasons(con, dataset: str) -> dict[str, int]:
         "GROUP BY r ORDER BY 2 DESC", [dataset]).fetchall())
 
 
+# A quarantined row's input id: its JSON's "id" where the kept text parses; else (a row longer than the
+# quarantine keeps) a leading "id" key's value; else the id a duplicate's reason names.
+_QUARANTINE_ID = ("coalesce(CASE WHEN json_valid(raw) AND json_type(raw) = 'OBJECT' "
+                  "THEN json_extract_string(raw, '$.id') END, "
+                  """nullif(regexp_extract(raw, '^\\s*\\{\\s*"id"\\s*:\\s*"([^"\\\\]*)"', 1), ''), """
+                  """nullif(regexp_extract(raw, '^\\s*\\{\\s*"id"\\s*:\\s*(-?[0-9]+)', 1), ''), """
+                  "nullif(regexp_extract(reason, '^duplicate id ''(.*)'' \\(first seen in ', 1), ''))")
+
+
+def count_quarantined(con, dataset: str) -> int:
+    return con.execute("SELECT count(*) FROM quarantine WHERE dataset = ?", [dataset]).fetchone()[0]
+
+
+def quarantined_rows(con, dataset: str, limit: int | None = None, uid: str | None = None) -> list[dict]:
+    """Quarantined rows of ``dataset`` (source, row_index, id, reason) in file and row order: all, the first
+    ``limit``, or those whose input id is ``uid``."""
+    where, params = "dataset = ?", [dataset]
+    if uid is not None:
+        where, params = f"{where} AND {_QUARANTINE_ID} = ?", [dataset, uid]
+    sql = (f"SELECT source, row_index, {_QUARANTINE_ID} AS id, reason FROM quarantine WHERE {where} "
+           "ORDER BY source, row_index")
+    if limit is not None:
+        sql, params = f"{sql} LIMIT ?", [*params, int(limit)]
+    return [dict(zip(("source", "row_index", "id", "reason"), r)) for r in con.execute(sql, params).fetchall()]
+
+
 def pool_relation(dataset: str, parts: list[int]) -> str:
     """SQL relation of a pool's samples (sample_id, part, source), for composing queries inside the store."""
     return (f"(SELECT sample_id, part, source FROM dataset_samples WHERE dataset = {sql_key(dataset)} "
