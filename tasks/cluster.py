@@ -92,27 +92,26 @@ def _private_token() -> None:
 
 @contextlib.contextmanager
 def loopback_only():
-    """For the duration: a Ray cluster started here listens on 127.0.0.1 alone, with token authentication."""
+    """For the duration: a Ray cluster started here listens on 127.0.0.1 alone. Token authentication is switched
+    on for this process and stays on after (a later cluster it starts or joins keeps it)."""
     import ray._private.ray_constants as ray_constants
     from ray._raylet import Config
 
-    saved = {k: os.environ.get(k) for k in (_SINGLE_HOST, "RAY_AUTH_MODE")}
-    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env, saved_constant = os.environ.get(_SINGLE_HOST), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_SINGLE_HOST] = "0"
-    os.environ["RAY_AUTH_MODE"] = "token"  # also where the user's environment says "disabled"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    Config.initialize("")  # Ray's C++ side read RAY_AUTH_MODE at import; re-read it, as Ray's own switch does
+    if os.environ.get("RAY_AUTH_MODE") != "token":  # also where the user's environment says "disabled"
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray's C++ side read RAY_AUTH_MODE at import; re-read it, as Ray's own switch does
     _private_token()
     try:
         yield
-    finally:
+    finally:  # the single-host switch only: a cluster joined later by address may span hosts
         ray_constants.ENABLE_RAY_CLUSTER = saved_constant
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        Config.initialize("")
+        if saved_env is None:
+            os.environ.pop(_SINGLE_HOST, None)
+        else:
+            os.environ[_SINGLE_HOST] = saved_env
 
 
 @contextlib.contextmanager

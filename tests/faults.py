@@ -160,3 +160,29 @@ def kill_tree(proc) -> None:
             pass
     proc.wait(timeout=30)
     psutil.wait_procs(family, timeout=30)
+
+
+def crash_flow_runs_since(started: float) -> int:
+    """Mark the Prefect flow runs begun since ``started`` (a time.time()) that a killed driver left RUNNING as
+    CRASHED, as Prefect's own crash detection would: the test session's Prefect database is shared, and a test
+    that reads every flow run must not find a killed test's run forever "running". Returns how many."""
+    import asyncio
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    since = datetime.fromtimestamp(started, tz=timezone.utc)
+
+    async def crash() -> int:
+        n = 0
+        async with get_client() as client:
+            for run in await client.read_flow_runs():
+                if run.state_type and run.state_type.value in ("RUNNING", "PENDING", "SCHEDULED") \
+                        and run.created and run.created >= since:
+                    await client.set_flow_run_state(run.id, Crashed(message="the test killed its driver"),
+                                                    force=True)
+                    n += 1
+        return n
+
+    return asyncio.run(crash())

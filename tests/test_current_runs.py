@@ -24,7 +24,7 @@ from tokenclean.cli import app
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 from tests.conftest import tiny_config
-from tests.faults import BACKEND, FAULT_ENV, kill_tree, shard_first_ids
+from tests.faults import BACKEND, FAULT_ENV, crash_flow_runs_since, kill_tree, shard_first_ids
 
 UNFINISHED = re.compile(r"^fixed-model-cleaning started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: "
                         r"unfinished \(running or killed\)$")
@@ -74,6 +74,7 @@ def _killed_run(cfg: dict, tmp_path: Path) -> None:
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(cfg))
     marker, log = tmp_path / "stalled", tmp_path / "killed.log"
+    started = time.time()
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "tokenclean.cli", "run", str(path)], stdout=err, stderr=err,
                                 env=dict(os.environ, **{FAULT_ENV: f"stall:base:{first}:{marker}"}))
@@ -85,6 +86,7 @@ def _killed_run(cfg: dict, tmp_path: Path) -> None:
             time.sleep(0.2)
     finally:
         kill_tree(proc)
+        crash_flow_runs_since(started)
 
 
 def test_a_killed_run_changes_nothing_readers_see_and_is_shown_unfinished(finished, tmp_path):

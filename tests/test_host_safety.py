@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import tiny_config
-from tests.faults import STALL_TRAINING_ENV
+from tests.faults import STALL_TRAINING_ENV, crash_flow_runs_since
 
 CANARIES = {"AWS_SECRET_ACCESS_KEY": "canary-aws-5f2b9c", "TOKENCLEAN_API_TOKEN": "canary-tc-81d3ae"}
 VISIBLE = ("TOKENCLEAN_VISIBLE_MARK", "visible-3c9e70")  # forwarded to workers as every TOKENCLEAN_* setting is
@@ -85,6 +85,7 @@ def live(tiny, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "tokenclean.cli", "run", str(tmp / "run.yaml")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen: dict = {"run_dir": tmp / "runs" / "live"}
+    started = time.time()
     try:
         deadline = time.monotonic() + 600
         while not (marker.exists() and marker.read_text()):
@@ -119,6 +120,7 @@ def live(tiny, tmp_path_factory):
         for p in psutil.Process().children(recursive=True):  # never leave the test's own run behind
             if any(c.endswith("run.yaml") for c in p.cmdline() if isinstance(c, str)):
                 p.kill()
+        crash_flow_runs_since(started)  # its flow run, in the session's Prefect database, died with it
     return seen
 
 

@@ -330,9 +330,10 @@ def _family_copy(model, dtype):
 
 
 # Scores 4,096 target tokens of a random-weight Qwen3 with a 151,936 vocabulary in a fresh process and prints how
-# far the process's peak RSS rose above what it held before scoring.
+# far the process's peak RSS rose above what it held before scoring (the peak reset after the warm-up, whose own
+# allocations would otherwise count).
 _PEAK_CHILD = """
-import resource, sys, numpy as np, psutil, torch
+import sys, numpy as np, psutil, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from tokenclean.tasks.score import ShardSample, score_arrays
 dtype, budget = getattr(torch, sys.argv[1]), int(sys.argv[2])
@@ -341,10 +342,13 @@ m = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=64, intermediate
                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32)).to(dtype).eval()
 rng = np.random.default_rng(0)
 s = [ShardSample(i, rng.integers(0, 151936, 512).astype(np.int32), np.arange(512) > 0) for i in range(8)]
-score_arrays(m, s[:1], batch_tokens=4096, chunk_bytes=1 << 20, device="cpu")  # warm: kernels, thread pools
+score_arrays(m, s[:1], batch_tokens=4096, chunk_bytes=budget, device="cpu")  # warm: kernels, thread pools
+with open("/proc/self/clear_refs", "w") as f:  # Linux: the peak RSS (VmHWM) starts again from the current RSS
+    f.write("5")
 before = psutil.Process().memory_info().rss
 score_arrays(m, s, batch_tokens=4096, chunk_bytes=budget, device="cpu")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(hwm * 1024 - before)
 """
 
 
