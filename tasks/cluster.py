@@ -70,7 +70,7 @@ def init_kwargs(local: bool, num_cpus: int | None = None, env_vars=()) -> dict:
     return init
 
 
-def _private_token() -> None:
+def private_token() -> None:
     """Make sure the token Ray uses for a local cluster is readable by this user alone.
 
     Ray generates ``~/.ray/auth_token`` with the process's umask (0644 here); a token that
@@ -103,7 +103,7 @@ def loopback_only():
     if os.environ.get("RAY_AUTH_MODE") != "token":  # also where the user's environment says "disabled"
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray's C++ side read RAY_AUTH_MODE at import; re-read it, as Ray's own switch does
-    _private_token()
+    private_token()
     try:
         yield
     finally:  # the single-host switch only: a cluster joined later by address may span hosts

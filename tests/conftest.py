@@ -28,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray cluster a test starts (the multi-node one included) listens on 127.0.0.1 alone: tests touch loopback
 # only. Set before Ray is imported, which reads it then; tokenclean's local clusters set it themselves.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# ... and with token authentication on, as tokenclean's own local clusters run, whatever test ran first.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 TINY = {"n_people": 6, "n_train": 300, "n_eval": 60, "pretrain_steps": 60, "corrupt_fraction": 0.25, "seed": 7}
 
@@ -41,7 +43,9 @@ def prefect_server():
     happens once, up front, on every fresh machine; every flow then finds PREFECT_API_URL.
     """
     from tokenclean.flows.runtime import prefect_api
+    from tokenclean.tasks.cluster import private_token
 
+    private_token()  # the token every test cluster uses (~/.ray/auth_token, mode 600), before any starts
     with prefect_api() as url:
         yield url
 

@@ -157,7 +157,13 @@ def test_flow_runs_link_the_clusters_ray_dashboard(undisturbed, multinode):
     link = found[-1].data
     assert f":{multinode.dashboard_port}" in link
     url = link[link.index("(") + 1 : link.rindex(")")] if "](" in link else link
-    assert json.loads(urllib.request.urlopen(f"{url}/api/version", timeout=30).read())["ray_version"]
+    # the dashboard answers with the cluster's token (Ray's own header helper), and refuses without it
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    with pytest.raises(urllib.error.HTTPError, match="401"):
+        urllib.request.urlopen(f"{url}/api/version", timeout=30)
+    request = urllib.request.Request(f"{url}/api/version", headers=get_auth_headers_if_auth_enabled({}))
+    assert json.loads(urllib.request.urlopen(request, timeout=30).read())["ray_version"]
 
 
 def _start(cfg: dict, tmp_path: Path, env: dict) -> tuple[subprocess.Popen, list[str]]:
