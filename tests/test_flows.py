@@ -150,9 +150,10 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
 
     with prefect_api():
         runs, arts = asyncio.run(read())
-    # this run's two flows (the session's server also holds other tests' runs, killed ones among them)
+    # this run's flows, two per `run` (a re-run of it may have come since; the session's server also holds other
+    # tests' runs, killed ones among them)
     mine = [state for _, state, workdir in runs if workdir == finished_run.workdir]
-    assert mine == ["COMPLETED", "COMPLETED"], runs
+    assert len(mine) >= 2 and len(mine) % 2 == 0 and set(mine) == {"COMPLETED"}, runs
     by_key = {a.key: a for a in arts if a.key}
     assert "self-evolving@1" not in by_key  # keys are slugs
     summaries = [a.data for a in arts if a.key == "token-cleaning-summary"]
