@@ -13,7 +13,7 @@ setting recomputes exactly what the setting reaches.
 """
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from tokenclean.flows.artifacts import (
     Model, base, ensure_adapter, ensure_adapters, ensure_eval, ensure_evals, ensure_losses, ensure_scores,
@@ -24,12 +24,45 @@ from tokenclean.tasks import store
 from tokenclean.config import RunConfig
 
 
-def warmup_reference(ctx: RunContext) -> Model:
-    """theta_1 = base fine-tuned with LoRA on D0, every response token kept."""
-    d0 = ensure_selection(ctx, "reference", 0, "full", [0])
+def warmup_reference(ctx: RunContext, policy: str = "retrain_if_changed") -> Model:
+    """theta_1 = base fine-tuned with LoRA on D0, every response token kept.
+
+    ``policy`` (``refresh.reference``) decides when D0's content differs from the warm-up set
+    of the reference this run last used: ``retrain_if_changed`` follows the current D0 (a
+    new theta_1, and the pool rescored by it); ``keep`` keeps the last one, by its selection's
+    key. Which one is used, and why, is recorded in ``ctx.reference``.
+    """
+    d0, ctx.reference = _warmup_selection(ctx, policy)
+    if d0 is None:
+        d0 = ensure_selection(ctx, "reference", 0, "full", [0])
     theta1 = ensure_adapter(ctx, "reference", 0, d0, ctx.cfg.reference_train)
+    ctx.reference |= {"key": theta1.train_key,
+                      "retrained": store.output_of(ctx.con, ctx.flow_run, "reference", 0, "adapter")[1]}
     ensure_evals(ctx, [("base", 0, base(ctx)), ("reference", 0, theta1)])
     return theta1
+
+
+def _warmup_selection(ctx: RunContext, policy: str) -> tuple[str | None, dict]:
+    """(the kept warm-up selection, or None to follow the current D0; what happened to the warm-up set)."""
+    info = {"policy": policy}
+    last = store.last_reference_selection(ctx.con)
+    if last is None:
+        return None, info | {"reason": "first reference of this run"}
+    if last["pool"] == store.pool_digest(ctx.con, ctx.dataset, [0]):
+        return None, info | {"reason": "warm-up set unchanged"}
+    now = store.dataset_inputs(ctx.con, ctx.dataset)
+    if any(last["inputs"].get(f) != now.get(f) for f in ("tokenization", "split")):
+        # another tokenization or split is another experiment, not a data refresh: nothing to keep
+        return None, info | {"reason": "tokenization or split changed"}
+    changes = {k: v for k, v in store.dataset_diff(ctx.con, last["dataset"], ctx.dataset, [0]).items()
+               if k != "unchanged" and v}
+    info |= {"warmup_changes": changes}
+    if policy == "keep":
+        store.record_output(ctx.con, ctx.flow_run, "reference", 0, "selection", last["selection"], False)
+        get_run_logger().warning("the warm-up set D0 changed (%s); refresh.reference: keep uses the reference "
+                                 "trained before it (set refresh.reference: retrain_if_changed to retrain)", changes)
+        return last["selection"], info | {"reason": "warm-up set changed; kept"}
+    return None, info | {"reason": "warm-up set changed"}
 
 
 def run_fixed_model(ctx: RunContext) -> None:
@@ -130,16 +163,41 @@ def refresh_ranking(ctx: RunContext) -> dict:
     """A scheduled refresh: the fixed-model global ranking over the current inputs.
 
     Keys make it incremental: unchanged samples keep their losses, only new or changed
-    ones are scored; the reference is retrained only if D0 itself changed.
+    ones are scored. theta_1 is retrained only if D0 changed and ``refresh.reference`` says
+    so; rows added to the inputs join D0 only when D0 is drawn from them (no
+    ``data.warmup_paths``), about 1/(T+1) of them.
     """
     pool = ctx.pool_parts
-    theta1 = warmup_reference(ctx)
-    ensure_losses(ctx, "base", 0, base(ctx), pool)
-    ensure_losses(ctx, "reference", 0, theta1, pool)
+    theta1 = warmup_reference(ctx, ctx.cfg.refresh.reference)
+    n_pool = store.count_pool(ctx.con, ctx.dataset, pool)[0]
+    scored = {}
+    for name, model in (("base", base(ctx)), ("reference", theta1)):
+        stats = ensure_losses(ctx, name, 0, model, pool)
+        done = stats["samples_scored"] + stats.get("samples_recovered", 0)
+        scored[name] = {"scored": stats["samples_scored"], "reused": n_pool - done}
     scores = ensure_scores(ctx, "reference", 0, theta1, pool)
     # its own name: the trained "global" variant keeps its selection, adapter and metrics together
     kept = ensure_selection(ctx, "refresh", 1, "global", pool, scores)
-    return {"refresh": ctx.ingest.get("changes"), "selection": store.selection_record(ctx.con, kept)}
+    out = {"refresh": ctx.ingest.get("changes"), "reference": ctx.reference, "samples": scored,
+           "selection": store.selection_record(ctx.con, kept)}
+    _publish_refresh(out)
+    return out
+
+
+def _publish_refresh(out: dict) -> None:
+    """What the refresh did, as a Prefect artifact: rows changed, samples scored and reused per model, theta_1."""
+    from prefect.artifacts import create_markdown_artifact
+
+    ref, sel = out["reference"], out["selection"]
+    lines = [f"- inputs: {out['refresh'] or 'first ingest of this run'}",
+             *(f"- {name}: scored {s['scored']:,} samples, reused {s['reused']:,}" for name, s in out["samples"].items()),
+             f"- reference theta_1 `{ref['key']}`: {'retrained' if ref['retrained'] else 'reused'} "
+             f"({ref['reason']}; refresh.reference: {ref['policy']})",
+             f"- kept {sel['n_kept']:,} of {sel['n_candidates']:,} tokens"]
+    if ref.get("warmup_changes"):
+        lines.insert(1, f"- warm-up set D0: {ref['warmup_changes']}")
+    create_markdown_artifact("## Refresh\n\n" + "\n".join(lines), key="token-cleaning-refresh",
+                             description="what this refresh recomputed and reused")
 
 
 @flow(name="refresh-token-ranking", log_prints=True)

@@ -35,6 +35,7 @@ class RunContext:
     ingest: dict = field(default_factory=dict)  # what prepare did: ingested or reused, counts
     flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
     storage: str = ""  # where workers write shard files (tasks/storage.py); the run directory by default
+    reference: dict = field(default_factory=dict)  # which theta_1 this run uses, and why (warmup_reference)
 
     @property
     def pool_parts(self) -> list[int]:
@@ -132,14 +133,18 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template)
         split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
                  "seed": cfg.data.seed}
-        inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths)
+        warmup = list(cfg.data.warmup_paths)
+        if warmup:  # only then, so the keys of runs without a warm-up input stay what they were
+            split["warmup"] = True
+        inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths + (["--warmup--"] + warmup if warmup else []))
         dataset = keys.dataset_key(tokenization, inputs, split)
         root = storage_root(cfg, con)
         # each input split's processed part: in the workers' storage, copied to the run directory if remote
         parts = (join(root, "ingest", dataset), str(run_dir / "ingest" / dataset))
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
                             inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
-                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, parts=parts)
+                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, parts=parts,
+                            warmup_paths=warmup)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
@@ -163,7 +168,7 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                  inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                 db_memory_limit: str | None = None, parts: tuple[str, str]) -> dict:
+                 db_memory_limit: str | None = None, parts: tuple[str, str], warmup_paths: list[str] = ()) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -172,7 +177,7 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
                        tokenizer_path, template, progress=progress, workers=workers,
-                       db_memory_limit=db_memory_limit, parts=parts)
+                       db_memory_limit=db_memory_limit, parts=parts, warmup_paths=warmup_paths)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
@@ -187,21 +192,23 @@ INGEST_DB_MEMORY = "256MB"
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
                 chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None,
-                parts: tuple[str, str]) -> dict:
+                parts: tuple[str, str], warmup_paths: list[str] = ()) -> dict:
     from tokenclean.tasks.storage import remove_tree
 
     summary = store.dataset_summary(con, dataset)
     if summary is not None:
         return {"ingested": False, **summary}
     t0 = time.perf_counter()
-    spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template)
+    spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template,
+                      warmup=bool(warmup_paths))
     # streamed: input splits are processed (by Ray workers reading the files themselves when
     # data.ingest_workers > 1) into Parquet parts under the run's storage, named by the dataset key
     # (an interrupted ingest resumes from its finished parts), and staged in the run database as
     # they complete; the driver holds no rows
     with store.memory_limit(con, INGEST_DB_MEMORY, after=db_memory_limit):
         read = stage_inputs(con, paths, eval_paths, tokenizer, spec, parts_dir=parts[0], local_dir=parts[1],
-                            chunk_rows=chunk_rows, workers=workers, progress=progress)
+                            chunk_rows=chunk_rows, workers=workers, progress=progress,
+                            warmup_entries=list(warmup_paths))
         staged = store.stage_summary(con)
         if staged["samples"] == 0:
             q = store.staged_quarantine(con)
@@ -217,7 +224,7 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
             summary["skipped_files"] = read["skipped"]
             run_logger().warning("ingest skipped %d file(s): %s", len(read["skipped"]),
                                  "; ".join(f"{f}: {why}" for f, why in read["skipped"].items()))
-        described = {"paths": paths, "eval_paths": eval_paths, "content": inputs, "tokenization": tokenization,
+        described = {"paths": paths, "eval_paths": eval_paths, "warmup_paths": list(warmup_paths), "content": inputs, "tokenization": tokenization,
                      "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
         counts = store.insert_staged_dataset(con, dataset, described, summary)
     for directory in parts:  # recorded in the database: the parts have served their purpose

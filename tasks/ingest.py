@@ -225,14 +225,24 @@ def normalize(obj: Any) -> Normalized:
     return Normalized(messages, str(uid), task, answer, truth, content_hash)
 
 
-def assign_part(uid: str, seed: int, eval_fraction: float, n_parts: int, is_eval_source: bool) -> int:
-    """Deterministic split from the id alone, so re-ingesting never reshuffles D0..DT."""
+def assign_part(uid: str, seed: int, eval_fraction: float, n_parts: int, is_eval_source: bool,
+                warmup: bool | None = None) -> int:
+    """Deterministic split from the id alone, so re-ingesting never reshuffles D0..DT.
+
+    ``warmup``: None when D0 is drawn from the inputs like every other part; with a separate
+    warm-up input (``data.warmup_paths``), True for its rows (all in D0) and False for the
+    pool's rows (drawn over D1..DT only, so rows added to the pool never reach D0).
+    """
     if is_eval_source:
         return EVAL_PART
+    if warmup:
+        return 0
     u = int.from_bytes(hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest(), "big") / 2**64
     if u < eval_fraction:
         return EVAL_PART
     u = (u - eval_fraction) / (1 - eval_fraction)
+    if warmup is False:
+        return 1 + min(int(u * (n_parts - 1)), n_parts - 2)
     return min(int(u * n_parts), n_parts - 1)
 
 
@@ -300,6 +310,7 @@ class IngestSpec:
     n_parts: int
     seed: int
     template: str = "tulu"
+    warmup: bool = False  # a separate warm-up input is given (data.warmup_paths): it is D0, the rest D1..DT
 
 
 # A staged sample: ``INGEST_SCHEMA`` plus what staging needs to find duplicate ids in input order.
@@ -323,7 +334,8 @@ def _list_column(offsets: np.ndarray, values: np.ndarray, value_type, valid: np.
                                     mask=mask)
 
 
-def process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
+def process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec,
+                  is_warmup: bool = False) -> IngestChunk:
     """Validate, render and tokenise one chunk of rows: a pure function of the rows (each with its place
     in the input, ``ordinal``), so any worker gives the same result, and 1 or N workers the same dataset.
 
@@ -333,7 +345,7 @@ def process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec
     (a chunk cannot see the others): staging does it over the whole input.
     """
     with _no_cyclic_gc():
-        return _process_chunk(rows, is_eval, tokenizer, spec)
+        return _process_chunk(rows, is_eval, tokenizer, spec, is_warmup)
 
 
 @contextlib.contextmanager
@@ -355,7 +367,8 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec) -> IngestChunk:
+def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec,
+                   is_warmup: bool = False) -> IngestChunk:
     good, quarantine = [], []
     render_one = renderer(spec.template, tokenizer)
     for row in rows:
@@ -402,7 +415,8 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
         scalars["uid"].append(norm.uid)
         scalars["source"].append(source_name(row.source))
         scalars["row_index"].append(row.index)
-        scalars["part"].append(assign_part(norm.uid, spec.seed, spec.eval_fraction, spec.n_parts, is_eval))
+        scalars["part"].append(assign_part(norm.uid, spec.seed, spec.eval_fraction, spec.n_parts, is_eval,
+                                                   is_warmup if spec.warmup else None))
         scalars["task"].append(norm.task)
         scalars["answer"].append(norm.answer)
         scalars["content_hash"].append(norm.content_hash)
@@ -481,7 +495,7 @@ def process_split(split: Split, tokenizer, spec: IngestSpec, parts_dir: str, chu
     n_samples = dropped = 0
     with storage.parquet_writer(samples_path, STAGE_SCHEMA) as writer:
         for rows in _batched(read_split(split), chunk_rows):
-            out = process_chunk(rows, split.is_eval, tokenizer, spec)
+            out = process_chunk(rows, split.is_eval, tokenizer, spec, split.is_warmup)
             writer.write_table(out.samples)
             n_samples += out.samples.num_rows
             quarantine += out.quarantine
@@ -572,7 +586,7 @@ def _local_part(result: dict, key: str, local_dir: str | None) -> str:
 
 def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, spec: IngestSpec, *, parts_dir: str,
                  local_dir: str | None = None, chunk_rows: int = CHUNK_ROWS, split_bytes: int | None = None,
-                 workers: int = 1, progress: bool = False) -> dict:
+                 workers: int = 1, progress: bool = False, warmup_entries: list[str] = ()) -> dict:
     """Ingest the inputs into parts under ``parts_dir`` and stage them on ``con``, then quarantine duplicate ids.
 
     The inputs are planned into splits (``tasks/inputs.py``); each split is processed
@@ -599,7 +613,9 @@ def stage_inputs(con, entries: list[str], eval_entries: list[str], tokenizer, sp
 
     if spec.template == "tulu" and tokenizer.eos_token is None:
         raise ValueError("tokenizer has no eos_token; the Tulu template ends every response with EOS")
-    plan = plan_inputs(entries, eval_entries, split_bytes or split_bytes_for(entries, eval_entries, workers))
+    if bool(warmup_entries) != spec.warmup:
+        raise ValueError("spec.warmup must say whether warm-up inputs are given")
+    plan = plan_inputs(entries, eval_entries, split_bytes or split_bytes_for([*entries, *warmup_entries], eval_entries, workers), list(warmup_entries))
     splits = plan.splits
     layout = digest("ingest-parts", PARTS_VERSION, asdict(spec), [s.describe() for s in splits])
     parts_dir, local_dir = join(parts_dir, layout), local_dir and join(local_dir, layout)
@@ -637,7 +653,7 @@ class IngestResult:
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
            n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False,
            template: str = "tulu", chunk_rows: int = CHUNK_ROWS, workers: int = 1,
-           split_bytes: int | None = None) -> IngestResult:
+           split_bytes: int | None = None, warmup_entries: list[str] = ()) -> IngestResult:
     """Read, validate, render (``template``: tulu or model) and tokenise every row, in memory.
 
     The same code as the pipeline's streamed ingest (``stage_inputs``), staged in an
@@ -651,12 +667,13 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
     from tokenclean.tasks import store
 
     spec = IngestSpec(tokenization or tokenization_of(tokenizer, max_length, template), max_length, eval_fraction,
-                      n_parts, seed, template)
+                      n_parts, seed, template, warmup=bool(warmup_entries))
     con = duckdb.connect()
     try:
         with tempfile.TemporaryDirectory(prefix="tokenclean-ingest-") as parts:
             read = stage_inputs(con, entries, eval_entries, tokenizer, spec, parts_dir=parts, chunk_rows=chunk_rows,
-                                split_bytes=split_bytes, workers=workers, progress=progress)
+                                split_bytes=split_bytes, workers=workers, progress=progress,
+                                warmup_entries=warmup_entries)
             samples = store.staged_samples(con) if store.stage_summary(con)["samples"] else INGEST_SCHEMA.empty_table()
             quarantine = store.staged_quarantine(con)
             store.stage_reset(con)

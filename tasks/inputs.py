@@ -133,9 +133,10 @@ class Split:
     first_row: int
     ordinal: int
     is_eval: bool
+    is_warmup: bool = False  # a row of the separate warm-up input (data.warmup_paths): D0
 
     def describe(self) -> list:
-        return [self.source, self.kind, self.start, self.end, self.is_eval]
+        return [self.source, self.kind, self.start, self.end, self.is_eval] + ([True] if self.is_warmup else [])
 
 
 def file_format(path: str) -> tuple[str, str | None] | None:
@@ -382,13 +383,15 @@ def _file_ranges(source: str, target_bytes: int) -> tuple[str, list[tuple[int, i
     return "jsonl", [(c, e, line) for (c, line), e in zip(cuts, ends) if e > c], n
 
 
-def plan_inputs(entries: list[str], eval_entries: list[str], target_bytes: int) -> Plan:
-    """Splits of about ``target_bytes`` of input each, over every file of ``entries`` then ``eval_entries``,
-    and the files skipped; an error if every file of ``entries`` (or of ``eval_entries``) is skipped."""
+def plan_inputs(entries: list[str], eval_entries: list[str], target_bytes: int,
+                warmup_entries: list[str] = ()) -> Plan:
+    """Splits of about ``target_bytes`` of input each, over every file of ``entries``, ``eval_entries``
+    then ``warmup_entries``, and the files skipped; an error if every file of a group is skipped."""
     plan = Plan([])
     errors = _read_errors()
     ordinal = 0
-    for group, is_eval in ((entries, False), (eval_entries, True)):
+    for group, is_eval, is_warmup in ((entries, False, False), (eval_entries, True, False),
+                                      (warmup_entries, False, True)):
         listed = [item for entry in group for item in list_entry(entry)]
         readable = 0
         for source, reason in listed:
@@ -404,10 +407,11 @@ def plan_inputs(entries: list[str], eval_entries: list[str], target_bytes: int) 
                 continue
             readable += 1
             for start, end, first_row in ranges:
-                plan.splits.append(Split(len(plan.splits), source, kind, start, end, first_row, ordinal, is_eval))
+                plan.splits.append(Split(len(plan.splits), source, kind, start, end, first_row, ordinal, is_eval,
+                                         is_warmup))
             ordinal += n
         if listed and not readable:
-            what = "held-out input" if is_eval else "input"
+            what = "held-out input" if is_eval else "warm-up input" if is_warmup else "input"
             raise ValueError(f"no {what} file could be read: " + "; ".join(f"{s}: {plan.skipped[s]}" for s, _ in listed))
     return plan
 

@@ -407,3 +407,157 @@ def test_dropout_puts_the_layout_that_draws_its_masks_into_the_adapter_key():
     # a continued adapter trains with its parent's dropout, whatever train.lora says
     assert TrainConfig(**off).learning(1, dropout=0.1) != TrainConfig(**off).learning(2, dropout=0.1)
     assert TrainConfig(**on).learning(1, dropout=0.0) == TrainConfig(**on).learning(2, dropout=0.0)
+
+
+# ---- refreshes that add data (issue: the warm-up set stays put) ------------------------------------------
+
+
+def _pool_part(uid: str) -> int:
+    """Where a row of data.paths goes when the warm-up set is its own input: D1..DT only."""
+    return assign_part(uid, 0, 0.0, T + 1, False, warmup=False)
+
+
+@pytest.fixture(scope="module")
+def warm(tiny, tmp_path_factory):
+    """The matrix's rows, D0 given as its own file (data.warmup_paths), and rows to append later."""
+    root = tmp_path_factory.mktemp("warm")
+    rows = _rows(tiny.train)[:N_TRAIN]
+    _write(root / "eval.jsonl", _rows(tiny.eval)[:N_EVAL])
+    warmup, pool = root / "warmup.jsonl", root / "pool.jsonl"
+    _write(warmup, [r for r in rows if _part(r["id"]) == 0])
+    _write(pool, [r for r in rows if _part(r["id"]) != 0])
+    # rows to append later: new ids, new content
+    added = [dict(r, id=f"added-{i}", response=r["response"] + " Indeed.") for i, r in enumerate(rows[:9])]
+    return {"root": root, "warmup": warmup, "pool": pool, "added": added, "eval": root / "eval.jsonl"}
+
+
+def _warm_config(workdir: Path, warm, pool: Path, **changes) -> RunConfig:
+    """The paper's layout: the pool (D1..DT) apart from the warm-up file the reference is trained on."""
+    cfg = _config(workdir, pool, warm["eval"], **({"select.pool": "exclude_warmup"} | changes))
+    return RunConfig.model_validate(cfg.model_dump(mode="json") | {
+        "data": cfg.data.model_dump(mode="json") | {"warmup_paths": [str(warm["warmup"])]}})
+
+
+def _refresh(cfg: RunConfig) -> tuple[dict, dict]:
+    from tokenclean.flows.cleaning import refresh
+
+    since = None
+    if cfg.db_path.exists():
+        con = store.connect(cfg.db_path, read_only=True)
+        since = store.last_stage_time(con)
+        con.close()
+    out = refresh(cfg)
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        return out, _steps(store.stages_since(con, since) if since is not None else store.stages_of(con, []))
+    finally:
+        con.close()
+
+
+def _appended(warm, name: str) -> Path:
+    path = warm["root"] / name / "pool.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, _rows(warm["pool"]) + warm["added"])
+    return path
+
+
+def test_warmup_file_is_d0_and_the_pool_is_d1_to_dt(tiny, warm):
+    """Rows of data.warmup_paths are all D0; rows of data.paths are drawn over D1..DT, never D0."""
+    from transformers import AutoTokenizer
+
+    from tokenclean.tasks.ingest import ingest
+
+    tok = AutoTokenizer.from_pretrained(tiny.model)
+    pool_file = _appended(warm, "parts")
+    assert any(_part(r["id"]) == 0 for r in warm["added"])  # rows that a drawn split would put in D0
+    res = ingest([str(pool_file)], [], tok, max_length=256, eval_fraction=0.0, n_parts=T + 1, seed=0,
+                 warmup_entries=[str(warm["warmup"])])
+    parts = dict(zip(res.samples.column("uid").to_pylist(), res.samples.column("part").to_pylist()))
+    warm_ids = {r["id"] for r in _rows(warm["warmup"])}
+    assert warm_ids and {parts[u] for u in warm_ids} == {0}
+    pool = {u: p for u, p in parts.items() if u not in warm_ids}
+    assert set(pool.values()) == set(range(1, T + 1))
+    assert all(p == _pool_part(u) for u, p in pool.items())
+
+
+def test_refresh_appending_rows_scores_only_them_and_trains_nothing(warm):
+    """With the warm-up set as its own file, a refresh after an append scores exactly the added rows, with the
+    base and with the reference, retrains nothing, and ranks the pool as a fresh run does (the same theta_1)."""
+    root = warm["root"] / "append-refresh"
+    cfg = _warm_config(root / "incremental", warm, warm["pool"], mode="fixed")
+    first, _ = _refresh(cfg)
+    assert first["reference"]["retrained"] and first["samples"]["base"]["reused"] == 0
+    pool = _appended(warm, "append-refresh-data")
+    out, steps = _refresh(_warm_config(root / "incremental", warm, pool, mode="fixed"))
+    n_added = len(warm["added"])
+    assert out["refresh"]["added"] == n_added and out["refresh"]["changed"] == out["refresh"]["removed"] == 0
+    assert out["samples"] == {"base": {"scored": n_added, "reused": first["samples"]["base"]["scored"]},
+                              "reference": {"scored": n_added, "reused": first["samples"]["base"]["scored"]}}
+    assert out["reference"]["retrained"] is False and out["reference"]["key"] == first["reference"]["key"]
+    assert not any(stage == "train" for stage, _ in steps)
+    assert steps == _expect(ingest=True, score=[("base", n_added), ("reference", n_added)], scores=["reference"],
+                            select=["refresh"])
+    fresh_cfg = _warm_config(root / "fresh", warm, pool, mode="fixed")
+    fresh, _ = _refresh(fresh_cfg)
+    assert fresh["reference"]["key"] == out["reference"]["key"]  # the same theta_1, trained from the same file
+    inc, new = (_snapshot(c) for c in (_warm_config(root / "incremental", warm, pool, mode="fixed"), fresh_cfg))
+    assert inc[("refresh", "selection")] == new[("refresh", "selection")]
+
+
+def _edit_warmup(warm, name: str) -> Path:
+    rows = _rows(warm["warmup"])
+    rows[0] = dict(rows[0], response=rows[0]["response"] + " Hope this helps!")
+    rows[0].pop("answer", None)
+    path = warm["root"] / name / "warmup.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, rows)
+    return path
+
+
+@pytest.mark.parametrize("policy", ["keep", "retrain_if_changed"])
+def test_editing_the_warmup_set_retrains_only_when_asked(warm, policy):
+    """An edited warm-up row: ``keep`` reports it and keeps theta_1 (nothing trained, nothing rescored);
+    ``retrain_if_changed`` retrains theta_1 and the reference rescores the whole pool."""
+    root = warm["root"] / f"edit-warmup-{policy}"
+    cfg = _warm_config(root, warm, warm["pool"], mode="fixed", **{"refresh.reference": policy})
+    first, _ = _refresh(cfg)
+    edited = dict(warm, warmup=_edit_warmup(warm, f"edit-warmup-{policy}-data"))
+    out, steps = _refresh(_warm_config(root, edited, warm["pool"], mode="fixed", **{"refresh.reference": policy}))
+    assert out["reference"]["warmup_changes"] == {"changed": 1}
+    n_pool = first["samples"]["base"]["scored"]
+    if policy == "keep":
+        assert out["reference"]["retrained"] is False and out["reference"]["key"] == first["reference"]["key"]
+        assert out["samples"]["reference"] == {"scored": 0, "reused": n_pool}
+        assert steps == _expect(ingest=True)
+    else:
+        assert out["reference"]["retrained"] is True and out["reference"]["key"] != first["reference"]["key"]
+        assert out["samples"]["reference"] == {"scored": n_pool, "reused": 0}
+        assert steps == _expect(ingest=True, score=[("reference", n_pool)], scores=["reference"],
+                                select=["reference", "refresh"], train=["reference"], evaluate=["reference"])
+    assert out["samples"]["base"] == {"scored": 0, "reused": n_pool}  # the pool did not change
+
+
+def test_self_evolving_after_an_append_recomputes_what_the_added_rows_reach(warm):
+    """Algorithm 1 after an append, warm-up set as its own file: theta_1 and the base losses are reused; each added
+    row is scored by the base once and joins one D_t, which re-selects D_t and retrains theta_(t+1) and every
+    later iteration; the result equals a fresh run's."""
+    root = warm["root"] / "append-self-evolving"
+    base_dir = root / "incremental"
+    _run(_warm_config(base_dir, warm, warm["pool"], mode="self_evolving"))
+    pool = _appended(warm, "append-self-evolving-data")
+    stages = _run(_warm_config(base_dir, warm, pool, mode="self_evolving"))
+    fresh = _warm_config(root / "fresh", warm, pool, mode="self_evolving")
+    _run(fresh)
+    _assert_same(_snapshot(_warm_config(base_dir, warm, pool, mode="self_evolving")), _snapshot(fresh))
+    reach = {_pool_part(r["id"]) for r in warm["added"]}
+    first = min(reach)  # theta_(first+1) and every later one change
+    d = lambda t: sum(_pool_part(r["id"]) == t for r in _rows(pool))  # noqa: E731
+    added_in = lambda t: sum(_pool_part(r["id"]) == t for r in warm["added"])  # noqa: E731
+    # iteration t scores D_t with theta_t (losses named after theta_t: reference, self-evolving@(t-1)): only the
+    # added rows while theta_t is unchanged (t <= first), all of D_t after
+    score = [("base", len(warm["added"]))] + [
+        ("reference" if t == 1 else f"self-evolving@{t - 1}", added_in(t) if t <= first else d(t))
+        for t in range(first, T + 1)]
+    changed = [f"self-evolving@{t}" for t in range(first, T + 1)]
+    assert _steps(stages) == _expect(ingest=True, score=score, scores=changed, select=changed, train=changed,
+                                     evaluate=changed)

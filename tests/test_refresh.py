@@ -68,6 +68,15 @@ def test_refresh_scores_only_new_and_changed_samples(tiny, tmp_path, data):
     second = refresh(cfg)
     n_eval = len(_rows(tiny.eval))  # the held-out file is re-read too, unchanged
     assert second["refresh"] == {"unchanged": 145 + n_eval, "changed": 10, "added": 20, "removed": 5}
+    # D0 is drawn by id here (no data.warmup_paths): the rows of each kind that landed in D0 are reported, and
+    # refresh.reference: keep (the default) keeps theta_1
+    from tokenclean.tasks.ingest import assign_part
+
+    in_d0 = lambda rs: sum(assign_part(r["id"], 0, 0.0, cfg.iterations + 1, False) == 0 for r in rs)  # noqa: E731
+    want = {k: v for k, v in (("changed", in_d0(changed)), ("added", in_d0(added)), ("removed", in_d0(removed)))
+            if v}
+    assert want and second["reference"]["warmup_changes"] == want
+    assert second["reference"]["retrained"] is False and second["reference"]["key"] == first["reference"]["key"]
 
     after, log = _base_losses(cfg)
     last = json.loads(log[-1][0])

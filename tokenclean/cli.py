@@ -272,9 +272,14 @@ def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an e
 
     _quiet_env()
     out = refresh(_load(config, set_ or []))
-    sel = out["selection"]
+    sel, ref = out["selection"], out["reference"]
     typer.echo(f"refresh: {json.dumps(out['refresh'])}; kept {sel['n_kept']}/{sel['n_candidates']} tokens "
                f"(threshold {sel['threshold']})")
+    typer.echo("scored: " + "; ".join(f"{name} {s['scored']} samples, reused {s['reused']}"
+                                      for name, s in out["samples"].items()))
+    changed = f", D0 {json.dumps(ref['warmup_changes'])}" if ref.get("warmup_changes") else ""
+    typer.echo(f"reference {ref['key']}: {'retrained' if ref['retrained'] else 'reused'} "
+               f"({ref['reason']}{changed}; refresh.reference: {ref['policy']})")
 
 
 @app.command()

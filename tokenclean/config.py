@@ -42,6 +42,10 @@ class EmbeddedConfig(_Strict):
 class DataConfig(_Strict):
     paths: list[str] = Field(default_factory=list, description="JSONL / Parquet files, or hf:NAME[:split]")
     eval_paths: list[str] = Field(default_factory=list, description="held-out set; else eval_fraction of paths")
+    warmup_paths: list[str] = Field(
+        default_factory=list, description="the warm-up set D0 the reference is trained on, as its own files (the "
+                                          "paper's layout); then data.paths is split over D1..DT only, so rows "
+                                          "added to it never change D0. Empty: D0 is drawn from data.paths by id")
     eval_fraction: float = Field(0.1, ge=0, lt=1)
     max_length: Count = 2048
     template: Literal["tulu", "model"] = Field(
@@ -50,6 +54,14 @@ class DataConfig(_Strict):
     ingest_workers: int = Field(1, ge=1, description="execution: Ray tasks reading and tokenising input splits at "
                                                      "once (1: in the flow process); the dataset is the same for any "
                                                      "number")
+
+
+class RefreshConfig(_Strict):
+    reference: Literal["keep", "retrain_if_changed"] = Field(
+        "keep", description="a refresh whose warm-up set D0 changed: keep (the reference last trained stays in use, "
+                            "named by its key; the changes are reported) or retrain_if_changed (the reference "
+                            "follows D0's current content: retrained and the pool rescored). Runs (tokenclean run) "
+                            "always follow the current D0")
 
 
 class ModelConfig(_Strict):
@@ -222,6 +234,7 @@ class RunConfig(_Strict):
     warmup_train: TrainConfig | None = Field(None, description="training of the reference on D0; defaults to train")
     eval: EvalConfig = Field(default_factory=EvalConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    refresh: RefreshConfig = Field(default_factory=RefreshConfig)
     storage: str | None = Field(
         None, description="where workers write shard files: unset = the run directory; a shared path (NFS) or an "
                           "fsspec URL (s3://bucket/prefix) that every node and the driver reach")
@@ -290,7 +303,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"{p}: top level must be a mapping")
         # Relative data paths are relative to the YAML file, not to the caller's cwd.
         data = raw.get("data") or {}
-        for key in ("paths", "eval_paths"):
+        for key in ("paths", "eval_paths", "warmup_paths"):
             if key in data:
                 data[key] = [_resolve(p.parent, x) for x in data[key]]
         # A model given as a directory next to the YAML is found there; anything else (a hub id,

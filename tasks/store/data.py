@@ -188,13 +188,20 @@ def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict],
     return insert_staged_dataset(con, dataset, inputs, summary)
 
 
-def dataset_diff(con, old: str, new: str) -> dict:
-    """How dataset ``new`` differs from ``old``, by row id and content (for refresh reports)."""
+def dataset_inputs(con, dataset: str) -> dict:
+    """What ``dataset`` was ingested from: paths, content fingerprint, tokenization, split."""
+    return json.loads(con.execute("SELECT inputs FROM datasets WHERE dataset = ?", [dataset]).fetchone()[0])
+
+
+def dataset_diff(con, old: str, new: str, parts: list[int] | None = None) -> dict:
+    """How dataset ``new`` differs from ``old``, by row id and content (for refresh reports); ``parts``: only
+    those parts of each (the warm-up set D0: ``[0]``)."""
+    where = f"AND d.part IN ({sql_parts(parts)})" if parts is not None else ""
     row = con.execute(
-        """WITH o AS (SELECT s.uid, s.sample_id FROM dataset_samples d JOIN samples s USING (sample_id)
-                      WHERE d.dataset = ?),
+        f"""WITH o AS (SELECT s.uid, s.sample_id FROM dataset_samples d JOIN samples s USING (sample_id)
+                      WHERE d.dataset = ? {where}),
                 n AS (SELECT s.uid, s.sample_id FROM dataset_samples d JOIN samples s USING (sample_id)
-                      WHERE d.dataset = ?)
+                      WHERE d.dataset = ? {where})
            SELECT count(*) FILTER (WHERE o.uid IS NOT NULL AND n.uid IS NOT NULL AND o.sample_id = n.sample_id),
                   count(*) FILTER (WHERE o.uid IS NOT NULL AND n.uid IS NOT NULL AND o.sample_id <> n.sample_id),
                   count(*) FILTER (WHERE o.uid IS NULL),

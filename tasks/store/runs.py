@@ -104,6 +104,26 @@ def unfinished_flow_runs(con) -> list[dict]:
     return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
 
 
+def last_reference_selection(con) -> dict | None:
+    """The warm-up selection (D0, every token) of the reference the newest finished flow run used, with the
+    dataset it was made on and that dataset's inputs: what ``refresh.reference: keep`` keeps."""
+    row = con.execute(
+        """SELECT o.key, s.dataset, s.pool, d.inputs FROM run_outputs o JOIN flow_runs f USING (flow_run)
+           JOIN selections s ON s.selection = o.key JOIN datasets d ON d.dataset = s.dataset
+           WHERE o.variant = 'reference' AND o.iteration = 0 AND o.kind = 'selection' AND f.finished_at IS NOT NULL
+           ORDER BY f.started_at DESC LIMIT 1""").fetchone()
+    if row is None:
+        return None
+    return {"selection": row[0], "dataset": row[1], "pool": row[2], "inputs": json.loads(row[3])}
+
+
+def output_of(con, flow_run: str, variant: str, iteration: int, kind: str) -> tuple[str, bool] | None:
+    """(key, computed) of what ``flow_run`` recorded for (variant, iteration, kind)."""
+    row = con.execute("SELECT key, bool_or(computed) FROM run_outputs WHERE flow_run = ? AND variant = ? AND "
+                      "iteration = ? AND kind = ? GROUP BY key", [flow_run, variant, iteration, kind]).fetchone()
+    return (row[0], bool(row[1])) if row else None
+
+
 def latest_dataset(con) -> str | None:
     """The dataset of the newest finished flow run."""
     row = con.execute("SELECT dataset FROM flow_runs WHERE finished_at IS NOT NULL "
