@@ -146,8 +146,11 @@ def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str,
     if lora is not None:
         train_cfg["lora"] = lora
     train_cfg["numerics"] = ctx.train_numerics
-    key = keys.train_key(ctx.base_model, selection, train_cfg, parent.key if parent else None)
-    inputs = {"base_model": ctx.base_model, "selection": selection, "train": train_cfg,
+    # keyed by the kept tokens, not by how they were chosen: a selection recomputed with the same content
+    # (other scoring numerics, another select.seed for a ranked method) finds its adapter and evaluation
+    kept = store.selection_content(ctx.con, selection)
+    key = keys.train_key(ctx.base_model, kept, train_cfg, parent.key if parent else None)
+    inputs = {"base_model": ctx.base_model, "selection": selection, "kept_tokens": kept, "train": train_cfg,
               "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
     rec = store.adapter_record(ctx.con, key)
     out = ctx.adapter_dir(key)

@@ -248,6 +248,40 @@ def test_change_k(world):
                             select=changed, train=changed, evaluate=changed)
 
 
+def _contents(cfg: RunConfig) -> dict:
+    """{variant: content key of its current selection}."""
+    from tokenclean.summary import label
+
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        return {label(o["variant"], o["iteration"]): store.selection_content(con, o["key"])
+                for o in store.current_outputs(con) if o["kind"] == "selection"}
+    finally:
+        con.close()
+
+
+def test_a_reselection_that_keeps_the_same_tokens_retrains_nothing(world):
+    """Early cutoff: adapters are keyed by the kept tokens. A k that keeps the same number of tokens changes the
+    ranked selections' keys, not (for global) their content: every selection is recomputed, and exactly the variants
+    whose kept tokens changed are retrained and re-evaluated (none for global)."""
+    k = 0.6 + 1e-9
+    before = _contents(_config(world["base_dir"], world["data"], world["eval"]))
+    steps = _incremental_vs_fresh(world, "k-same-tokens", {"select.k": k})
+    cfg = _config(world["root"] / "k-same-tokens" / "incremental", world["data"], world["eval"], **{"select.k": k})
+    after = _contents(cfg)
+    reselected = ["random", "local", "global", *SE]  # keys with k in them; full's and the reference's have none
+    changed = sorted(n for n in reselected if after[n] != before[n])
+    assert "global" not in changed  # round(k * N) tokens, the same top ones: the cutoff is exercised
+    trained = sorted(n for stage, n in steps if stage == "train")
+    # an iteration retrains when its own kept tokens or its parent (the iteration before) changed
+    expect = sorted({n for n in changed} | {SE[i] for i in range(1, T) if SE[i - 1] in changed})
+    assert trained == expect
+    assert steps == _expect(select=reselected, train=expect, evaluate=expect,
+                            score=[(SE[i - 1], _pool_size(world, {i + 1})) for i in range(1, T)
+                                   if SE[i - 1] in expect],
+                            scores=[SE[i] for i in range(1, T) if SE[i - 1] in expect])
+
+
 def test_change_pool(world):
     """select.pool all -> exclude_warmup: only the fixed variants move; D1..D2 are scored already."""
     steps = _incremental_vs_fresh(world, "pool", {"select.pool": "exclude_warmup"}, stored_beyond_pool=True)

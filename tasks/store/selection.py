@@ -182,6 +182,22 @@ def selection_digest(con, selection: str) -> tuple[int, str]:
            FROM selected_tokens st JOIN samples s USING (sample_id) WHERE st.selection = ?""", [selection]).fetchone()
 
 
+def selection_content(con, selection: str) -> str:
+    """Key of what training on ``selection`` sees: its kept tokens themselves, as sorted (sample_id, pos).
+
+    Sample ids are content-addressed (tokenization, id, content), so two selections with equal
+    content train the same adapter whatever produced them: adapters are keyed by this, not by
+    the selection's key, so a rescoring that keeps the same tokens retrains nothing (early cutoff).
+    """
+    from tokenclean.tasks.keys import digest
+
+    n, md5 = con.execute(
+        """SELECT count(*), md5(coalesce(string_agg(sample_id::VARCHAR || ':' || pos::VARCHAR, ','
+                                                    ORDER BY sample_id, pos), ''))
+           FROM selected_tokens WHERE selection = ?""", [selection]).fetchone()
+    return digest("kept-tokens", n, md5)
+
+
 def kept_positions(con, selection: str, sample_id: int) -> set[int]:
     return {r[0] for r in con.execute("SELECT pos FROM selected_tokens WHERE selection = ? AND sample_id = ?",
                                       [selection, sample_id]).fetchall()}
