@@ -147,7 +147,7 @@ def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str,
         train_cfg["lora"] = lora
     train_cfg["numerics"] = ctx.train_numerics
     # keyed by the kept tokens, not by how they were chosen: a selection recomputed with the same content
-    # (other scoring numerics, another select.seed for a ranked method) finds its adapter and evaluation
+    # (other scoring numerics, a k that keeps as many tokens) finds its adapter and evaluation
     kept = store.selection_content(ctx.con, selection)
     key = keys.train_key(ctx.base_model, kept, train_cfg, parent.key if parent else None)
     inputs = {"base_model": ctx.base_model, "selection": selection, "kept_tokens": kept, "train": train_cfg,
