@@ -33,7 +33,7 @@ def start_local_server(attempts: int = 2):
         try:
             server.start(timeout=STARTUP_TIMEOUT_S)
             return server
-        except RuntimeError:
+        except Exception:  # not only Prefect's RuntimeError: a squatted port answers /health with a timeout or a 4xx
             server.stop()
             if attempt == attempts - 1:
                 raise

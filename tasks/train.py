@@ -288,6 +288,9 @@ def train_worker(job: TrainJob) -> dict:
     dataset = Dataset(table)
     set_seed(cfg.seed)  # LoRA A is randomly initialised: the same seed gives the same adapter
     model = _load_model(job, cfg, device, dtype)
+    if cfg.strategy == "fsdp" and device.type == "cpu":  # accelerate enables FSDP only on accelerator back-ends
+        warnings.warn("train.strategy fsdp on CPU workers trains as DDP (every rank holds the whole model); the "
+                      "adapter is the same", stacklevel=1)
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.lr,

@@ -1,6 +1,8 @@
-"""Both flows end to end: a real Prefect flow run (local API server), scoring on a real
-local Ray cluster, a real DuckDB file, the tiny real model. Then a rerun resumes."""
+"""Both flows end to end, run as `tokenclean demo` on the test-sized embedded default: a real Prefect
+flow run (local API server), scoring on a real local Ray cluster, a real DuckDB file, the tiny real model.
+Then a rerun resumes."""
 import json
+import os
 
 import pytest
 
@@ -9,13 +11,71 @@ from tokenclean.config import RunConfig
 from tests.conftest import tiny_config
 
 
+def _overrides(tree: dict, prefix: str = "") -> list[str]:
+    """``--set`` arguments that give a config ``tree``'s every leaf (values as YAML: JSON is YAML)."""
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _overrides(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
+
+
 @pytest.fixture(scope="module")
-def finished_run(tiny, tmp_path_factory):
+def demo(tiny, tmp_path_factory):
+    """`tokenclean demo` with the embedded default at test size (and the test's training settings), watched:
+    every torch module constructed in this process (the flow process) while it runs is kept, and
+    ``inspect`` is read right after it. The trainings record their begin/end events (``tests.train_events``)."""
+    import torch
+    from typer.testing import CliRunner
+
+    import tokenclean.flows.cleaning  # noqa: F401  (Prefect sets its log handlers up on this stderr, not the runner's)
+    from tokenclean.cli import app
+    from tokenclean.config import load_config
+
+    workdir = tmp_path_factory.mktemp("runs")
+    want = tiny_config(workdir)
+    want["train"] = want["train"] | {"callbacks": ["tests.train_events:Rendezvous"]}
+    built = []
+    init = torch.nn.Module.__init__
+
+    def watched(self, *a, **kw):
+        built.append(self)
+        init(self, *a, **kw)
+
+    env = dict(os.environ)
+    torch.nn.Module.__init__ = watched
+    try:
+        res = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *(f"--set={o}" for o in _overrides(want))])
+    finally:
+        torch.nn.Module.__init__ = init
+        # what the command set for its own process (quieter Prefect and Ray logs) ends with it, as a process would
+        for name in set(os.environ) - set(env):
+            del os.environ[name]
+        os.environ.update(env)
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    cfg = RunConfig.model_validate(want)
+    # the run the demo made is exactly the test configuration, and the one every test below reads
+    assert load_config(cfg.run_dir / "config.yaml") == cfg
+    inspected = CliRunner().invoke(app, ["inspect", str(cfg.run_dir)])
+    assert inspected.exit_code == 0, inspected.output
+    return {"cfg": cfg, "output": res.output, "modules_built_here": built, "inspect": inspected.output}
+
+
+@pytest.fixture(scope="module")
+def finished_run(demo):
+    return demo["cfg"]
+
+
+@pytest.fixture(scope="module")
+def rerun(finished_run):
+    """The same run again: every key is stored complete. Returns the stage-log sizes around it."""
     from tokenclean.flows.cleaning import run
 
-    cfg = RunConfig.model_validate(tiny_config(tmp_path_factory.mktemp("runs")))
-    run(cfg)
-    return cfg
+    before = _q(finished_run, "SELECT count(*) FROM stage_log")[0][0]
+    run(finished_run)
+    return before, _q(finished_run, "SELECT count(*) FROM stage_log")[0][0]
 
 
 def _q(cfg, sql, params=None):
@@ -80,14 +140,16 @@ def test_algorithm_1_artifacts(finished_run):
     assert sels["self-evolving@2"][1] == _out(cfg, "self-evolving@2", "scores")
     for name in ("global", "random", "self-evolving@1"):
         kept, cand = sels[name][2:]
-        assert kept == round(cfg.select.k * cand)
+        assert cand > 0 and kept == round(cfg.select.k * cand)
     # scores of iteration 2 are base - theta_2 over D2
-    bad = _q(cfg, """SELECT count(*) FROM token_scores ts
+    joined, bad = _q(cfg, """SELECT count(*), count(*) FILTER (WHERE abs(ts.score - (b.loss - r.loss)) > 1e-6)
+                     FROM token_scores ts
                      JOIN token_losses b ON b.model = ? AND b.sample_id = ts.sample_id AND b.pos = ts.pos
                      JOIN token_losses r ON r.model = ? AND r.sample_id = ts.sample_id AND r.pos = ts.pos
-                     WHERE ts.scores = ? AND abs(ts.score - (b.loss - r.loss)) > 1e-6""",
-             [_out(cfg, "base", "losses"), _out(cfg, "self-evolving@1", "losses"),
-              _out(cfg, "self-evolving@2", "scores")])[0][0]
+                     WHERE ts.scores = ?""",
+                     [_out(cfg, "base", "losses"), _out(cfg, "self-evolving@1", "losses"),
+                      _out(cfg, "self-evolving@2", "scores")])[0]
+    assert joined == _pool_tokens(cfg, [2]) > 0  # every response token of D2 compared, not an empty join
     assert bad == 0
 
 
@@ -125,13 +187,9 @@ def test_cleaning_drops_corrupted_tokens(finished_run):
     assert by_truth[1] > by_truth[0] > by_truth[2]  # informative > filler > corrupted
 
 
-def test_rerun_resumes_without_rescoring_or_retraining(finished_run):
-    from tokenclean.flows.cleaning import run
-
-    before = _q(finished_run, "SELECT count(*) FROM stage_log")[0][0]
-    run(finished_run)
-    after = _q(finished_run, "SELECT count(*) FROM stage_log")[0][0]
-    assert after == before  # every key was stored complete: no stage ran
+def test_rerun_resumes_without_rescoring_or_retraining(rerun):
+    before, after = rerun
+    assert before > 0 and after == before  # every key was stored complete: no stage ran
 
 
 def test_flow_runs_are_recorded_in_prefect(finished_run):
@@ -165,29 +223,178 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
     assert progress and float(progress[0].data) == 100.0
 
 
-def test_inspect_lists_every_artifact_with_its_key_and_inputs(finished_run):
+def _artifact_lines(output: str) -> dict:
+    """(name, kind) -> (key, status) of every artifact line of ``inspect``."""
+    head = "artifacts of the latest run of each flow"
+    lines = output.split(head, 1)[1].splitlines()[1:]
+    return {(f[0], f[1]): (f[2], f[3]) for f in (ln.split() for ln in lines) if len(f) >= 4}
+
+
+def test_inspect_lists_every_artifact_with_its_key_and_inputs(demo, rerun):
+    """Every artifact with its key and whether the latest run computed it: after the first run, what the fixed
+    flow made is computed; after a re-run that found every key, everything is reused."""
     from typer.testing import CliRunner
 
     from tokenclean.cli import app
 
-    res = CliRunner().invoke(app, ["inspect", str(finished_run.run_dir)])
+    cfg = demo["cfg"]
+    res = CliRunner().invoke(app, ["inspect", str(cfg.run_dir)])
     assert res.exit_code == 0, res.output
+    first, again = _artifact_lines(demo["inspect"]), _artifact_lines(res.output)
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        from tokenclean.summary import artifacts
+
+        listed = {(a["name"], a["kind"]): a["key"] for a in artifacts(con)}
+    finally:
+        con.close()
+    assert len(listed) > 20 and set(first) == set(again) == set(listed)
+    assert {name_kind: key for name_kind, (key, _) in again.items()} == listed
+    assert {status for _, status in again.values()} == {"reused"}  # the re-run computed nothing
+    made_by_the_first = [(n, k) for n in ("full", "random", "local", "global", "self-evolving@1", "self-evolving@2")
+                         for k in ("selection", "adapter", "eval")]
+    assert all(first[nk][1] == "computed" for nk in made_by_the_first), first
+    assert first[("base", "model")][1] == "reused"  # the base is an input, never computed by a run
     for name, kind in (("global", "selection"), ("self-evolving@2", "adapter"), ("reference", "losses"),
                        ("base", "eval")):
-        line = next(ln for ln in res.output.splitlines() if ln.split()[:2] == [name, kind])
-        assert _out(finished_run, name, kind) in line and ("computed" in line or "reused" in line)
+        assert again[(name, kind)][0] == _out(cfg, name, kind)
     assert '"method": "global"' in res.output and '"parent_model"' in res.output  # what each was derived from
-    uid = _q(finished_run, "SELECT s.uid FROM selected_tokens st JOIN samples s USING (sample_id) WHERE "
-                           "st.selection = ? LIMIT 1", [_out(finished_run, "global", "selection")])[0][0]
-    one = CliRunner().invoke(app, ["inspect", str(finished_run.run_dir), "--sample", uid, "--selection", "global"])
+    uid = _q(cfg, "SELECT s.uid FROM selected_tokens st JOIN samples s USING (sample_id) WHERE "
+                  "st.selection = ? LIMIT 1", [_out(cfg, "global", "selection")])[0][0]
+    one = CliRunner().invoke(app, ["inspect", str(cfg.run_dir), "--sample", uid, "--selection", "global"])
     assert one.exit_code == 0, one.output
-    assert "KEEP" in one.output and _out(finished_run, "global", "selection") in one.output
+    assert "KEEP" in one.output and _out(cfg, "global", "selection") in one.output
 
 
 def test_the_fixed_model_variants_train_at_the_same_time(finished_run):
-    """Once the reference has scored the pool the variants are independent: on the 2-CPU test cluster
-    (one CPU per training task) two of them train at once, and their trainings overlap in time."""
-    details = {n: json.loads(d) for n, d in _q(finished_run, "SELECT name, detail FROM stage_log WHERE stage = 'train'")}
-    spans = sorted(details[m]["span"] for m in ("full", "random", "local", "global"))
-    overlaps = sum(a[1] > b[0] for a, b in zip(spans, spans[1:]))
-    assert overlaps >= 2, spans
+    """Once the reference has scored the pool the variants are independent: on the 2-CPU test cluster (one CPU
+    per training task) two of them train at once. Read from the order of the events the trainings recorded
+    (``tests.train_events``: each holds at its start until another has started, so a run whose trainings went one
+    at a time would have failed): two fixed variants began before any training ended."""
+    from tests.train_events import read_events
+
+    events = read_events(finished_run.run_dir)
+    fixed = {_out(finished_run, m, "adapter"): m for m in ("full", "random", "local", "global")}
+    began = [e["key"] for e in events if e["event"] == "begin"]
+    assert set(fixed) <= set(began), events
+    first_end = next(i for i, e in enumerate(events) if e["event"] == "end")
+    assert len({e["key"] for e in events[:first_end] if e["event"] == "begin"} & set(fixed)) >= 2, events
+    ends = [e["key"] for e in events if e["event"] == "end"]
+    assert all(ends.count(k) == 1 for k in fixed)  # every fixed variant trained to its end, once
+
+
+def _printed_table(output: str) -> dict[str, dict[str, str]]:
+    """The comparison table `tokenclean demo` printed, cell by cell (``summary.COLUMNS`` widths, one space apart)."""
+    from tokenclean.summary import COLUMNS
+
+    lines = output.splitlines()
+    top = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["variant", "kept/pool"])
+    rows = {}
+    for line in lines[top + 2:]:
+        if not line.strip():
+            break
+        cells, at = {}, 0
+        for key, _, width in COLUMNS:
+            cells[key] = line[at:at + width].strip()
+            at += width + 1
+        rows[cells["variant"]] = cells
+    return rows
+
+
+def test_demo_prints_every_cell_and_the_tables_invariants(demo):
+    """The demo's table, as printed: every variant and every cell that applies to it; `full` keeps every
+    informative and every corrupted token; random, local and global spend the same budget, round(k N) of the
+    same pool; random keeps corrupted tokens at rate k, within 4 standard deviations of sampling round(k N)
+    of N tokens without replacement (hypergeometric)."""
+    import math
+
+    from tokenclean.summary import VARIANTS
+
+    cfg, k = demo["cfg"], demo["cfg"].select.k
+    table = _printed_table(demo["output"])
+    labels = dict((variant, lab) for lab, variant in VARIANTS)
+    assert set(table) == {labels[v] for v in ("base", "reference", "full", "random", "local", "global",
+                                             "self-evolving")}
+    selection_cells = ("kept", "by_part", "precision", "recall", "corrupted_kept")
+    for variant, lab in labels.items():
+        if lab not in table:
+            continue
+        row = table[lab]
+        for cell, value in row.items():
+            missing = cell in selection_cells and variant in ("base", "reference")  # no cleaning result
+            assert (value == "-") == missing, (lab, cell, value)
+    n_pool = _pool_tokens(cfg, [1, 2])
+    n_bad = _q(cfg, "SELECT count(*) FROM response_tokens rt JOIN dataset_samples d USING (sample_id) "
+                    "WHERE d.dataset = ? AND d.part IN (1, 2) AND rt.truth = 2", [_out(cfg, "data", "dataset")])[0][0]
+    full = table[labels["full"]]
+    assert full["kept"] == f"{n_pool}/{n_pool}" and full["recall"] == full["corrupted_kept"] == "1.000"
+    budget = f"{round(k * n_pool)}/{n_pool}"
+    assert [table[labels[v]]["kept"] for v in ("random", "local", "global")] == [budget] * 3
+    per_part = sum(round(k * _pool_tokens(cfg, [t])) for t in (1, 2))  # each iteration keeps round(k N_t) of D_t
+    assert table[labels["self-evolving"]]["kept"] == f"{per_part}/{n_pool}"
+    sd = math.sqrt(k * (1 - k) / n_bad * (n_pool - n_bad) / (n_pool - 1))
+    assert n_bad > 0 and 4 * sd < 0.25, (n_bad, sd)  # a bound that could fail
+    assert abs(float(table[labels["random"]]["corrupted_kept"]) - k) <= 4 * sd + 5e-4  # printed to 3 decimals
+
+
+def test_the_flow_process_never_loads_a_model(demo):
+    """README: "The flow process never loads a model": scoring, training and evaluation are Ray work. No torch
+    module holding weights (a model, an adapter, any layer of them) was constructed in the process that ran the
+    demo's flows. (Importing transformers' modeling code builds weightless activation modules; those are not
+    models.)"""
+    weighted = [f"{type(m).__qualname__}: {sum(p.numel() for p in m.parameters())}" for m in demo["modules_built_here"]
+                if any(True for _ in m.parameters())]
+    assert weighted == []
+
+
+def test_export_of_self_evolving_is_every_iteration_and_the_last_model(finished_run, tmp_path):
+    """`export --selection self-evolving`: D1..DT, each sample with the kept tokens and the scores of its own
+    iteration's selection. `export --model self-evolving`: theta_(T+1), the last iteration's adapter merged."""
+    import pyarrow.parquet as pq
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from tokenclean.cli import app
+
+    cfg = finished_run
+    res = CliRunner().invoke(app, ["export", str(cfg.run_dir), "--selection", "self-evolving", "--format", "parquet",
+                                   "--out", str(tmp_path / "se.parquet")])
+    assert res.exit_code == 0, res.output
+    rows = pq.read_table(tmp_path / "se.parquet").to_pylist()
+    part = dict(_q(cfg, "SELECT sample_id, part FROM dataset_samples WHERE dataset = ?", [_out(cfg, "data", "dataset")]))
+    assert {part[r["sample_id"]] for r in rows} == {1, 2}
+    for t in (1, 2):
+        sel = _out(cfg, f"self-evolving@{t}", "selection")
+        stored = {(s, p): score for s, p, score in _q(
+            cfg, "SELECT st.sample_id, st.pos, ts.score FROM selected_tokens st JOIN selections USING (selection) "
+                 "JOIN token_scores ts ON ts.scores = selections.scores AND ts.sample_id = st.sample_id "
+                 "AND ts.pos = st.pos WHERE st.selection = ?", [sel])}
+        mine = [r for r in rows if part[r["sample_id"]] == t]
+        exported = {(r["sample_id"], i): r["token_scores"][i] for r in mine for i, lab in enumerate(r["labels"])
+                    if lab != -100}
+        assert stored and exported.keys() == stored.keys(), t
+        assert all(abs(exported[key] - stored[key]) < 1e-5 for key in stored), t  # the scores of its own iteration
+
+    out = tmp_path / "model"
+    res = CliRunner().invoke(app, ["export", str(cfg.run_dir), "--model", "self-evolving", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "tokenclean.json").read_text())
+    last = _out(cfg, "self-evolving@2", "adapter")
+    assert manifest["variant"] == "self-evolving@2" and manifest["adapter"] == last
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        paths = {t: cfg.run_dir / store.adapter_record(con, _out(cfg, f"self-evolving@{t}", "adapter"))["path"]
+                 for t in (1, 2)}
+        base_path = store.model_inputs(con, _out(cfg, "base", "model"))["path"]
+    finally:
+        con.close()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok("<|user|>\nWhere does Ana live?\n<|assistant|>\n", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        by_iteration = {t: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(p)).eval()(
+            ids).logits for t, p in paths.items()}
+    assert torch.allclose(merged, by_iteration[2], atol=1e-4), float((merged - by_iteration[2]).abs().max())
+    assert not torch.allclose(merged, by_iteration[1], atol=1e-3)  # theta_3, not theta_2

@@ -91,6 +91,30 @@ def test_quickstart_uses_the_models_template_and_excludes_the_warmup_split(quick
         con.close()
 
 
+def _spans_by_hand(tok, text: str, input_ids: list[int], kept: list[int]) -> list[list[int]]:
+    """The README's kept spans, recomputed from the exported text alone: tokenise ``text`` again with offsets, take
+    each kept token's anchor (its first non-whitespace character, or its first if it has none), and join runs of
+    consecutive kept positions into [anchor of the first, end of the last)."""
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    lead = len(input_ids) - len(enc["input_ids"])  # a BOS before the text has no characters
+    assert lead in (0, 1) and input_ids[lead:] == enc["input_ids"], "the text does not tokenise to input_ids"
+    assert lead == 0 or input_ids[0] == tok.bos_token_id
+    offsets = [None] * lead + enc["offset_mapping"]
+
+    def anchor(i):
+        a, b = offsets[i]
+        return next((c for c in range(a, b) if not text[c].isspace()), a)
+
+    spans, prev = [], -2
+    for i in kept:
+        if i == prev + 1:
+            spans[-1][1] = offsets[i][1]
+        else:
+            spans.append([anchor(i), offsets[i][1]])
+        prev = i
+    return spans
+
+
 def test_exported_dataset_trains_with_trainer_on_exactly_the_kept_tokens(quickstart, tmp_path):
     """Load the export with ``datasets``, train with transformers' Trainer unchanged; its loss is over the kept tokens."""
     import datasets
@@ -111,12 +135,13 @@ def test_exported_dataset_trains_with_trainer_on_exactly_the_kept_tokens(quickst
     # labels are the token where kept, -100 everywhere else: exactly the stored selection
     got = {(r["sample_id"], i) for r in ds for i, lab in enumerate(r["labels"]) if lab != -100}
     assert got == kept
-    for r in ds.select(range(5)):
-        assert all(lab in (-100, t) for lab, t in zip(r["labels"], r["input_ids"]))
-        for (a, b), score in zip(r["kept_spans"], [r["token_scores"][i] for i, lab in enumerate(r["labels"])
-                                                   if lab != -100][:1]):
-            assert r["text"][a:b].strip() and score is not None
     tok = AutoTokenizer.from_pretrained(home / "my-model")
+    assert len(ds) and all(r["kept_spans"] for r in ds)  # every exported row keeps something
+    for r in ds:
+        assert all(lab in (-100, t) for lab, t in zip(r["labels"], r["input_ids"]))
+        pos = [i for i, lab in enumerate(r["labels"]) if lab != -100]
+        assert all(r["token_scores"][i] is not None for i in pos), r["id"]
+        assert r["kept_spans"] == _spans_by_hand(tok, r["text"], r["input_ids"], pos), r["id"]
     model = AutoModelForCausalLM.from_pretrained(home / "my-model")
     train = ds.select(range(8)).remove_columns([c for c in ds.column_names
                                                  if c not in ("input_ids", "attention_mask", "labels")])

@@ -73,3 +73,46 @@ def test_worker_death_is_retried_and_nan_losses_never_ranked(tiny, tmp_path, und
     nonfinite, sel, kept = _read(cfg, check)
     assert nonfinite == 2 and sel["n_nonfinite"] == 2
     assert sel["n_candidates"] == len(ref) - 2 and not (poisoned & kept)
+
+
+def test_a_failed_prefect_start_is_retried_on_a_new_port(monkeypatch):
+    """Reliability case 8: a local Prefect API server whose start fails (here: its first start is given 0.5 s,
+    less than any start takes, as a slow first migration on a busy machine exceeds the real timeout) is stopped
+    and started once more, as a new server on another port, with the explicit start-up timeout both times."""
+    import socket
+
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tokenclean.flows import runtime
+
+    # a registry of our own: Prefect keeps one server per requested port, and this session's server is in its registry
+    monkeypatch.setattr(SubprocessASGIServer, "_instances", {})
+    real_start = SubprocessASGIServer.start
+    attempts, held = [], []
+
+    def start(self, timeout=None):
+        attempts.append({"server": self, "timeout": timeout})
+        try:
+            return real_start(self, timeout=0.5 if len(attempts) == 1 else timeout)
+        except RuntimeError:
+            attempts[-1] |= {"port": self.port, "process": self.server_process}
+            # the failed attempt's port stays taken (as by whatever raced us to it): the retry cannot land there
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", self.port))
+            held.append(sock)
+            raise
+
+    monkeypatch.setattr(SubprocessASGIServer, "start", start)
+    server = runtime.start_local_server()
+    try:
+        assert len(attempts) == 2 and "process" in attempts[0] and "process" not in attempts[1]
+        assert [a["timeout"] for a in attempts] == [runtime.STARTUP_TIMEOUT_S] * 2
+        assert attempts[0]["process"].poll() is not None  # the failed server was stopped, not left running
+        assert attempts[1]["server"] is server is not attempts[0]["server"]
+        assert server.port != attempts[0]["port"]
+        assert httpx.get(f"{server.api_url}/health", timeout=30).status_code == 200
+    finally:
+        server.stop()
+        for sock in held:
+            sock.close()

@@ -1,8 +1,8 @@
 """The optional vLLM backend (tasks.score_vllm) agrees with the transformers backend.
 
 vLLM is optional and not installed in CI (see docs/benchmarks.md, "vLLM backend"), so
-this module skips unless ``import vllm`` works. Both backends score the same ~20 real
-samples of the tiny embedded Llama in fp32 on CPU, with the base model and with a
+the tests that build an engine skip unless ``import vllm`` works; the others run anywhere. Both
+backends score the same ~20 real samples of the tiny embedded Llama in fp32 on CPU, with the base model and with a
 random (nonzero) LoRA adapter, and must agree per token within ATOL.
 """
 from __future__ import annotations
@@ -12,8 +12,6 @@ import os
 
 import numpy as np
 import pytest
-
-pytest.importorskip("vllm")
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny model needs next to nothing
 
@@ -71,6 +69,7 @@ needs_lora = pytest.mark.skipif(not LORA, reason="vLLM LoRA + prompt_logprobs cr
 
 @pytest.fixture(scope="module")
 def scorers(tiny):
+    pytest.importorskip("vllm")  # every test that scores with vLLM comes through here
     hf = ScoringModel(str(tiny.model), device="cpu", dtype="float32")
     vl = VllmScorer(str(tiny.model), dtype="float32", enable_lora=LORA, max_lora_rank=8, max_model_len=512,
                     enforce_eager=True)
@@ -127,3 +126,22 @@ def test_empty_and_unsupported(scorers):
     if not vl.enable_lora:
         with pytest.raises(ValueError):
             vl.losses([], adapter="some/adapter")
+
+
+def test_without_vllm_the_backend_is_a_clear_error(monkeypatch):
+    """vLLM hidden from the import system (as in CI): the module imports, and building the scorer is one error
+    that says how to install vLLM or which backend to use instead."""
+    import sys
+
+    from tokenclean.tasks import score_vllm
+
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
+    from tokenclean.tasks.steps import scorer
+
+    hint = r"pip install 'tokenclean\[vllm\]'.*score.backend: transformers"
+    with pytest.raises(ImportError, match=hint):
+        score_vllm.VllmScorer("never-read")
+    with pytest.raises(ImportError, match=hint):  # what a scoring worker of a `score.backend: vllm` run calls
+        scorer("vllm", "never-read", "no-key", "cpu", "float32")
