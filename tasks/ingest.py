@@ -265,6 +265,7 @@ SAMPLE_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("char_start", pa.list_(pa.int32())),
         ("char_end", pa.list_(pa.int32())),
+        ("reasoning_mask", pa.list_(pa.bool_())),  # targets of the model's reasoning (data.template: model)
     ]
 )
 # What ingest returns per sample: the stored sample, plus where this dataset has it.
@@ -290,11 +291,11 @@ def source_name(source: str) -> str:
 INGEST_RULES = 3
 
 
-def tokenization_of(tokenizer, max_length: int, template: str = "tulu") -> str:
-    """Key of how ingest turns text into samples: tokenizer, template (a model template by its text), max length
-    and the ingest rules (``INGEST_RULES``)."""
+def tokenization_of(tokenizer, max_length: int, template: str = "tulu", empty_think: str = "target") -> str:
+    """Key of how ingest turns text into samples: tokenizer, template (a model template by its text and its
+    conventions: ``empty_think``), max length and the ingest rules (``INGEST_RULES``)."""
     return tokenization_key(tokenizer_fingerprint(tokenizer),
-                            f"{template_id(tokenizer, template)};ingest-r{INGEST_RULES}", max_length)
+                            f"{template_id(tokenizer, template, empty_think)};ingest-r{INGEST_RULES}", max_length)
 
 
 CHUNK_ROWS = 2048
@@ -311,6 +312,7 @@ class IngestSpec:
     seed: int
     template: str = "tulu"
     warmup: bool = False  # a separate warm-up input is given (data.warmup_paths): it is D0, the rest D1..DT
+    empty_think: str = "target"  # data.empty_think: a model template's empty think block, target or prompt
 
 
 # A staged sample: ``INGEST_SCHEMA`` plus what staging needs to find duplicate ids in input order.
@@ -370,7 +372,7 @@ def _no_cyclic_gc():
 def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpec,
                    is_warmup: bool = False) -> IngestChunk:
     good, quarantine = [], []
-    render_one = renderer(spec.template, tokenizer)
+    render_one = renderer(spec.template, tokenizer, spec.empty_think)
     for row in rows:
         try:
             norm = normalize(row.parsed())
@@ -435,6 +437,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
         "truth": _list_column(toks.offsets, toks.truth, pa.uint8(), toks.has_truth),
         "char_start": _list_column(toks.offsets, toks.char_starts, pa.int32()),
         "char_end": _list_column(toks.offsets, toks.char_ends, pa.int32()),
+        "reasoning_mask": _list_column(toks.offsets, toks.reasoning, pa.bool_()),
     }
     table = pa.Table.from_arrays([columns[f.name] if f.name in columns else pa.array(scalars[f.name], f.type)
                                   for f in STAGE_SCHEMA], schema=STAGE_SCHEMA)
@@ -451,7 +454,7 @@ def _process_chunk(rows: list[RawRow], is_eval: bool, tokenizer, spec: IngestSpe
 SPLIT_BYTES = (1 << 20, 64 << 20)
 SPLITS_PER_WORKER = 4
 # What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
-PARTS_VERSION = 4  # 2: INGEST_RULES 2; 3: inputs.READ_RULES 2; 4: INGEST_RULES 3
+PARTS_VERSION = 5  # 2: INGEST_RULES 2; 3: inputs.READ_RULES 2; 4: INGEST_RULES 3; 5: reasoning_mask
 
 
 def split_bytes_for(entries: list[str], eval_entries: list[str], workers: int) -> int:
@@ -653,7 +656,8 @@ class IngestResult:
 def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length: int, eval_fraction: float,
            n_parts: int, seed: int, tokenization: str | None = None, progress: bool = False,
            template: str = "tulu", chunk_rows: int = CHUNK_ROWS, workers: int = 1,
-           split_bytes: int | None = None, warmup_entries: list[str] = ()) -> IngestResult:
+           split_bytes: int | None = None, warmup_entries: list[str] = (),
+           empty_think: str = "target") -> IngestResult:
     """Read, validate, render (``template``: tulu or model) and tokenise every row, in memory.
 
     The same code as the pipeline's streamed ingest (``stage_inputs``), staged in an
@@ -666,8 +670,8 @@ def ingest(entries: list[str], eval_entries: list[str], tokenizer, *, max_length
 
     from tokenclean.tasks import store
 
-    spec = IngestSpec(tokenization or tokenization_of(tokenizer, max_length, template), max_length, eval_fraction,
-                      n_parts, seed, template, warmup=bool(warmup_entries))
+    spec = IngestSpec(tokenization or tokenization_of(tokenizer, max_length, template, empty_think), max_length,
+                      eval_fraction, n_parts, seed, template, warmup=bool(warmup_entries), empty_think=empty_think)
     con = duckdb.connect()
     try:
         with tempfile.TemporaryDirectory(prefix="tokenclean-ingest-") as parts:

@@ -15,7 +15,10 @@ Two templates (``data.template``):
   reasoning), because both renderings are of the whole conversation. Reasoning a template
   drops is counted (``Rendered.reasoning_dropped``); a template that rewrites or drops
   what the model generates is refused per row with the reason, never silently mis-masked.
-  Conventions where families differ: ``EMPTY_THINK``, and README "Tokenisation rule".
+  The ids are the template's text tokenised as ``apply_chat_template`` does: no BOS is added to
+  what the template writes (gpt-oss's renders none, and its model is served without one).
+  Conventions where families differ: ``empty_think`` (``data.empty_think``), and README
+  "Tokenisation rule".
 
 The mask is derived from character offsets of one tokenisation of the whole rendered
 text. Tokenising prompt and response separately and concatenating gives different ids
@@ -32,6 +35,7 @@ rejected by ingest.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -45,8 +49,11 @@ TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
 TEMPLATES = ("tulu", "model")
 # how response spans are found in a model template's text (part of its key); v2: rendered with FIXED_DATE;
 # v3: targets = what the model generates (from the end of the generation prompt: reasoning, empty think block,
-# tool calls), generation blocks exactly, reasoning and tools passed to the template
-MODEL_TEMPLATE_RULE = "generated-v3"
+# tool calls), generation blocks exactly, reasoning and tools passed to the template; v4: no BOS added to the
+# template's text, the end-of-turn token of earlier turns and of tool call turns probed, a tool call name the
+# template repeats (gpt-oss's tool response header) located at its first rendering, a turn without a generation
+# prompt starting at its content's inline think tags
+MODEL_TEMPLATE_RULE = "generated-v4"
 ROLES = ("system", "user", "assistant", "tool")
 # Ground-truth token labels, used only when the input carries them (synthetic demo data).
 TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
@@ -58,6 +65,8 @@ class Rendered:
     response_spans: list[tuple[int, int]]  # [start, end) in text: what each assistant turn generates, its EOS
     truth_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, label)
     reasoning_dropped: int = 0  # assistant turns whose reasoning the template does not render (counted, not lost)
+    add_bos: bool = True  # tokenisation prepends a BOS where the text does not start with one (Tulu; not a template)
+    reasoning_spans: list[tuple[int, int]] = field(default_factory=list)  # the model's reasoning as rendered
 
 
 # The same text as ``render_tulu``, as a Jinja chat template: written into exported tokenizers so that
@@ -124,13 +133,13 @@ def chat_template_of(tokenizer) -> str:
     return template
 
 
-def template_id(tokenizer, template: str) -> str:
+def template_id(tokenizer, template: str, empty_think: str = "target") -> str:
     """What the tokenization key records of a template: its name, or the model template's text hash."""
     if template == "tulu":
         return TEMPLATE_NAME
     if template == "model":
         text = chat_template_of(tokenizer)
-        return f"model:{hashlib.sha256(text.encode()).hexdigest()[:16]}:{MODEL_TEMPLATE_RULE}:think-{EMPTY_THINK}"
+        return f"model:{hashlib.sha256(text.encode()).hexdigest()[:16]}:{MODEL_TEMPLATE_RULE}:think-{empty_think}"
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
 
 
@@ -140,9 +149,10 @@ _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use code points: never in re
 REASONING_FIELDS = ("reasoning_content", "reasoning", "thinking")
 _THINK_TAGS = re.compile("(<think>|</think>)")
 # Conventions where families differ (README, "Tokenisation rule"); part of a model template's key.
-# The empty think block a template renders for a turn without reasoning (Qwen3's "<think>\n\n</think>\n\n"):
-# a target, as a model served with thinking on (the template's default) generates it itself.
-EMPTY_THINK = "target"
+# ``data.empty_think``: the empty think block a template renders for a turn without reasoning (Qwen3's
+# "<think>\n\n</think>\n\n") is a target (default: a model served with thinking on, the template's default,
+# generates it itself) or prompt (served with enable_thinking=False, the server writes it).
+EMPTY_THINK = ("target", "prompt")
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -162,6 +172,7 @@ class _Field:
     kind: str  # content | reasoning | tool
     raw: str  # as given
     raw_start: int = -1  # offset in the raw content (content segments), else -1
+    before: str = ""  # the raw content before it (content segments): think tags and whitespace
 
 
 def _trims(c: str):
@@ -185,7 +196,9 @@ def _aligned(text: str, skeleton: str, fields: list[_Field]) -> dict[int, tuple[
     TemplateError. A field the template does not render is absent from the result."""
     pieces = _MARK.split(skeleton)  # literal, index, literal, index, ..., literal
     literals, order = pieces[0::2], [int(i) for i in pieces[1::2]]
-    if len(set(order)) != len(order):
+    # a tool call name may render again as context (gpt-oss's tool response header): the first is the call;
+    # content or reasoning rendered twice leaves unknown which one the model generated
+    if any(n > 1 and fields[i].kind != "tool" for i, n in collections.Counter(order).items()):
         raise TemplateError("the chat template repeats an assistant message; cannot locate the responses")
     found: dict[int, tuple[int, int, int]] = {}
     cur = 0
@@ -199,7 +212,7 @@ def _aligned(text: str, skeleton: str, fields: list[_Field]) -> dict[int, tuple[
         for cand, lead in _trims(fields[idx].raw):
             end = cur + len(cand)
             if text.startswith(cand, cur) and (text[end:] == nxt if last else text.startswith(nxt, end)):
-                found[idx] = (cur, end, lead)
+                found.setdefault(idx, (cur, end, lead))
                 cur = end
                 break
         else:
@@ -212,13 +225,14 @@ def _aligned(text: str, skeleton: str, fields: list[_Field]) -> dict[int, tuple[
     return found
 
 
-def render_model_template(tokenizer, messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
+def render_model_template(tokenizer, messages: list[dict], truth: list[tuple[int, int, int]] | None = None,
+                          empty_think: str = "target") -> Rendered:
     """Render with the tokenizer's chat template; response spans = what the model generates in each assistant
     turn (reasoning, content, tool calls) and its end-of-turn token.
 
     ``truth`` spans are relative to the last assistant message's content, as in ``render_tulu``.
     """
-    return _model_renderer(tokenizer)(messages, truth)
+    return _model_renderer(tokenizer, empty_think)(messages, truth)
 
 
 # A chat template that prints today's date (Llama-3.1/3.2: "Today Date: 26 Jul 2024") would make a sample's
@@ -281,6 +295,17 @@ def _template_failures():
         raise TemplateError(f"the chat template fails on this conversation ({type(e).__name__}: {e})") from e
 
 
+def _inline_reasoning(content: str) -> list[str]:
+    """The pieces of a content between ``<think>`` and ``</think>``."""
+    out, inside = [], False
+    for piece in _THINK_TAGS.split(content):
+        if piece in ("<think>", "</think>"):
+            inside = piece == "<think>"
+        elif inside:
+            out.append(piece)
+    return out
+
+
 def _fields_of(messages: list[dict], with_reasoning: bool) -> tuple[list[_Field], list[dict]]:
     """The generated pieces of every assistant turn, and the messages with each replaced by its mark.
 
@@ -306,7 +331,8 @@ def _fields_of(messages: list[dict], with_reasoning: bool) -> tuple[list[_Field]
                     inside = piece == "<think>"
                     parts.append(piece)
                 elif piece.strip():
-                    parts.append(mark(_Field(turn, "reasoning" if inside else "content", piece, pos)))
+                    parts.append(mark(_Field(turn, "reasoning" if inside else "content", piece, pos,
+                                             m["content"][:pos])))
                 else:
                     parts.append(piece)
                 pos += len(piece)
@@ -329,7 +355,9 @@ def _fields_of(messages: list[dict], with_reasoning: bool) -> tuple[list[_Field]
     return fields, skeleton
 
 
-def _model_renderer(tokenizer):
+def _model_renderer(tokenizer, empty_think: str = "target"):
+    if empty_think not in EMPTY_THINK:
+        raise ValueError(f"empty_think must be one of {EMPTY_THINK}, not {empty_think!r}")
     template = chat_template_of(tokenizer)
     fixed = {"date_string": FIXED_DATE.strftime("%d %b %Y")}
     kwargs = dict(tokenizer.special_tokens_map) | fixed
@@ -355,23 +383,34 @@ def _model_renderer(tokenizer):
     header = with_prompt[len(without):] if with_prompt and without and with_prompt.startswith(without) else ""
     no_think = probe(user, add_generation_prompt=True, enable_thinking=False)
     scaffold = no_think[len(with_prompt):] if no_think and with_prompt and no_think.startswith(with_prompt) else ""
-    # The end-of-turn token: the first special token after an assistant content (EOS, should there be none),
-    # and the special tokens a tool call turn renders before it (DeepSeek's <｜tool▁call▁end｜>...)
+    # The end-of-turn tokens: the first special token after an assistant content, in the last turn and in an
+    # earlier one (gpt-oss ends the last with <|return|>, earlier ones with <|end|>); EOS, should there be none
     eot: set[str] = {eos} if eos else set()
     in_turn: set[str] = set()
     closes = False  # the template writes an end-of-turn token after an assistant turn
-    tail = probe(user + [{"role": "assistant", "content": "\ue0000\ue001"}])
-    if tail and "\ue0000\ue001" in tail:
-        rest = tail.split("\ue0000\ue001", 1)[1]
-        first = min(((rest.find(s), s) for s in specials if s in rest), default=None)
-        if first is not None:
-            eot.add(first[1])
-            closes = True
+    mark0 = "\ue0000\ue001"
+    for conv in (user + [{"role": "assistant", "content": mark0}],
+                 user + [{"role": "assistant", "content": mark0}] + user + [{"role": "assistant", "content": "a"}]):
+        tail = probe(conv)
+        if tail and mark0 in tail:
+            rest = tail.split(mark0, 1)[1]
+            first = min(((rest.find(s), s) for s in specials if s in rest), default=None)
+            if first is not None:
+                eot.add(first[1])
+                closes = True
+    # A tool call turn: the special tokens it renders before its end (DeepSeek's <｜tool▁call▁end｜>...), and its
+    # end, where that is a token of its own (gpt-oss's <|call|>): the last special token of a conversation that
+    # ends with the call
     calls = probe(user + [{"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": "\ue0000\ue001", "arguments": {"a": 1}}}]}])
-    if calls and "\ue0000\ue001" in calls:
-        rest = calls.split("\ue0000\ue001", 1)[1]
-        stop = min((rest.find(s) for s in eot if s in rest), default=len(rest))
+        {"type": "function", "function": {"name": mark0, "arguments": {"a": 1}}}]}])
+    if calls and mark0 in calls:
+        rest = calls.split(mark0, 1)[1]
+        stop = min((rest.find(s) for s in eot if s in rest), default=None)
+        if stop is None:
+            last = max(((rest.rfind(s), s) for s in specials if s in rest), default=None)
+            if last is not None:
+                stop = last[0]
+                eot.add(last[1])
         in_turn = {s for s in specials if s in rest[:stop]}
 
     def end_of_turn(text: str, end: int, limit: int, turn: int, tools: bool) -> int:
@@ -409,6 +448,11 @@ def _model_renderer(tokenizer):
                 raise TemplateError(f"the chat template drops the tool calls of assistant turn {k + 1}")
         dropped = sum(1 for m, (s, e) in zip(assistants, blocks)
                       if (m.get("reasoning") or "").strip() and text.find(m["reasoning"].strip(), s, e) < 0)
+        reasoning = []
+        for m, (s, e) in zip(assistants, blocks):
+            for piece in [m.get("reasoning") or ""] + _inline_reasoning(m.get("content") or ""):
+                if piece.strip() and (at := text.find(piece.strip(), s, e)) >= 0:
+                    reasoning.append((at, at + len(piece.strip())))
         truth_abs = []
         if truth:
             last = assistants[-1]["content"] or ""
@@ -422,7 +466,7 @@ def _model_renderer(tokenizer):
                 content_start = found - (len(last) - len(last.lstrip()))
             truth_abs = [(max(content_start + s, s0), min(content_start + e, e0), lab) for s, e, lab in truth
                          if min(content_start + e, e0) > max(content_start + s, s0)]
-        return Rendered(text, blocks, truth_abs, dropped)
+        return Rendered(text, blocks, truth_abs, dropped, add_bos=False, reasoning_spans=reasoning)
 
     def _render(messages: list[dict], truth) -> Rendered:
         n_turns = sum(m["role"] == "assistant" for m in messages)
@@ -458,7 +502,12 @@ def _model_renderer(tokenizer):
             h = text.rfind(header, before, first) if header else -1
             if h >= 0:
                 start = h + len(header)  # what follows the header and precedes the field is generated (<think>\n)
-            if scaffold and EMPTY_THINK == "prompt" and text.startswith(scaffold, start):
+            else:  # no generation prompt (Llama-2's): the turn starts where its content does, inline think tags
+                # included (leading whitespace not: the template's own may precede it)
+                pre = next((fields[i].before for i, (s, _, _) in located.items() if s == first), "").lstrip()
+                if pre and text.endswith(pre, before, first):
+                    start -= len(pre)
+            if scaffold and empty_think == "prompt" and text.startswith(scaffold, start):
                 start += len(scaffold)
             tools = any(fields[i].kind == "tool" and fields[i].turn == turn for i in located)
             spans.append((start, end_of_turn(text, last, after, turn, tools)))
@@ -471,13 +520,15 @@ def _model_renderer(tokenizer):
                     a, b = max(s, r0 + lead), min(e, r0 + lead + (te - ts))
                     if b > a:
                         truth_abs.append((ts + a - r0 - lead, ts + b - r0 - lead, lab))
-        return Rendered(text, spans, truth_abs, dropped)
+        reasoning = sorted((s, e) for i, (s, e, _) in located.items() if fields[i].kind == "reasoning")
+        return Rendered(text, spans, truth_abs, dropped, add_bos=False, reasoning_spans=reasoning)
 
     return render_one
 
 
-def renderer(template: str, tokenizer):
-    """A function ``(messages, truth) -> Rendered`` for ``template`` (``tulu`` or ``model``).
+def renderer(template: str, tokenizer, empty_think: str = "target"):
+    """A function ``(messages, truth) -> Rendered`` for ``template`` (``tulu`` or ``model``; ``empty_think``:
+    the convention of ``EMPTY_THINK`` for a model template).
 
     What depends only on the tokenizer (EOS, the chat template, its special strings) is
     looked up once here, not per row: transformers resolves special-token attributes
@@ -497,13 +548,13 @@ def renderer(template: str, tokenizer):
 
         return tulu
     if template == "model":
-        return _model_renderer(tokenizer)
+        return _model_renderer(tokenizer, empty_think)
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
 
 
-def render(template: str, tokenizer, messages: list[dict], truth=None) -> Rendered:
+def render(template: str, tokenizer, messages: list[dict], truth=None, empty_think: str = "target") -> Rendered:
     """Render one conversation with ``template`` (``tulu`` or ``model``)."""
-    return renderer(template, tokenizer)(messages, truth)
+    return renderer(template, tokenizer, empty_think)(messages, truth)
 
 
 @dataclass
@@ -516,6 +567,7 @@ class Tokenized:
     truncated: bool
     char_starts: np.ndarray  # anchor character of each token in the rendered text (-1: BOS)
     char_ends: np.ndarray  # end (exclusive) of each token's characters (-1: BOS)
+    reasoning: np.ndarray | None = None  # bool per token: a target of the model's reasoning
 
 
 @dataclass
@@ -536,6 +588,7 @@ class TokenizedBatch:
     truncated: np.ndarray  # bool per row
     char_starts: np.ndarray  # int32 anchors (-1: BOS)
     char_ends: np.ndarray  # int32 (-1: BOS)
+    reasoning: np.ndarray | None = None  # bool: targets anchored in ``Rendered.reasoning_spans``
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -554,7 +607,8 @@ class TokenizedBatch:
         a, b = self.offsets[i], self.offsets[i + 1]
         return Tokenized(self.input_ids[a:b], self.response_mask[a:b],
                          self.truth[a:b] if self.has_truth[i] else None, bool(self.truncated[i]),
-                         self.char_starts[a:b], self.char_ends[a:b])
+                         self.char_starts[a:b], self.char_ends[a:b],
+                         None if self.reasoning is None else self.reasoning[a:b])
 
     def kept_char_end(self) -> np.ndarray:
         """Per row, the end of the text its kept tokens cover (-1 if none): what truncation left of it."""
@@ -630,9 +684,9 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
     """Tokenise many rendered conversations with one batch call of the tokenizer.
 
     Per conversation, the rule of this module: one tokenisation of the whole text with
-    character offsets; a leading BOS unless the text's first token is one (it gives the
-    first real token a context, as in pretraining; templates that render
-    ``{{ bos_token }}`` have it already); each token's anchor; the response mask and
+    character offsets; for Tulu, a leading BOS unless the text's first token is one (it
+    gives the first real token a context, as in pretraining), while a model template's
+    text is tokenised as it is, as ``apply_chat_template`` does; each token's anchor; the response mask and
     truth labels read at the anchors; the first ``max_length`` tokens; position 0 never a
     target. Computed over all the texts at once, laid side by side.
     """
@@ -652,14 +706,14 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
     tok_base = np.repeat(base[:-1], lengths)
     first = nxt[offs[:, 0] + tok_base] - tok_base  # the token's first non-space character ...
     anchors = np.where(first < offs[:, 1], first, offs[:, 0])  # ... if it has one, else its start
-    # a leading BOS where a row does not start with one
+    # a leading BOS where a row asks for one (Tulu; a model template's text is taken as it is) and lacks it
     bos = getattr(tokenizer, "bos_token_id", None)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     add = np.zeros(n, dtype=np.int64)
     if bos is not None:
-        add[:] = 1
-        nonempty = lengths > 0
-        add[nonempty] = ids[starts[:-1][nonempty]] != bos
+        add[:] = np.fromiter((r.add_bos for r in rendered), dtype=bool, count=n)
+        check = (lengths > 0) & (add == 1)
+        add[check] = ids[starts[:-1][check]] != bos
     full_len = lengths + add
     full_off = np.concatenate([[0], np.cumsum(full_len)])
     size = int(full_off[-1])
@@ -673,14 +727,17 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
     # per-character labels of each text (its stretch of the side-by-side layout), read at each token's anchor;
     # spans are clipped to their text, and the slot after the last text is never labelled (BOS reads it)
     size_chars = int(base[-1]) + 1
-    resp = [(i, s, e) for i, r in enumerate(rendered) for s, e in r.response_spans]
-    rs = np.array(resp, dtype=np.int64).reshape(-1, 3)
-    cover = np.zeros(size_chars + 1, dtype=np.int64)
-    lo = base[rs[:, 0]] + np.clip(rs[:, 1], 0, text_len[rs[:, 0]])
-    hi = base[rs[:, 0]] + np.clip(rs[:, 2], 0, text_len[rs[:, 0]])
-    np.add.at(cover, lo, 1)
-    np.add.at(cover, hi, -1)
-    char_resp = np.cumsum(cover[:-1]) > 0
+
+    def covered(spans: list[tuple[int, int, int]]) -> np.ndarray:
+        """Per character of the layout: inside one of ``spans`` (row, start, end)."""
+        rs = np.array(spans, dtype=np.int64).reshape(-1, 3)
+        cover = np.zeros(size_chars + 1, dtype=np.int64)
+        np.add.at(cover, base[rs[:, 0]] + np.clip(rs[:, 1], 0, text_len[rs[:, 0]]), 1)
+        np.add.at(cover, base[rs[:, 0]] + np.clip(rs[:, 2], 0, text_len[rs[:, 0]]), -1)
+        return np.cumsum(cover[:-1]) > 0
+
+    char_resp = covered([(i, s, e) for i, r in enumerate(rendered) for s, e in r.response_spans])
+    reasoning_spans = [(i, s, e) for i, r in enumerate(rendered) for s, e in r.reasoning_spans]
     has_truth = np.fromiter((bool(r.truth_spans) for r in rendered), dtype=bool, count=n)
     char_truth = np.zeros(size_chars, dtype=np.uint8)
     truth_spans = [(i, s, e, lab) for i, r in enumerate(rendered) for s, e, lab in r.truth_spans]
@@ -697,11 +754,12 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
     # each row's first max_length tokens; position 0 has no context and is never a target
     pos = np.arange(size) - np.repeat(full_off[:-1], full_len)
     mask[pos == 0] = False
+    reasoning = covered(reasoning_spans)[at] if reasoning_spans else np.zeros(size, dtype=bool)
     keep = pos < max_length
     kept_len = np.minimum(full_len, max_length)
     return TokenizedBatch(np.concatenate([[0], np.cumsum(kept_len)]), out_ids[keep], mask[keep], truth[keep],
                           has_truth, full_len > max_length, out_anchor[keep].astype(np.int32),
-                          out_end[keep].astype(np.int32))
+                          out_end[keep].astype(np.int32), reasoning[keep])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

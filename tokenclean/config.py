@@ -50,6 +50,10 @@ class DataConfig(_Strict):
     max_length: Count = 2048
     template: Literal["tulu", "model"] = Field(
         "tulu", description="tulu (the paper's), or model: the tokenizer's own chat template")
+    empty_think: Literal["target", "prompt"] = Field(
+        "target", description="data.template model: the empty think block a template writes for a turn without "
+                              "reasoning (Qwen3's) is a target (served with thinking on) or prompt (served with "
+                              "enable_thinking=False); part of the tokenization key")
     seed: Seed = 0
     ingest_workers: int = Field(1, ge=1, description="execution: Ray tasks reading and tokenising input splits at "
                                                      "once (1: in the flow process); the dataset is the same for any "

@@ -242,6 +242,38 @@ def kept_by_source(con) -> list[dict]:
     return out
 
 
+def kept_reasoning(con) -> list[dict]:
+    """Per current selection: kept tokens among its pool's reasoning targets and among its answer targets (the
+    rest: content, tool calls, end-of-turn tokens), and the kept share of each."""
+    from tokenclean.tasks import store
+
+    out = []
+    for sel in _current_selections(con):
+        r = store.report.kept_reasoning(con, sel["selection"], sel["dataset"], sel["part_list"])
+        out.append({"selection": sel["name"], "method": sel["method"], "k": sel["k"], **r,
+                    "reasoning_share": r["reasoning_kept"] / r["reasoning"] if r["reasoning"] else None,
+                    "answer_share": r["answer_kept"] / r["answer"] if r["answer"] else None})
+    return out
+
+
+def _reasoning_table(con) -> str:
+    """Kept share of reasoning vs answer targets, where the data has reasoning (``data.template: model``)."""
+    rows = kept_reasoning(con)
+    if not any(r["reasoning"] for r in rows):
+        return ""
+    body = [[esc(r["selection"]), esc(r["method"]), esc(_fmt(r["k"], "{:g}")),
+             f'<span class="num">{r["reasoning_kept"]}</span>', f'<span class="num">{r["reasoning"]}</span>',
+             esc(_fmt(r["reasoning_share"])), f'<span class="num">{r["answer_kept"]}</span>',
+             f'<span class="num">{r["answer"]}</span>', esc(_fmt(r["answer_share"]))] for r in rows]
+    unrecorded = max(r["unrecorded"] for r in rows)
+    return ("<p>Kept share of the reasoning the model generates (its think blocks, analysis channel) and of the "
+            "rest of its targets (answer, tool calls, end-of-turn tokens).</p>"
+            + _table(["selection", "method", "k", "reasoning kept", "reasoning tokens", "reasoning kept share",
+                      "answer kept", "answer tokens", "answer kept share"], body, "reasoning")
+            + (_note(f"{unrecorded} samples were ingested before reasoning was recorded: their targets count as "
+                     "answer.") if unrecorded else ""))
+
+
 def _kept_section(con) -> str:
     rows = kept_by_source(con)
     if not rows:
@@ -259,7 +291,7 @@ def _kept_section(con) -> str:
     return ("<p>Fraction of a source's response tokens kept by each selection, over the parts (D<sub>t</sub>) the "
             "selection drew from. A global top-k keeps k of the whole pool, so sources can differ widely.</p>"
             + _table(["selection", "method", "k", "source", "kept", "response tokens", "kept fraction"], body,
-                     "kept"))
+                     "kept") + _reasoning_table(con))
 
 
 def _comparison_section(con) -> str:

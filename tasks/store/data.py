@@ -126,7 +126,7 @@ def staged_quarantine(con) -> list[dict]:
 
 _INGEST_COLUMNS = ("sample_id", "tokenization", "uid", "task", "answer", "content_hash", "n_tokens", "n_response",
                    "truncated", "answer_start", "answer_end", "input_ids", "response_mask", "truth", "text",
-                   "char_start", "char_end", "part", "source", "row_index")
+                   "char_start", "char_end", "reasoning_mask", "part", "source", "row_index")
 _SAMPLE_COLUMNS = _INGEST_COLUMNS[:-3]
 
 

@@ -17,13 +17,17 @@ import duckdb
 
 DB_FILE = "tokenclean.duckdb"  # a run directory's database: the run's one source of truth
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 # In-place upgrades from older versions whose rows stay valid under the same keys.
 # 2 -> 3: samples carry their rendered text and each token's character span (for export);
 # samples ingested before keep NULL there, and export says so.
+# 3 -> 4: samples carry which targets are the model's reasoning (the report's reasoning vs answer share);
+# samples ingested before keep NULL there, and the report counts them apart.
+_REASONING_COLUMN = "ALTER TABLE samples ADD COLUMN IF NOT EXISTS reasoning_mask BOOLEAN[]"
 MIGRATIONS = {"2": ["ALTER TABLE samples ADD COLUMN text VARCHAR",
                     "ALTER TABLE samples ADD COLUMN char_start INTEGER[]",
-                    "ALTER TABLE samples ADD COLUMN char_end INTEGER[]"]}
+                    "ALTER TABLE samples ADD COLUMN char_end INTEGER[]", _REASONING_COLUMN],
+              "3": [_REASONING_COLUMN]}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -33,7 +37,8 @@ CREATE TABLE IF NOT EXISTS samples (
     content_hash VARCHAR, n_tokens INTEGER, n_response INTEGER, truncated BOOLEAN,
     answer_start INTEGER, answer_end INTEGER,
     input_ids INTEGER[], response_mask BOOLEAN[], truth UTINYINT[],
-    text VARCHAR, char_start INTEGER[], char_end INTEGER[]  -- rendered text; token i covers [char_start, char_end)
+    text VARCHAR, char_start INTEGER[], char_end INTEGER[],  -- rendered text; token i covers [char_start, char_end)
+    reasoning_mask BOOLEAN[]  -- targets of the model's reasoning (data.template: model); NULL: not recorded
 );
 -- One row per response (target) token of a sample, with ground-truth labels when known.
 CREATE TABLE IF NOT EXISTS response_tokens (sample_id BIGINT, pos INTEGER, token_id INTEGER, truth UTINYINT);

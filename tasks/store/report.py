@@ -60,3 +60,25 @@ def kept_in(con, selection: str, sample_ids: list[int]) -> list[tuple]:
 def scores_in(con, scores: str, sample_ids: list[int]) -> list[tuple]:
     return con.execute("SELECT sample_id, pos, score FROM token_scores WHERE scores = ? "
                        "AND sample_id IN (SELECT unnest(?))", [scores, sample_ids]).fetchall()
+
+
+def kept_reasoning(con, selection: str, dataset: str, parts: list[int]) -> dict:
+    """A selection's kept tokens among its pool's reasoning and answer targets: {reasoning, reasoning_kept,
+    answer, answer_kept, unrecorded} (unrecorded: samples ingested before reasoning was recorded, counted as
+    answer)."""
+    pool = pool_relation(dataset, parts)
+    row = con.execute(
+        f"""WITH p AS (SELECT s.sample_id, s.n_response, s.reasoning_mask FROM samples s SEMI JOIN {pool} p
+                       USING (sample_id)),
+                 r AS (SELECT sample_id, pos FROM (
+                         SELECT sample_id, generate_subscripts(reasoning_mask, 1) - 1 AS pos,
+                                unnest(reasoning_mask) AS reasoning FROM p WHERE reasoning_mask IS NOT NULL)
+                       WHERE reasoning),
+                 k AS (SELECT st.sample_id, st.pos FROM selected_tokens st SEMI JOIN p USING (sample_id)
+                       WHERE st.selection = ?)
+            SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM k SEMI JOIN r USING (sample_id, pos)),
+                   (SELECT coalesce(sum(n_response), 0) FROM p), (SELECT count(*) FROM k),
+                   (SELECT count(*) FROM p WHERE reasoning_mask IS NULL)""", [selection]).fetchone()
+    reasoning, reasoning_kept, targets, kept, unrecorded = (int(x) for x in row)
+    return {"reasoning": reasoning, "reasoning_kept": reasoning_kept, "answer": targets - reasoning,
+            "answer_kept": kept - reasoning_kept, "unrecorded": unrecorded}
