@@ -15,7 +15,8 @@ DATASET, BASE, REF, SCORES = "d0", "b0", "c1", "e1"  # hand-made keys
 
 
 def _samples(n_samples: int, n_resp: int, rng) -> pa.Table:
-    """Samples of 2 prompt tokens + n_resp response tokens, random truth labels."""
+    """Samples of 2 prompt tokens + n_resp response tokens, random truth labels (other, informative,
+    corrupted: ``tasks.template.TRUTH_*``)."""
     rows = []
     for i in range(n_samples):
         n = 2 + n_resp
@@ -24,7 +25,7 @@ def _samples(n_samples: int, n_resp: int, rng) -> pa.Table:
                      "content_hash": str(i), "n_tokens": n, "n_response": n_resp, "truncated": False,
                      "answer_start": -1, "answer_end": -1, "input_ids": list(range(n)),
                      "response_mask": [False, False] + [True] * n_resp,
-                     "truth": [0, 0] + [int(x) for x in rng.integers(0, 2, n_resp)]})
+                     "truth": [0, 0] + [int(x) for x in rng.integers(0, 3, n_resp)]})
     return pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
 
 
@@ -158,13 +159,59 @@ def test_random_is_exact_count_and_seeded(db):
     assert a["n_kept"] == 25 and get("r0") == get("r0b") and get("r0") != get("r1")
 
 
-def test_pool_restricts_to_parts_and_precision_recall(db):
+def _truth_by_token(parts) -> dict[tuple[int, int], int]:
+    """The fixture's labels counted from the table it ingested (not from the database): (sample, pos) -> label."""
+    rows = _samples(10, 5, np.random.default_rng(0)).to_pylist()  # the db fixture's draw
+    return {(r["sample_id"], p): r["truth"][p] for r in rows if r["part"] in parts
+            for p in range(len(r["truth"])) if r["response_mask"][p]}
+
+
+def _quality(kept: set, truth: dict) -> dict:
+    from tokenclean.tasks.template import TRUTH_CORRUPTED, TRUTH_INFORMATIVE
+
+    inf = {t for t, lab in truth.items() if lab == TRUTH_INFORMATIVE}
+    bad = {t for t, lab in truth.items() if lab == TRUTH_CORRUPTED}
+    return {"precision": len(kept & inf) / len(kept), "recall": len(kept & inf) / len(inf),
+            "corrupted_kept": len(kept & bad) / len(bad)}
+
+
+@pytest.mark.parametrize("method,k", [("full", 1.0), ("global", 0.3), ("local", 0.3), ("random", 0.5)])
+def test_precision_recall_and_corrupted_kept_against_hand_counted_truth(db, method, k):
+    """Each selection kind over part 0 only: its kept tokens lie in the pool, and precision (informative share
+    of the kept), recall (share of the informative kept) and corrupted-kept (share of the corrupted kept)
+    equal the counts over the labels as ingested, in the result and in the stored record."""
     con, _ = db
-    out = select_tokens(con, "f0", "full", 1.0, [0])
-    assert out["n_kept"] == 25  # samples 0,2,4,6,8
-    n_inf = con.execute("SELECT count(*) FROM response_tokens rt JOIN dataset_samples d USING (sample_id) "
-                        "WHERE d.part = 0 AND rt.truth = 1").fetchone()[0]
-    assert out["recall"] == 1.0 and out["precision"] == pytest.approx(n_inf / 25)
+    truth = _truth_by_token([0])
+    assert len(truth) == 25 and set(truth.values()) == {0, 1, 2}  # samples 0,2,4,6,8; all three labels
+    out = select_tokens(con, method, method, k, [0], iteration=1 if method in ("global", "local") else None)
+    kept = set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection = ?", [method]).fetchall())
+    assert kept <= set(truth) and out["n_kept"] == len(kept) == round(k * 25)
+    want = _quality(kept, truth)
+    if method != "full":  # the instance tells recall from the kept share, corrupted-kept from the corrupted share
+        assert want["recall"] != len(kept) / len(truth)
+        assert want["corrupted_kept"] != len(kept & {t for t, lab in truth.items() if lab == 2}) / len(kept)
+    record = store.selection_record(con, method)
+    for name, value in want.items():
+        assert out[name] == pytest.approx(value, rel=1e-12), name
+    assert (record["precision"], record["recall"]) == pytest.approx((want["precision"], want["recall"]), rel=1e-6)
+    # recorded as the key sees them: k except for full, the seed for random only, the scores for ranked methods
+    ranked = method in ("global", "local")
+    assert (out["k"], record["k"]) == ((None, None) if method == "full" else (k, k))
+    assert record["seed"] == (0 if method == "random" else None)
+    assert record["scores"] == (SCORES if ranked else None)
+    assert out["n_nonfinite_skipped"] == record["n_nonfinite"] == 0 and record["n_kept"] == len(kept)
+
+
+def test_quality_of_several_selections_is_that_of_their_union(db):
+    """Self-evolving iterations each select from their own part; their quality is the union's over both parts."""
+    con, _ = db
+    select_tokens(con, "it0", "global", 0.4, [0], iteration=1)
+    select_tokens(con, "it1", "random", 0.6, [1], seed=3)
+    kept = set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection IN ('it0', 'it1')").fetchall())
+    want = _quality(kept, _truth_by_token([0, 1]))
+    got = store.selection_quality(con, ["it0", "it1"], DATASET, [0, 1])
+    assert got == pytest.approx(want, rel=1e-12)
+    assert want != pytest.approx(_quality(kept & set(_truth_by_token([0])), _truth_by_token([0])))
 
 
 def test_nonfinite_scores_are_reported_not_ranked(db, tmp_path):
@@ -175,6 +222,10 @@ def test_nonfinite_scores_are_reported_not_ranked(db, tmp_path):
     assert out["n_candidates"] == 48 and out["n_nonfinite_skipped"] == 2
     kept = set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection='g2'").fetchall())
     assert (3, 2) not in kept and (4, 2) not in kept
+    # random ranks no score: given the scores all the same, it skips nothing and may keep those tokens
+    out = store.write_selection(con, "r2", "random", 1.0, dataset=DATASET, parts=[0, 1],
+                                pool=store.pool_digest(con, DATASET, [0, 1]), scores=SCORES, seed=0)
+    assert out["n_candidates"] == out["n_kept"] == 50 and out["n_nonfinite_skipped"] == 0
 
 
 def test_load_selected_builds_label_masks_and_drops_empty_samples(db):
@@ -184,6 +235,17 @@ def test_load_selected_builds_label_masks_and_drops_empty_samples(db):
     assert len(samples) == 2
     assert samples[0].label_mask.nonzero()[0].tolist() == [3, 5]
     assert samples[1].label_mask.nonzero()[0].tolist() == [2]
+    for s in samples:  # the sample's own ids, as the array training_table reads
+        assert s.input_ids.dtype == np.int32 and s.input_ids.tolist() == list(range(7))
+
+
+def test_writing_a_selection_again_replaces_its_tokens(db):
+    """A selection recomputed under the same name holds the new kept set only, not the union with the old."""
+    con, _ = db
+    select_tokens(con, "s", "global", 0.6, [0, 1], iteration=1)
+    out = select_tokens(con, "s", "global", 0.2, [0, 1], iteration=1)
+    kept = con.execute("SELECT count(*) FROM selected_tokens WHERE selection = 's'").fetchone()[0]
+    assert out["n_kept"] == kept == 10 and store.selection_record(con, "s")["n_kept"] == 10
 
 
 def test_reingesting_the_same_samples_writes_nothing_new(db):
@@ -242,6 +304,30 @@ def test_schema_2_database_is_upgraded_in_place(tmp_path):
     assert con.execute("SELECT uid, input_ids, text, char_start FROM samples").fetchall() == [("u7", [1, 2, 3], None,
                                                                                                None)]
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == store_db.SCHEMA_VERSION
+    con.close()
+
+
+def test_schema_3_database_gains_the_reasoning_mask_and_reports_its_samples_as_unrecorded(tmp_path):
+    """A run written before samples recorded their reasoning targets opens with its rows; the report counts
+    those samples apart (their targets as answer), never as reasoning."""
+    import duckdb
+
+    from tokenclean.tasks.store import db as store_db
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    schema_3 = store_db.SCHEMA.replace(",  -- rendered text; token i covers [char_start, char_end)\n"
+                                       "    reasoning_mask BOOLEAN[]", "  --")
+    assert "reasoning_mask" not in schema_3
+    con.execute(schema_3)
+    con.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    con.close()
+    con = store.connect(path)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == store_db.SCHEMA_VERSION
+    store.insert_dataset(con, DATASET, _samples(4, 3, np.random.default_rng(0)), [], {}, {})
+    select_tokens(con, "all", "full", 1.0, [0, 1])
+    assert store.report.kept_reasoning(con, "all", DATASET, [0, 1]) == {
+        "reasoning": 0, "reasoning_kept": 0, "answer": 12, "answer_kept": 12, "unrecorded": 4}
     con.close()
 
 
