@@ -31,7 +31,7 @@ from tokenclean.flows.runtime import submit_placed
 from tokenclean.flows.training import submit_training
 from tokenclean.tasks.steps import evaluate_task, select_task
 from tokenclean.tasks.train import TrainJob, training_table
-from tokenclean.summary import label
+from tokenclean.tasks.names import label
 
 
 @dataclass(frozen=True)

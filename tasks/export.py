@@ -188,7 +188,7 @@ def _open_run(run: Path):
 def _outputs(con, name: str, kind: str) -> list[tuple[int, str]]:
     """(iteration, key) of the current outputs called ``name`` (``self-evolving``: every iteration)."""
     from tokenclean.tasks import store
-    from tokenclean.summary import label
+    from tokenclean.tasks.names import label
 
     found = [(o["iteration"], o["key"]) for o in store.current_outputs(con) if o["kind"] == kind
              and (label(o["variant"], o["iteration"]) == name or (name == "self-evolving" == o["variant"]))]

@@ -326,7 +326,7 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
     from tokenclean.summary import output_key
 
     run_dir = Path(run_dir)
-    db = run_dir / "tokenclean.duckdb"
+    db = run_dir / store.DB_FILE
     if not db.exists():
         raise FileNotFoundError(f"no tokenclean database at {db}")
     con = store.connect(db, read_only=True)

@@ -495,8 +495,8 @@ class ScoringModel:
 
     def generate(self, prompts, *, adapter: str | None, tokenizer, max_new_tokens: int, stop_ids: list[int],
                  adapter_key: str | None = None, batch_size: int = 64) -> list[str]:
-        """Greedy continuations (``evaluate.generate_responses``) with base or base + ``adapter``."""
-        from tokenclean.tasks.evaluate import generate_responses
+        """Greedy continuations (``generate.generate_responses``) with base or base + ``adapter``."""
+        from tokenclean.tasks.generate import generate_responses
 
         name = self._activate(adapter, adapter_key)
         kw = dict(max_new_tokens=max_new_tokens, stop_ids=stop_ids, device=self.device, batch_size=batch_size)

@@ -290,7 +290,8 @@ def test_generation_is_greedy_whatever_the_checkpoint_asks_for(tiny, data, tmp_p
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tokenclean.tasks.evaluate import generate_responses, last_turn_start
+    from tokenclean.tasks.evaluate import last_turn_start
+    from tokenclean.tasks.generate import generate_responses
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny.model, ckpt)

@@ -85,7 +85,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
 def _current_selections(con) -> list[dict]:
     """Current selection outputs (latest finished run of each flow) with their stored records and labels."""
     from tokenclean.tasks import store
-    from tokenclean.summary import label
+    from tokenclean.tasks.names import label
 
     out = []
     for o in store.current_outputs(con):

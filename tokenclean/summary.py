@@ -7,6 +7,7 @@ end, never rows left over from an earlier one nor a killed run's half-made outpu
 from __future__ import annotations
 
 from tokenclean.tasks import store
+from tokenclean.tasks.names import label
 
 VARIANTS = [  # (label, variant)
     ("base (no SFT)", "base"),
@@ -18,11 +19,6 @@ VARIANTS = [  # (label, variant)
     ("self-evolving (Alg. 1)", "self-evolving"),
     ("refreshed global ranking", "refresh"),
 ]
-
-
-def label(variant: str, iteration: int) -> str:
-    """The one name a user reads for an output: ``global``, ``reference``, ``self-evolving@2``."""
-    return f"{variant}@{iteration}" if variant == "self-evolving" else variant
 
 
 def output_key(con, name: str, kind: str) -> str | None:

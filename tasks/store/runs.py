@@ -154,7 +154,7 @@ def current_outputs(con) -> list[dict]:
            LEFT JOIN evals e ON c.kind = 'lm-eval' AND e.eval = c.key
            ORDER BY c.variant, c.iteration, c.kind""")
     rows = [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
-    from tokenclean.summary import label  # the name a user gives lm-eval: ``global``, ``self-evolving@2``
+    from tokenclean.tasks.names import label  # the name a user gives lm-eval: ``global``, ``self-evolving@2``
 
     # the model each name stands for now: an adapter's model, or the base model's key
     now = {label(r["variant"], r["iteration"]): r["key"] if r["kind"] == "model" else r["model"]
