@@ -173,8 +173,8 @@ def refresh_ranking(ctx: RunContext) -> dict:
     scored = {}
     for name, model in (("base", base(ctx)), ("reference", theta1)):
         stats = ensure_losses(ctx, name, 0, model, pool)
-        done = stats["samples_scored"] + stats.get("samples_recovered", 0)
-        scored[name] = {"scored": stats["samples_scored"], "reused": n_pool - done}
+        scored[name] = {"scored": stats["samples_scored"],
+                        "reused": n_pool - stats["samples_scored"] - stats["samples_recovered"]}
     scores = ensure_scores(ctx, "reference", 0, theta1, pool)
     # its own name: the trained "global" variant keeps its selection, adapter and metrics together
     kept = ensure_selection(ctx, "refresh", 1, "global", pool, scores)

@@ -60,21 +60,26 @@ def _config(workdir: Path, data: Path, evals: Path, **changes) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
-def _run(cfg: RunConfig) -> list[dict]:
-    """Run both flows; return the stages that computed something in this run."""
-    from tokenclean.flows.cleaning import run
-
+def _computing(cfg: RunConfig, flow) -> tuple:
+    """``flow(cfg)``'s result, and the stages that computed something in that call."""
     since = None
     if cfg.db_path.exists():
         con = store.connect(cfg.db_path, read_only=True)
         since = store.last_stage_time(con)
         con.close()
-    run(cfg)
+    out = flow(cfg)
     con = store.connect(cfg.db_path, read_only=True)
     try:
-        return store.stages_since(con, since) if since is not None else store.stages_of(con, [])
+        return out, store.stages_since(con, since) if since is not None else store.stages_of(con, [])
     finally:
         con.close()
+
+
+def _run(cfg: RunConfig) -> list[dict]:
+    """Run both flows; return the stages that computed something in this run."""
+    from tokenclean.flows.cleaning import run
+
+    return _computing(cfg, run)[1]
 
 
 def _snapshot(cfg: RunConfig) -> dict:
@@ -473,19 +478,11 @@ def _warm_config(workdir: Path, warm, pool: Path, **changes) -> RunConfig:
 
 
 def _refresh(cfg: RunConfig) -> tuple[dict, dict]:
+    """A refresh's result, and what it computed (``_steps``)."""
     from tokenclean.flows.cleaning import refresh
 
-    since = None
-    if cfg.db_path.exists():
-        con = store.connect(cfg.db_path, read_only=True)
-        since = store.last_stage_time(con)
-        con.close()
-    out = refresh(cfg)
-    con = store.connect(cfg.db_path, read_only=True)
-    try:
-        return out, _steps(store.stages_since(con, since) if since is not None else store.stages_of(con, []))
-    finally:
-        con.close()
+    out, stages = _computing(cfg, refresh)
+    return out, _steps(stages)
 
 
 def _appended(warm, name: str) -> Path:
