@@ -8,8 +8,8 @@ process runs the scoring stage as the pipeline does, a Prefect flow on the local
 task runner: prepare (the dataset is found by key, nothing re-ingested), the base
 model's losses over the whole pool (workers write shard files to the run's storage, the
 driver loads them into DuckDB by path), then the integrity check. A thread samples the
-driver's RSS every 20 ms, per phase (the shard loop, then the integrity check). Only the driver process is measured: the Ray
-workers, raylet and Prefect server are other processes.
+driver's RSS every 20 ms, per phase (the shard loop, then the integrity check). Only the
+driver process is measured: the Ray workers, raylet and Prefect server are other processes.
 
 The figures of merit, at 10x against 1x in the same invocation: the driver's peak RSS
 while scoring, and its growth during scoring. Ingest runs in its own process because its
@@ -177,8 +177,8 @@ def main() -> None:
     for r in results:
         m = r["rss_mb"]
         print(f"{r['rows']:>8,} {r['tokens']:>10,} {r['tokens_per_s']:>8,.0f} {m['scoring_start']:>16,.0f} MB "
-              f"{m['peak_scoring']:>16,.0f} MB {r['scoring_growth_mb']:>5,.0f} MB {m['private_peak_scoring']:>10,.0f} MB "
-              f"{r['private_growth_mb']:>12,.0f} MB")
+              f"{m['peak_scoring']:>16,.0f} MB {r['scoring_growth_mb']:>5,.0f} MB "
+              f"{m['private_peak_scoring']:>10,.0f} MB {r['private_growth_mb']:>12,.0f} MB")
     for r in results:
         print(f"{r['rows']:>8,} rows: private peak during the integrity check {r['integrity_peak_private_mb']:,.0f} MB")
     if len(results) >= 2:

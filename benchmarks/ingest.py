@@ -5,7 +5,7 @@
 
 For each size, one generated chat-format JSONL (``tokenclean.synth``, the demo's world; ``messages``
 rows with labelled spans) is ingested with the embedded demo model's tokenizer into a fresh run
-database, in a fresh process, the way ``prepare`` does it: ``tasks.ingest.stage_inputs`` (chunks
+database, in a fresh process, the way ``prepare`` does it: ``flows.ingest.stage_inputs`` (chunks
 read, validated, rendered and tokenised with one batch call each, staged in the database as they
 come, duplicate ids found in SQL) and ``store.insert_staged_dataset`` (samples, response tokens,
 membership, quarantine). A thread samples the process's RSS every 20 ms.
@@ -110,33 +110,64 @@ def _tokenizer(name: str, template: str, built_model: Path):
     return real_tokenizers.load(name)
 
 
+_HELD: list = []  # a --workers child's Ray session, held until the process exits
+
+
+def _start_ray(workers: int) -> None:
+    import ray
+
+    from tokenclean.flows.runtime import warm_workers
+    from tokenclean.tasks.cluster import connected
+
+    session = connected(None, workers, log_to_driver=False)
+    session.__enter__()
+    _HELD.append(session)  # a context manager nothing references closes at once, shutting Ray down
+    ray.get(warm_workers())
+
+
+def _tokenizer_baseline(tok, template: str, train: str, chunk_rows: int) -> tuple[float, float]:
+    """The same rendered texts through the tokenizer's batch call with offsets: seconds with GC on, then off."""
+    from tokenclean.tasks.inputs import read_rows
+    from tokenclean.tasks.template import renderer
+    from tokenclean.tasks.validate import normalize
+
+    texts = []
+    render_one = renderer(template, tok)
+    for row in read_rows(train):
+        n = normalize(row.parsed())
+        texts.append(render_one(n.messages, n.truth).text)
+
+    def tokenizer_pass() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), chunk_rows):
+            tok(texts[i:i + chunk_rows], add_special_tokens=False, return_offsets_mapping=True)
+        return time.perf_counter() - t0
+
+    tokenizer_s = tokenizer_pass()
+    gc.disable()  # the stricter baseline: ingest keeps Python's cyclic GC off while it processes a chunk
+    tokenizer_nogc_s = tokenizer_pass()
+    gc.enable()
+    return tokenizer_s, tokenizer_nogc_s
+
+
 def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit: str | None,
           template: str = "tulu", tokenizer: str = "embedded") -> dict:
 
     from tokenclean.config import RunConfig
     from tokenclean.embedded import EmbeddedSpec, build
+    from tokenclean.flows.ingest import stage_inputs
     from tokenclean.synth import SynthSpec, generate
     from tokenclean.tasks import store
-    from tokenclean.tasks.ingest import IngestSpec, normalize, stage_inputs, tokenization_of
-    from tokenclean.tasks.inputs import read_rows
-    from tokenclean.tasks.template import render
+    from tokenclean.tasks.ingest import IngestSpec, tokenization_of
 
     demo = RunConfig().embedded
-    built = build(EmbeddedSpec(synth=SynthSpec(n_people=demo.n_people, n_train=demo.n_train, n_eval=demo.n_eval,
-                                               corrupt_fraction=demo.corrupt_fraction, seed=demo.seed),
-                               pretrain_steps=demo.pretrain_steps))
+    built = build(EmbeddedSpec.of(demo))
     tok = _tokenizer(tokenizer, template, built.model)
     paths = generate(SynthSpec(n_people=demo.n_people, n_train=rows, n_eval=10, seed=7), workdir / "data")
     spec = IngestSpec(tokenization_of(tok, 256, template), 256, 0.0, 3, 0, template)
     con = store.connect(workdir / "run.duckdb", memory_limit=memory_limit)  # as prepare's ingest runs
     if workers > 1:  # the pipeline's Ray session is up, its workers warm, before ingest starts (flows/runtime.py)
-        import ray
-
-        from tokenclean.flows.runtime import warm_workers
-        from tokenclean.tasks.cluster import connected
-
-        connected(None, workers, log_to_driver=False).__enter__()  # held until this child process exits
-        ray.get(warm_workers())
+        _start_ray(workers)
     breakdown = _time_calls()  # where an in-process ingest's time goes (seconds summed per function)
     rss_start = PeakRss().proc.memory_info().rss
     with PeakRss() as rss:
@@ -150,21 +181,7 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
         breakdown["insert_staged_dataset"] = ingest_s - breakdown["stage_inputs"]
     n_tokens = con.execute("SELECT sum(n_tokens) FROM samples").fetchone()[0]
     con.close()
-    # the baseline: the same rendered texts through the tokenizer's batch call with offsets
-    texts = []
-    for row in read_rows(str(paths["train"])):
-        n = normalize(row.parsed())
-        texts.append(render(template, tok, n.messages, n.truth).text)
-    def tokenizer_pass() -> float:
-        t0 = time.perf_counter()
-        for i in range(0, len(texts), chunk_rows):
-            tok(texts[i:i + chunk_rows], add_special_tokens=False, return_offsets_mapping=True)
-        return time.perf_counter() - t0
-
-    tokenizer_s = tokenizer_pass()
-    gc.disable()  # the stricter baseline: ingest keeps Python's cyclic GC off while it processes a chunk
-    tokenizer_nogc_s = tokenizer_pass()
-    gc.enable()
+    tokenizer_s, tokenizer_nogc_s = _tokenizer_baseline(tok, template, str(paths["train"]), chunk_rows)
     mb = 1 / 2**20
     return {"rows": rows, "samples": summary["samples"], "quarantined": summary["quarantined"], "tokens": n_tokens,
             "new_samples": counts["new_samples"], "ingest_s": ingest_s, "tokenizer_s": tokenizer_s,
@@ -174,6 +191,45 @@ def child(rows: int, workdir: Path, workers: int, chunk_rows: int, memory_limit:
             "peak_rss_mb_per_m_tokens": rss.peak * mb / (n_tokens / 1e6), "workers": workers,
             "chunk_rows": chunk_rows, "db_memory_limit": memory_limit, "breakdown_s": dict(breakdown),
             "template": template, "tokenizer": tokenizer}
+
+
+def _run_child(n: int, tokenizer: str, template: str, workers: int, chunk_rows: int, memory_limit: str) -> dict:
+    """One size with one tokenizer and template, in a fresh process and a fresh work directory."""
+    with tempfile.TemporaryDirectory(prefix="tc-ingest-") as tmp:
+        cmd = [sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--workers",
+               str(workers), "--chunk-rows", str(chunk_rows), "--db-memory-limit", memory_limit,
+               "--templates", template, "--tokenizers", tokenizer]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{n} rows ({tokenizer}, {template}) failed:\n{out.stderr[-4000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _print_result(r: dict, tokenizer: str, template: str) -> None:
+    print(f"{r['rows']:>9,} rows {r['tokens']:>12,} tokens ({tokenizer}, {template}): ingest "
+          f"{r['ingest_s']:7.1f} s ({r['ingest_rows_per_s']:,.0f} rows/s), tokenizer "
+          f"{r['tokenizer_s']:6.1f} s ({r['tokenizer_rows_per_s']:,.0f} rows/s): ratio {r['ratio']:.2f} "
+          f"({r['ratio_nogc']:.2f} against the tokenizer with GC off, {r['tokenizer_nogc_s']:.1f} s); peak RSS "
+          f"{r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb_per_m_tokens']:,.1f} MB per M tokens)", flush=True)
+    print("           seconds in: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_s"].items()),
+          flush=True)
+
+
+def _model_vs_tulu(n: int, tokenizer: str, t: dict, m: dict) -> dict:
+    """The model-template renderer's ingest against the Tulu rule's, same rows and tokenizer."""
+    return {"rows": n, "tokenizer": tokenizer, "tulu_rows_per_s": t["ingest_rows_per_s"],
+            "model_rows_per_s": m["ingest_rows_per_s"],
+            "model_over_tulu": m["ingest_rows_per_s"] / t["ingest_rows_per_s"],
+            "chunk_s_per_row_model_minus_tulu": (m["breakdown_s"].get("process_chunk", 0)
+                                                 - t["breakdown_s"].get("process_chunk", 0)) / n}
+
+
+def _print_ratios(ratios: list[dict]) -> None:
+    print("\n| rows | tokenizer | Tulu rule rows/s | model template rows/s | model / Tulu | extra ms per row |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for q in ratios:
+        print(f"| {q['rows']:,} | {q['tokenizer']} | {q['tulu_rows_per_s']:,.0f} | {q['model_rows_per_s']:,.0f} | "
+              f"{q['model_over_tulu']:.2f} | {1e3 * q['chunk_s_per_row_model_minus_tulu']:.3f} |")
 
 
 def main() -> None:
@@ -204,36 +260,14 @@ def main() -> None:
         for tokenizer in tokenizers:
             by_template = {}
             for template in templates:
-                with tempfile.TemporaryDirectory(prefix="tc-ingest-") as tmp:
-                    cmd = [sys.executable, __file__, "--child", str(n), "--workdir", tmp, "--workers",
-                           str(args.workers), "--chunk-rows", str(chunk_rows), "--db-memory-limit", memory_limit,
-                           "--templates", template, "--tokenizers", tokenizer]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        sys.exit(f"{n} rows ({tokenizer}, {template}) failed:\n{out.stderr[-4000:]}")
-                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = _run_child(n, tokenizer, template, args.workers, chunk_rows, memory_limit)
                 results.append(r)
                 by_template[template] = r
-                print(f"{r['rows']:>9,} rows {r['tokens']:>12,} tokens ({tokenizer}, {template}): ingest "
-                      f"{r['ingest_s']:7.1f} s ({r['ingest_rows_per_s']:,.0f} rows/s), tokenizer "
-                      f"{r['tokenizer_s']:6.1f} s ({r['tokenizer_rows_per_s']:,.0f} rows/s): ratio {r['ratio']:.2f} ({r['ratio_nogc']:.2f} "
-                      f"against the tokenizer with GC off, {r['tokenizer_nogc_s']:.1f} s); peak RSS "
-                      f"{r['peak_rss_mb']:,.0f} MB ({r['peak_rss_mb_per_m_tokens']:,.1f} MB per M tokens)", flush=True)
-                print("           seconds in: " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown_s"].items()),
-                      flush=True)
+                _print_result(r, tokenizer, template)
             if {"tulu", "model"} <= set(by_template):
-                t, m = by_template["tulu"], by_template["model"]
-                ratios.append({"rows": n, "tokenizer": tokenizer, "tulu_rows_per_s": t["ingest_rows_per_s"],
-                               "model_rows_per_s": m["ingest_rows_per_s"],
-                               "model_over_tulu": m["ingest_rows_per_s"] / t["ingest_rows_per_s"],
-                               "chunk_s_per_row_model_minus_tulu": (m["breakdown_s"].get("process_chunk", 0)
-                                                                    - t["breakdown_s"].get("process_chunk", 0)) / n})
+                ratios.append(_model_vs_tulu(n, tokenizer, by_template["tulu"], by_template["model"]))
     if ratios:
-        print("\n| rows | tokenizer | Tulu rule rows/s | model template rows/s | model / Tulu | extra ms per row |")
-        print("|---:|---|---:|---:|---:|---:|")
-        for q in ratios:
-            print(f"| {q['rows']:,} | {q['tokenizer']} | {q['tulu_rows_per_s']:,.0f} | {q['model_rows_per_s']:,.0f} | "
-                  f"{q['model_over_tulu']:.2f} | {1e3 * q['chunk_s_per_row_model_minus_tulu']:.3f} |")
+        _print_ratios(ratios)
     if len(results) >= 2 and len(templates) == len(tokenizers) == 1:
         a, b = results[0], results[-1]
         print(f"peak RSS at {b['rows']:,} rows / at {a['rows']:,} rows: {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}")

@@ -71,11 +71,12 @@ def prepare_child(rows: int, workdir: Path, args) -> dict:
 
 
 def _pool_samples(con, dataset: str, parts: list[int]):
+    from tests.ingest_helpers import sample_arrays
     from tokenclean.tasks import store
     from tokenclean.tasks.score import ShardSample
 
     ids, _ = store.unscored_lengths(con, "-none-", dataset, parts)  # no model has this key: every pool sample
-    return [ShardSample(sid, a, m) for sid, a, m in store.sample_arrays(con, ids)]
+    return [ShardSample(sid, a, m) for sid, a, m in sample_arrays(con, ids)]
 
 
 def scorer_child(workdir: Path, args) -> dict:
@@ -254,9 +255,9 @@ def main() -> None:
     print(f"\npipeline / scorer tokens/s: median {statistics.median(ratios):.3f} "
           f"({', '.join(f'{x:.3f}' for x in ratios)})")
     if args.out:
+        arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         args.out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-                                        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                                        "prepare": prep, "runs": runs}, indent=2))
+                                        "args": arguments, "prepare": prep, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ cache:
 
 * ``order_by``   CREATE TEMP TABLE kept AS SELECT ... ORDER BY score DESC, sample_id, pos LIMIT n_keep
                  (what tasks/select.py's "global" method does today).
-* ``bracket``    tokenclean.tasks.store.ranking.global_threshold (default strategy: sampled bracket, one exact pass)
+* ``bracket``    tokenclean.tasks.store.ranking.global_threshold (sampled bracket, one exact pass)
                  + the global_topk_sql filter into kept.
-* ``histogram``  the same with strategy="histogram" (bucket passes).
+* ``histogram``  the same with benchmarks/ranking_strategies.py's strategy="histogram" (bucket passes).
 * ``quantile``   the same with strategy="quantile" (quantile_disc, then a proving count pass).
 * ``hybrid``     the same with strategy="numpy" (score column fetched, in-place np.partition).
 * ``numpy``      score column loaded to numpy (load timed on its own), np.partition for t, counts by
@@ -134,11 +134,77 @@ def _numpy_fingerprint(sid, pos, kept, chunk: int = 1 << 22) -> list[int]:
     return [len(kept), f1, f2]
 
 
-def worker(method: str, db: str, n_keep: int, threads, memory_limit, relation: str = "table") -> dict:
-    """One method in this (fresh) process; prints a JSON line. Peak RSS is measured by the parent."""
+def _order_by(con, rel: str, n_keep: int, res: dict, t0: float) -> None:
+    con.execute(f"CREATE TEMP TABLE kept AS SELECT sample_id, pos, score FROM ({rel}) "
+                f"ORDER BY score DESC, sample_id, pos LIMIT {n_keep}")
+    res["select_s"] = time.perf_counter() - t0
+    t, need = con.execute("SELECT min(score), count(*) FILTER (WHERE score = (SELECT min(score) FROM kept)) "
+                          "FROM kept").fetchone()
+    res["info"] = {"threshold": t, "need": need, "n_above": n_keep - need}
+
+
+def _threshold_passes(con, method: str, rel: str, n_keep: int, n_total: int, res: dict, t0: float) -> None:
+    """global_threshold with ``method``'s strategy, then the kept table by the threshold filter."""
+    from benchmarks.ranking_strategies import global_threshold
+    from tokenclean.tasks.store.ranking import global_topk_sql
+
+    info = global_threshold(con, rel, n_keep, strategy="numpy" if method == "hybrid" else method,
+                            n_total=n_total)
+    res["threshold_s"] = time.perf_counter() - t0
+    res["rss_after_threshold_mib"] = _maxrss_mib()
+    t1 = time.perf_counter()
+    con.execute(f"CREATE TEMP TABLE kept AS {global_topk_sql(rel, n_keep, info, 'sample_id, pos, score')}")
+    res["select_s"] = time.perf_counter() - t1
+    res["info"] = info
+
+
+def _numpy_scores(con, rel: str, n_keep: int, res: dict, t0: float) -> None:
+    """The score column in numpy; the ties' ids fetched from DuckDB."""
+    score = con.execute(f"SELECT score FROM ({rel})").fetchnumpy()["score"]
+    res["load_s"] = time.perf_counter() - t0
+    res["rss_after_load_mib"] = _maxrss_mib()
+    t1 = time.perf_counter()
+
+    def ids_of_ties(t):
+        d = con.execute(f"SELECT sample_id, pos FROM ({rel}) WHERE score = ?::FLOAT", [float(t)]).fetchnumpy()
+        return d["sample_id"], d["pos"]
+
+    info = _numpy_threshold(score, n_keep, ids_of_ties)
+    res["threshold_s"] = time.perf_counter() - t1
+    res["rss_after_threshold_mib"] = _maxrss_mib()
+    res["info"] = info
+
+
+def _numpy_ids(con, rel: str, n_keep: int, res: dict, t0: float) -> None:
+    """All three columns in numpy: threshold, ties and the kept index array without DuckDB."""
     import numpy as np
 
-    from tokenclean.tasks.store.ranking import global_threshold, global_topk_sql
+    d = con.execute(f"SELECT sample_id, pos, score FROM ({rel})").fetchnumpy()
+    sid, pos, score = d["sample_id"], d["pos"], d["score"]
+    del d
+    res["load_s"] = time.perf_counter() - t0
+    res["rss_after_load_mib"] = _maxrss_mib()
+    t1 = time.perf_counter()
+    info = _numpy_threshold(score, n_keep, lambda t: (sid[score == t], pos[score == t]))
+    res["threshold_s"] = time.perf_counter() - t1
+    res["rss_after_threshold_mib"] = _maxrss_mib()
+    t2 = time.perf_counter()
+    t = np.float32(info["threshold"])
+    mask = score > t
+    if info["need"]:
+        tie = np.flatnonzero(score == t)
+        mask[tie[np.lexsort((pos[tie], sid[tie]))[:info["need"]]]] = True
+    kept = np.flatnonzero(mask)
+    res["select_s"] = time.perf_counter() - t2
+    res["info"] = info
+    res["total_s"] = time.perf_counter() - t0
+    res["fingerprint"] = _numpy_fingerprint(sid, pos, kept)
+
+
+def worker(method: str, db: str, n_keep: int, threads, memory_limit, relation: str = "table") -> dict:
+    """One method in this (fresh) process; prints a JSON line. Peak RSS is measured by the parent."""
+    # loaded before the start RSS is read, so every method's start figure counts numpy and the strategies alike
+    from benchmarks import ranking_strategies  # noqa: F401
 
     con = _connect(db, threads, memory_limit)
     res = {"method": method, "settings": _settings(con), "rss_start_mib": _maxrss_mib()}
@@ -146,56 +212,13 @@ def worker(method: str, db: str, n_keep: int, threads, memory_limit, relation: s
     n_total = con.execute("SELECT count(*) FROM scores").fetchone()[0]  # what select_tokens has already counted
     t0 = time.perf_counter()
     if method == "order_by":
-        con.execute(f"CREATE TEMP TABLE kept AS SELECT sample_id, pos, score FROM ({rel}) "
-                    f"ORDER BY score DESC, sample_id, pos LIMIT {n_keep}")
-        res["select_s"] = time.perf_counter() - t0
-        t, need = con.execute("SELECT min(score), count(*) FILTER (WHERE score = (SELECT min(score) FROM kept)) "
-                              "FROM kept").fetchone()
-        res["info"] = {"threshold": t, "need": need, "n_above": n_keep - need}
+        _order_by(con, rel, n_keep, res, t0)
     elif method in ("bracket", "histogram", "quantile", "hybrid"):
-        info = global_threshold(con, rel, n_keep, strategy="numpy" if method == "hybrid" else method,
-                                n_total=n_total)
-        res["threshold_s"] = time.perf_counter() - t0
-        res["rss_after_threshold_mib"] = _maxrss_mib()
-        t1 = time.perf_counter()
-        con.execute(f"CREATE TEMP TABLE kept AS {global_topk_sql(rel, n_keep, info, 'sample_id, pos, score')}")
-        res["select_s"] = time.perf_counter() - t1
-        res["info"] = info
+        _threshold_passes(con, method, rel, n_keep, n_total, res, t0)
     elif method == "numpy":
-        score = con.execute(f"SELECT score FROM ({rel})").fetchnumpy()["score"]
-        res["load_s"] = time.perf_counter() - t0
-        res["rss_after_load_mib"] = _maxrss_mib()
-        t1 = time.perf_counter()
-
-        def ids_of_ties(t):
-            d = con.execute(f"SELECT sample_id, pos FROM ({rel}) WHERE score = ?::FLOAT", [float(t)]).fetchnumpy()
-            return d["sample_id"], d["pos"]
-
-        info = _numpy_threshold(score, n_keep, ids_of_ties)
-        res["threshold_s"] = time.perf_counter() - t1
-        res["rss_after_threshold_mib"] = _maxrss_mib()
-        res["info"] = info
+        _numpy_scores(con, rel, n_keep, res, t0)
     elif method == "numpy_ids":
-        d = con.execute(f"SELECT sample_id, pos, score FROM ({rel})").fetchnumpy()
-        sid, pos, score = d["sample_id"], d["pos"], d["score"]
-        del d
-        res["load_s"] = time.perf_counter() - t0
-        res["rss_after_load_mib"] = _maxrss_mib()
-        t1 = time.perf_counter()
-        info = _numpy_threshold(score, n_keep, lambda t: (sid[score == t], pos[score == t]))
-        res["threshold_s"] = time.perf_counter() - t1
-        res["rss_after_threshold_mib"] = _maxrss_mib()
-        t2 = time.perf_counter()
-        t = np.float32(info["threshold"])
-        mask = score > t
-        if info["need"]:
-            tie = np.flatnonzero(score == t)
-            mask[tie[np.lexsort((pos[tie], sid[tie]))[:info["need"]]]] = True
-        kept = np.flatnonzero(mask)
-        res["select_s"] = time.perf_counter() - t2
-        res["info"] = info
-        res["total_s"] = time.perf_counter() - t0
-        res["fingerprint"] = _numpy_fingerprint(sid, pos, kept)
+        _numpy_ids(con, rel, n_keep, res, t0)
     else:
         raise ValueError(method)
     res.setdefault("total_s", time.perf_counter() - t0)
@@ -236,7 +259,7 @@ def _fmt(x, spec=".2f"):
     return "" if x is None else format(x, spec)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=float, default=1e8, help="number of token scores (default 1e8)")
     ap.add_argument("--k", type=float, default=0.6, help="fraction kept: n_keep = round(k * n)")
@@ -256,65 +279,56 @@ def main() -> None:
     ap.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--db", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n-keep", type=int, default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    n = int(a.n)
-    duck = [*(["--threads", str(a.threads)] if a.threads else []),
-            *(["--memory-limit", a.memory_limit] if a.memory_limit else [])]
+    return ap
+
+
+def _as_child(a, n: int) -> bool:
+    """Run the child role the parent asked for (generate, warm-up, one method); False when this is the parent."""
     if a.generate:
         print(json.dumps(generate(a.db, n, a.seed, a.threads, a.memory_limit, a.decimals)))
-        return
+        return True
     if a.worker == "warmup":
         con = _connect(a.db, a.threads, a.memory_limit)
         t0 = time.perf_counter()
         con.execute("SELECT sum(sample_id), sum(pos), sum(score) FROM scores").fetchone()
         print(json.dumps({"total_s": time.perf_counter() - t0}))
-        return
+        return True
     if a.worker:
         print(json.dumps(worker(a.worker, a.db, a.n_keep, a.threads, a.memory_limit, a.relation)))
-        return
+        return True
+    return False
 
-    methods = [m for m in a.methods.split(",") if m]
-    for m in methods:
-        if m not in METHODS:
-            ap.error(f"unknown method {m!r}; choose from {METHODS}")
-    n_keep = round(a.k * n)
-    tmp = Path(tempfile.mkdtemp(prefix="ranking-bench-", dir=a.tmpdir))
-    db = str(tmp / "scores.duckdb")
-    report = {"n": n, "k": a.k, "decimals": a.decimals, "relation": a.relation, "relation_sql": RELATIONS[a.relation], "n_keep": n_keep,
-              "seed": a.seed, "cpus": os.cpu_count(),
-              "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-              "python": platform.python_version(), "loadavg_start": _loadavg(), "runs": []}
-    try:
-        print(f"N = {n:,}  k = {a.k}  n_keep = {n_keep:,}  machine: {report['cpus']} cores, "
-              f"{report['ram_gib']} GiB  load avg {report['loadavg_start']}", flush=True)
-        gen, wall, rss, err = run_child(["--generate", "--db", db, "--n", str(n), "--seed", str(a.seed), *duck,
-                                         *(["--decimals", str(a.decimals)] if a.decimals is not None else [])],
-                                        a.timeout)
-        if gen is None:
-            raise SystemExit(f"generation failed:\n{err}")
-        report["generate"] = {**gen, "wall_s": wall, "peak_rss_mib": rss}
-        s = gen["settings"]
-        print(f"generated in {gen['seconds']:.1f} s, file {gen['db_bytes'] / 2**20:.0f} MiB, "
-              f"~{gen['n_distinct_scores']:,} distinct scores; DuckDB {s['duckdb']} memory_limit={s['memory_limit']} "
-              f"threads={s['threads']}", flush=True)
-        warm, wall, rss, err = run_child(["--worker", "warmup", "--db", db, *duck], a.timeout)
-        report["warmup"] = {"wall_s": wall, "peak_rss_mib": rss, **(warm or {})}
-        for rep in range(a.repeats):
-            for m in methods:
-                la = _loadavg()
-                res, wall, rss, err = run_child(["--worker", m, "--db", db, "--n-keep", str(n_keep),
-                                                 "--relation", a.relation, *duck], a.timeout)
-                run = {"method": m, "repeat": rep, "wall_s": wall, "peak_rss_mib": rss, "loadavg_before": la,
-                       "ok": res is not None, **(res or {"error": err})}
-                report["runs"].append(run)
-                tail = "" if res else f" FAILED: {err.strip().splitlines()[-1:] if err.strip() else 'timeout'}"
-                print(f"  {m:<10} total {_fmt(run.get('total_s'))} s  peak RSS {rss:,.0f} MiB{tail}", flush=True)
-    finally:
-        if not a.keep_db:
-            shutil.rmtree(tmp, ignore_errors=True)
-    report["loadavg_end"] = _loadavg()
 
-    # agreement: threshold, rows above it, ties kept, last tie, kept-set fingerprint
+def _generate_and_warm(a, n: int, db: str, duck: list[str], report: dict) -> None:
+    gen, wall, rss, err = run_child(["--generate", "--db", db, "--n", str(n), "--seed", str(a.seed), *duck,
+                                     *(["--decimals", str(a.decimals)] if a.decimals is not None else [])],
+                                    a.timeout)
+    if gen is None:
+        raise SystemExit(f"generation failed:\n{err}")
+    report["generate"] = {**gen, "wall_s": wall, "peak_rss_mib": rss}
+    s = gen["settings"]
+    print(f"generated in {gen['seconds']:.1f} s, file {gen['db_bytes'] / 2**20:.0f} MiB, "
+          f"~{gen['n_distinct_scores']:,} distinct scores; DuckDB {s['duckdb']} memory_limit={s['memory_limit']} "
+          f"threads={s['threads']}", flush=True)
+    warm, wall, rss, err = run_child(["--worker", "warmup", "--db", db, *duck], a.timeout)
+    report["warmup"] = {"wall_s": wall, "peak_rss_mib": rss, **(warm or {})}
+
+
+def _run_methods(a, methods: list[str], n_keep: int, db: str, duck: list[str], report: dict) -> None:
+    for rep in range(a.repeats):
+        for m in methods:
+            la = _loadavg()
+            res, wall, rss, err = run_child(["--worker", m, "--db", db, "--n-keep", str(n_keep),
+                                             "--relation", a.relation, *duck], a.timeout)
+            run = {"method": m, "repeat": rep, "wall_s": wall, "peak_rss_mib": rss, "loadavg_before": la,
+                   "ok": res is not None, **(res or {"error": err})}
+            report["runs"].append(run)
+            tail = "" if res else f" FAILED: {err.strip().splitlines()[-1:] if err.strip() else 'timeout'}"
+            print(f"  {m:<10} total {_fmt(run.get('total_s'))} s  peak RSS {rss:,.0f} MiB{tail}", flush=True)
+
+
+def _agreement(report: dict, n_keep: int) -> None:
+    """All runs agree on the threshold, rows above it, ties kept, last tie and kept-set fingerprint."""
     ok_runs = [r for r in report["runs"] if r["ok"]]
     keys = {}
     for r in ok_runs:
@@ -331,6 +345,9 @@ def main() -> None:
     fp = report["answer"].get("fingerprint")
     report["agree"] = report["agree"] and (not isinstance(fp, tuple) or fp[0] == n_keep)
 
+
+def _table_rows(report: dict, methods: list[str]) -> list[dict]:
+    """One row per method: medians over its repeats."""
     rows = []
     for m in methods:
         rs = [r for r in report["runs"] if r["method"] == m and r["ok"]]
@@ -349,7 +366,10 @@ def main() -> None:
                      "rss_start_mib": max(r["rss_start_mib"] for r in rs),
                      "rss_threshold_mib": max(r.get("rss_after_threshold_mib") or 0 for r in rs) or None,
                      "passes": rs[0].get("info", {}).get("passes")})
-    report["table"] = rows
+    return rows
+
+
+def _print_table(a, report: dict) -> None:
     print(f"\nthreshold t = {report['answer'].get('threshold')!r}, above = {report['answer'].get('n_above')}, "
           f"ties kept = {report['answer'].get('need')}, last tie = {report['answer'].get('last_tie')}; "
           f"all methods agree: {report['agree']}")
@@ -358,7 +378,7 @@ def main() -> None:
     print("| method | load s | threshold s | select s | total s | total min-max s | RSS to t MiB | peak RSS MiB "
           "| scans | load avg before |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
+    for r in report["table"]:
         if r.get("failed"):
             print(f"| {r['method']} | failed | | | | | | | | |")
             continue
@@ -367,6 +387,40 @@ def main() -> None:
               f"{_fmt(r['rss_threshold_mib'], ',.0f')} | {r['peak_rss_mib']:,.0f} | {r['passes'] or ''} | "
               f"{', '.join(f'{x:.1f}' for x in r['loadavg_1min_before'])} |")
     print(f"load avg start {report['loadavg_start']}, end {report['loadavg_end']}")
+
+
+def main() -> None:
+    ap = _parser()
+    a = ap.parse_args()
+    n = int(a.n)
+    duck = [*(["--threads", str(a.threads)] if a.threads else []),
+            *(["--memory-limit", a.memory_limit] if a.memory_limit else [])]
+    if _as_child(a, n):
+        return
+
+    methods = [m for m in a.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; choose from {METHODS}")
+    n_keep = round(a.k * n)
+    tmp = Path(tempfile.mkdtemp(prefix="ranking-bench-", dir=a.tmpdir))
+    db = str(tmp / "scores.duckdb")
+    report = {"n": n, "k": a.k, "decimals": a.decimals, "relation": a.relation,
+              "relation_sql": RELATIONS[a.relation], "n_keep": n_keep, "seed": a.seed, "cpus": os.cpu_count(),
+              "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+              "python": platform.python_version(), "loadavg_start": _loadavg(), "runs": []}
+    try:
+        print(f"N = {n:,}  k = {a.k}  n_keep = {n_keep:,}  machine: {report['cpus']} cores, "
+              f"{report['ram_gib']} GiB  load avg {report['loadavg_start']}", flush=True)
+        _generate_and_warm(a, n, db, duck, report)
+        _run_methods(a, methods, n_keep, db, duck, report)
+    finally:
+        if not a.keep_db:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report["loadavg_end"] = _loadavg()
+    _agreement(report, n_keep)
+    report["table"] = _table_rows(report, methods)
+    _print_table(a, report)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(report, indent=1, default=list))

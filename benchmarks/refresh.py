@@ -82,13 +82,10 @@ def main() -> None:
 
     from tokenclean.config import RunConfig
     from tokenclean.embedded import EmbeddedSpec, build
-    from tokenclean.synth import SynthSpec
     from tokenclean.tasks.ingest import assign_part
 
     e = RunConfig().embedded
-    built = build(EmbeddedSpec(synth=SynthSpec(n_people=e.n_people, n_train=e.n_train, n_eval=e.n_eval,
-                                               corrupt_fraction=e.corrupt_fraction, seed=e.seed),
-                               pretrain_steps=e.pretrain_steps))
+    built = build(EmbeddedSpec.of(e))
     rows = _rows(Path(built.train))
     for i, r in enumerate(rows):  # the ids the drawn split hashes (rows without one are keyed by content)
         r.setdefault("id", f"row-{i}")

@@ -5,13 +5,13 @@ Random-weight Llama models with the real Llama-3.2-1B / 3.2-3B / 3.1-8B shapes (
 [16, 2048] (many short samples, a long tail), a prompt of 10-60% of each sample and the
 rest response (the targets). Variants, all in the same process on the same samples:
 
-* ``packed``   -- tasks.score.score_arrays(packed=True): packs of <= batch_tokens tokens,
+* ``packed``   -- tasks.score.score_arrays: packs of <= batch_tokens tokens,
                   varlen flash attention, hidden states gathered at targets, chunked lm_head+CE.
 * ``packed+compile`` (``--compile``) -- the same after tasks.score.compile_pointwise.
 * ``packed+liger`` / ``packed+compile+liger`` (``--liger``) -- lm_head + CE by liger-kernel's
                   fused kernel (``score.linear_ce: liger``); their losses are also compared
                   with the same run's ``packed`` losses (``vs_packed_loss_max_abs_diff``).
-* ``bucketed`` -- score_arrays(packed=False): length-sorted padded batches, chunked CE
+* ``bucketed`` -- benchmarks/padded_scoring.score_arrays_padded: length-sorted padded batches, chunked CE
                   (the path before packing).
 * ``naive``    -- HF ``model(input_ids, attention_mask).logits`` (full logits), fp32
                   log_softmax, batches of ``batch_tokens // 2048`` samples in random order,
@@ -42,9 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.padded_scoring import plan_batches, score_arrays_padded  # noqa: E402
 from tokenclean.tasks.packing import flash_varlen_available  # noqa: E402
 from tokenclean.tasks.score import (  # noqa: E402
-    LM_HEAD_CHUNK_BYTES, ShardSample, check_linear_ce, compile_pointwise, plan_batches, score_arrays,
+    LM_HEAD_CHUNK_BYTES,
+    ShardSample,
+    check_linear_ce,
+    compile_pointwise,
+    score_arrays,
 )
 
 LLAMA_COMMON = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
@@ -188,13 +193,13 @@ def precision_check(model, samples, args, device) -> dict:
     any less accurate than padding.
     """
     kw = dict(batch_tokens=args.batch_tokens, chunk=args.chunk, chunk_bytes=args.chunk_bytes, device=device)
-    low = {"packed": _sorted(score_arrays(model, samples, packed=True, **kw)),
-           "padded": _sorted(score_arrays(model, samples, packed=False, **kw))}
+    low = {"packed": _sorted(score_arrays(model, samples, **kw)),
+           "padded": _sorted(score_arrays_padded(model, samples, **kw))}
     dtype = next(model.parameters()).dtype
     model.float()
     try:
-        ref = _sorted(score_arrays(model, samples, packed=False, **kw))
-        ref_packed = _sorted(score_arrays(model, samples, packed=True, **kw))
+        ref = _sorted(score_arrays_padded(model, samples, **kw))
+        ref_packed = _sorted(score_arrays(model, samples, **kw))
     finally:
         model.to(dtype)
     out = {f"{k}_{dtype}_mean_abs_err": float(np.nanmean(np.abs(v - ref))) for k, v in low.items()}
@@ -206,32 +211,22 @@ def precision_check(model, samples, args, device) -> dict:
     return out
 
 
-def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
-    shape = SHAPES[name]
-    model = build_model(shape, device, dtype, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    lengths = sft_lengths(args.tokens, args.seed, hi=args.max_len)
-    samples = sft_samples(lengths, shape["vocab_size"], args.seed)
-    warm = samples[:: max(1, len(samples) // min(48, max(1, len(samples) // 8)))]
+def _runner(variant: str, model, batch, rows: int, device, args):
+    """The scoring call of one variant over ``batch`` (timed samples, or the warm-up subset)."""
+    if variant == "naive":
+        return lambda: naive_losses(model, batch, rows=rows, device=device, seed=args.seed)
+    score = score_arrays if variant.startswith("packed") else score_arrays_padded
+    return lambda: score(model, batch, batch_tokens=args.batch_tokens, chunk=args.chunk,
+                         chunk_bytes=args.chunk_bytes, device=device,
+                         linear_ce="liger" if variant.endswith("+liger") else "chunked")
+
+
+def _plan_variants(model, samples, warm, lengths, rows: int, args, device):
+    """The variants in the order they run, with each one's timed call, warm-up call and computed tokens."""
     n_tok = int(lengths.sum())
-    floor_s = 2 * n_params * n_tok / (peak_tflops * 1e12)
-    need = needed_flops(model, samples)
-    rows = max(1, args.batch_tokens // args.max_len)
-    print(f"[{name}] params={n_params/1e9:.3f}B samples={len(samples)} tokens={n_tok} "
-          f"targets={sum(int(s.target.sum()) for s in samples)} mean_len={lengths.mean():.0f} "
-          f"floor={floor_s:.3f}s", flush=True)
-
-    def runner(variant: str, batch):
-        """The scoring call of one variant over ``batch`` (timed samples, or the warm-up subset)."""
-        if variant == "naive":
-            return lambda: naive_losses(model, batch, rows=rows, device=device, seed=args.seed)
-        return lambda: score_arrays(model, batch, batch_tokens=args.batch_tokens, chunk=args.chunk,
-                                    chunk_bytes=args.chunk_bytes,
-                                    device=device, packed=variant.startswith("packed"),
-                                    linear_ce="liger" if variant.endswith("+liger") else "chunked")
-
-    variants = {v: runner(v, samples) for v in ("packed", "bucketed", "naive", "packed+liger")}
-    warmups = {v: runner(v, warm) for v in ("packed", "bucketed", "naive", "packed+liger")}
+    base = ("packed", "bucketed", "naive", "packed+liger")
+    variants = {v: _runner(v, model, samples, rows, device, args) for v in base}
+    warmups = {v: _runner(v, model, warm, rows, device, args) for v in base}
     computed = {
         "packed": n_tok,
         "bucketed": int(sum(int(lengths[b].max()) * len(b) for b in plan_batches(lengths, args.batch_tokens))),
@@ -251,29 +246,71 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
             variants["packed+compile+liger"] = variants["packed+liger"]
             warmups["packed+compile+liger"] = lambda: (warmups["packed+liger"](), warmups["packed+liger"]())
             computed["packed+compile+liger"] = n_tok
+    return order, variants, warmups, computed
 
+
+def _time_variant(run, warmup, repeats: int, device):
+    """One warm-up call, then ``repeats`` timed calls (on CUDA each from an emptied cache and a fresh peak)."""
+    t0 = time.perf_counter()
+    warmup()
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    mem_before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return out, times, warm_s, mem_before, peak_mem
+
+
+def _compare_losses(results: list[dict], losses: dict, check) -> None:
+    """Attach the precision check, the liger-vs-packed and every-vs-naive loss differences and the speedups."""
+    naive = next((r for r in results if r["variant"] == "naive"), None)
+    ref = losses.get("naive")
+    for r in results:
+        r["precision_check"] = check
+        if r["variant"].endswith("+liger") and "packed" in losses:
+            d = np.abs(losses[r["variant"]] - losses["packed"])
+            r["vs_packed_loss_max_abs_diff"] = float(np.nanmax(d))
+            print(f"  {r['variant']:15s} vs packed losses: max |diff| {r['vs_packed_loss_max_abs_diff']:.2e}")
+        r["speedup_vs_naive"] = r["tok_s"] / naive["tok_s"] if naive else None
+        if ref is not None and r["variant"] != "naive":
+            d = np.abs(losses[r["variant"]] - ref)
+            r["vs_naive_loss_mean_abs_diff"] = float(np.nanmean(d))
+            r["vs_naive_loss_max_abs_diff"] = float(np.nanmax(d))
+            print(f"  {r['variant']:15s} vs naive losses: mean |diff| {r['vs_naive_loss_mean_abs_diff']:.2e}, "
+                  f"max {r['vs_naive_loss_max_abs_diff']:.2e} (mean loss {float(np.nanmean(ref)):.3f})")
+
+
+def _measure_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
+    shape = SHAPES[name]
+    model = build_model(shape, device, dtype, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    lengths = sft_lengths(args.tokens, args.seed, hi=args.max_len)
+    samples = sft_samples(lengths, shape["vocab_size"], args.seed)
+    warm = samples[:: max(1, len(samples) // min(48, max(1, len(samples) // 8)))]
+    n_tok = int(lengths.sum())
+    floor_s = 2 * n_params * n_tok / (peak_tflops * 1e12)
+    need = needed_flops(model, samples)
+    rows = max(1, args.batch_tokens // args.max_len)
+    print(f"[{name}] params={n_params/1e9:.3f}B samples={len(samples)} tokens={n_tok} "
+          f"targets={sum(int(s.target.sum()) for s in samples)} mean_len={lengths.mean():.0f} "
+          f"floor={floor_s:.3f}s", flush=True)
+    order, variants, warmups, computed = _plan_variants(model, samples, warm, lengths, rows, args, device)
     results, losses = [], {}
     check = None
     for v in order:
         if v == "packed+compile" and args.check_samples:
             check = precision_check(model, samples[: args.check_samples], args, device)
-        t0 = time.perf_counter()
-        warmups[v]()
-        sync(device)
-        warm_s = time.perf_counter() - t0
-        mem_before = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        times = []
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            sync(device)
-            t0 = time.perf_counter()
-            out = variants[v]()
-            sync(device)
-            times.append(time.perf_counter() - t0)
+        out, times, warm_s, mem_before, peak_mem = _time_variant(variants[v], warmups[v], args.repeats, device)
         dt = statistics.median(times)
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         if v == "naive":
             computed[v] = out.pop("computed_tokens")
         losses[v] = _sorted(out)
@@ -290,25 +327,15 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
               f"util {100*res['util_needed_flops']:5.1f}%  waste {100*res['padding_waste']:4.1f}%  "
               f"peak {peak_mem if peak_mem is None else round(peak_mem, 2)} GiB  times {[round(t, 3) for t in times]}"
               f"  (warm-up {warm_s:.1f}s)", flush=True)
-    naive = next((r for r in results if r["variant"] == "naive"), None)
-    ref = losses.get("naive")
     if check is None and args.check_samples:
         check = precision_check(model, samples[: args.check_samples], args, device)
-    for r in results:
-        r["precision_check"] = check
-        if r["variant"].endswith("+liger") and "packed" in losses:
-            d = np.abs(losses[r["variant"]] - losses["packed"])
-            r["vs_packed_loss_max_abs_diff"] = float(np.nanmax(d))
-            print(f"  {r['variant']:15s} vs packed losses: max |diff| {r['vs_packed_loss_max_abs_diff']:.2e}")
-        r["speedup_vs_naive"] = r["tok_s"] / naive["tok_s"] if naive else None
-        if ref is not None and r["variant"] != "naive":
-            d = np.abs(losses[r["variant"]] - ref)
-            r["vs_naive_loss_mean_abs_diff"] = float(np.nanmean(d))
-            r["vs_naive_loss_max_abs_diff"] = float(np.nanmax(d))
-            print(f"  {r['variant']:15s} vs naive losses: mean |diff| {r['vs_naive_loss_mean_abs_diff']:.2e}, "
-                  f"max {r['vs_naive_loss_max_abs_diff']:.2e} (mean loss {float(np.nanmean(ref)):.3f})")
-    # compiled code and the closures above hold the model: drop them so the next model's memory is its own
-    del model, variants, warmups, losses
+    _compare_losses(results, losses, check)
+    return results
+
+
+def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
+    results = _measure_model(name, args, device, dtype, peak_tflops)
+    # the model and the closures holding it went with _measure_model's frame; compiled code holds it too
     torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
@@ -316,14 +343,15 @@ def run_model(name: str, args, device, dtype, peak_tflops: float) -> list[dict]:
     return results
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="1b,3b,8b", help="comma list of 1b,3b,8b or SHAPES keys")
     ap.add_argument("--cpu", action="store_true", help="tiny shapes, fp32, CPU (overrides --models/--tokens)")
     ap.add_argument("--tokens", type=int, default=262144, help="total real tokens in the sample set")
     ap.add_argument("--batch-tokens", type=int, default=16384)
-    ap.add_argument("--chunk", type=int, default=None, help="at most this many lm_head+CE rows per chunk "
-                                                            "(docs/benchmarks.md's H100 figures: --chunk 2048 --chunk-mib 4096)")
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="at most this many lm_head+CE rows per chunk "
+                         "(docs/benchmarks.md's H100 figures: --chunk 2048 --chunk-mib 4096)")
     ap.add_argument("--chunk-mib", type=int, default=LM_HEAD_CHUNK_BYTES >> 20,
                     help="lm_head+CE chunk budget in MiB (score.lm_head_chunk_bytes)")
     ap.add_argument("--max-len", type=int, default=2048)
@@ -335,10 +363,11 @@ def main(argv=None):
     ap.add_argument("--check-samples", type=int, default=64,
                     help="samples for the precision check against an fp32 copy (0: skip)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = ap.parse_args(argv)
-    args.skip = {s for s in args.skip.split(",") if s}
-    args.chunk_bytes = args.chunk_mib << 20
+    return ap
 
+
+def _device_and_models(ap: argparse.ArgumentParser, args):
+    """Device, dtype, model shapes and the measured matmul peak; ``--cpu`` also shrinks the defaults."""
     if args.cpu:
         device, dtype = torch.device("cpu"), torch.float32
         names = ["tiny-128", "tiny-256"]
@@ -356,6 +385,25 @@ def main(argv=None):
         device, dtype = torch.device("cuda"), torch.bfloat16
         names = [ALIASES.get(m, m) for m in args.models.split(",") if m]
         peak = matmul_peak(device, dtype, 8192, 30)
+    return device, dtype, names, peak
+
+
+def _print_table(results: list[dict]) -> None:
+    print("\n| model | variant | tok/s | % of floor | util (needed FLOPs) | vs naive | peak mem GiB | padding waste |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+        vs = "n/a" if r["speedup_vs_naive"] is None else f"{r['speedup_vs_naive']:.2f}x"
+        print(f"| {r['model']} | {r['variant']} | {r['tok_s']:,.0f} | {100*r['pct_floor']:.1f}% | "
+              f"{100*r['util_needed_flops']:.1f}% | {vs} | {mem} | {100*r['padding_waste']:.1f}% |")
+
+
+def main(argv=None):
+    ap = _parser()
+    args = ap.parse_args(argv)
+    args.skip = {s for s in args.skip.split(",") if s}
+    args.chunk_bytes = args.chunk_mib << 20
+    device, dtype, names, peak = _device_and_models(ap, args)
     import transformers
 
     meta = {
@@ -374,14 +422,7 @@ def main(argv=None):
         if args.out:  # after each model, so a run cut short still leaves what it measured
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-
-    print("\n| model | variant | tok/s | % of floor | util (needed FLOPs) | vs naive | peak mem GiB | padding waste |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        mem = "n/a" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
-        vs = "n/a" if r["speedup_vs_naive"] is None else f"{r['speedup_vs_naive']:.2f}x"
-        print(f"| {r['model']} | {r['variant']} | {r['tok_s']:,.0f} | {100*r['pct_floor']:.1f}% | "
-              f"{100*r['util_needed_flops']:.1f}% | {vs} | {mem} | {100*r['padding_waste']:.1f}% |")
+    _print_table(results)
     if args.out:
         print(f"wrote {args.out}")
     return results

@@ -146,7 +146,7 @@ def run_variant(variant: str, name: str, args, device, dtype, samples, table) ->
     return res
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="1b,3b,8b", help="comma list of 1b,3b,8b or SHAPES keys")
     ap.add_argument("--cpu", action="store_true", help="tiny shapes, fp32, CPU")
@@ -158,7 +158,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tokenclean-bench-train"))
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _device_and_models(ap: argparse.ArgumentParser, args):
+    """Device, dtype and model shapes; sets ``args.peak`` (the measured matmul peak); ``--cpu`` shrinks the set."""
     if args.cpu:
         device, dtype = torch.device("cpu"), torch.float32
         names = ["tiny-128", "tiny-256"]
@@ -171,6 +175,44 @@ def main(argv=None):
         device, dtype = torch.device("cuda"), torch.bfloat16
         names = [ALIASES.get(m, m) for m in args.models.split(",") if m]
         args.peak = matmul_peak(device, dtype, 8192, 30)
+    return device, dtype, names
+
+
+def _measure_pair(name: str, args, device, dtype) -> list[dict]:
+    """Both variants on one model shape; an out-of-memory variant is reported, not raised."""
+    vocab = SHAPES[name]["vocab_size"]
+    samples = selected_samples(sft_lengths(args.tokens, args.seed), vocab, args.seed)
+    table = training_table(samples)
+    pair = {}
+    for variant in ("tokenclean", "padded"):
+        try:
+            pair[variant] = run_variant(variant, name, args, device, dtype, samples, table)
+        except torch.OutOfMemoryError as e:
+            pair[variant] = {"model": name, "variant": variant, "error": f"OOM: {str(e)[:120]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(json.dumps(pair[variant]), flush=True)
+    if "tok_s" in pair["tokenclean"] and "tok_s" in pair["padded"]:
+        pair["tokenclean"]["speedup_vs_padded"] = pair["tokenclean"]["tok_s"] / pair["padded"]["tok_s"]
+    return list(pair.values())
+
+
+def _print_table(results: list[dict]) -> None:
+    print("\n| model | variant | tok/s | % of floor | vs padded | peak mem GiB | padding waste |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | {r['variant']} | {r['error']} | | | | |")
+            continue
+        vs = f"{r['speedup_vs_padded']:.2f}x" if "speedup_vs_padded" in r else ""
+        print(f"| {r['model']} | {r['variant']} | {r['tok_s']:,.0f} | {100 * r['pct_floor']:.1f}% | {vs} | "
+              f"{r['peak_mem_gib']:.1f} | {100 * r['padding_waste']:.0f}% |")
+
+
+def main(argv=None):
+    ap = _parser()
+    args = ap.parse_args(argv)
+    device, dtype, names = _device_and_models(ap, args)
     import transformers
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -181,34 +223,11 @@ def main(argv=None):
           f"matmul peak={args.peak:.2f} TFLOP/s", flush=True)
     results = []
     for name in names:
-        vocab = SHAPES[name]["vocab_size"]
-        samples = selected_samples(sft_lengths(args.tokens, args.seed), vocab, args.seed)
-        table = training_table(samples)
-        pair = {}
-        for variant in ("tokenclean", "padded"):
-            try:
-                pair[variant] = run_variant(variant, name, args, device, dtype, samples, table)
-            except torch.OutOfMemoryError as e:
-                pair[variant] = {"model": name, "variant": variant, "error": f"OOM: {str(e)[:120]}"}
-                gc.collect()
-                torch.cuda.empty_cache()
-            print(json.dumps(pair[variant]), flush=True)
-        if "tok_s" in pair["tokenclean"] and "tok_s" in pair["padded"]:
-            pair["tokenclean"]["speedup_vs_padded"] = pair["tokenclean"]["tok_s"] / pair["padded"]["tok_s"]
-        results += list(pair.values())
+        results += _measure_pair(name, args, device, dtype)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-
-    print("\n| model | variant | tok/s | % of floor | vs padded | peak mem GiB | padding waste |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for r in results:
-        if "error" in r:
-            print(f"| {r['model']} | {r['variant']} | {r['error']} | | | | |")
-            continue
-        vs = f"{r['speedup_vs_padded']:.2f}x" if "speedup_vs_padded" in r else ""
-        print(f"| {r['model']} | {r['variant']} | {r['tok_s']:,.0f} | {100 * r['pct_floor']:.1f}% | {vs} | "
-              f"{r['peak_mem_gib']:.1f} | {100 * r['padding_waste']:.0f}% |")
+    _print_table(results)
     return results
 
 

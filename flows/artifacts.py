@@ -22,16 +22,18 @@ from pathlib import Path
 
 from prefect import get_run_logger
 
+from tokenclean.config import TrainConfig
 from tokenclean.flows.prepare import RunContext
+from tokenclean.flows.runtime import submit_placed
 from tokenclean.flows.scoring import score_model
+from tokenclean.flows.training import submit_training
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.evaluate import METRICS_VERSION, load_eval_samples, metric_rows
+from tokenclean.tasks.jobs import EvalJob
+from tokenclean.tasks.names import label
 from tokenclean.tasks.select import load_selected
-from tokenclean.flows.runtime import submit_placed
-from tokenclean.flows.training import submit_training
 from tokenclean.tasks.steps import evaluate_task, select_task
 from tokenclean.tasks.train import TrainJob, training_table
-from tokenclean.tasks.names import label
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,27 @@ class Model:
     key: str  # model key: base weights (+ adapter weights)
     adapter: str | None = None  # adapter directory, None for the base
     train_key: str | None = None  # the adapter's training key, None for the base
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """An adapter a flow asks for: ``variant`` at ``iteration``, trained with ``train`` on the kept tokens of
+    ``selection``, from the base or continuing ``parent``'s adapter."""
+
+    variant: str
+    iteration: int
+    selection: str  # selection key
+    train: TrainConfig
+    parent: Model | None = None
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """An evaluation a flow asks for: ``model`` on the held-out set, recorded as ``variant`` at ``iteration``."""
+
+    variant: str
+    iteration: int
+    model: Model
 
 
 def _output(ctx: RunContext, variant: str, iteration: int, kind: str, key: str, computed: bool) -> None:
@@ -136,10 +159,9 @@ class _AdapterStep:
     stats: dict | None = None
 
 
-def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str, tcfg,
-                  parent: Model | None = None) -> _AdapterStep:
-    cfg = ctx.cfg
-    name = label(variant, iteration)
+def _adapter_step(ctx: RunContext, req: AdapterRequest) -> _AdapterStep:
+    cfg, tcfg, parent = ctx.cfg, req.train, req.parent
+    name = label(req.variant, req.iteration)
     lora = _lora_of_continued(ctx, name, tcfg, parent) if parent is not None else None
     train_cfg = tcfg.learning(cfg.ray.train_workers if cfg.ray.enabled else 1,
                               lora["inherited_from_parent"]["dropout"] if lora else None)
@@ -148,13 +170,13 @@ def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str,
     train_cfg["numerics"] = ctx.train_numerics
     # keyed by the kept tokens, not by how they were chosen: a selection recomputed with the same content
     # (other scoring numerics, a k that keeps as many tokens) finds its adapter and evaluation
-    kept = store.selection_content(ctx.con, selection)
+    kept = store.selection_content(ctx.con, req.selection)
     key = keys.train_key(ctx.base_model, kept, train_cfg, parent.key if parent else None)
-    inputs = {"base_model": ctx.base_model, "selection": selection, "kept_tokens": kept, "train": train_cfg,
+    inputs = {"base_model": ctx.base_model, "selection": req.selection, "kept_tokens": kept, "train": train_cfg,
               "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
     rec = store.adapter_record(ctx.con, key)
     out = ctx.adapter_dir(key)
-    step = _AdapterStep(variant, iteration, key, inputs, out,
+    step = _AdapterStep(req.variant, req.iteration, key, inputs, out,
                         rec is None or not (ctx.run_dir / rec["path"] / "train.json").exists())
     if step.computed:
         done = out / "train.json"
@@ -162,23 +184,24 @@ def _adapter_step(ctx: RunContext, variant: str, iteration: int, selection: str,
         if step.stats is None or step.stats.get("key") != key:  # else: saved, but the run died before recording it
             layout = {f: getattr(tcfg, f) for f in sorted(tcfg.EXECUTION)} | {"workers": cfg.ray.train_workers}
             checkpoints = ctx.checkpoint_dir(key, keys.digest("layout", layout))
-            step.job = TrainJob(ctx.base_path, tcfg.model_dump(mode="json"),
-                                training_table(load_selected(ctx.con, selection)), str(out), str(checkpoints), key,
-                                label=name, init_adapter=parent.adapter if parent else None,
-                                device=cfg.model.device, dtype=cfg.model.dtype)
+            step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"),
+                                data=training_table(load_selected(ctx.con, req.selection)), out_dir=str(out),
+                                checkpoint_dir=str(checkpoints), key=key, label=name,
+                                init_adapter=parent.adapter if parent else None, device=cfg.model.device,
+                                dtype=cfg.model.dtype)
     return step
 
 
-def ensure_adapters(ctx: RunContext, requests: list[tuple]) -> list[Model]:
-    """``ensure_adapter`` for independent adapters (``(variant, iteration, selection, train config[, parent])``
-    each): the ones not stored train at the same time, as many at once as the cluster has the declared
-    resources for (``flows/training.py``), and each is recorded under its key.
+def ensure_adapters(ctx: RunContext, requests: list[AdapterRequest]) -> list[Model]:
+    """``ensure_adapter`` for independent adapters: the ones not stored train at the same time, as many at
+    once as the cluster has the declared resources for (``flows/training.py``), and each is recorded under
+    its key.
 
     The fixed-model variants are independent once the reference has scored the pool, so
     this is what lets them share the cluster instead of queueing behind each other.
     """
     cfg = ctx.cfg
-    steps = [_adapter_step(ctx, *r) for r in requests]
+    steps = [_adapter_step(ctx, r) for r in requests]
     jobs = {step.key: step.job for step in steps if step.job}  # one training per key, whoever asks for it
     running = {key: submit_training(job, cfg.ray, ctx.run_dir / "ray_train") for key, job in jobs.items()}
     for step in steps:
@@ -209,8 +232,7 @@ def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
     return Model(rec["model"], str(ctx.run_dir / rec["path"]), step.key)
 
 
-def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str, tcfg,
-                   parent: Model | None = None) -> Model:
+def ensure_adapter(ctx: RunContext, request: AdapterRequest) -> Model:
     """LoRA fine-tune of the base (or of ``parent``'s adapter) on the selection's kept tokens.
 
     Keyed by what is learned (``TrainConfig.learning``, the LoRA shape actually used, the
@@ -218,50 +240,62 @@ def ensure_adapter(ctx: RunContext, variant: str, iteration: int, selection: str
     micro-batch, checkpointing) keys only the checkpoints, so a resumed run continues
     only under the layout that wrote them. Training is Ray work (``flows/training.py``).
     """
-    return ensure_adapters(ctx, [(variant, iteration, selection, tcfg, parent)])[0]
+    return ensure_adapters(ctx, [request])[0]
 
 
-def ensure_evals(ctx: RunContext, requests: list[tuple[str, int, Model]]) -> list[str]:
-    """Held-out loss and answer metrics of each ``(variant, iteration, model)``, under the key of the model and
-    the eval set; the evaluations not stored run at the same time, as many at once as the cluster has
+def ensure_evals(ctx: RunContext, requests: list[EvalRequest]) -> list[str]:
+    """Held-out loss and answer metrics of each requested model, under the key of the model and the eval set;
+    the evaluations not stored run at the same time, as many at once as the cluster has
     ``ray.cpus_per_eval_task`` / ``ray.gpus_per_eval_task`` for.
 
-    An evaluation is a Ray task: the eval samples go out as arguments, the metrics come
+    An evaluation is a Ray task: the eval samples go out in its job, the metrics come
     back; the driver only records them.
     """
     cfg = ctx.cfg
     eval_set = store.pool_digest(ctx.con, ctx.dataset, [store.EVAL_PART], limit=cfg.eval.max_samples)
     settings = {"max_samples": cfg.eval.max_samples, "metrics": METRICS_VERSION,
                 "max_new_tokens": cfg.eval.max_new_tokens, "numerics": ctx.eval_numerics}
-    evals = [(variant, iteration, model, keys.eval_key(model.key, eval_set, settings))
-             for variant, iteration, model in requests]
-    todo = {key: model for _, _, model, key in evals if not store.eval_done(ctx.con, key)}
-    running = {}
-    if todo:
-        samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
-        names = {key: label(variant, iteration) for variant, iteration, _, key in reversed(evals)}
-        for key, model in todo.items():
-            running[key] = (time.perf_counter(), submit_placed(
-                evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task, cfg.ray.gpus_per_eval_task, ctx.base_path,
-                ctx.base_model, model.adapter, model.key, samples, meta, batch_tokens=cfg.eval.batch_tokens,
-                device=cfg.model.device, dtype=cfg.model.dtype, label=names[key], tokenizer_path=ctx.tokenizer_path,
-                max_new_tokens=cfg.eval.max_new_tokens, keep_worker=True))
+    evals = [(r, keys.eval_key(r.model.key, eval_set, settings)) for r in requests]
+    todo: dict[str, EvalRequest] = {}  # one evaluation per key, named by the first request for it
+    for r, key in evals:
+        if key not in todo and not store.eval_done(ctx.con, key):
+            todo[key] = r
+    running = _submit_evals(ctx, todo)
     for key, (t0, future) in running.items():
         result = future.result()
-        name = names[key]
+        name = label(todo[key].variant, todo[key].iteration)
         placement = result.pop("placement")
         if placement["numerics"] != ctx.eval_numerics:
             raise RuntimeError(f"evaluating {name}: the worker computed with {placement['numerics']} but the key "
                                f"says {ctx.eval_numerics}; set model.device / model.dtype (and ray.gpus_per_eval_task)")
-        store.record_eval(ctx.con, key, todo[key].key, {"model": todo[key].key, "eval_set": eval_set,
-                                                         "max_samples": cfg.eval.max_samples}, metric_rows(result))
+        model = todo[key].model.key
+        store.record_eval(ctx.con, key, model, {"model": model, "eval_set": eval_set,
+                                                "max_samples": cfg.eval.max_samples}, metric_rows(result))
         store.log_stage(ctx.con, ctx.flow_run, "evaluate", name, key, time.perf_counter() - t0,
                         result["overall"] | {"placement": placement})
-    for variant, iteration, _, key in evals:
-        _output(ctx, variant, iteration, "eval", key, key in todo)
-    return [key for _, _, _, key in evals]
+    for r, key in evals:
+        _output(ctx, r.variant, r.iteration, "eval", key, key in todo)
+    return [key for _, key in evals]
 
 
-def ensure_eval(ctx: RunContext, variant: str, iteration: int, model: Model) -> str:
+def _submit_evals(ctx: RunContext, todo: dict[str, EvalRequest]) -> dict:
+    """Start one evaluation task per key: {key: (start time, future of its metrics)}."""
+    if not todo:
+        return {}
+    cfg = ctx.cfg
+    samples, meta = load_eval_samples(ctx.con, ctx.dataset, cfg.eval.max_samples)
+    running = {}
+    for key, r in todo.items():
+        model = r.model
+        job = EvalJob(ctx.base_path, samples, meta, batch_tokens=cfg.eval.batch_tokens, adapter=model.adapter,
+                      base_key=ctx.base_model, adapter_key=model.key if model.adapter else None,
+                      device=cfg.model.device, dtype=cfg.model.dtype, tokenizer_path=ctx.tokenizer_path,
+                      max_new_tokens=cfg.eval.max_new_tokens, label=label(r.variant, r.iteration))
+        running[key] = (time.perf_counter(), submit_placed(evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task,
+                                                           cfg.ray.gpus_per_eval_task, job, keep_worker=True))
+    return running
+
+
+def ensure_eval(ctx: RunContext, request: EvalRequest) -> str:
     """``ensure_evals`` for one model."""
-    return ensure_evals(ctx, [(variant, iteration, model)])[0]
+    return ensure_evals(ctx, [request])[0]

@@ -15,13 +15,22 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from tokenclean.config import RunConfig
 from tokenclean.flows.artifacts import (
-    Model, base, ensure_adapter, ensure_adapters, ensure_eval, ensure_evals, ensure_losses, ensure_scores,
+    AdapterRequest,
+    EvalRequest,
+    Model,
+    base,
+    ensure_adapter,
+    ensure_adapters,
+    ensure_eval,
+    ensure_evals,
+    ensure_losses,
+    ensure_scores,
     ensure_selection,
 )
 from tokenclean.flows.prepare import RunContext, prepare
 from tokenclean.tasks import store
-from tokenclean.config import RunConfig
 
 
 def warmup_reference(ctx: RunContext, policy: str = "retrain_if_changed") -> Model:
@@ -35,10 +44,10 @@ def warmup_reference(ctx: RunContext, policy: str = "retrain_if_changed") -> Mod
     d0, ctx.reference = _warmup_selection(ctx, policy)
     if d0 is None:
         d0 = ensure_selection(ctx, "reference", 0, "full", [0])
-    theta1 = ensure_adapter(ctx, "reference", 0, d0, ctx.cfg.reference_train)
-    ctx.reference |= {"key": theta1.train_key,
-                      "retrained": store.output_of(ctx.con, ctx.flow_run, "reference", 0, "adapter")[1]}
-    ensure_evals(ctx, [("base", 0, base(ctx)), ("reference", 0, theta1)])
+    theta1 = ensure_adapter(ctx, AdapterRequest("reference", 0, d0, ctx.cfg.reference_train))
+    _, retrained = store.output_of(ctx.con, ctx.flow_run, "reference", 0, "adapter")
+    ctx.reference |= {"key": theta1.train_key, "retrained": retrained}
+    ensure_evals(ctx, [EvalRequest("base", 0, base(ctx)), EvalRequest("reference", 0, theta1)])
     return theta1
 
 
@@ -80,8 +89,8 @@ def run_fixed_model(ctx: RunContext) -> None:
         scores = ensure_scores(ctx, "reference", 0, theta1, pool)
     # independent of each other from here: they train (and are evaluated) at the same time
     kept = [ensure_selection(ctx, method, 1, method, pool, scores) for method in cfg.baselines]
-    adapters = ensure_adapters(ctx, [(method, 1, k, cfg.train) for method, k in zip(cfg.baselines, kept)])
-    ensure_evals(ctx, [(method, 1, adapter) for method, adapter in zip(cfg.baselines, adapters)])
+    adapters = ensure_adapters(ctx, [AdapterRequest(method, 1, k, cfg.train) for method, k in zip(cfg.baselines, kept)])
+    ensure_evals(ctx, [EvalRequest(method, 1, adapter) for method, adapter in zip(cfg.baselines, adapters)])
 
 
 def run_self_evolving(ctx: RunContext) -> Model:
@@ -94,8 +103,8 @@ def run_self_evolving(ctx: RunContext) -> Model:
         ensure_losses(ctx, *scorer, theta, [t])
         scores = ensure_scores(ctx, "self-evolving", t, theta, [t])
         kept = ensure_selection(ctx, "self-evolving", t, "global", [t], scores)
-        theta = ensure_adapter(ctx, "self-evolving", t, kept, cfg.train, parent=theta)
-        ensure_eval(ctx, "self-evolving", t, theta)
+        theta = ensure_adapter(ctx, AdapterRequest("self-evolving", t, kept, cfg.train, parent=theta))
+        ensure_eval(ctx, EvalRequest("self-evolving", t, theta))
     return theta
 
 
@@ -145,18 +154,17 @@ def _with_context(flow_name: str, cfg: RunConfig, body):
         ctx.con.close()
 
 
+# The flows take the validated config itself: Prefect records it as JSON and passes the object through.
 @flow(name="fixed-model-cleaning", log_prints=True)
-def fixed_model_cleaning(config: dict) -> str:
-    cfg = RunConfig.model_validate(config)
-    _with_context("fixed-model-cleaning", cfg, run_fixed_model)
-    return str(cfg.run_dir)
+def fixed_model_cleaning(config: RunConfig) -> str:
+    _with_context("fixed-model-cleaning", config, run_fixed_model)
+    return str(config.run_dir)
 
 
 @flow(name="self-evolving-cleaning", log_prints=True)
-def self_evolving_cleaning(config: dict) -> str:
-    cfg = RunConfig.model_validate(config)
-    _with_context("self-evolving-cleaning", cfg, run_self_evolving)
-    return str(cfg.run_dir)
+def self_evolving_cleaning(config: RunConfig) -> str:
+    _with_context("self-evolving-cleaning", config, run_self_evolving)
+    return str(config.run_dir)
 
 
 def refresh_ranking(ctx: RunContext) -> dict:
@@ -169,7 +177,7 @@ def refresh_ranking(ctx: RunContext) -> dict:
     """
     pool = ctx.pool_parts
     theta1 = warmup_reference(ctx, ctx.cfg.refresh.reference)
-    n_pool = store.count_pool(ctx.con, ctx.dataset, pool)[0]
+    n_pool, _ = store.count_pool(ctx.con, ctx.dataset, pool)
     scored = {}
     for name, model in (("base", base(ctx)), ("reference", theta1)):
         stats = ensure_losses(ctx, name, 0, model, pool)
@@ -190,7 +198,8 @@ def _publish_refresh(out: dict) -> None:
 
     ref, sel = out["reference"], out["selection"]
     lines = [f"- inputs: {out['refresh'] or 'first ingest of this run'}",
-             *(f"- {name}: scored {s['scored']:,} samples, reused {s['reused']:,}" for name, s in out["samples"].items()),
+             *(f"- {name}: scored {s['scored']:,} samples, reused {s['reused']:,}"
+               for name, s in out["samples"].items()),
              f"- reference theta_1 `{ref['key']}`: {'retrained' if ref['retrained'] else 'reused'} "
              f"({ref['reason']}; refresh.reference: {ref['policy']})",
              f"- kept {sel['n_kept']:,} of {sel['n_candidates']:,} tokens"]
@@ -201,20 +210,22 @@ def _publish_refresh(out: dict) -> None:
 
 
 @flow(name="refresh-token-ranking", log_prints=True)
-def refresh_token_ranking(config: dict) -> dict:
+def refresh_token_ranking(config: RunConfig) -> dict:
     """Re-read the inputs; score only what is new or changed; re-rank the whole pool globally."""
-    cfg = RunConfig.model_validate(config)
-    return _with_context("refresh-token-ranking", cfg, refresh_ranking)
+    return _with_context("refresh-token-ranking", config, refresh_ranking)
 
 
 @flow(name="scheduled-refresh", log_prints=True)
 def scheduled_refresh(config: dict) -> dict:
-    """Entry point for deployments: builds the configured Ray task runner, then refreshes."""
+    """Entry point for deployments: builds the configured Ray task runner, then refreshes.
+
+    ``config`` is the JSON a deployment stores on the Prefect server (``tokenclean serve``); validated here, once.
+    """
     from tokenclean.flows.runtime import ray_session, task_runner
 
     cfg = RunConfig.model_validate(config)
     with ray_session(cfg.ray):
-        return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(config)
+        return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(cfg)
 
 
 def refresh(cfg: RunConfig) -> dict:
@@ -228,9 +239,8 @@ def run(cfg: RunConfig) -> None:
     """Run the flows the config's mode asks for, on the configured Ray task runner."""
     from tokenclean.flows.runtime import prefect_api, ray_session, task_runner
 
-    config = cfg.model_dump(mode="json")
     with prefect_api(), ray_session(cfg.ray):
         if cfg.mode in ("fixed", "both"):
-            fixed_model_cleaning.with_options(task_runner=task_runner(cfg.ray))(config)
+            fixed_model_cleaning.with_options(task_runner=task_runner(cfg.ray))(cfg)
         if cfg.mode in ("self_evolving", "both"):
-            self_evolving_cleaning.with_options(task_runner=task_runner(cfg.ray))(config)
+            self_evolving_cleaning.with_options(task_runner=task_runner(cfg.ray))(cfg)

@@ -13,11 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenclean.tasks import keys, store
-from tokenclean.tasks.ingest import CHUNK_ROWS, IngestSpec, stage_inputs, tokenization_of
 from tokenclean.config import RunConfig, dump_config
-from tokenclean.tasks.storage import join
+from tokenclean.flows.ingest import IngestJob, stage_inputs
 from tokenclean.flows.runtime import run_logger
+from tokenclean.tasks import keys, store
+from tokenclean.tasks.ingest import IngestSpec, tokenization_of
+from tokenclean.tasks.storage import join
 
 
 @dataclass
@@ -60,18 +61,14 @@ def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
     paths, eval_paths = list(cfg.data.paths), list(cfg.data.eval_paths)
     if cfg.model.base == "embedded":
         from tokenclean.embedded import EmbeddedSpec, build
-        from tokenclean.synth import SynthSpec
 
-        e = cfg.embedded
-        spec = EmbeddedSpec(synth=SynthSpec(n_people=e.n_people, n_train=e.n_train, n_eval=e.n_eval,
-                                            corrupt_fraction=e.corrupt_fraction, seed=e.seed),
-                            pretrain_steps=e.pretrain_steps)
-        built = build(spec)
+        built = build(EmbeddedSpec.of(cfg.embedded))
         if not paths:
             paths, eval_paths = [str(built.train)], eval_paths or [str(built.eval)]
         return str(built.model), paths, eval_paths
     if not paths:
-        raise ValueError("data.paths is empty: give JSONL/Parquet files or hf:NAME (only the embedded model has default data)")
+        raise ValueError("data.paths is empty: give JSONL/Parquet files or hf:NAME "
+                         "(only the embedded model has default data)")
     return cfg.model.base, paths, eval_paths
 
 
@@ -130,32 +127,44 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path, memory_limit=cfg.db_memory_limit)
     try:
-        tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template, cfg.data.empty_think)
-        split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
-                 "seed": cfg.data.seed}
-        warmup = list(cfg.data.warmup_paths)
-        if warmup:  # only then, so the keys of runs without a warm-up input stay what they were
-            split["warmup"] = True
-        inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths + (["--warmup--"] + warmup if warmup else []))
-        dataset = keys.dataset_key(tokenization, inputs, split)
+        job = ingest_job(cfg, con, tokenizer, base_path, paths, eval_paths, progress=progress)
         root = storage_root(cfg, con)
-        # each input split's processed part: in the workers' storage, copied to the run directory if remote
-        parts = (join(root, "ingest", dataset), str(run_dir / "ingest" / dataset))
-        info = _ingest_once(con, dataset, tokenizer, paths, eval_paths, split, tokenization, cfg.data.max_length,
-                            inputs, cfg.model.tokenizer or base_path, cfg.data.template, progress=progress,
-                            workers=cfg.data.ingest_workers, db_memory_limit=cfg.db_memory_limit, parts=parts,
-                            warmup_paths=warmup, empty_think=cfg.data.empty_think)
+        info = _ingest_once(con, job, tokenizer)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         dump_config(cfg, run_dir / "config.yaml")
-        if store.samples_by_part(con, dataset).get(store.EVAL_PART, 0) == 0:
+        if store.samples_by_part(con, job.dataset).get(store.EVAL_PART, 0) == 0:
             raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
     except BaseException:
         con.close()  # release the file lock for whoever runs next
         raise
-    return RunContext(cfg, con, base_path, cfg.model.tokenizer or base_path, run_dir, dataset, base_model, scorer_settings(cfg),
-                      placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
-                      placed_numerics(cfg, cfg.ray.gpus_per_eval_task), info, storage=root)
+    return RunContext(cfg=cfg, con=con, base_path=base_path, tokenizer_path=job.tokenizer, run_dir=run_dir,
+                      dataset=job.dataset, base_model=base_model, scorer=scorer_settings(cfg),
+                      train_numerics=placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
+                      eval_numerics=placed_numerics(cfg, cfg.ray.gpus_per_eval_task), ingest=info, storage=root)
+
+
+def ingest_job(cfg: RunConfig, con, tokenizer, base_path: str, paths: list[str], eval_paths: list[str], *,
+               progress: bool = False) -> IngestJob:
+    """The dataset the config's inputs make (its key: tokenization, the inputs' content, the split) and how
+    to ingest it."""
+    tokenization = tokenization_of(tokenizer, cfg.data.max_length, cfg.data.template, cfg.data.empty_think)
+    split = {"parts": cfg.iterations + 1, "eval_fraction": 0.0 if eval_paths else cfg.data.eval_fraction,
+             "seed": cfg.data.seed}
+    warmup = list(cfg.data.warmup_paths)
+    if warmup:  # only then, so the keys of runs without a warm-up input stay what they were
+        split["warmup"] = True
+    inputs = keys.inputs_fingerprint(paths + ["--eval--"] + eval_paths + (["--warmup--"] + warmup if warmup else []))
+    dataset = keys.dataset_key(tokenization, inputs, split)
+    spec = IngestSpec(tokenization, cfg.data.max_length, split["eval_fraction"], split["parts"], split["seed"],
+                      cfg.data.template, warmup=bool(warmup), empty_think=cfg.data.empty_think)
+    # each input split's processed part: in the workers' storage, copied to the run directory if remote
+    return IngestJob(dataset=dataset, spec=spec, paths=tuple(paths), eval_paths=tuple(eval_paths),
+                     warmup_paths=tuple(warmup), inputs=inputs, split=split,
+                     tokenizer=cfg.model.tokenizer or base_path,
+                     parts_dir=join(storage_root(cfg, con), "ingest", dataset),
+                     local_dir=str(cfg.run_dir / "ingest" / dataset), workers=cfg.data.ingest_workers,
+                     db_memory_limit=cfg.db_memory_limit, progress=progress)
 
 
 def storage_root(cfg: RunConfig, con) -> str:
@@ -166,22 +175,16 @@ def storage_root(cfg: RunConfig, con) -> str:
     return join(cfg.storage, f"{cfg.name}-{store.run_id(con)}")
 
 
-def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                 inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                 db_memory_limit: str | None = None, parts: tuple[str, str], warmup_paths: list[str] = (),
-                 empty_think: str = "target") -> dict:
+def _ingest_once(con, job: IngestJob, tokenizer) -> dict:
     """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
     compares against whatever ran last now, not against what preceded its first ingest.
     """
     previous = store.latest_dataset(con) or store.last_ingested_dataset(con)
-    info = _ingest_new(con, dataset, tokenizer, paths, eval_paths, split, tokenization, max_length, inputs,
-                       tokenizer_path, template, progress=progress, workers=workers,
-                       db_memory_limit=db_memory_limit, parts=parts, warmup_paths=warmup_paths,
-                       empty_think=empty_think)
-    if previous is not None and previous != dataset:
-        info["changes"] = store.dataset_diff(con, previous, dataset)
+    info = _ingest_new(con, job, tokenizer)
+    if previous is not None and previous != job.dataset:
+        info["changes"] = store.dataset_diff(con, previous, job.dataset)
     return info
 
 
@@ -191,33 +194,28 @@ def _ingest_once(con, dataset: str, tokenizer, paths, eval_paths, split: dict, t
 INGEST_DB_MEMORY = "256MB"
 
 
-def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, tokenization: str, max_length: int,
-                inputs: str, tokenizer_path: str, template: str, *, progress: bool, workers: int = 1,
-                chunk_rows: int = CHUNK_ROWS, db_memory_limit: str | None = None,
-                parts: tuple[str, str], warmup_paths: list[str] = (), empty_think: str = "target") -> dict:
+def _ingest_new(con, job: IngestJob, tokenizer) -> dict:
     from tokenclean.tasks.storage import remove_tree
 
-    summary = store.dataset_summary(con, dataset)
+    summary = store.dataset_summary(con, job.dataset)
     if summary is not None:
         return {"ingested": False, **summary}
     t0 = time.perf_counter()
-    spec = IngestSpec(tokenization, max_length, split["eval_fraction"], split["parts"], split["seed"], template,
-                      warmup=bool(warmup_paths), empty_think=empty_think)
     # streamed: input splits are processed (by Ray workers reading the files themselves when
     # data.ingest_workers > 1) into Parquet parts under the run's storage, named by the dataset key
     # (an interrupted ingest resumes from its finished parts), and staged in the run database as
     # they complete; the driver holds no rows
-    with store.memory_limit(con, INGEST_DB_MEMORY, after=db_memory_limit):
-        read = stage_inputs(con, paths, eval_paths, tokenizer, spec, parts_dir=parts[0], local_dir=parts[1],
-                            chunk_rows=chunk_rows, workers=workers, progress=progress,
-                            warmup_entries=list(warmup_paths))
+    with store.memory_limit(con, INGEST_DB_MEMORY, after=job.db_memory_limit):
+        read = stage_inputs(con, list(job.paths), list(job.eval_paths), tokenizer, job.spec, parts_dir=job.parts_dir,
+                            local_dir=job.local_dir, chunk_rows=job.chunk_rows, workers=job.workers,
+                            progress=job.progress, warmup_entries=list(job.warmup_paths))
         staged = store.stage_summary(con)
         if staged["samples"] == 0:
             q = store.staged_quarantine(con)
             store.stage_reset(con)
-            for directory in parts:
+            for directory in (job.parts_dir, job.local_dir):
                 remove_tree(directory)
-            raise ValueError(f"no usable rows in {paths}: all {read['rows_read']} rows were quarantined "
+            raise ValueError(f"no usable rows in {list(job.paths)}: all {read['rows_read']} rows were quarantined "
                              f"(first reason: {q[0]['reason'] if q else 'empty input'})")
         summary = {"rows_read": read["rows_read"], **staged}
         if read.get("reasoning_dropped"):  # reasoning the template does not render: counted, never silently lost
@@ -226,10 +224,15 @@ def _ingest_new(con, dataset: str, tokenizer, paths, eval_paths, split: dict, to
             summary["skipped_files"] = read["skipped"]
             run_logger().warning("ingest skipped %d file(s): %s", len(read["skipped"]),
                                  "; ".join(f"{f}: {why}" for f, why in read["skipped"].items()))
-        described = {"paths": paths, "eval_paths": eval_paths, "warmup_paths": list(warmup_paths), "content": inputs, "tokenization": tokenization,
-                     "tokenizer": tokenizer_path, "template": template, "max_length": max_length, "split": split}
-        counts = store.insert_staged_dataset(con, dataset, described, summary)
-    for directory in parts:  # recorded in the database: the parts have served their purpose
+        counts = store.insert_staged_dataset(con, job.dataset, _described(job), summary)
+    for directory in (job.parts_dir, job.local_dir):  # recorded in the database: the parts have served their purpose
         remove_tree(directory)
     return {"ingested": True, "seconds": time.perf_counter() - t0, **summary, **counts,
             "splits": read["splits"], "splits_reused": read["splits_reused"], "placement": read["placement"]}
+
+
+def _described(job: IngestJob) -> dict:
+    """What the dataset was ingested from, as its row records it (``store.dataset_inputs``)."""
+    return {"paths": list(job.paths), "eval_paths": list(job.eval_paths), "warmup_paths": list(job.warmup_paths),
+            "content": job.inputs, "tokenization": job.spec.tokenization, "tokenizer": job.tokenizer,
+            "template": job.spec.template, "max_length": job.spec.max_length, "split": job.split}

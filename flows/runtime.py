@@ -1,9 +1,7 @@
 """Where flows run: a Prefect API every process can reach, and the Ray task runner.
 
-Prefect's default ephemeral API lives inside the driver process; Ray workers cannot see
-it and would each start a private one, so their task runs would vanish from the
-dashboard. When no ``PREFECT_API_URL`` is configured we therefore start one local API
-server as a subprocess and export its URL before Ray starts, so workers inherit it.
+Prefect's default ephemeral API lives inside the driver, out of the Ray workers' sight; so where no
+``PREFECT_API_URL`` is configured a local API server subprocess is started and its URL exported before Ray starts.
 """
 from __future__ import annotations
 
@@ -13,18 +11,14 @@ import os
 from tokenclean.config import RayConfig
 from tokenclean.tasks import watchdog
 
-
 STARTUP_TIMEOUT_S = 180
 
 
 def start_local_server(attempts: int = 2):
     """Start a local Prefect API server subprocess; return it once it answers /health.
 
-    The first start on a fresh machine runs the database migrations, which on a busy
-    2-core box can take longer than Prefect's default 20 s; the timeout is passed to
-    ``start`` explicitly because Prefect reads its settings at import, before any
-    environment variable we could set here. A start that still fails (a port taken
-    between probe and bind, a slow first migration) is retried once on a new port.
+    A first start runs migrations, slower than Prefect's default timeout, so the timeout is passed to ``start``
+    (Prefect reads its settings at import); a failed start (a port taken meanwhile) is retried on a new port.
     """
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -97,16 +91,9 @@ def task_runner(cfg: RayConfig):
 
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig):
-    """Hold one Ray connection for everything inside: both flows of ``tokenclean run`` share it.
-
-    ``RayTaskRunner`` joins a Ray that is already initialised instead of starting its own
-    (and then leaves it running), so the flows run as one Ray job: one local cluster
-    start, and the same worker processes, whose per-process model cache (keyed by the
-    model's key) survives from the fixed flow into the self-evolving one. Measured on the
-    tiny test run (2 cores): each flow's own cluster cost ~8-10 s of start-up plus ~10 s
-    of worker imports before its first task. Does nothing when Ray is off or already
-    initialised by the caller.
-    """
+    """Hold one Ray connection for everything inside: both flows of ``tokenclean run`` share it, so they start one
+    cluster and keep the same workers and their model cache. Does nothing when Ray is off or already initialised
+    by the caller."""
     if not cfg.enabled:
         yield
         return
@@ -147,14 +134,8 @@ def _import_stages() -> int:
 
 
 def warm_workers(limit: int = 8) -> list:
-    """Start the job's CPU workers now and import the stage code in them, without waiting.
-
-    A Ray worker's first task pays ~8-10 s of imports on a 2-core machine; started here,
-    that overlaps with the driver's own preparation (tokenizer, ingest, planning) instead
-    of delaying the first training or scoring task, and a scoring stage no longer starts
-    a second worker mid-stage. Later tasks of this job reuse these processes (same job,
-    same runtime environment). Returns the refs (nothing waits on them).
-    """
+    """Start the job's CPU workers now and import the stage code in them, so that a worker's first-task imports
+    overlap the driver's own preparation. Returns the refs (nothing waits on them)."""
     import ray
 
     n = int(min(limit, ray.cluster_resources().get("CPU", 1)))
@@ -211,15 +192,9 @@ def submit_placed(task, cfg: RayConfig, cpus: float, gpus: float, *args, keep_wo
 def placement_options(cpus: float | None, gpus: float, keep_worker: bool) -> dict:
     """Ray resource options of a task; ``keep_worker`` keeps its worker process alive afterwards.
 
-    Ray retires a worker after one task that used GPUs (``max_calls`` defaults to 1 for
-    them) so that its GPU memory is freed. That defeats the per-process model cache:
-    every shard would start a process and load the model again (11-12 s per task on the
-    test cluster's logical GPU, measured; tens of seconds for an 8B model), and since an
-    idle worker also runs the next task of another kind, one training task would retire
-    the worker holding the scoring model. Our tasks therefore keep their worker
-    (``max_calls=0``: unlimited): scoring and evaluation keep the cached base model,
-    training returns its CUDA cache when it ends (``tasks.train.train_worker``). The
-    price: an idle worker holds one copy of the base weights on its GPU.
+    Ray retires a worker after one GPU task, which would reload the model for every shard; a kept worker
+    (``max_calls=0``) keeps the per-process model cache, and an idle one holds a copy of the base weights on its GPU.
+    Why: docs/design.md ("Scheduling and placement").
     """
     out: dict = {"num_gpus": gpus}
     if cpus is not None:

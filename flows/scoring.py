@@ -18,14 +18,15 @@ import contextlib
 import json
 import re
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenclean.flows.runtime import run_logger, scoring_slots
 from tokenclean.tasks import storage, store
+from tokenclean.tasks.jobs import ScoreJob, ScorerSpec
 from tokenclean.tasks.score import SampleBatch
 from tokenclean.tasks.steps import SHARD_META, score_shard_task
-from tokenclean.flows.runtime import run_logger, scoring_slots
-
 
 MIN_SHARD_TOKENS = 16384
 SHARDS_PER_SLOT = 4
@@ -46,7 +47,8 @@ def shard_token_budget(total_tokens: int, slots: int, max_tokens: int, per_slot:
 
 def chunk_shards(ids: np.ndarray, lengths: np.ndarray, start: int, max_tokens: int,
                  max_samples: int | None = None) -> list[tuple[int, np.ndarray]]:
-    """Consecutive runs of ``ids`` of at most ``max_tokens`` tokens and ``max_samples`` samples, numbered from ``start``.
+    """Consecutive runs of ``ids`` of at most ``max_tokens`` tokens and ``max_samples`` samples, numbered from
+    ``start``.
 
     A sample longer than ``max_tokens`` is a shard of its own. Pure: the same inputs give
     the same shards (``tests/faults.py`` predicts them).
@@ -99,7 +101,8 @@ def recover_orphan_shards(con, model_key: str, shard_dir: str, scorer: dict | No
             ids = sorted(set(table.column("sample_id").to_pylist()))
         except (OSError, ValueError, KeyError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
             reason = f"{type(e).__name__}: {e}"
-            run_logger().warning("shard file %s is unreadable (%s); removed, its samples are scored again", path, reason)
+            run_logger().warning("shard file %s is unreadable (%s); removed, its samples are scored again",
+                                 path, reason)
             storage.remove(path)
             if unreadable is not None:
                 unreadable.append({"path": path, "reason": reason})
@@ -141,6 +144,16 @@ def _placement(ctx):
     return remote_options(**placement_options(None, ctx.cfg.ray.num_gpus_per_task, keep_worker=True))
 
 
+def score_job(ctx, model_key: str, adapter: str | None) -> ScoreJob:
+    """What every scoring worker of ``model_key`` is handed: the model, its numerics (``ctx.scorer``), batch sizes."""
+    cfg = ctx.cfg
+    spec = ScorerSpec(ctx.base_path, ctx.base_model, device=cfg.model.device, dtype=cfg.model.dtype,
+                      backend=cfg.score.backend, compile=ctx.scorer["compile"],
+                      linear_ce=ctx.scorer.get("linear_ce", "chunked"))
+    return ScoreJob(spec, model_key, adapter, batch_tokens=cfg.score.batch_tokens, chunk=cfg.score.lm_head_chunk,
+                    chunk_bytes=cfg.score.lm_head_chunk_bytes)
+
+
 def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list[int], *, progress: bool = True,
                 max_in_flight: int | None = None) -> dict:
     """Ensure ``token_losses`` holds model ``model_key``'s loss for every response token of the pool.
@@ -148,97 +161,146 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     ``name`` is what the user reads (``base``, ``reference``, ``self-evolving@1``);
     everything stored is under ``model_key``.
     """
-    from prefect.futures import as_completed
-    from tqdm.auto import tqdm
+    run = _plan(ctx, name, score_job(ctx, model_key, adapter), parts)
+    max_in_flight = max_in_flight or 2 * run.stats["slots"]  # one queued behind each running shard
+    run.start()
+    shown = _Progress(name, run.total, len(run.queue), progress)
+    with _placement(ctx):
+        while run.queue or run.pending:
+            while run.queue and len(run.pending) < max_in_flight:
+                run.submit_next()
+            run.collect(run.next_result())
+            shown.update(run)
+    shown.bar.close()
+    return run.finish()
 
-    con, cfg = ctx.con, ctx.cfg
+
+def _plan(ctx, name: str, job: ScoreJob, parts: list[int]) -> _ScoringRun:
+    """Recover shard files left by an earlier run, then plan shards of what is still unscored."""
+    con, cfg, model_key = ctx.con, ctx.cfg, job.model_key
     t_plan = time.perf_counter()
     shard_dir = ctx.shard_dir(model_key)
-    n_total = store.count_pool(con, ctx.dataset, parts)[0]
+    n_total, _ = store.count_pool(con, ctx.dataset, parts)
     unreadable: list[dict] = []
     rec_shards, rec_samples = recover_orphan_shards(con, model_key, shard_dir, ctx.scorer, unreadable)
     slots = scoring_slots(cfg.ray)
     todo, total = plan_shards(con, model_key, ctx.dataset, parts, cfg.score.shard_tokens, cfg.score.shard_samples,
                               slots)
     n_todo = sum(len(ids) for _, ids in todo)
-    max_in_flight = max_in_flight or 2 * slots  # one queued behind each running shard
-    t0 = time.perf_counter()
-    # where the driver's time goes (seconds): planning, reading samples, submitting, waiting for
-    # results, loading shard files into DuckDB, progress reporting; and the workers' summed time
-    driver = {"plan": t0 - t_plan, "fetch": 0.0, "submit": 0.0, "wait": 0.0, "load": 0.0, "progress": 0.0}
-    worker = {"model": 0.0, "losses": 0.0, "write": 0.0}
-    spans: dict = {}  # shard -> [submitted, worker started, worker ended, result received] (epoch seconds)
-    stats = {"model": name, "key": model_key, "slots": slots, "samples_total": n_total, "samples_skipped": n_total - n_todo - rec_samples,
-             "shards_recovered": rec_shards, "samples_recovered": rec_samples, "shards_unreadable": unreadable,
-             "shards_scored": 0,
+    stats = {"model": name, "key": model_key, "slots": slots, "samples_total": n_total,
+             "samples_skipped": n_total - n_todo - rec_samples, "shards_recovered": rec_shards,
+             "samples_recovered": rec_samples, "shards_unreadable": unreadable, "shards_scored": 0,
              "samples_scored": 0, "tokens": 0, "nonfinite": 0, "workers": {}, "placement": []}
-    bar = tqdm(total=total, desc=f"score {name}", unit="tok", unit_scale=True, disable=not progress or not todo)
-    artifact = _progress_artifact(name, len(todo)) if todo else None
-    pending: dict = {}
-    queue = list(todo)
-    dev, dtype = cfg.model.device, cfg.model.dtype
-    with _placement(ctx):
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                shard, ids = queue.pop(0)
-                tick = time.perf_counter()
-                samples = load_shard_samples(con, ids)
-                tock = time.perf_counter()
-                driver["fetch"] += tock - tick
-                fut = score_shard_task.with_options(task_run_name=f"score-{name}-{shard}").submit(
-                    ctx.base_path, ctx.base_model, adapter, model_key, shard, samples,
-                    storage.shard_path(shard_dir, shard),
-                    batch_tokens=cfg.score.batch_tokens,
-                    chunk=cfg.score.lm_head_chunk, chunk_bytes=cfg.score.lm_head_chunk_bytes, device=dev,
-                    dtype=dtype, backend=cfg.score.backend,
-                    compile=ctx.scorer["compile"], linear_ce=ctx.scorer.get("linear_ce", "chunked"))
-                pending[fut] = shard
-                spans[shard] = [time.time()]
-                del samples
-                driver["submit"] += time.perf_counter() - tock
-            tick = time.perf_counter()
-            fut = next(iter(as_completed(list(pending))))
-            pending.pop(fut)
-            res = fut.result()
-            tock = time.perf_counter()
-            driver["wait"] += tock - tick
-            spans[res["shard"]] += [*res.get("span", (None, None)), time.time()]
-            for k, v in res.get("timing", {}).items():
-                worker[k] = worker.get(k, 0.0) + v
-            wrong = _disagreement(res.get("made_by") or {}, ctx.scorer)
-            if wrong:  # the file is not what the key says: removed, never left for a later run to recover
-                storage.remove(res["path"])
-                raise RuntimeError(
-                    f"scoring {name}: a worker computed with {'; '.join(wrong)}; set model.device / model.dtype "
-                    "(and ray.num_gpus_per_task) explicitly so workers and key agree")
-            storage.require_visible(res["path"], f"scoring {name}: shard {res['shard']}", res["node"])
-            _load(con, model_key, res["shard"], res["path"])
-            tick = time.perf_counter()
-            driver["load"] += tick - tock
-            stats["nonfinite"] += res["nonfinite"]
-            stats["shards_scored"] += 1
-            stats["samples_scored"] += res["n_samples"]
-            stats["workers"].setdefault(str(res["pid"]), set()).add(res["model_id"])
-            stats["tokens"] += res["n_tokens"]
-            if {"node": res["node"]} not in stats["placement"]:
-                stats["placement"].append({"node": res["node"]})
-            bar.update(res["n_tokens"])
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:,.0f}", shards=f"{stats['shards_scored']}/{len(todo)}")
-            if artifact is not None:
-                from prefect.artifacts import update_progress_artifact
+    return _ScoringRun(ctx, name, job, shard_dir, list(todo), total, stats, t_plan)
 
-                update_progress_artifact(artifact, 100.0 * stats["tokens"] / max(1, total),
-                                         description=f"{stats['tokens'] / elapsed:,.0f} tok/s")
-            driver["progress"] += time.perf_counter() - tick
-    bar.close()
-    stats["workers"] = {pid: len(models) for pid, models in stats["workers"].items()}  # model loads per worker
-    stats["seconds"] = time.perf_counter() - t0
-    stats["timing"] = {"driver": driver, "workers": worker, "spans": spans}
-    stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
-    if stats["shards_scored"] or rec_shards or unreadable:
-        store.log_stage(con, ctx.flow_run, "score", name, model_key, stats["seconds"], stats)
-    return stats
+
+@dataclass
+class _ScoringRun:
+    """One ``score_model`` call in flight: shards still to send, shards running, what came back, where time went."""
+
+    ctx: object
+    name: str
+    job: ScoreJob
+    shard_dir: str
+    queue: list  # (shard, sample ids) not submitted yet
+    total: int  # tokens to score
+    stats: dict
+    t_plan: float
+    t0: float = 0.0
+    pending: dict = field(default_factory=dict)  # future -> shard
+    # the driver's seconds: planning, reading samples, submitting, waiting for results, loading shard files
+    # into DuckDB, progress reporting; and the workers' summed seconds
+    driver: dict = field(default_factory=lambda: dict.fromkeys(("plan", "fetch", "submit", "wait", "load",
+                                                                "progress"), 0.0))
+    worker: dict = field(default_factory=lambda: dict.fromkeys(("model", "losses", "write"), 0.0))
+    spans: dict = field(default_factory=dict)  # shard -> [submitted, worker started, worker ended, received] (epoch)
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.driver["plan"] = self.t0 - self.t_plan
+
+    def submit_next(self) -> None:
+        """Read the next shard's samples from DuckDB and send them, with the job, to a scoring worker."""
+        shard, ids = self.queue.pop(0)
+        tick = time.perf_counter()
+        samples = load_shard_samples(self.ctx.con, ids)
+        tock = time.perf_counter()
+        self.driver["fetch"] += tock - tick
+        task = score_shard_task.with_options(task_run_name=f"score-{self.name}-{shard}")
+        self.pending[task.submit(self.job, shard, samples, storage.shard_path(self.shard_dir, shard))] = shard
+        self.spans[shard] = [time.time()]
+        self.driver["submit"] += time.perf_counter() - tock
+
+    def next_result(self) -> dict:
+        from prefect.futures import as_completed
+
+        tick = time.perf_counter()
+        fut = next(iter(as_completed(list(self.pending))))
+        self.pending.pop(fut)
+        res = fut.result()
+        self.driver["wait"] += time.perf_counter() - tick
+        return res
+
+    def collect(self, res: dict) -> None:
+        """Check a finished shard against the losses' key, load its file into DuckDB, and count it."""
+        tock, stats = time.perf_counter(), self.stats
+        self.spans[res["shard"]] += [*res.get("span", (None, None)), time.time()]
+        for k, v in res.get("timing", {}).items():
+            self.worker[k] = self.worker.get(k, 0.0) + v
+        wrong = _disagreement(res.get("made_by") or {}, self.ctx.scorer)
+        if wrong:  # the file is not what the key says: removed, never left for a later run to recover
+            storage.remove(res["path"])
+            raise RuntimeError(
+                f"scoring {self.name}: a worker computed with {'; '.join(wrong)}; set model.device / model.dtype "
+                "(and ray.num_gpus_per_task) explicitly so workers and key agree")
+        storage.require_visible(res["path"], f"scoring {self.name}: shard {res['shard']}", res["node"])
+        _load(self.ctx.con, self.job.model_key, res["shard"], res["path"])
+        self.driver["load"] += time.perf_counter() - tock
+        stats["nonfinite"] += res["nonfinite"]
+        stats["shards_scored"] += 1
+        stats["samples_scored"] += res["n_samples"]
+        stats["workers"].setdefault(str(res["pid"]), set()).add(res["model_id"])
+        stats["tokens"] += res["n_tokens"]
+        if {"node": res["node"]} not in stats["placement"]:
+            stats["placement"].append({"node": res["node"]})
+
+    def finish(self) -> dict:
+        """The stage's statistics, logged as a stage when it scored, recovered or dropped anything."""
+        stats = self.stats
+        stats["workers"] = {pid: len(models) for pid, models in stats["workers"].items()}  # model loads per worker
+        stats["seconds"] = time.perf_counter() - self.t0
+        stats["timing"] = {"driver": self.driver, "workers": self.worker, "spans": self.spans}
+        stats["tokens_per_s"] = stats["tokens"] / stats["seconds"] if stats["tokens"] else 0.0
+        if stats["shards_scored"] or stats["shards_recovered"] or stats["shards_unreadable"]:
+            store.log_stage(self.ctx.con, self.ctx.flow_run, "score", self.name, self.job.model_key,
+                            stats["seconds"], stats)
+        return stats
+
+
+class _Progress:
+    """What the user watches: a tqdm bar in the terminal, a Prefect progress artifact in the UI."""
+
+    def __init__(self, name: str, total_tokens: int, n_shards: int, show: bool):
+        from tqdm.auto import tqdm
+
+        self.total, self.n_shards = total_tokens, n_shards
+        self.bar = tqdm(total=total_tokens, desc=f"score {name}", unit="tok", unit_scale=True,
+                        disable=not show or not n_shards)
+        self.artifact = _progress_artifact(name, n_shards) if n_shards else None
+        self.shown = 0
+
+    def update(self, run: _ScoringRun) -> None:
+        tick, stats = time.perf_counter(), run.stats
+        self.bar.update(stats["tokens"] - self.shown)
+        self.shown = stats["tokens"]
+        rate = f"{stats['tokens'] / (tick - run.t0):,.0f}"
+        self.bar.set_postfix(tok_s=rate, shards=f"{stats['shards_scored']}/{self.n_shards}")
+        if self.artifact is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.artifact, 100.0 * stats["tokens"] / max(1, self.total),
+                                     description=f"{rate} tok/s")
+        run.driver["progress"] += time.perf_counter() - tick
 
 
 def _progress_artifact(name: str, n_shards: int):

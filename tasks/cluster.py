@@ -1,47 +1,24 @@
 """Joining Ray: a local cluster only this user on this host can reach, or the cluster at a given address.
 
-A local cluster (no address) binds every Ray process to 127.0.0.1 and runs with Ray's token
-authentication on, the token in a file only this user can read: another user of the host,
-or anyone on the network, can neither reach it nor submit work to it. A cluster at an
-address is its operator's: tokenclean adds no security settings of its own there
-(``infra/README.md`` says how to run one with authentication on).
-
-Workers get cloud credentials from their node's own credential chain (instance role,
-credentials file, the environment the raylet was started with), never from the driver
-through ``runtime_env``: Ray writes a job's runtime environment into its logs in plain text.
+A local cluster listens on 127.0.0.1 alone with Ray's token authentication on, the token readable by this user
+alone; a cluster at an address is its operator's. Workers never get credentials through ``runtime_env`` (Ray logs
+it in plain text). The security model: docs/design.md ("The cluster's security model").
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 from pathlib import Path
 
-# Words of a variable's name that say it holds a secret, by the usual conventions (AWS_SECRET_ACCESS_KEY, HF_TOKEN,
-# DB_PASSWORD, OPENAI_API_KEY, ...): whole words, so TOKENCLEAN_CACHE is not one. A name that ends in _FILE, _PATH or
-# _DIR says where a secret lives (AWS_SHARED_CREDENTIALS_FILE), which is no secret.
-_SECRET_WORDS = {"SECRET", "SECRETS", "TOKEN", "TOKENS", "PASSWORD", "PASSWD", "PASSPHRASE", "PWD", "CREDENTIAL",
-                 "CREDENTIALS", "PRIVATE", "AUTH", "APIKEY", "COOKIE"}
-_SECRET_PAIRS = {("API", "KEY"), ("ACCESS", "KEY"), ("SESSION", "KEY"), ("SECRET", "KEY"), ("SIGNING", "KEY"),
-                 ("ENCRYPTION", "KEY"), ("CLIENT", "SECRET")}
+from tokenclean.secret_names import is_secret_name, secret_looking
+
 # Ray's own switch for single-host clusters: with it off, Ray takes 127.0.0.1 as the node's address and its
 # servers listen on loopback alone (Ray reads it at import, so ``loopback_only`` sets Ray's copy too).
 _SINGLE_HOST = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Variables the workers need to find the Prefect API, the cache and custom scorer modules (PYTHONPATH).
 PASSED = ("PREFECT_API_URL", "PREFECT_HOME", "TOKENCLEAN_CACHE", "TRANSFORMERS_VERBOSITY",
           "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_OFFLINE", "PREFECT_LOGGING_LEVEL", "PYTHONPATH")
-
-
-def is_secret_name(name: str) -> bool:
-    words = [w for w in re.split(r"[^A-Z0-9]+", name.upper()) if w]
-    if words and words[-1] in ("FILE", "PATH", "DIR"):
-        return False
-    return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
-
-
-def secret_looking(names) -> list[str]:
-    return [n for n in names if is_secret_name(n)]
 
 
 def worker_env(env_vars=()) -> dict:
@@ -71,11 +48,8 @@ def init_kwargs(local: bool, num_cpus: int | None = None, env_vars=()) -> dict:
 
 
 def private_token() -> None:
-    """Make sure the token Ray uses for a local cluster is readable by this user alone.
-
-    Ray generates ``~/.ray/auth_token`` with the process's umask (0644 here); a token that
-    others can read opens the cluster to them. A token the user gives (``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH``) is theirs to keep."""
+    """Make sure the token Ray uses for a local cluster is readable by this user alone (Ray writes it with the
+    process's umask). A token the user gives (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``) is left as it is."""
     if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
         return
     path = Path.home() / ".ray" / "auth_token"

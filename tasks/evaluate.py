@@ -16,6 +16,7 @@ import re
 import numpy as np
 
 from tokenclean.tasks import store
+from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.score import ShardSample, process_model
 
 # part of an evaluation's key: a new metric is a new evaluation (v3: greedy whatever the checkpoint's generation
@@ -25,8 +26,10 @@ METRICS_VERSION = "loss+cloze+generated-v3"
 
 def load_eval_samples(con, dataset: str, max_samples: int | None = None):
     rows = store.eval_rows(con, dataset, max_samples)
-    samples = [ShardSample(r[0], np.asarray(r[2], dtype=np.int32), np.asarray(r[3], dtype=bool)) for r in rows]
-    meta = {r[0]: {"task": r[1], "answer": (r[4], r[5]), "answer_text": r[6]} for r in rows}
+    samples = [ShardSample(r.sample_id, np.asarray(r.input_ids, dtype=np.int32),
+                           np.asarray(r.response_mask, dtype=bool)) for r in rows]
+    meta = {r.sample_id: {"task": r.task, "answer": (r.answer_start, r.answer_end), "answer_text": r.answer}
+            for r in rows}
     return samples, meta
 
 
@@ -61,18 +64,15 @@ def stop_token_ids(tokenizer, samples) -> list[int]:
     return sorted(stops)
 
 
-def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_tokens: int, chunk: int = 2048,
-                   device: str = "auto", dtype: str = "auto", base_key: str | None = None,
-                   adapter_key: str | None = None, tokenizer_path: str | None = None,
-                   max_new_tokens: int = 128) -> dict:
+def evaluate_model(job: EvalJob) -> dict:
     """Metrics of base (+ adapter) on the eval samples: {'overall': {...}, 'by_task': {task: {...}}}."""
+    samples, meta = job.samples, job.meta
     if not samples:
         raise ValueError("no held-out samples (part = -1): set data.eval_paths or data.eval_fraction > 0")
-    sm = process_model(base_path, device, dtype, model_key=base_key)
-    table = sm.losses(samples, adapter=adapter, adapter_key=adapter_key, batch_tokens=batch_tokens, chunk=chunk,
-                      with_correct=True)
-    generated = _generated_matches(sm, adapter, adapter_key, samples, meta, tokenizer_path or base_path,
-                                   max_new_tokens) if max_new_tokens > 0 else {}
+    sm = process_model(job.base_path, job.device, job.dtype, model_key=job.base_key)
+    table = sm.losses(samples, adapter=job.adapter, adapter_key=job.adapter_key, batch_tokens=job.batch_tokens,
+                      chunk=job.chunk, with_correct=True)
+    generated = _generated_matches(sm, job) if job.max_new_tokens > 0 else {}
     sid = table.column("sample_id").to_numpy()
     pos = table.column("pos").to_numpy()
     loss = table.column("loss").to_numpy()
@@ -81,7 +81,7 @@ def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_
     order = np.argsort(sid, kind="stable")
     sid, pos, loss, ok = sid[order], pos[order], loss[order], ok[order]
     bounds = np.flatnonzero(np.diff(sid)) + 1
-    for s_idx, p, l, c in zip(np.split(sid, bounds), np.split(pos, bounds), np.split(loss, bounds),
+    for s_idx, p, lo, c in zip(np.split(sid, bounds), np.split(pos, bounds), np.split(loss, bounds),
                               np.split(ok, bounds)):
         s = int(s_idx[0])
         a0, a1 = meta[s]["answer"]
@@ -89,7 +89,7 @@ def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_
         if a0 is not None and a0 >= 0:
             in_ans = (p >= a0) & (p < a1)
             cloze = bool(c[in_ans].all()) if in_ans.any() else None
-        per_sample[s] = {"loss_sum": float(l.sum()), "n": len(l), "cloze": cloze, "gen": generated.get(s),
+        per_sample[s] = {"loss_sum": float(lo.sum()), "n": len(lo), "cloze": cloze, "gen": generated.get(s),
                          "task": meta[s]["task"]}
 
     def agg(items) -> dict:
@@ -112,17 +112,18 @@ def evaluate_model(base_path: str, adapter: str | None, samples, meta, *, batch_
     return {"overall": agg(per_sample.values()), "by_task": {t: agg(v) for t, v in sorted(by_task.items())}}
 
 
-def _generated_matches(sm, adapter, adapter_key, samples, meta, tokenizer_path: str, max_new_tokens: int) -> dict:
+def _generated_matches(sm, job: EvalJob) -> dict:
     """{sample_id: answer found in the greedy generation} for the samples that carry an answer."""
     from transformers import AutoTokenizer
 
-    with_answer = [s for s in samples if meta[s.sample_id].get("answer_text")]
+    meta = job.meta
+    with_answer = [s for s in job.samples if meta[s.sample_id].get("answer_text")]
     if not with_answer:
         return {}
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_path or job.base_path)
     prompts = [s.input_ids[:last_turn_start(s.target)] for s in with_answer]
-    texts = sm.generate(prompts, adapter=adapter, adapter_key=adapter_key, tokenizer=tokenizer,
-                        max_new_tokens=max_new_tokens, stop_ids=stop_token_ids(tokenizer, with_answer))
+    texts = sm.generate(prompts, adapter=job.adapter, adapter_key=job.adapter_key, tokenizer=tokenizer,
+                        max_new_tokens=job.max_new_tokens, stop_ids=stop_token_ids(tokenizer, with_answer))
     return {s.sample_id: answer_found(meta[s.sample_id]["answer_text"], t) for s, t in zip(with_answer, texts)}
 
 

@@ -1,6 +1,8 @@
 """Take a run's results away: a cleaned dataset any trainer can use, a model anyone can serve.
 
-* ``export_run_selection`` / ``write_dataset``: one selection (or the self-evolving iterations together) as a
+The writers; ``flows/export.py`` is the ``tokenclean export`` command that finds what to write in a run.
+
+* ``write_dataset``: one selection (or the self-evolving iterations together) as a
   dataset of ``input_ids``, ``attention_mask`` and ``labels`` (the token id where it was
   kept, -100 where it was not kept or is not a target), the kept character spans of the
   rendered text, and the token scores. transformers causal LMs shift labels inside the
@@ -11,7 +13,7 @@
   leaves no half file under the final name, and nothing beside it.
 * Where: only a new path or, with ``overwrite``, an earlier export of the same kind; never a run
   directory's own files (``export_target``).
-* ``export_run_model`` / ``export_model``: base + a variant's LoRA adapter merged into a standard transformers
+* ``export_model``: base + a variant's LoRA adapter merged into a standard transformers
   model directory with its tokenizer (``AutoModelForCausalLM.from_pretrained``, vLLM), or
   the PEFT adapter alone. A Tulu-trained model gets the Tulu chat template written into
   its tokenizer, so ``apply_chat_template`` at serving time reproduces training's text.
@@ -157,97 +159,3 @@ def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Pat
         tokenizer.save_pretrained(staged)
         commit(staged, out, kind, provenance or {})
     return {"path": str(out), "merged": not adapter_only}
-
-
-# ---- a run's names -> what to export ------------------------------------------------------------------------
-
-def verified_base(con, base_key: str) -> str:
-    """Path of the base model a run recorded under ``base_key``, after checking its weights are still the
-    ones hashed into that key: a model directory rewritten in place since the run would otherwise be merged
-    (or evaluated) under the old key."""
-    from tokenclean.tasks import keys, store
-
-    inputs = store.model_inputs(con, base_key)
-    path = inputs["path"]
-    now = keys.weights_hash(keys.resolve_model_dir(path))
-    if now != inputs["weights"]:
-        raise ValueError(f"the base model at {path} is not the one this run used: its weights hash {now[:12]}, "
-                         f"the run's {inputs['weights'][:12]}. Restore those weights, or re-run the pipeline")
-    return path
-
-
-def _open_run(run: Path):
-    from tokenclean.tasks import store
-
-    db = Path(run) / store.DB_FILE
-    if not db.exists():
-        raise FileNotFoundError(f"no tokenclean database at {db}")
-    return store.connect(db, read_only=True)
-
-
-def _outputs(con, name: str, kind: str) -> list[tuple[int, str]]:
-    """(iteration, key) of the current outputs called ``name`` (``self-evolving``: every iteration)."""
-    from tokenclean.tasks import store
-    from tokenclean.tasks.names import label
-
-    found = [(o["iteration"], o["key"]) for o in store.current_outputs(con) if o["kind"] == kind
-             and (label(o["variant"], o["iteration"]) == name or (name == "self-evolving" == o["variant"]))]
-    return sorted(found)
-
-
-def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None, *, overwrite: bool = False) -> dict:
-    """The current selection ``name`` of a run as a dataset (``self-evolving``: D1..DT, each by its iteration)."""
-    from tokenclean.tasks import store
-
-    run = Path(run)
-    con = _open_run(run)
-    try:
-        found = _outputs(con, name, "selection")
-        if not found or name in ("reference", "base"):
-            raise ValueError(f"no selection named {name!r} in the latest runs of {run} "
-                             "(names: full, random, local, global, self-evolving, self-evolving@T)")
-        records = [store.selection_record(con, key) for _, key in found]
-        suffix = {"parquet": ".parquet", "jsonl": ".jsonl", "hf": ""}[fmt]
-        out = Path(out) if out else run / "export" / "data" / f"{name}{suffix}"
-        missing = store.samples_without_text(con, [r["selection"] for r in records])
-        # one cursor per streamed result: a DuckDB connection serves one open result at a time
-        readers = (store.export_reader(con.cursor(), r["selection"], r["scores"]) for r in records)
-        about = {"selection": name, "selections": [r["selection"] for r in records],
-                 "method": records[0]["method"], "k": records[0]["k"],
-                 "pool_tokens": sum(r["n_candidates"] for r in records), "samples_without_text": missing}
-        res = write_dataset(readers, out, fmt, overwrite=overwrite, manifest=about)
-    finally:
-        con.close()
-    return about | res
-
-
-def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_only: bool = False,
-                     overwrite: bool = False) -> dict:
-    """The model of variant ``name``: its adapter (``self-evolving``: the last iteration's) merged into the base."""
-    from tokenclean.tasks import store
-
-    run = Path(run)
-    con = _open_run(run)
-    try:
-        found = _outputs(con, name, "adapter")
-        if not found:
-            raise ValueError(f"no model named {name!r} in the latest runs of {run} "
-                             "(names: reference, full, random, local, global, self-evolving, self-evolving@T)")
-        iteration, train_key = found[-1]
-        rec = store.adapter_record(con, train_key)
-        base_key = rec["inputs"]["base_model"]
-        base_path = verified_base(con, base_key)
-        # the template and tokenizer of the data this adapter was trained on (not of whichever run came last)
-        trained_on = store.selection_record(con, rec["inputs"]["selection"])["dataset"]
-        dataset = store.artifact_inputs(con, "dataset", trained_on)["inputs"]
-    finally:
-        con.close()
-    label = f"{name.split('@')[0]}@{iteration}" if name.startswith("self-evolving") else name
-    out = Path(out) if out else run / "export" / ("adapter" if adapter_only else "model") / label
-    provenance = {"variant": label, "adapter": train_key, "model": rec["model"], "base_model": base_key,
-                  "base_path": base_path, "template": dataset.get("template", "tulu"),
-                  "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
-    res = export_model(base_path, str(run / rec["path"]), dataset["tokenizer"], out,
-                       template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance,
-                       overwrite=overwrite)
-    return res | {"variant": label, "adapter": train_key}

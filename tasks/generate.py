@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # Greedy decoding, whatever the model's generation_config.json asks for: transformers fills every generation
 # setting a call leaves unset from that file (a repetition penalty, a contrastive-search alpha, suppressed
 # tokens), which would make "greedy" depend on the checkpoint.

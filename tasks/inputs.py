@@ -1,40 +1,20 @@
 """Input rows, read by splits: byte ranges of JSONL files, whole compressed or JSON-array files, runs of Parquet
 row groups, row ranges of datasets.
 
-A split is a self-contained unit of reading. Whoever can see the file reads exactly the
-split's rows and knows each row's line (or row) number in its file and its place in the
-whole input (``ordinal``), so splits can be read by any number of workers on any nodes,
-in any order, and what is made of them does not depend on how the input was split.
-
-Planning is the only pass over the whole input: it reads each JSONL file once, at
-memory speed (``bytes.count`` over large blocks), to put split boundaries on line starts
-and number the lines before each; Parquet files and saved datasets split from their
-metadata alone. Written by hand because no reader in the stack keeps line numbers
-across byte ranges: Ray Data's ``read_text``/``read_json`` split by file, decode a file
-as a whole (one bad byte fails it) and number nothing, and a bad row must be
-quarantined with its line, never fail the run or lose its place.
-
-Accepted entries: a ``.jsonl``/``.json`` file (optionally compressed: ``.gz``, ``.bz2``,
-``.xz``), a ``.parquet`` file, a directory of those (its files in name order), or
-``hf:NAME[:SPLIT]`` (a ``save_to_disk`` folder or a dataset the machine has cached).
-JSON files are read as the ``datasets`` library's json builder reads them: a file that
-is one JSON array is a list of rows (row number = index in the array), any other is
-JSON Lines. A compressed file or a JSON array is one split (it cannot be entered at a
-byte offset).
-
-A file that cannot be read (corrupt or empty Parquet, a broken compressed stream, an
-I/O error, not a regular file) and a directory's file of another format are *skipped*:
-planning lists each with its reason, and every other file is read. Only when no file
-of the input can be read is that an error, naming the files and reasons.
+A split is self-contained: any worker reads exactly its rows, each with its row number in its file and its
+input-wide ``ordinal``, so what is made of them does not depend on how the input was split. A file that cannot be
+read is skipped with its reason. Hand-written because no reader in the stack keeps line numbers across byte
+ranges; the accepted entries and the rules: docs/design.md ("Inputs and splits").
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 RAW_CHARS = 2000  # how much of a row the quarantine keeps
 FORMATS = (".jsonl", ".json", ".parquet")
@@ -42,7 +22,7 @@ JSON_FORMATS = (".jsonl", ".json")
 # Compressed JSON Lines / JSON arrays: the compressions fsspec opens with the standard library alone.
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
 # What a file gives as rows, besides its bytes: part of the inputs' key (``keys.inputs_fingerprint``), so a
-# dataset read by other rules is never reused. 2: JSON arrays, compressed JSON, depth limit, skipped files.
+# dataset read by other rules is never reused (each value's change: docs/design.md).
 READ_RULES = 2
 # Rows nested deeper than this are quarantined: SFT rows nest a few levels, and below this depth json.loads
 # never meets Python's recursion limit, whatever the caller's stack, so a row is refused (or not) alike on
@@ -412,7 +392,8 @@ def plan_inputs(entries: list[str], eval_entries: list[str], target_bytes: int,
             ordinal += n
         if listed and not readable:
             what = "held-out input" if is_eval else "warm-up input" if is_warmup else "input"
-            raise ValueError(f"no {what} file could be read: " + "; ".join(f"{s}: {plan.skipped[s]}" for s, _ in listed))
+            reasons = "; ".join(f"{s}: {plan.skipped[s]}" for s, _ in listed)
+            raise ValueError(f"no {what} file could be read: {reasons}")
     return plan
 
 

@@ -1,41 +1,8 @@
 """What identifies every stored result: a key derived from the keys of its inputs.
 
-The run database works like a build system's content-addressed store. Each artifact
-(a model's token losses, a score table, a selection, an adapter, an evaluation) is
-stored under a key computed from exactly what it was computed from, and a step is
-skipped if and only if its key is already stored complete. Nothing is ever looked up
-by name ("the theta-2 losses") or by "a row exists", so a re-run with one changed
-setting recomputes what that setting reaches and reuses the rest, and a result made
-from other inputs can never be read in place of the right one.
-
-The chain, leaves first:
-
-* ``tokenization_key``: tokenizer vocabulary/merges/specials, template, max length.
-* ``sample_id``: tokenization + the row's id + the hash of its content. Sample ids are
-  therefore never reused for other content, and a row that leaves the input and comes
-  back unchanged gets its old id (and its old losses) back.
-* ``dataset_key``: tokenization + the bytes of every input + the split parameters.
-  A pool (the samples of some parts of a dataset) is keyed by ``pool digest``: the
-  sorted ids of its samples (computed in the store), so a refresh that touches only D2
-  leaves D0's pool, and everything derived from it, with the same key.
-* ``base_model_key``: the weights' content hash (the hub revision's blob hashes when
-  available) and the name they were given.
-* ``adapter_model_key``: the base model key + the hash of the adapter's saved weights
-  and config (what is on disk, not what it was meant to be).
-* ``scorer_key``: a model key + how its losses are computed: the device type and dtype
-  the scoring workers resolve to, the scoring backend, compile, and the lm_head + CE
-  kernel where it is not the plain chunked one (a setting added later enters only where
-  it departs from what ran before it existed, so stored losses stay found). Token losses
-  live under it. Training and evaluation instead put the numerics of the process that runs them
-  into their own keys, so a scoring setting never retrains or re-evaluates anything.
-* ``scores_key``: the base and reference scorer keys.
-* ``selection_key``: method, k, seed, scores key and pool digest (only those that
-  matter for the method: ``full`` ignores k and scores).
-* ``train_key``: base model key, selection key, training config and numerics, parent adapter model key.
-* ``eval_key``: model key, evaluation set digest, evaluation config and numerics.
-
-Python's ``hash`` and DuckDB's ``hash`` are not used for keys: keys must be the same
-in every process and every version, so they are SHA-256 of canonical JSON.
+A step is skipped iff its key is already stored complete, and nothing is looked up by name, so a changed setting
+recomputes only what it reaches. Keys are SHA-256 of canonical JSON (never Python's or DuckDB's ``hash``), so they
+agree across processes and versions. The chain of keys and what enters each: docs/design.md.
 """
 from __future__ import annotations
 
@@ -89,7 +56,7 @@ def scores_key(base_model: str, ref_model: str) -> str:
 
 
 # A method whose rule changed gets a new tag, so a stored selection made by the old rule is never reused.
-SELECTION_RULES = {"local": "largest-remainder-exact"}  # was largest-remainder-budget: float remainders
+SELECTION_RULES = {"local": "largest-remainder-exact"}  # the tags so far: docs/design.md
 
 
 def selection_key(method: str, k: float, seed: int, scores: str | None, pool: str) -> str:
@@ -118,14 +85,9 @@ def _hash_cache_path() -> Path:
 
 
 def file_sha256(path: Path, *, cache: bool = True) -> str:
-    """SHA-256 of a file's bytes; with ``cache``, remembered by (real path, size, mtime, ctime, inode).
-
-    Hashing an 8B model's 16 GB of weights takes a minute; the cache makes later runs
-    free while a rewrite of the file (new size, mtime or ctime) invalidates its entry.
-    Data files are hashed without the cache (``cache=False``): they are read in full by
-    ingest anyway, and a same-size edit within one clock tick must not go unseen.
-    A hub snapshot's files are links into ``blobs/<sha256>``: that name is the hash.
-    """
+    """SHA-256 of a file's bytes; with ``cache``, remembered by (real path, size, mtime, ctime, inode), since
+    model weights are slow to hash. Data files pass ``cache=False``: a same-size edit within one clock tick must
+    not go unseen. A hub snapshot's link into ``blobs/<sha256>`` is its own hash."""
     path = Path(path)
     if path.is_symlink():
         target = Path(os.readlink(path)).name
@@ -187,13 +149,8 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def inputs_fingerprint(entries: list[str]) -> str:
     """Content hash of data inputs: every file's bytes (a directory's top-level files), hub datasets by fingerprint,
-    and the rules files are read by (``inputs.READ_RULES``).
-
-    Files are named by what ingest records as a row's source (the file name), not by
-    their location: moving an unchanged input does not make a new dataset. A directory's
-    files that ingest skips (another format, unreadable) are part of it too, by their bytes
-    or, where they cannot be read, by why: adding or changing one is never silent.
-    """
+    and the rules files are read by (``inputs.READ_RULES``). Files count by name, not location (moving an
+    unchanged input keeps its dataset); files ingest skips count by their bytes or by why they cannot be read."""
     from tokenclean.tasks.inputs import READ_RULES, list_entry
 
     parts: list = [f"read-r{READ_RULES}"]

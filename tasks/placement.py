@@ -8,11 +8,8 @@ import sys
 
 
 def where() -> dict:
-    """This process: its Ray node id (the host name off Ray) and its process id.
-
-    Ray is consulted only if this process has imported it (every Ray worker has): importing
-    it just to learn that it is not initialised costs about 100 MB of memory.
-    """
+    """This process: its Ray node id (the host name off Ray) and its process id. Ray is consulted only if this
+    process has imported it (every Ray worker has): importing it just to ask costs memory."""
     ray = sys.modules.get("ray")
     try:
         node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
@@ -22,14 +19,8 @@ def where() -> dict:
 
 
 def use_assigned_cpus() -> int | None:
-    """Give torch as many intra-op threads as CPUs Ray assigned to the running task; returns that number.
-
-    Ray sets ``OMP_NUM_THREADS`` when it starts a worker, and torch reads it once, at its
-    first use in the process. Workers are reused across tasks of different sizes (and
-    ``flows.runtime.warm_workers`` starts them with 1-CPU tasks), so a training task that
-    asks for 2 CPUs ran with 1 thread: measured, ``torch.get_num_threads()`` is 1 in a
-    reused worker whatever the task's ``num_cpus``. Outside Ray this does nothing.
-    """
+    """Give torch as many intra-op threads as CPUs Ray assigned to the running task; returns that number (None
+    outside Ray). Torch reads ``OMP_NUM_THREADS`` once per process, and Ray reuses a worker for tasks of any size."""
     try:
         import ray
 

@@ -3,8 +3,8 @@
 Throughput: by default samples are *packed* (``tokenclean.tasks.packing``): several samples share
 one row of up to ``batch_tokens`` tokens, ``position_ids`` restart per sample and
 attention is block-diagonal causal (PyTorch's flash varlen kernel on CUDA, per-sample
-SDPA elsewhere), so no FLOP is spent on padding. ``packed=False`` keeps the older
-length-sorted padded batches (``plan_batches``; ``padding_waste`` measures their cost).
+SDPA elsewhere), so no FLOP is spent on padding. The older length-sorted padded batches,
+kept as a baseline and a test oracle, are in ``benchmarks/padded_scoring.py``.
 
 Memory discipline: the decoder's hidden states are gathered at target positions only,
 then pushed through lm_head + cross-entropy in chunks whose rows follow from a byte budget
@@ -29,14 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, pack_arrays, plan_packs, register_varlen_attention
+from tokenclean.tasks.packing import (
+    VARLEN_ATTN,
+    attn_implementation,
+    pack_arrays,
+    plan_packs,
+    register_varlen_attention,
+)
 
-__all__ = [
+__all__ = [  # noqa: F822 (the two schemas come from the module __getattr__ below)
     "LOSS_SCHEMA", "EVAL_SCHEMA", "ShardSample", "SampleBatch", "resolve_device", "resolve_dtype", "chunked_token_nll",
     "LM_HEAD_CHUNK_BYTES", "LOGIT_BYTES", "lm_head_rows", "head_vocab",
-    "LINEAR_CE", "check_linear_ce", "liger_token_nll", "token_nll", "compile_pointwise", "plan_batches", "plan_packs",
-    "padding_waste", "batch_token_losses", "packed_token_losses", "score_arrays", "score_samples", "ScoringModel",
-    "process_model",
+    "LINEAR_CE", "check_linear_ce", "liger_token_nll", "token_nll", "compile_pointwise", "plan_packs",
+    "packed_token_losses", "LossColumns", "score_arrays", "score_samples", "ScoringModel", "process_model",
 ]
 
 _SCHEMAS: dict = {}
@@ -87,8 +92,7 @@ def _ce_chunk(logits: torch.Tensor, targets: torch.Tensor, with_correct: bool):
 _CE = {"fn": _ce_chunk}
 
 # Bytes one logit of a chunk costs at the chunk's peak: its fp32 value and logsumexp's temporary of the same
-# size (measured with ru_maxrss: 8.0 for float32, bfloat16 and float16 models alike; the model-dtype logits
-# are freed by the upcast before logsumexp allocates).
+# size (docs/benchmarks.md, scoring memory).
 LOGIT_BYTES = 8
 LM_HEAD_CHUNK_BYTES = 256 << 20  # the default of score.lm_head_chunk_bytes (docs/benchmarks.md: scoring memory)
 
@@ -214,30 +218,6 @@ def compile_pointwise(model) -> None:
     _CE["fn"] = torch.compile(_ce_chunk, dynamic=True)
 
 
-def plan_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
-    """Length-sorted batches with (max length x rows) <= batch_tokens; a longer sample gets a batch alone."""
-    order = np.argsort(-lengths, kind="stable")
-    batches: list[np.ndarray] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        n = int(lengths[i])
-        new_max = max(cur_max, n)
-        if cur and new_max * (len(cur) + 1) > batch_tokens:
-            batches.append(np.array(cur))
-            cur, new_max = [], n
-        cur.append(int(i))
-        cur_max = new_max
-    if cur:
-        batches.append(np.array(cur))
-    return batches
-
-
-def padding_waste(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
-    return 1.0 - float(lengths.sum()) / padded if padded else 0.0
-
-
 class ScaledHead(torch.nn.Module):
     """lm_head followed by a division, as models with ``logits_scaling`` (Granite) compute their logits."""
 
@@ -275,22 +255,6 @@ def _nan_where(losses: torch.Tensor, first: torch.Tensor | np.ndarray) -> torch.
             return losses
         first = torch.from_numpy(first).to(losses.device)
     return losses.masked_fill(first, float("nan"))
-
-
-@torch.no_grad()
-def batch_token_losses(model, ids: torch.Tensor, attn: torch.Tensor, target: torch.Tensor, chunk: int,
-                       with_correct: bool = False, linear_ce: str = "chunked"):
-    """Per-target losses for one padded batch.
-
-    ``target[b, p]`` marks token p of row b as a target; its loss comes from the hidden
-    state at p-1. Returns a flat fp32 tensor ordered like ``target.nonzero()``.
-    """
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, L, H)
-    rows, cols = target.nonzero(as_tuple=True)
-    h = hidden[rows, (cols - 1).clamp_min(0)]
-    losses, correct = token_nll(h, ids[rows, cols], head, chunk, with_correct, linear_ce)
-    return _nan_where(losses, cols == 0), correct
 
 
 @torch.no_grad()
@@ -347,84 +311,84 @@ class SampleBatch:
                 for i, sid in enumerate(self.sample_id)]
 
 
+class LossColumns:
+    """Per-target rows gathered batch by batch: host columns as numpy, losses left on the device until
+    ``columns()`` (one transfer, no per-batch sync)."""
+
+    def __init__(self, with_correct: bool):
+        self.with_correct = with_correct
+        self.host: dict[str, list[np.ndarray]] = {"sample_id": [], "pos": [], "token_id": []}
+        self.loss: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+
+    def add(self, sample_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray, losses: torch.Tensor,
+            correct: torch.Tensor | None) -> None:
+        self.host["sample_id"].append(sample_id)
+        self.host["pos"].append(pos.astype(np.int32))
+        self.host["token_id"].append(token_id.astype(np.int32))
+        self.loss.append(losses)
+        if self.with_correct:
+            self.correct.append(correct)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        out = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64 if k == "sample_id" else np.int32))
+               for k, v in self.host.items()}
+        out["loss"] = (torch.cat(self.loss).cpu().numpy().astype(np.float32, copy=False) if self.loss
+                       else np.zeros(0, dtype=np.float32))
+        if self.with_correct:
+            out["correct"] = torch.cat(self.correct).cpu().numpy() if self.correct else np.zeros(0, dtype=bool)
+        return out
+
+
+def _score_pack(model, samples: list[ShardSample], sids: np.ndarray, pack: np.ndarray, cols: LossColumns, *,
+                device: torch.device, chunk: int, with_correct: bool, linear_ce: str) -> int:
+    """Score one pack of ``samples`` into ``cols``; returns its number of tokens."""
+    ids, pos, cu, max_len, t_index, t_row, t_pos = pack_arrays(
+        [samples[i].input_ids for i in pack], [samples[i].target for i in pack])
+    if len(t_index) == 0:
+        return int(len(ids))
+    d_ids = torch.from_numpy(ids).to(device)[None]
+    d_pos = torch.from_numpy(pos).to(device)[None]
+    d_cu = torch.from_numpy(cu).to(device)
+    d_t = torch.from_numpy(t_index).to(device)
+    losses, correct = packed_token_losses(model, d_ids, d_pos, d_cu, cu.tolist(), max_len, d_t, chunk,
+                                          with_correct, linear_ce)
+    cols.add(sids[pack][t_row], t_pos, ids[t_index], _nan_where(losses, t_pos == 0), correct)
+    return len(ids)
+
+
 def score_arrays(model, samples: list[ShardSample], *, batch_tokens: int, device: torch.device,
                  chunk: int | None = None, chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None,
-                 with_correct: bool = False, packed: bool = True, linear_ce: str = "chunked") -> dict[str, np.ndarray]:
+                 with_correct: bool = False, linear_ce: str = "chunked") -> dict[str, np.ndarray]:
     """Losses of every target token of ``samples`` as numpy columns (no pyarrow needed).
 
     Keys: sample_id (int64), pos (int32), token_id (int32), loss (float32)[, correct (bool)].
-    Rows come pack by pack (or batch by batch); order within is by sample then position.
-    Device results stay on the device until the end (one transfer, no per-batch sync).
-    ``progress(n)`` is called after each batch with its number of real tokens.
+    Rows come pack by pack; order within is by sample then position.
+    ``progress(n)`` is called after each pack with its number of real tokens.
     ``linear_ce`` picks the head/CE implementation (``token_nll``). lm_head + CE run ``lm_head_rows`` rows at
     a time: as many as ``chunk_bytes`` holds at this model's vocabulary, at most ``chunk`` when given.
     """
     device = torch.device(device)
     chunk = lm_head_rows(chunk_bytes, head_vocab(decoder_and_head(model)[1]), chunk)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
-    host_cols: dict[str, list[np.ndarray]] = {"sample_id": [], "pos": [], "token_id": []}
-    dev_loss: list[torch.Tensor] = []
-    dev_ok: list[torch.Tensor] = []
     sids = np.array([s.sample_id for s in samples], dtype=np.int64)
-    plan = plan_packs(lengths, batch_tokens) if packed else plan_batches(lengths, batch_tokens)
-    for batch in plan:
-        if packed:
-            ids, pos, cu, max_len, t_index, t_row, t_pos = pack_arrays(
-                [samples[i].input_ids for i in batch], [samples[i].target for i in batch])
-            if len(t_index) == 0:
-                if progress is not None:
-                    progress(int(len(ids)))
-                continue
-            d_ids = torch.from_numpy(ids).to(device)[None]
-            d_pos = torch.from_numpy(pos).to(device)[None]
-            d_cu = torch.from_numpy(cu).to(device)
-            d_t = torch.from_numpy(t_index).to(device)
-            losses, correct = packed_token_losses(model, d_ids, d_pos, d_cu, cu.tolist(), max_len, d_t, chunk,
-                                                  with_correct, linear_ce)
-            losses = _nan_where(losses, t_pos == 0)
-            host_cols["sample_id"].append(sids[batch][t_row])
-            host_cols["pos"].append(t_pos.astype(np.int32))
-            host_cols["token_id"].append(ids[t_index].astype(np.int32))
-            n_real = len(ids)
-        else:
-            width = int(lengths[batch].max())
-            ids = np.zeros((len(batch), width), dtype=np.int64)
-            attn = np.zeros((len(batch), width), dtype=np.int64)
-            tgt = np.zeros((len(batch), width), dtype=bool)
-            for r, i in enumerate(batch):
-                s = samples[i]
-                n = len(s.input_ids)
-                ids[r, :n], attn[r, :n], tgt[r, :n] = s.input_ids, 1, s.target
-            t_ids, t_attn, t_tgt = (torch.from_numpy(a).to(device) for a in (ids, attn, tgt))
-            losses, correct = batch_token_losses(model, t_ids, t_attn, t_tgt, chunk, with_correct, linear_ce)
-            rows, cols = np.nonzero(tgt)
-            host_cols["sample_id"].append(sids[batch][rows])
-            host_cols["pos"].append(cols.astype(np.int32))
-            host_cols["token_id"].append(ids[rows, cols].astype(np.int32))
-            n_real = int(lengths[batch].sum())
-        dev_loss.append(losses)
-        if with_correct:
-            dev_ok.append(correct)
+    cols = LossColumns(with_correct)
+    for pack in plan_packs(lengths, batch_tokens):
+        n_real = _score_pack(model, samples, sids, pack, cols, device=device, chunk=chunk,
+                             with_correct=with_correct, linear_ce=linear_ce)
         if progress is not None:
             progress(n_real)
-    out = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.int64 if k == "sample_id" else np.int32))
-           for k, v in host_cols.items()}
-    out["loss"] = (torch.cat(dev_loss).cpu().numpy().astype(np.float32, copy=False) if dev_loss
-                   else np.zeros(0, dtype=np.float32))
-    if with_correct:
-        out["correct"] = torch.cat(dev_ok).cpu().numpy() if dev_ok else np.zeros(0, dtype=bool)
-    return out
+    return cols.columns()
 
 
 def score_samples(model, samples: list[ShardSample], *, batch_tokens: int, device: torch.device,
                   chunk: int | None = None, chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None,
-                  with_correct: bool = False, packed: bool = True, linear_ce: str = "chunked"):
+                  with_correct: bool = False, linear_ce: str = "chunked"):
     """Losses of every target token of ``samples`` as an Arrow table (sample_id, pos, token_id, loss[, correct])."""
     import pyarrow as pa
 
     cols = score_arrays(model, samples, batch_tokens=batch_tokens, chunk=chunk, chunk_bytes=chunk_bytes,
-                        device=device, progress=progress, with_correct=with_correct, packed=packed,
-                        linear_ce=linear_ce)
+                        device=device, progress=progress, with_correct=with_correct, linear_ce=linear_ce)
     schema = _schemas()["EVAL_SCHEMA" if with_correct else "LOSS_SCHEMA"]
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
@@ -482,12 +446,12 @@ class ScoringModel:
         return self._adapters[key]
 
     def losses(self, samples: list[ShardSample], *, adapter: str | None, batch_tokens: int, chunk: int | None = None,
-               chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None, with_correct: bool = False, packed: bool = True,
+               chunk_bytes: int = LM_HEAD_CHUNK_BYTES, progress=None, with_correct: bool = False,
                adapter_key: str | None = None):
         """Arrow table of per-target losses (see ``score_samples``) with base or base + ``adapter``."""
         name = self._activate(adapter, adapter_key)
         kw = dict(batch_tokens=batch_tokens, chunk=chunk, chunk_bytes=chunk_bytes, device=self.device,
-                  progress=progress, with_correct=with_correct, packed=packed, linear_ce=self.linear_ce)
+                  progress=progress, with_correct=with_correct, linear_ce=self.linear_ce)
         if name is None and self._adapters:
             with self.model.disable_adapter():
                 return score_samples(self.model, samples, **kw)

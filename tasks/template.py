@@ -41,19 +41,14 @@ import datetime
 import hashlib
 import re
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
-# r2: contents stripped, no final newline, the newline after a non-final EOS a target (open-instruct exactly)
+# Part of the tokenization key, so a change to either rule must change it (versions: docs/design.md).
 TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
 TEMPLATES = ("tulu", "model")
-# how response spans are found in a model template's text (part of its key); v2: rendered with FIXED_DATE;
-# v3: targets = what the model generates (from the end of the generation prompt: reasoning, empty think block,
-# tool calls), generation blocks exactly, reasoning and tools passed to the template; v4: no BOS added to the
-# template's text, the end-of-turn token of earlier turns and of tool call turns probed, a tool call name the
-# template repeats (gpt-oss's tool response header) located at its first rendering, a turn without a generation
-# prompt starting at its content's inline think tags
-MODEL_TEMPLATE_RULE = "generated-v4"
+MODEL_TEMPLATE_RULE = "generated-v4"  # how response spans are found in a model template's text
 ROLES = ("system", "user", "assistant", "tool")
 # Ground-truth token labels, used only when the input carries them (synthetic demo data).
 TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2
@@ -225,16 +220,6 @@ def _aligned(text: str, skeleton: str, fields: list[_Field]) -> dict[int, tuple[
     return found
 
 
-def render_model_template(tokenizer, messages: list[dict], truth: list[tuple[int, int, int]] | None = None,
-                          empty_think: str = "target") -> Rendered:
-    """Render with the tokenizer's chat template; response spans = what the model generates in each assistant
-    turn (reasoning, content, tool calls) and its end-of-turn token.
-
-    ``truth`` spans are relative to the last assistant message's content, as in ``render_tulu``.
-    """
-    return _model_renderer(tokenizer, empty_think)(messages, truth)
-
-
 # A chat template that prints today's date (Llama-3.1/3.2: "Today Date: 26 Jul 2024") would make a sample's
 # tokens depend on the day it was ingested, under one key: templates render with this fixed date instead,
 # given as ``date_string`` (the variable those templates read first) and as the clock of ``strftime_now``.
@@ -355,89 +340,107 @@ def _fields_of(messages: list[dict], with_reasoning: bool) -> tuple[list[_Field]
     return fields, skeleton
 
 
-def _model_renderer(tokenizer, empty_think: str = "target"):
-    if empty_think not in EMPTY_THINK:
-        raise ValueError(f"empty_think must be one of {EMPTY_THINK}, not {empty_think!r}")
-    template = chat_template_of(tokenizer)
-    fixed = {"date_string": FIXED_DATE.strftime("%d %b %Y")}
-    kwargs = dict(tokenizer.special_tokens_map) | fixed
-    specials = _special_strings(tokenizer)
-    eos = tokenizer.eos_token
-    marked = re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
-    reasoning_field = next((f for f in REASONING_FIELDS if f in template), None)
+class _ModelRenderer:
+    """``(messages, truth) -> Rendered`` with one tokenizer's chat template. What the template does around an
+    assistant turn (its generation prompt, its end-of-turn tokens) is probed once here, not per row."""
 
-    def apply(messages: list[dict], **kw) -> str:
-        return tokenizer.apply_chat_template(_template_messages(messages, reasoning_field), tokenize=False,
-                                             **fixed, **kw)
+    def __init__(self, tokenizer, empty_think: str = "target"):
+        if empty_think not in EMPTY_THINK:
+            raise ValueError(f"empty_think must be one of {EMPTY_THINK}, not {empty_think!r}")
+        self.tokenizer, self.empty_think = tokenizer, empty_think
+        self.template = chat_template_of(tokenizer)
+        self.fixed = {"date_string": FIXED_DATE.strftime("%d %b %Y")}
+        self.kwargs = dict(tokenizer.special_tokens_map) | self.fixed
+        self.specials = _special_strings(tokenizer)
+        self.marked = re.search(r"\{%-?\s*generation\s*-?%\}", self.template) is not None
+        self.reasoning_field = next((f for f in REASONING_FIELDS if f in self.template), None)
+        self.header, self.scaffold = self._probe_generation_prompt()
+        eos = tokenizer.eos_token
+        self.eot: set[str] = {eos} if eos else set()  # the end-of-turn tokens; EOS, should the probes find none
+        self.closes = self._probe_turn_ends()  # the template writes an end-of-turn token after an assistant turn
+        self.in_turn = self._probe_tool_call_turn()
 
-    def probe(messages: list[dict], **kw) -> str | None:
+    def _apply(self, messages: list[dict], **kw) -> str:
+        return self.tokenizer.apply_chat_template(_template_messages(messages, self.reasoning_field), tokenize=False,
+                                                  **self.fixed, **kw)
+
+    def _probe(self, messages: list[dict], **kw) -> str | None:
         try:
-            with _fixed_clock(template):
-                return apply(messages, **kw)
+            with _fixed_clock(self.template):
+                return self._apply(messages, **kw)
         except Exception:  # noqa: BLE001 - a template refusing a probe conversation: that property is unknown
             return None
 
-    user = [{"role": "user", "content": "u"}]
-    # The generation prompt: what a server appends before the model generates (the header of an assistant turn)
-    with_prompt, without = probe(user, add_generation_prompt=True), probe(user)
-    header = with_prompt[len(without):] if with_prompt and without and with_prompt.startswith(without) else ""
-    no_think = probe(user, add_generation_prompt=True, enable_thinking=False)
-    scaffold = no_think[len(with_prompt):] if no_think and with_prompt and no_think.startswith(with_prompt) else ""
-    # The end-of-turn tokens: the first special token after an assistant content, in the last turn and in an
-    # earlier one (gpt-oss ends the last with <|return|>, earlier ones with <|end|>); EOS, should there be none
-    eot: set[str] = {eos} if eos else set()
-    in_turn: set[str] = set()
-    closes = False  # the template writes an end-of-turn token after an assistant turn
-    mark0 = "\ue0000\ue001"
-    for conv in (user + [{"role": "assistant", "content": mark0}],
-                 user + [{"role": "assistant", "content": mark0}] + user + [{"role": "assistant", "content": "a"}]):
-        tail = probe(conv)
-        if tail and mark0 in tail:
-            rest = tail.split(mark0, 1)[1]
-            first = min(((rest.find(s), s) for s in specials if s in rest), default=None)
-            if first is not None:
-                eot.add(first[1])
-                closes = True
-    # A tool call turn: the special tokens it renders before its end (DeepSeek's <｜tool▁call▁end｜>...), and its
-    # end, where that is a token of its own (gpt-oss's <|call|>): the last special token of a conversation that
-    # ends with the call
-    calls = probe(user + [{"role": "assistant", "content": "", "tool_calls": [
-        {"type": "function", "function": {"name": mark0, "arguments": {"a": 1}}}]}])
-    if calls and mark0 in calls:
+    def _probe_generation_prompt(self) -> tuple[str, str]:
+        """The generation prompt (what a server appends before the model generates: the header of an assistant
+        turn), and what thinking off adds after it (Qwen3's empty think block)."""
+        with_prompt, without = self._probe(_PROBE_USER, add_generation_prompt=True), self._probe(_PROBE_USER)
+        header = with_prompt[len(without):] if with_prompt and without and with_prompt.startswith(without) else ""
+        no_think = self._probe(_PROBE_USER, add_generation_prompt=True, enable_thinking=False)
+        scaffold = (no_think[len(with_prompt):] if no_think and with_prompt and no_think.startswith(with_prompt)
+                    else "")
+        return header, scaffold
+
+    def _probe_turn_ends(self) -> bool:
+        """Adds to ``eot`` the first special token after an assistant content, in the last turn and in an earlier
+        one (gpt-oss ends the last with <|return|>, earlier ones with <|end|>); whether any was found."""
+        closes = False
+        user, mark0 = _PROBE_USER, _mark(0)
+        for conv in (user + [{"role": "assistant", "content": mark0}],
+                     user + [{"role": "assistant", "content": mark0}] + user + [{"role": "assistant", "content": "a"}]):
+            tail = self._probe(conv)
+            if tail and mark0 in tail:
+                rest = tail.split(mark0, 1)[1]
+                first = min(((rest.find(s), s) for s in self.specials if s in rest), default=None)
+                if first is not None:
+                    self.eot.add(first[1])
+                    closes = True
+        return closes
+
+    def _probe_tool_call_turn(self) -> set[str]:
+        """The special tokens a tool call turn renders before its end (DeepSeek's <｜tool▁call▁end｜>...); its end,
+        where that is a token of its own (gpt-oss's <|call|>), is added to ``eot``: the last special token of a
+        conversation that ends with the call."""
+        mark0 = _mark(0)
+        calls = self._probe(_PROBE_USER + [{"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": mark0, "arguments": {"a": 1}}}]}])
+        if not (calls and mark0 in calls):
+            return set()
         rest = calls.split(mark0, 1)[1]
-        stop = min((rest.find(s) for s in eot if s in rest), default=None)
+        stop = min((rest.find(s) for s in self.eot if s in rest), default=None)
         if stop is None:
-            last = max(((rest.rfind(s), s) for s in specials if s in rest), default=None)
+            last = max(((rest.rfind(s), s) for s in self.specials if s in rest), default=None)
             if last is not None:
                 stop = last[0]
-                eot.add(last[1])
-        in_turn = {s for s in specials if s in rest[:stop]}
+                self.eot.add(last[1])
+        return {s for s in self.specials if s in rest[:stop]}
 
-    def end_of_turn(text: str, end: int, limit: int, turn: int, tools: bool) -> int:
+    def _end_of_turn(self, text: str, end: int, limit: int, turn: int, tools: bool) -> int:
         """Past the end-of-turn token that closes the turn whose last generated piece ends at ``end``: the first
         one before ``limit`` (the next piece), after nothing but whitespace, or the turn's tool call syntax."""
-        found = [(p, sp) for sp in eot if (p := text.find(sp, end, limit)) >= 0]
+        found = [(p, sp) for sp in self.eot if (p := text.find(sp, end, limit)) >= 0]
         if found:
             p, sp = min(found)
             between = text[end:p]
-            if not between.strip() or (tools and not any(x in between for x in specials if x not in in_turn)):
+            if not between.strip() or (tools and not any(x in between for x in self.specials if x not in self.in_turn)):
                 return p + len(sp)
-        if closes:  # the template has an end-of-turn token, and this turn does not end with it
+        if self.closes:  # the template has an end-of-turn token, and this turn does not end with it
             raise TemplateError(f"the chat template renders no end-of-turn token right after assistant turn "
                                 f"{turn + 1}; cannot tell where it ends")
         return end
 
-    def render_one(messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
-        with _fixed_clock(template), _template_failures():
-            return _render_marked(messages, truth) if marked else _render(messages, truth)
+    def __call__(self, messages: list[dict], truth: list[tuple[int, int, int]] | None = None) -> Rendered:
+        with _fixed_clock(self.template), _template_failures():
+            return self._render_marked(messages, truth) if self.marked else self._render(messages, truth)
 
-    def _render_marked(messages: list[dict], truth) -> Rendered:
+    def _render_marked(self, messages: list[dict], truth) -> Rendered:
         """The template's ``{% generation %}`` blocks are the targets, exactly (transformers' assistant mask)."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
         assistants = [m for m in messages if m["role"] == "assistant"]
-        texts, indices = render_jinja_template(conversations=[_template_messages(messages, reasoning_field)],
-                                               chat_template=template, return_assistant_tokens_mask=True, **kwargs)
+        texts, indices = render_jinja_template(conversations=[_template_messages(messages, self.reasoning_field)],
+                                               chat_template=self.template, return_assistant_tokens_mask=True,
+                                               **self.kwargs)
         text, blocks = texts[0], [tuple(b) for b in indices[0]]
         if len(blocks) != len(assistants):
             raise TemplateError(f"the template marks {len(blocks)} generation blocks for {len(assistants)} "
@@ -453,26 +456,23 @@ def _model_renderer(tokenizer, empty_think: str = "target"):
             for piece in [m.get("reasoning") or ""] + _inline_reasoning(m.get("content") or ""):
                 if piece.strip() and (at := text.find(piece.strip(), s, e)) >= 0:
                     reasoning.append((at, at + len(piece.strip())))
-        truth_abs = []
-        if truth:
-            last = assistants[-1]["content"] or ""
-            s0, e0 = blocks[-1]
-            content_start = text.find(last, s0, e0)
-            if content_start < 0:  # rendered trimmed: offset 0 of the raw content lies before the first kept char
-                found = text.find(last.strip(), s0, e0)
-                if found < 0:
-                    raise TemplateError("the chat template rewrites the last assistant content (beyond trimming "
-                                        "whitespace); cannot place the ground-truth spans")
-                content_start = found - (len(last) - len(last.lstrip()))
-            truth_abs = [(max(content_start + s, s0), min(content_start + e, e0), lab) for s, e, lab in truth
-                         if min(content_start + e, e0) > max(content_start + s, s0)]
+        truth_abs = _block_truth(text, blocks[-1], assistants[-1]["content"] or "", truth) if truth else []
         return Rendered(text, blocks, truth_abs, dropped, add_bos=False, reasoning_spans=reasoning)
 
-    def _render(messages: list[dict], truth) -> Rendered:
+    def _render(self, messages: list[dict], truth) -> Rendered:
+        """Targets found by aligning the text with a rendering where each generated piece is a mark."""
         n_turns = sum(m["role"] == "assistant" for m in messages)
-        fields, skeleton_msgs = _fields_of(messages, reasoning_field is not None)
-        text = apply(messages)
-        located = _aligned(text, apply(skeleton_msgs), fields)
+        fields, skeleton_msgs = _fields_of(messages, self.reasoning_field is not None)
+        text = self._apply(messages)
+        located = _aligned(text, self._apply(skeleton_msgs), fields)
+        dropped = len(self._dropped_turns(messages, fields, located))
+        spans = self._turn_spans(text, fields, located, n_turns)
+        truth_abs = _field_truth(fields, located, n_turns - 1, truth) if truth else []
+        reasoning = sorted((s, e) for i, (s, e, _) in located.items() if fields[i].kind == "reasoning")
+        return Rendered(text, spans, truth_abs, dropped, add_bos=False, reasoning_spans=reasoning)
+
+    def _dropped_turns(self, messages: list[dict], fields: list[_Field], located: dict) -> set[int]:
+        """Assistant turns whose reasoning the template does not render; content or tool calls dropped refuse."""
         dropped_turns: set[int] = set()
         for i, f in enumerate(fields):
             if i not in located:
@@ -480,11 +480,13 @@ def _model_renderer(tokenizer, empty_think: str = "target"):
                     what = "content" if f.kind == "content" else "tool calls"
                     raise TemplateError(f"the chat template drops the {what} of assistant turn {f.turn + 1}")
                 dropped_turns.add(f.turn)
-        if reasoning_field is None:  # the template reads no reasoning field: a given one is dropped
+        if self.reasoning_field is None:  # the template reads no reasoning field: a given one is dropped
             dropped_turns |= {k for k, m in enumerate(m for m in messages if m["role"] == "assistant")
                               if (m.get("reasoning") or "").strip()}
-        dropped = len(dropped_turns)
-        # each turn: from the end of its header (the generation prompt) to past its end-of-turn token
+        return dropped_turns
+
+    def _turn_spans(self, text: str, fields: list[_Field], located: dict, n_turns: int) -> list[tuple[int, int]]:
+        """Each turn: from the end of its header (the generation prompt) to past its end-of-turn token."""
         per_turn: dict[int, list[tuple[int, int]]] = {}
         for i, (s, e, _) in located.items():
             per_turn.setdefault(fields[i].turn, []).append((s, e))
@@ -498,32 +500,61 @@ def _model_renderer(tokenizer, empty_think: str = "target"):
             first, last = min(per_turn[turn])[0], max(e for _, e in per_turn[turn])
             before = max((e for _, e in bounds if e <= first), default=0)
             after = min((s for s, _ in bounds if s >= last), default=len(text))
-            start = first
-            h = text.rfind(header, before, first) if header else -1
-            if h >= 0:
-                start = h + len(header)  # what follows the header and precedes the field is generated (<think>\n)
-            else:  # no generation prompt (Llama-2's): the turn starts where its content does, inline think tags
-                # included (leading whitespace not: the template's own may precede it)
-                pre = next((fields[i].before for i, (s, _, _) in located.items() if s == first), "").lstrip()
-                if pre and text.endswith(pre, before, first):
-                    start -= len(pre)
-            if scaffold and empty_think == "prompt" and text.startswith(scaffold, start):
-                start += len(scaffold)
+            start = self._turn_start(text, fields, located, before, first)
             tools = any(fields[i].kind == "tool" and fields[i].turn == turn for i in located)
-            spans.append((start, end_of_turn(text, last, after, turn, tools)))
-        truth_abs = []
-        if truth:
-            segs = [(f.raw_start, len(f.raw), located[i]) for i, f in enumerate(fields)
-                    if f.turn == n_turns - 1 and f.raw_start >= 0 and i in located]
-            for s, e, lab in truth:
-                for r0, rn, (ts, te, lead) in segs:
-                    a, b = max(s, r0 + lead), min(e, r0 + lead + (te - ts))
-                    if b > a:
-                        truth_abs.append((ts + a - r0 - lead, ts + b - r0 - lead, lab))
-        reasoning = sorted((s, e) for i, (s, e, _) in located.items() if fields[i].kind == "reasoning")
-        return Rendered(text, spans, truth_abs, dropped, add_bos=False, reasoning_spans=reasoning)
+            spans.append((start, self._end_of_turn(text, last, after, turn, tools)))
+        return spans
 
-    return render_one
+    def _turn_start(self, text: str, fields: list[_Field], located: dict, before: int, first: int) -> int:
+        """Where a turn's generated text starts: after its header (or at its content's inline think tags), and past
+        the empty think block where that is the prompt's. ``first``: its first piece; ``before``: the previous end."""
+        start = first
+        h = text.rfind(self.header, before, first) if self.header else -1
+        if h >= 0:
+            start = h + len(self.header)  # what follows the header and precedes the field is generated (<think>\n)
+        else:  # no generation prompt (Llama-2's): the turn starts where its content does, inline think tags
+            # included (leading whitespace not: the template's own may precede it)
+            pre = next((fields[i].before for i, (s, _, _) in located.items() if s == first), "").lstrip()
+            if pre and text.endswith(pre, before, first):
+                start -= len(pre)
+        if self.scaffold and self.empty_think == "prompt" and text.startswith(self.scaffold, start):
+            start += len(self.scaffold)
+        return start
+
+
+_PROBE_USER = [{"role": "user", "content": "u"}]
+
+
+def _mark(i: int) -> str:
+    """The placeholder of generated piece ``i`` in a skeleton rendering (``_MARK``)."""
+    return f"\ue000{i}\ue001"
+
+
+def _block_truth(text: str, block: tuple[int, int], last: str, truth: list[tuple[int, int, int]]) -> list[tuple]:
+    """Ground-truth spans of the last assistant content ``last`` placed in its generation block of ``text``."""
+    s0, e0 = block
+    content_start = text.find(last, s0, e0)
+    if content_start < 0:  # rendered trimmed: offset 0 of the raw content lies before the first kept char
+        found = text.find(last.strip(), s0, e0)
+        if found < 0:
+            raise TemplateError("the chat template rewrites the last assistant content (beyond trimming "
+                                "whitespace); cannot place the ground-truth spans")
+        content_start = found - (len(last) - len(last.lstrip()))
+    return [(max(content_start + s, s0), min(content_start + e, e0), lab) for s, e, lab in truth
+            if min(content_start + e, e0) > max(content_start + s, s0)]
+
+
+def _field_truth(fields: list[_Field], located: dict, last_turn: int, truth: list[tuple[int, int, int]]) -> list:
+    """Ground-truth spans of the last turn's raw content, carried onto where its content segments rendered."""
+    out = []
+    segs = [(f.raw_start, len(f.raw), located[i]) for i, f in enumerate(fields)
+            if f.turn == last_turn and f.raw_start >= 0 and i in located]
+    for s, e, lab in truth:
+        for r0, _, (ts, te, lead) in segs:
+            a, b = max(s, r0 + lead), min(e, r0 + lead + (te - ts))
+            if b > a:
+                out.append((ts + a - r0 - lead, ts + b - r0 - lead, lab))
+    return out
 
 
 def renderer(template: str, tokenizer, empty_think: str = "target"):
@@ -548,13 +579,8 @@ def renderer(template: str, tokenizer, empty_think: str = "target"):
 
         return tulu
     if template == "model":
-        return _model_renderer(tokenizer, empty_think)
+        return _ModelRenderer(tokenizer, empty_think)
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
-
-
-def render(template: str, tokenizer, messages: list[dict], truth=None, empty_think: str = "target") -> Rendered:
-    """Render one conversation with ``template`` (``tulu`` or ``model``)."""
-    return renderer(template, tokenizer, empty_think)(messages, truth)
 
 
 @dataclass
@@ -656,10 +682,6 @@ def _next_non_space(text: str) -> np.ndarray:
     return np.concatenate([np.minimum.accumulate(nxt[::-1])[::-1], [n]])
 
 
-def tokenize_rendered(tokenizer, rendered: Rendered, max_length: int) -> Tokenized:
-    return tokenize_batch(tokenizer, [rendered], max_length).row(0)
-
-
 def _encode(tokenizer, texts: list[str]) -> tuple[list, list]:
     """Token ids and character offsets of each text, from one batch call of the fast tokenizer.
 
@@ -690,8 +712,33 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
     truth labels read at the anchors; the first ``max_length`` tokens; position 0 never a
     target. Computed over all the texts at once, laid side by side.
     """
-    from itertools import chain
+    ids, offs, lengths = _flat_encoding(tokenizer, rendered)
+    layout = _Layout(rendered)
+    anchors = layout.anchors(rendered, offs, lengths)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    dest, full_len, full_off = _bos_placement(bos, rendered, ids, lengths)
+    size = int(full_off[-1])
+    out_ids = _scatter(size, dest, ids, bos if bos is not None else 0, np.int32)
+    out_anchor = _scatter(size, dest, anchors, -1, np.int64)
+    out_end = _scatter(size, dest, offs[:, 1], -1, np.int64)
+    at = np.where(out_anchor >= 0, out_anchor + np.repeat(layout.base[:-1], full_len), layout.size_chars - 1)
+    mask = layout.covered([(i, s, e) for i, r in enumerate(rendered) for s, e in r.response_spans])[at]
+    has_truth, char_truth = layout.truth_labels(rendered)
+    truth = np.where(mask, char_truth[at], 0).astype(np.uint8)
+    # each row's first max_length tokens; position 0 has no context and is never a target
+    pos = np.arange(size) - np.repeat(full_off[:-1], full_len)
+    mask[pos == 0] = False
+    reasoning_spans = [(i, s, e) for i, r in enumerate(rendered) for s, e in r.reasoning_spans]
+    reasoning = layout.covered(reasoning_spans)[at] if reasoning_spans else np.zeros(size, dtype=bool)
+    keep = pos < max_length
+    kept_len = np.minimum(full_len, max_length)
+    return TokenizedBatch(np.concatenate([[0], np.cumsum(kept_len)]), out_ids[keep], mask[keep], truth[keep],
+                          has_truth, full_len > max_length, out_anchor[keep].astype(np.int32),
+                          out_end[keep].astype(np.int32), reasoning[keep])
 
+
+def _flat_encoding(tokenizer, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every text's token ids and (start, end) character offsets, rows laid end to end, and each row's length."""
     n = len(rendered)
     ids_lists, offs_lists = _encode(tokenizer, [r.text for r in rendered]) if n else ([], [])
     lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=n)
@@ -699,15 +746,56 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
     ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
     offs = np.fromiter(chain.from_iterable(chain.from_iterable(offs_lists)), dtype=np.int64,
                        count=2 * total).reshape(total, 2)
-    # the texts side by side, each followed by a non-space sentinel, so no text's whitespace run reaches the next
-    text_len = np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=n)
-    base = np.concatenate([[0], np.cumsum(text_len + 1)])
-    nxt = _next_non_space("\0".join(r.text for r in rendered) + "\0")
-    tok_base = np.repeat(base[:-1], lengths)
-    first = nxt[offs[:, 0] + tok_base] - tok_base  # the token's first non-space character ...
-    anchors = np.where(first < offs[:, 1], first, offs[:, 0])  # ... if it has one, else its start
-    # a leading BOS where a row asks for one (Tulu; a model template's text is taken as it is) and lacks it
-    bos = getattr(tokenizer, "bos_token_id", None)
+    return ids, offs, lengths
+
+
+class _Layout:
+    """The texts side by side, each followed by a non-space sentinel, so no text's whitespace run reaches the next:
+    per-character labels of every row in one array, read at each token's anchor."""
+
+    def __init__(self, rendered: list[Rendered]):
+        self.text_len = np.fromiter((len(r.text) for r in rendered), dtype=np.int64, count=len(rendered))
+        self.base = np.concatenate([[0], np.cumsum(self.text_len + 1)])  # where each text starts, and the end
+        self.size_chars = int(self.base[-1]) + 1  # the slot after the last text is never labelled (BOS reads it)
+
+    def anchors(self, rendered: list[Rendered], offs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Each token's anchor in its text: its first non-space character, if it has one, else its start."""
+        nxt = _next_non_space("\0".join(r.text for r in rendered) + "\0")
+        tok_base = np.repeat(self.base[:-1], lengths)
+        first = nxt[offs[:, 0] + tok_base] - tok_base
+        return np.where(first < offs[:, 1], first, offs[:, 0])
+
+    def _clipped(self, rows: np.ndarray, chars: np.ndarray) -> np.ndarray:
+        """Layout positions of character offsets, clipped to their row's text."""
+        return self.base[rows] + np.clip(chars, 0, self.text_len[rows])
+
+    def covered(self, spans: list[tuple[int, int, int]]) -> np.ndarray:
+        """Per character of the layout: inside one of ``spans`` (row, start, end)."""
+        rs = np.array(spans, dtype=np.int64).reshape(-1, 3)
+        cover = np.zeros(self.size_chars + 1, dtype=np.int64)
+        np.add.at(cover, self._clipped(rs[:, 0], rs[:, 1]), 1)
+        np.add.at(cover, self._clipped(rs[:, 0], rs[:, 2]), -1)
+        return np.cumsum(cover[:-1]) > 0
+
+    def truth_labels(self, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, whether it carries ground-truth spans; per character of the layout, its label (0: none)."""
+        has_truth = np.fromiter((bool(r.truth_spans) for r in rendered), dtype=bool, count=len(rendered))
+        char_truth = np.zeros(self.size_chars, dtype=np.uint8)
+        truth_spans = [(i, s, e, lab) for i, r in enumerate(rendered) for s, e, lab in r.truth_spans]
+        if truth_spans:
+            ts = np.array(truth_spans, dtype=np.int64)
+            t_lo = self._clipped(ts[:, 0], ts[:, 1]).tolist()
+            t_hi = self._clipped(ts[:, 0], ts[:, 2]).tolist()
+            for a, b, lab in zip(t_lo, t_hi, ts[:, 3].tolist()):  # in order: a later span overrides an earlier one
+                char_truth[a:b] = lab
+        return has_truth, char_truth
+
+
+def _bos_placement(bos: int | None, rendered: list[Rendered], ids: np.ndarray,
+                   lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A leading BOS where a row asks for one (Tulu; a model template's text is taken as it is) and lacks it:
+    where each token lands, each row's length with it and the rows' offsets."""
+    n = len(rendered)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     add = np.zeros(n, dtype=np.int64)
     if bos is not None:
@@ -716,50 +804,14 @@ def tokenize_batch(tokenizer, rendered: list[Rendered], max_length: int) -> Toke
         add[check] = ids[starts[:-1][check]] != bos
     full_len = lengths + add
     full_off = np.concatenate([[0], np.cumsum(full_len)])
-    size = int(full_off[-1])
-    dest = np.arange(total) + np.repeat(full_off[:-1] + add - starts[:-1], lengths)
-    out_ids = np.full(size, bos if bos is not None else 0, dtype=np.int32)
-    out_ids[dest] = ids
-    out_anchor = np.full(size, -1, dtype=np.int64)
-    out_anchor[dest] = anchors
-    out_end = np.full(size, -1, dtype=np.int64)
-    out_end[dest] = offs[:, 1]
-    # per-character labels of each text (its stretch of the side-by-side layout), read at each token's anchor;
-    # spans are clipped to their text, and the slot after the last text is never labelled (BOS reads it)
-    size_chars = int(base[-1]) + 1
+    dest = np.arange(len(ids)) + np.repeat(full_off[:-1] + add - starts[:-1], lengths)
+    return dest, full_len, full_off
 
-    def covered(spans: list[tuple[int, int, int]]) -> np.ndarray:
-        """Per character of the layout: inside one of ``spans`` (row, start, end)."""
-        rs = np.array(spans, dtype=np.int64).reshape(-1, 3)
-        cover = np.zeros(size_chars + 1, dtype=np.int64)
-        np.add.at(cover, base[rs[:, 0]] + np.clip(rs[:, 1], 0, text_len[rs[:, 0]]), 1)
-        np.add.at(cover, base[rs[:, 0]] + np.clip(rs[:, 2], 0, text_len[rs[:, 0]]), -1)
-        return np.cumsum(cover[:-1]) > 0
 
-    char_resp = covered([(i, s, e) for i, r in enumerate(rendered) for s, e in r.response_spans])
-    reasoning_spans = [(i, s, e) for i, r in enumerate(rendered) for s, e in r.reasoning_spans]
-    has_truth = np.fromiter((bool(r.truth_spans) for r in rendered), dtype=bool, count=n)
-    char_truth = np.zeros(size_chars, dtype=np.uint8)
-    truth_spans = [(i, s, e, lab) for i, r in enumerate(rendered) for s, e, lab in r.truth_spans]
-    if truth_spans:
-        ts = np.array(truth_spans, dtype=np.int64)
-        t_lo = (base[ts[:, 0]] + np.clip(ts[:, 1], 0, text_len[ts[:, 0]])).tolist()
-        t_hi = (base[ts[:, 0]] + np.clip(ts[:, 2], 0, text_len[ts[:, 0]])).tolist()
-        for a, b, lab in zip(t_lo, t_hi, ts[:, 3].tolist()):  # in order: a later span overrides an earlier one
-            char_truth[a:b] = lab
-    row_base = np.repeat(base[:-1], full_len)
-    at = np.where(out_anchor >= 0, out_anchor + row_base, size_chars - 1)
-    mask = char_resp[at]
-    truth = np.where(mask, char_truth[at], 0).astype(np.uint8)
-    # each row's first max_length tokens; position 0 has no context and is never a target
-    pos = np.arange(size) - np.repeat(full_off[:-1], full_len)
-    mask[pos == 0] = False
-    reasoning = covered(reasoning_spans)[at] if reasoning_spans else np.zeros(size, dtype=bool)
-    keep = pos < max_length
-    kept_len = np.minimum(full_len, max_length)
-    return TokenizedBatch(np.concatenate([[0], np.cumsum(kept_len)]), out_ids[keep], mask[keep], truth[keep],
-                          has_truth, full_len > max_length, out_anchor[keep].astype(np.int32),
-                          out_end[keep].astype(np.int32), reasoning[keep])
+def _scatter(size: int, dest: np.ndarray, values: np.ndarray, fill: int, dtype) -> np.ndarray:
+    out = np.full(size, fill, dtype=dtype)
+    out[dest] = values
+    return out
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

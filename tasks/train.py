@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenclean.config import TrainConfig
-from tokenclean.tasks.placement import use_assigned_cpus, where
 from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, register_varlen_attention
+from tokenclean.tasks.placement import use_assigned_cpus, where
 from tokenclean.tasks.score import decoder_and_head, numerics, resolve_device, resolve_dtype
 
 IGNORE = -100
@@ -143,13 +143,8 @@ def _trainer_class():
             register_varlen_attention()
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
-            """Warm-up that starts at lr/warm, not 0 (``lr_at_step``).
-
-            transformers' linear warm-up gives step 0 a learning rate of exactly 0. On a
-            long run that wastes one step; on a short one (a continued self-evolving stage
-            on a small D_t can be a single step) the adapter comes out bit-identical to its
-            parent: measured, the re-run tests caught it as an unchanged model key.
-            """
+            """Warm-up that starts at lr/warm, not 0 (``lr_at_step``): with transformers' step-0 rate of 0, a
+            one-step stage (a continued self-evolving stage on a small D_t) would leave its parent unchanged."""
             if self.lr_scheduler is None:
                 warm = self.args.get_warmup_steps(num_training_steps)
                 linear = self.args.lr_scheduler_type == "linear"
@@ -236,19 +231,10 @@ _HEAP_FROZEN = {"done": False}
 
 
 def freeze_import_heap() -> None:
-    """Move every object alive now (mostly imported modules: torch, transformers, Ray, Prefect)
-    to the collector's permanent generation, once per process.
-
-    Why: ``Trainer.train`` starts with ``accelerator.free_memory()``, a full ``gc.collect()``.
-    With the stack imported that walks ~0.5M objects, 0.35-0.5 s on this 2-core machine,
-    per training: more than the training itself for the small adapters of a test or an
-    incremental re-run. Frozen objects are never re-scanned (``gc.freeze``); the price is
-    that a reference cycle among them is never freed, which for module-level objects
-    alive for the whole process is no price. Done once, after one full collection, so no
-    garbage that exists now is frozen; later allocations are collected as usual. Unfrozen at
-    exit, so interpreter shutdown finalises those objects as it would have (extension
-    modules such as DuckDB's report "leaked instances" otherwise).
-    """
+    """Move every object alive now (mostly imported modules) to the collector's permanent generation, once per
+    process, so the full ``gc.collect()`` that starts every ``Trainer.train`` does not rescan the imported stack
+    (docs/benchmarks.md, Training). Done after one full collection, so no garbage is frozen; unfrozen at exit, so
+    shutdown finalises those objects (DuckDB reports "leaked instances" otherwise)."""
     if not _HEAP_FROZEN["done"]:
         gc.collect()
         gc.freeze()
@@ -268,9 +254,8 @@ def train_worker(job: TrainJob) -> dict:
     Returns the run's statistics, the same on every rank; ``placement`` lists where each
     rank ran (``tasks.placement.where``).
     """
-    from transformers import TrainingArguments, set_seed
-
     from datasets import Dataset
+    from transformers import set_seed
 
     # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing; the old name
     # is kept because the GPU image's transformers (5.17) may predate the new one.
@@ -291,7 +276,41 @@ def train_worker(job: TrainJob) -> dict:
     if cfg.strategy == "fsdp" and device.type == "cpu":  # accelerate enables FSDP only on accelerator back-ends
         warnings.warn("train.strategy fsdp on CPU workers trains as DDP (every rank holds the whole model); the "
                       "adapter is the same", stacklevel=1)
-    args = TrainingArguments(
+    args = _training_arguments(cfg, accumulation, ckpt_dir, device, dtype, job.progress)
+    steplog = _progress_callback(ckpt_dir / "steps.jsonl", rank)
+    trainer = _trainer(model, args, dataset, [steplog, *_callbacks(cfg.callbacks)], job.progress)
+    resume = resume_checkpoint(ckpt_dir)
+    t0, started = time.perf_counter(), time.time()
+    out = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - t0
+    first_loss, final_loss = _logged_losses(trainer)
+    n_tok, n_lab = _token_counts(table)
+    stats = {"steps": trainer.state.global_step, "steps_run": steplog.steps_run,
+             "resumed_from": resume and int(Path(resume).name.split("-")[1]),
+             "samples": table.num_rows, "tokens": n_tok, "label_tokens": n_lab,
+             "first_loss": first_loss, "final_loss": final_loss,
+             "train_loss": out.training_loss, "seconds": seconds, "span": [started, time.time()],
+             "tokens_per_s": n_tok * cfg.epochs / seconds if seconds and not resume else None,
+             "world_size": world, "accumulation": accumulation, "init_adapter": job.init_adapter, "key": job.key,
+             "numerics": numerics(str(device), job.dtype), **job.extra}
+    stats["placement"] = _placement(world, device)
+    if rank == 0:
+        _save_adapter(trainer.model, Path(job.out_dir), stats)
+    if world > 1:
+        torch.distributed.barrier()
+    del trainer, model
+    if device.type == "cuda":  # the worker lives on (its scoring model cache too): give back what training held
+        gc.collect()
+        torch.cuda.empty_cache()
+    return stats
+
+
+def _training_arguments(cfg: TrainConfig, accumulation: int, ckpt_dir: Path, device: torch.device,
+                        dtype: torch.dtype, progress: bool):
+    """The Trainer's arguments: what is learned from the config, how from the execution layout."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.lr,
         lr_scheduler_type="linear" if cfg.schedule == "linear" else "constant_with_warmup",
@@ -301,59 +320,57 @@ def train_worker(job: TrainJob) -> dict:
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         save_strategy="steps" if cfg.checkpoint_every else "no", save_steps=cfg.checkpoint_every or 1,
-        save_total_limit=2, logging_steps=1, logging_strategy="steps", report_to=[], disable_tqdm=not job.progress,
+        save_total_limit=2, logging_steps=1, logging_strategy="steps", report_to=[], disable_tqdm=not progress,
         remove_unused_columns=False, dataloader_num_workers=0, average_tokens_across_devices=True,
         ddp_find_unused_parameters=False,
         fsdp="full_shard auto_wrap" if cfg.strategy == "fsdp" else "",
         fsdp_config={"use_orig_params": True} if cfg.strategy == "fsdp" else None,
     )
-    collator = packing_collator()
-    steplog = _progress_callback(ckpt_dir / "steps.jsonl", rank)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                               callbacks=[steplog, *_callbacks(cfg.callbacks)])
-    if not job.progress:
+
+
+def _trainer(model, args, dataset, callbacks: list, progress: bool):
+    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=packing_collator(),
+                               callbacks=callbacks)
+    if not progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; steps.jsonl has them
-    resume = resume_checkpoint(ckpt_dir)
-    t0, started = time.perf_counter(), time.time()
-    out = trainer.train(resume_from_checkpoint=resume)
-    seconds = time.perf_counter() - t0
+    return trainer
+
+
+def _logged_losses(trainer) -> tuple[float | None, float | None]:
+    """The first logged loss and the mean of the last ten; a non-finite one fails the run."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses and not all(np.isfinite(losses)):
         raise FloatingPointError(f"training loss became non-finite: {losses[-5:]}")
+    return (losses[0], float(np.mean(losses[-10:]))) if losses else (None, None)
+
+
+def _token_counts(table: pa.Table) -> tuple[int, int]:
+    """Tokens and labelled (kept) tokens of the training set."""
     n_tok = int(pc.sum(pc.list_value_length(table.column("input_ids"))).as_py())
     n_lab = int(pc.sum(pc.not_equal(pc.list_flatten(table.column("labels")), IGNORE)).as_py())
-    stats = {"steps": trainer.state.global_step, "steps_run": steplog.steps_run,
-             "resumed_from": resume and int(Path(resume).name.split("-")[1]),
-             "samples": table.num_rows, "tokens": n_tok, "label_tokens": n_lab,
-             "first_loss": losses[0] if losses else None, "final_loss": float(np.mean(losses[-10:])) if losses else None,
-             "train_loss": out.training_loss, "seconds": seconds, "span": [started, time.time()],
-             "tokens_per_s": n_tok * cfg.epochs / seconds if seconds and not resume else None,
-             "world_size": world, "accumulation": accumulation, "init_adapter": job.init_adapter, "key": job.key,
-             "numerics": numerics(str(device), job.dtype), **job.extra}
+    return n_tok, n_lab
+
+
+def _placement(world: int, device: torch.device) -> list:
+    """Where each rank ran (``tasks.placement.where``), gathered from every rank."""
     here = where() | {"device": str(device)}
-    if world > 1:
-        placed: list = [None] * world
-        torch.distributed.all_gather_object(placed, here)
-    else:
-        placed = [here]
-    stats["placement"] = placed
-    if rank == 0:
-        out_dir = Path(job.out_dir)
-        tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp)
-        (tmp / "train.json").write_text(json.dumps(stats, indent=2))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    if world > 1:
-        torch.distributed.barrier()
-    del trainer, model
-    if device.type == "cuda":  # the worker lives on (its scoring model cache too): give back what training held
-        gc.collect()
-        torch.cuda.empty_cache()
-    return stats
+    if world == 1:
+        return [here]
+    placed: list = [None] * world
+    torch.distributed.all_gather_object(placed, here)
+    return placed
+
+
+def _save_adapter(model, out_dir: Path, stats: dict) -> None:
+    """The adapter and its ``train.json``, written beside ``out_dir`` and renamed into place."""
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    (tmp / "train.json").write_text(json.dumps(stats, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
 
 
 def lora_shape(adapter_dir: str | Path) -> dict:

@@ -1,13 +1,8 @@
 """Children die with the driver, also when it is SIGKILLed (the OOM killer, ``kill -9``).
 
-The driver's children (the local Prefect API server, a local Ray cluster's processes) are
-stopped by its own cleanup; a driver killed outright runs none, and they would live on,
-re-parented to init, holding ports, memory and an open cluster. A watchdog process,
-started once per driver, records the driver's descendants every second and, once the
-driver is gone, ends those it recorded: SIGTERM, then SIGKILL after a grace period. A
-process is matched by PID *and* start time, so a PID the system has reused is never hit.
-It notices the driver's end by being re-parented (no signal needed) and runs in a session
-of its own, so a Ctrl-C to the terminal does not end it before it has looked.
+A watchdog process per driver records the driver's descendants every second and, once it is re-parented (the
+driver is gone), ends them: SIGTERM, then SIGKILL after ``GRACE_S``. A process is matched by PID and start time,
+so a reused PID is never hit. Why: docs/design.md ("Processes that outlive the driver").
 """
 from __future__ import annotations
 
@@ -23,7 +18,8 @@ _started: dict = {}
 
 
 def start() -> None:
-    """Start this process's watchdog (once per process; where psutil is missing, nothing)."""
+    """Start this process's watchdog (once per process; where psutil is missing, nothing), in a session of its
+    own so that a Ctrl-C to the terminal does not end it before it has looked."""
     if _started.get("pid") == os.getpid():
         return
     try:

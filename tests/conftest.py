@@ -53,13 +53,10 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def tiny():
     """The embedded default at test size: tokenizer + tiny pretrained Llama + synthetic SFT data."""
+    from tokenclean.config import EmbeddedConfig
     from tokenclean.embedded import EmbeddedSpec, build
-    from tokenclean.synth import SynthSpec
 
-    spec = EmbeddedSpec(synth=SynthSpec(n_people=TINY["n_people"], n_train=TINY["n_train"], n_eval=TINY["n_eval"],
-                                        corrupt_fraction=TINY["corrupt_fraction"], seed=TINY["seed"]),
-                        pretrain_steps=TINY["pretrain_steps"])
-    return build(spec, progress=False)
+    return build(EmbeddedSpec.of(EmbeddedConfig(**TINY)), progress=False)
 
 
 @pytest.fixture(scope="session")

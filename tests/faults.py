@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +69,8 @@ def _mark(marker: str) -> None:
 def shard_first_ids(cfg, parts: list[int]) -> list[int]:
     """First sample id of each shard a fresh scoring of ``parts`` would send (prepares the run)."""
     from tokenclean.flows.prepare import prepare
-    from tokenclean.tasks import store
-
     from tokenclean.flows.scoring import MIN_SHARD_TOKENS, chunk_shards
+    from tokenclean.tasks import store
 
     ctx = prepare(cfg, progress=False)
     try:
@@ -167,12 +167,12 @@ def crash_flow_runs_since(started: float) -> int:
     CRASHED, as Prefect's own crash detection would: the test session's Prefect database is shared, and a test
     that reads every flow run must not find a killed test's run forever "running". Returns how many."""
     import asyncio
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
-    since = datetime.fromtimestamp(started, tz=timezone.utc)
+    since = datetime.fromtimestamp(started, tz=UTC)
 
     async def crash() -> int:
         n = 0

@@ -17,8 +17,9 @@ import psutil
 import pyarrow.parquet  # noqa: F401  (code every run has imported: not part of what the pool costs)
 from transformers import AutoTokenizer
 
+from tokenclean.flows.ingest import stage_inputs
 from tokenclean.tasks import storage, store  # noqa: F401
-from tokenclean.tasks.ingest import IngestSpec, stage_inputs, tokenization_of
+from tokenclean.tasks.ingest import IngestSpec, tokenization_of
 
 
 def main() -> None:

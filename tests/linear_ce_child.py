@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from tokenclean.tasks.score import ScoringModel, ShardSample, score_arrays
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's benchmarks/
+from benchmarks.padded_scoring import score_arrays_padded  # noqa: E402
+from tokenclean.tasks.score import ScoringModel, ShardSample, score_arrays  # noqa: E402
 
 VOCAB = 1000
 
@@ -61,8 +64,9 @@ def main(device: str, dtype: str, out: str) -> None:
         for linear_ce in ("chunked", "liger"):
             sm = ScoringModel(d, device=device, dtype=dtype, linear_ce=linear_ce)
             for packed in (True, False):
-                cols = score_arrays(sm.model, data, batch_tokens=300, chunk=37, device=sm.device, packed=packed,
-                                    with_correct=True, linear_ce=linear_ce)
+                score = score_arrays if packed else score_arrays_padded
+                cols = score(sm.model, data, batch_tokens=300, chunk=37, device=sm.device, with_correct=True,
+                             linear_ce=linear_ce)
                 order = np.lexsort((cols["pos"], cols["sample_id"]))
                 for k, v in cols.items():
                     result[f"{linear_ce}.{'packed' if packed else 'padded'}.{k}"] = v[order]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokenclean.tasks.ingest import ingest
+from tests.ingest_helpers import ingest
 
 
 def _good(i):

@@ -2,7 +2,7 @@
 
 For each family (real ``tokenizer.json`` + chat template, fetched once into a cache by
 ``tests/real_tokenizers.py``) a generated set of conversation shapes is ingested by
-``tasks.ingest.ingest``, and each sample is compared with:
+``tests.ingest_helpers.ingest``, and each sample is compared with:
 
 * ids: the model's own template, ``apply_chat_template(tokenize=True)``, exactly;
 * targets: TRL's training template for the family (``trl/chat_templates/<family>_training.jinja``,
@@ -34,7 +34,6 @@ from datetime import datetime
 from importlib.resources import files
 
 import pytest
-
 import real_tokenizers
 
 # family -> TRL's training template (the lenml llama3_1 package carries the Llama-3 template, TRL's llama3.jinja);
@@ -169,7 +168,7 @@ def family(request):
 
 
 def _ingest(tmp_path, tok, rows, max_length):
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
 
     path = tmp_path / f"rows-{max_length}.jsonl"
     path.write_text("".join(json.dumps({"id": name, "messages": msgs}) + "\n" for name, msgs in rows))
@@ -328,7 +327,7 @@ def test_reasoning_a_template_drops_is_counted(tmp_path, family):
 
 def test_tulu_refuses_what_it_cannot_render(tmp_path, family):
     """Reasoning fields, tool calls and tool messages have no place in the Tulu format: refused, saying so."""
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
 
     _, tok, _, _ = family
     path = tmp_path / "t.jsonl"
@@ -349,8 +348,9 @@ def test_tulu_refuses_what_it_cannot_render(tmp_path, family):
 def test_empty_think_convention_is_explicit_and_keyed(tmp_path, family):
     """Qwen3's empty think block is a target by default (the model generates it when served with thinking on);
     ``data.empty_think: prompt`` makes it context, and changes the tokenization key and so the sample ids."""
+    from tests.ingest_helpers import ingest
     from tokenclean.config import DataConfig
-    from tokenclean.tasks.ingest import ingest, tokenization_of
+    from tokenclean.tasks.ingest import tokenization_of
 
     name, tok, _, _ = family
     if name != "qwen3":
@@ -381,7 +381,8 @@ def test_empty_think_convention_is_explicit_and_keyed(tmp_path, family):
 def test_a_turn_not_closed_by_its_end_of_turn_token_is_refused_saying_so(family):
     """Text the template writes between an answer and its end-of-turn token is neither the row's nor known to be
     generated: the row is refused with that reason, not trained with a guessed end."""
-    from tokenclean.tasks.template import TemplateError, render_model_template
+    from tests.template_helpers import render_model_template
+    from tokenclean.tasks.template import TemplateError
 
     name, tok, _, _ = family
     if name != "llama3_1":
@@ -397,7 +398,8 @@ def test_reasoning_dropped_count_survives_a_resumed_ingest(tmp_path, family):
     """The count is written with each part, so an ingest resumed from finished parts reports it too."""
     import duckdb
 
-    from tokenclean.tasks.ingest import IngestSpec, stage_inputs, tokenization_of
+    from tokenclean.flows.ingest import stage_inputs
+    from tokenclean.tasks.ingest import IngestSpec, tokenization_of
 
     name, tok, _, _ = family
     if name != "qwen3":
@@ -420,7 +422,7 @@ def test_truth_spans_follow_the_content_through_reasoning(family):
     """Ground-truth spans are offsets into the raw content; with inline reasoning the template re-renders
     around them (Qwen3 strips the newlines inside <think>, Llama-3 trims the whole); a span in reasoning the
     template drops (DeepSeek-V3's) is dropped with it."""
-    from tokenclean.tasks.template import render_model_template
+    from tests.template_helpers import render_model_template
 
     name, tok, _, _ = family
     content = "<think>\n\nLook it up.\n</think>\n\nAna lives in Port Velo."
@@ -435,7 +437,7 @@ def test_gptoss_channels_are_rendered_and_trained_as_the_model_generates_them(fa
     """gpt-oss: reasoning is its analysis channel, an earlier turn ends with <|end|> and the last with <|return|>,
     a tool call (commentary) with <|call|>, the call's name comes back in the tool's header (context), and the ids
     are the template's: no BOS (the tokenizer has one; the template writes none, and the model is served so)."""
-    from tokenclean.tasks.template import render_model_template, tokenize_rendered
+    from tests.template_helpers import render_model_template, tokenize_rendered
 
     name, tok, _, _ = family
     if name != "gptoss":
@@ -458,7 +460,7 @@ def test_gptoss_channels_are_rendered_and_trained_as_the_model_generates_them(fa
 def test_without_a_generation_prompt_a_turn_starts_where_its_content_does(family):
     """Llama-2's template has no generation prompt: a turn's targets start at its content as rendered, the inline
     think tags that open it included (the prefix oracle's targets)."""
-    from tokenclean.tasks.template import render_model_template
+    from tests.template_helpers import render_model_template
 
     name, tok, _, _ = family
     if name != "llama2":
@@ -491,7 +493,9 @@ def test_reasoning_targets_are_recorded_and_the_report_counts_their_kept_share(t
     if name != "qwen3":
         return  # the store and report part: one family suffices
     con = store.connect(tmp_path / "run.duckdb")
-    store.insert_dataset(con, "d", res.samples, [], {}, {})
+    from tests.ingest_helpers import insert_dataset
+
+    insert_dataset(con, "d", res.samples, [], {}, {})
     parts = sorted(set(res.samples.column("part").to_pylist()))
     store.write_selection(con, "s", "random", 0.5, dataset="d", parts=parts, pool=store.pool_digest(con, "d", parts),
                           scores=None, seed=3)

@@ -16,9 +16,8 @@ import pytest
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tokenclean.config import RunConfig, load_config
-
 from tests.conftest import tiny_config
+from tokenclean.config import RunConfig, load_config
 
 
 def _numeric_fields(model: type[BaseModel] = RunConfig, prefix: tuple[str, ...] = ()):

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.conftest import tiny_config
+from tests.faults import BACKEND, FAULT_ENV, crash_flow_runs_since, kill_tree, shard_first_ids
 from tokenclean.cli import app
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
-from tests.conftest import tiny_config
-from tests.faults import BACKEND, FAULT_ENV, crash_flow_runs_since, kill_tree, shard_first_ids
 
 UNFINISHED = re.compile(r"^fixed-model-cleaning started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: "
                         r"unfinished \(running or killed\)$")

@@ -628,7 +628,7 @@ def test_compose_volumes_consistent(compose: dict) -> None:
     declared = set(compose.get("volumes") or {})
     used = set()
     for name, svc in services.items():
-        for target, source in _named_mounts(svc).items():
+        for source in _named_mounts(svc).values():
             if not source.startswith((".", "/", "~")):  # a named volume
                 assert source in declared, f"{name}: volume {source} is not declared"
                 used.add(source)

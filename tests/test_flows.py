@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from tokenclean.tasks import store
-from tokenclean.config import RunConfig
 from tests.conftest import tiny_config
+from tokenclean.config import RunConfig
+from tokenclean.tasks import store
 
 
 def _overrides(tree: dict, prefix: str = "") -> list[str]:

@@ -28,7 +28,7 @@ CFG = {"lr": 5e-3, "batch_size": 8, "per_device_batch_size": 4, "checkpoint_ever
 
 @pytest.fixture(scope="module")
 def table(tiny, tokenizer):
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
     from tokenclean.tasks.train import TrainSample, training_table
 
     res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=2, seed=0)

@@ -4,7 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokenclean.tasks.ingest import EVAL_PART, assign_part, ingest
+from tests.ingest_helpers import ingest
+from tokenclean.tasks.ingest import EVAL_PART, assign_part
 
 
 def _write_jsonl(path, rows):
@@ -219,7 +220,7 @@ def test_content_text_is_the_canonical_json_the_sample_ids_were_named_by():
     """``content_text`` writes out ``json.dumps(..., sort_keys=True)``; any difference would rename samples."""
     import random
 
-    from tokenclean.tasks.ingest import content_text
+    from tokenclean.tasks.validate import content_text
 
     rng = random.Random(0)
     alphabet = ['"', "\\", "/", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "日本", "🙂", "\u2028", "\ud800", "a", " ", "{"]
@@ -279,8 +280,9 @@ def test_an_interrupted_ingest_resumes_from_its_finished_parts(tmp_path, tiny, t
     split alone and stages exactly what a fresh ingest stages; a changed spec never reads the old parts."""
     import duckdb
 
+    from tokenclean.flows.ingest import stage_inputs
     from tokenclean.tasks import storage, store
-    from tokenclean.tasks.ingest import IngestSpec, stage_inputs
+    from tokenclean.tasks.ingest import IngestSpec
 
     spec = IngestSpec("t", 96, 0.1, 3, 5)
     parts = str(tmp_path / "parts")

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import tiny_config
+from tests.ingest_helpers import sample_arrays
+from tests.store_reads import losses_by_uid
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 from tokenclean.tasks.ingest import assign_part
-from tests.conftest import tiny_config
 
 N_TRAIN, N_EVAL, T = 90, 12, 2
 FIXED = ["full", "random", "local", "global"]
@@ -96,7 +98,7 @@ def _snapshot(cfg: RunConfig) -> dict:
             name, kind, key = label(o["variant"], o["iteration"]), o["kind"], o["key"]
             out["keys"][(name, kind)] = key
             if kind == "losses":
-                out[(name, kind)] = store.losses_by_uid(con, key, dataset)
+                out[(name, kind)] = losses_by_uid(con, key, dataset)
             elif kind == "selection":
                 out[(name, kind)] = store.selection_digest(con, key)
             elif kind == "eval":
@@ -150,8 +152,8 @@ def _steps(stages: list[dict]) -> dict:
 @pytest.fixture(scope="module")
 def world(tiny, tmp_path_factory):
     """Input files, a second base model with the same tokenizer, and a finished base run."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp("keys")
     rows, evals = _rows(tiny.train)[:N_TRAIN], _rows(tiny.eval)[:N_EVAL]
@@ -227,10 +229,10 @@ def _assert_losses_match_models(cfg: RunConfig) -> None:
                 base_path = store.model_inputs(con, inputs["base_model"])["path"]
             else:
                 base_path = inputs["path"]
-            stored = store.losses_by_uid(con, model_key, dataset)
+            stored = losses_by_uid(con, model_key, dataset)
             ids = sorted({sid for sid, in con.execute(
                 "SELECT DISTINCT sample_id FROM token_losses WHERE model = ?", [model_key]).fetchall()})
-            samples = [ShardSample(*a) for a in store.sample_arrays(con, ids)]
+            samples = [ShardSample(*a) for a in sample_arrays(con, ids)]
             uid = dict(con.execute("SELECT sample_id, uid FROM samples WHERE sample_id IN (SELECT unnest(?))",
                                    [ids]).fetchall())
             now = ScoringModel(base_path).losses(samples, adapter=adapter, batch_tokens=4096, chunk=256)
@@ -496,7 +498,7 @@ def test_warmup_file_is_d0_and_the_pool_is_d1_to_dt(tiny, warm):
     """Rows of data.warmup_paths are all D0; rows of data.paths are drawn over D1..DT, never D0."""
     from transformers import AutoTokenizer
 
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
 
     tok = AutoTokenizer.from_pretrained(tiny.model)
     pool_file = _appended(warm, "parts")

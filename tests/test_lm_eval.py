@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import TINY
 
-from tokenclean.tasks.lm_eval_hook import (
+from tokenclean.flows.lm_eval import facts_rows, record_lm_eval
+from tokenclean.tasks.lm_eval import (
     FACTS_TASK,
     evaluate,
-    record_lm_eval,
     run_lm_eval,
     write_facts_jsonl,
 )
@@ -22,13 +22,14 @@ LIMIT = 18  # every (person, attribute) doc of the 6-person test world
 @pytest.fixture(scope="module")
 def facts(tiny, tmp_path_factory):
     """The facts task's data for the test session's world (not the demo world shipped with the task)."""
-    return write_facts_jsonl(tmp_path_factory.mktemp("facts") / "facts.jsonl", TINY["n_people"], TINY["seed"])
+    rows = facts_rows(TINY["n_people"], TINY["seed"])
+    return write_facts_jsonl(tmp_path_factory.mktemp("facts") / "facts.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
 def adapter(tiny, tokenizer, tmp_path_factory):
     """A LoRA adapter trained on the test world's SFT data: it has learnt (some of) the facts."""
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
     from tokenclean.tasks.train import TrainJob, TrainSample, train_worker, training_table
 
     res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=1, seed=0)
@@ -151,8 +152,8 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
 
 
 def test_shipped_task_data_is_the_demo_world():
-    from tokenclean.tasks.lm_eval_hook import TASKS_DIR, facts_rows
     from tokenclean.config import EmbeddedConfig
+    from tokenclean.tasks.lm_eval import TASKS_DIR
 
     e = EmbeddedConfig()
     shipped = [json.loads(line) for line in (TASKS_DIR / f"{FACTS_TASK}.jsonl").read_text().splitlines()]
@@ -165,9 +166,9 @@ def test_run_lm_eval_for_run_uses_the_runs_world_and_records(tiny, adapter, runs
 
     import yaml
 
-    from tokenclean.tasks import store
-    from tokenclean.tasks.lm_eval_hook import run_lm_eval_for_run
+    from tokenclean.flows.lm_eval import run_lm_eval_for_run
     from tokenclean.summary import output_key
+    from tokenclean.tasks import store
 
     run = tmp_path / "run"
     con = store.connect(run / "tokenclean.duckdb")

@@ -23,6 +23,7 @@ import yaml
 
 from tests.conftest import tiny_config
 from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, kill_tree, shard_first_ids
+from tests.store_reads import losses_by_uid
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 
@@ -59,7 +60,7 @@ def _snapshot(cfg: RunConfig) -> dict:
         dataset = output_key(con, "data", "dataset")
         out = {}
         for name in ("base", "reference"):
-            out[f"losses/{name}"] = store.losses_by_uid(con, output_key(con, name, "losses"), dataset)
+            out[f"losses/{name}"] = losses_by_uid(con, output_key(con, name, "losses"), dataset)
             check = store.check_integrity(con, output_key(con, name, "losses"), dataset, [1])
             assert check["ok"], check
         out["kept"] = sorted(con.execute(

@@ -37,7 +37,7 @@ def test_lm_eval_results_are_listed_only_for_the_model_a_variant_has_now(tmp_pat
 
 
 def test_a_base_model_rewritten_since_the_run_is_refused(tmp_path):
-    from tokenclean.tasks.export import verified_base
+    from tokenclean.flows.export import verified_base
 
     base = tmp_path / "base"
     base.mkdir()

@@ -121,7 +121,6 @@ def test_exported_dataset_trains_with_trainer_on_exactly_the_kept_tokens(quickst
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from tokenclean.summary import output_key
-    from tokenclean.tasks import store
 
     home, _ = quickstart
     ds = datasets.load_from_disk(str(home / "runs" / "my-run" / "export" / "data" / "global"))
@@ -165,9 +164,9 @@ def test_exported_dataset_trains_with_trainer_on_exactly_the_kept_tokens(quickst
 
 
 def test_export_formats_hold_the_same_rows(quickstart):
+    import datasets
     from typer.testing import CliRunner
 
-    import datasets
     from tokenclean.cli import app
 
     home, _ = quickstart
@@ -241,9 +240,9 @@ def test_export_writes_only_new_paths_or_its_own_earlier_export(quickstart):
     """The export matrix: a foreign directory or file, the run directory, its database, anything else in the run,
     an export of another kind, an earlier export with a file added, and an earlier export with and without
     --overwrite. Only the last with the flag replaces anything; every other case exits 2 and leaves every byte."""
+    import datasets
     from typer.testing import CliRunner
 
-    import datasets
     from tokenclean.cli import app
 
     home, _ = quickstart
@@ -311,7 +310,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path):
 
     for fmt in ("parquet", "jsonl", "hf"):
         out = tmp_path / f"data-{fmt}"
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 (any error: the writer may not make a partial export)
             write_dataset([reader()], out, fmt)
         assert list(tmp_path.iterdir()) == [], fmt
     # an earlier export survives a failed replacement of it

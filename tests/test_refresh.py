@@ -9,9 +9,10 @@ import sys
 import pytest
 import yaml
 
-from tokenclean.tasks import store
-from tokenclean.config import RunConfig
 from tests.conftest import tiny_config
+from tests.store_reads import losses_by_uid
+from tokenclean.config import RunConfig
+from tokenclean.tasks import store
 
 
 def _rows(path):
@@ -42,7 +43,7 @@ def _base_losses(cfg):
 
     con = store.connect(cfg.db_path, read_only=True)
     try:
-        return {(uid, pos): loss for uid, pos, loss in store.losses_by_uid(
+        return {(uid, pos): loss for uid, pos, loss in losses_by_uid(
             con, output_key(con, "base", "losses"), output_key(con, "data", "dataset"))}, con.execute(
             "SELECT detail FROM stage_log WHERE stage = 'score' AND name = 'base' ORDER BY finished_at").fetchall()
     finally:

@@ -3,13 +3,15 @@ pipeline (Prefect + Ray + DuckDB + tiny model). Killed drivers and lost nodes ar
 test_multinode.py, on a multi-node cluster."""
 import json
 import math
+
 import pytest
 
-from tokenclean.tasks import store
-from tokenclean.config import RunConfig
-from tokenclean.summary import output_key
 from tests.conftest import tiny_config
 from tests.faults import BACKEND, FAULT_ENV, shard_first_ids
+from tests.store_reads import losses_by_uid
+from tokenclean.config import RunConfig
+from tokenclean.summary import output_key
+from tokenclean.tasks import store
 
 
 def _cfg(tmp_path, name, **kw):
@@ -31,7 +33,7 @@ def _read(cfg: RunConfig, fn):
 
 def _losses(cfg: RunConfig, name: str):
     """(uid, pos, loss) of the current model ``name``: comparable across run directories."""
-    return _read(cfg, lambda con: store.losses_by_uid(con, output_key(con, name, "losses"),
+    return _read(cfg, lambda con: losses_by_uid(con, output_key(con, name, "losses"),
                                                       output_key(con, "data", "dataset")))
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tokenclean.tasks import storage, store
-from tokenclean.tasks.ingest import assign_part, ingest
+from tests.ingest_helpers import ingest, insert_dataset
 from tokenclean.report import build_report, classify_trend, token_pieces
+from tokenclean.tasks import storage, store
+from tokenclean.tasks.ingest import assign_part
 
 SEED, N_PARTS = 0, 3
 INJECTED = "<script>alert('pwn')</script> What is the motto of Q&A <b>club</b>?"
@@ -57,7 +58,8 @@ def _uids_in_parts(prefix: str, parts: set[int], n: int) -> list[str]:
 def _extra_source(path: Path) -> None:
     """A second training source: an HTML/script injection, ordinary rows, and rows that must be quarantined."""
     inj, *rest = _uids_in_parts("extra", {1, 2}, 4)  # 4 rows: all shown (8 samples, round-robin over 2 sources)
-    rows = [{"id": inj, "task": "motto", "prompt": INJECTED, "response": "Our motto is <i>always</i> \"1 < 2 & 3 > 2\".",
+    rows = [{"id": inj, "task": "motto", "prompt": INJECTED,
+             "response": "Our motto is <i>always</i> \"1 < 2 & 3 > 2\".",
              "answer": "always"}]
     rows += [{"id": u, "task": "motto", "prompt": f"Question {u}?", "response": f"The answer for {u} is yes."}
              for u in rest]
@@ -97,7 +99,7 @@ def run_db(tiny, tmp_path_factory):
     con = store.connect(db)
     summary = {"rows_read": res.n_read, "samples": res.samples.num_rows, "quarantined": len(res.quarantine),
                "truncated": 0}
-    store.insert_dataset(con, DATASET, res.samples, res.quarantine, {"tokenizer": str(tiny.model)}, summary)
+    insert_dataset(con, DATASET, res.samples, res.quarantine, {"tokenizer": str(tiny.model)}, summary)
     store.record_model(con, BASE, "base", {"path": str(tiny.model)})
     rng = np.random.default_rng(1234)
     for model, shift in ((BASE, 0.5), (THETA[1], 0.0), (THETA[2], -0.2)):
@@ -155,7 +157,7 @@ def test_report_sections_and_thresholds(run_db):
     assert titles == ["scores of global / local over D0,1,2", "scores of self-evolving@1 over D1",
                       "scores of self-evolving@2 over D2"]
     by_title = {c[1]: c[2] for c in charts}
-    for name, method, parts, theta, _ in SELECTIONS:
+    for name, method, _parts, _theta, _ in SELECTIONS:
         thr = run_db["selections"][name]["threshold"]
         line = f'class="threshold" data-selection="{name}"'
         if method == "global":
@@ -276,7 +278,7 @@ def test_missing_pieces_become_notes(tiny, tmp_path):
     res = ingest([str(tiny.train)], [], tok, max_length=256, eval_fraction=0.2, n_parts=2, seed=SEED)
     db = tmp_path / "run" / "tokenclean.duckdb"
     con = store.connect(db)
-    store.insert_dataset(con, DATASET, res.samples, [], {"tokenizer": str(tmp_path / "gone")}, {})
+    insert_dataset(con, DATASET, res.samples, [], {"tokenizer": str(tmp_path / "gone")}, {})
     store.finish_flow_run(con, store.start_flow_run(con, "fixed-model-cleaning", {}, DATASET))
     con.close()
     text = build_report(db.parent, tmp_path / "r.html", selection="nope", n_samples=3).read_text()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.padded_scoring import padding_waste, plan_batches, score_arrays_padded
 from tokenclean.tasks.packing import _segment_sdpa, pack_arrays, plan_packs
 from tokenclean.tasks.score import (
     EVAL_SCHEMA,
@@ -16,8 +17,6 @@ from tokenclean.tasks.score import (
     ScoringModel,
     ShardSample,
     chunked_token_nll,
-    padding_waste,
-    plan_batches,
     score_arrays,
     score_samples,
 )
@@ -88,8 +87,8 @@ def reference(model):
 @pytest.mark.parametrize("packed", [True, False])
 def test_chunked_losses_match_plain_forward(model, reference, packed):
     samples, ref = reference
-    got = _by_key(score_arrays(model, samples, batch_tokens=256, chunk=17, device="cpu", packed=packed,
-                               with_correct=True))
+    got = _by_key((score_arrays if packed else score_arrays_padded)(model, samples, batch_tokens=256, chunk=17,
+                                                                    device="cpu", with_correct=True))
     np.testing.assert_array_equal(got["sample_id"], ref["sample_id"])
     np.testing.assert_array_equal(got["pos"], ref["pos"])
     np.testing.assert_array_equal(got["token_id"], ref["token_id"])
@@ -101,8 +100,8 @@ def test_chunked_losses_match_plain_forward(model, reference, packed):
 
 def test_packed_equals_padded_and_samples_are_isolated(model):
     samples = _samples(seed=1)
-    packed = _by_key(score_arrays(model, samples, batch_tokens=300, chunk=64, device="cpu", packed=True))
-    padded = _by_key(score_arrays(model, samples, batch_tokens=300, chunk=64, device="cpu", packed=False))
+    packed = _by_key(score_arrays(model, samples, batch_tokens=300, chunk=64, device="cpu"))
+    padded = _by_key(score_arrays_padded(model, samples, batch_tokens=300, chunk=64, device="cpu"))
     np.testing.assert_array_equal(packed["sample_id"], padded["sample_id"])
     np.testing.assert_allclose(packed["loss"], padded["loss"], rtol=0, atol=1e-5)
 
@@ -111,7 +110,7 @@ def test_packed_equals_padded_and_samples_are_isolated(model):
     changed = list(samples)
     s0 = samples[0]
     changed[0] = ShardSample(s0.sample_id, (s0.input_ids + 1) % VOCAB, s0.target)
-    again = _by_key(score_arrays(model, changed, batch_tokens=300, chunk=64, device="cpu", packed=True))
+    again = _by_key(score_arrays(model, changed, batch_tokens=300, chunk=64, device="cpu"))
     other = packed["sample_id"] != s0.sample_id
     np.testing.assert_allclose(again["loss"][other], packed["loss"][other], rtol=0, atol=1e-5)
     assert np.abs(again["loss"][~other] - packed["loss"][~other]).max() > 1e-2
@@ -146,7 +145,8 @@ def test_chunked_nll_matches_cross_entropy():
 def test_target_at_position_zero_is_nan(model):
     s = ShardSample(7, np.array([5, 6, 7, 8], dtype=np.int32), np.array([True, False, True, True]))
     for packed in (True, False):
-        cols = score_arrays(model, [s, *_samples(3)], batch_tokens=512, chunk=64, device="cpu", packed=packed)
+        score = score_arrays if packed else score_arrays_padded
+        cols = score(model, [s, *_samples(3)], batch_tokens=512, chunk=64, device="cpu")
         mine = _by_key({k: v[cols["sample_id"] == 7] for k, v in cols.items()})
         assert mine["pos"].tolist() == [0, 2, 3]
         assert np.isnan(mine["loss"][0]) and np.isfinite(mine["loss"][1:]).all()
@@ -268,8 +268,8 @@ def test_other_families_score_as_their_own_forward(family, packed):
     model = _family(family)
     samples = _samples(12, seed=3, lo=20, hi=90)
     ref = _reference(model, samples)
-    got = _by_key(score_arrays(model, samples, batch_tokens=256, chunk=17, device="cpu", packed=packed,
-                               with_correct=True))
+    got = _by_key((score_arrays if packed else score_arrays_padded)(model, samples, batch_tokens=256, chunk=17,
+                                                                    device="cpu", with_correct=True))
     np.testing.assert_array_equal(got["pos"], ref["pos"])
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(got["correct"], ref["correct"])
@@ -280,7 +280,7 @@ def test_attention_the_packed_kernels_cannot_compute_is_refused():
     """Gemma-2's attention logit softcapping is not approximated by plain attention: refused, saying why."""
     model = _family("gemma2-softcap")
     with pytest.raises(NotImplementedError, match="softcapping"):
-        score_arrays(model, _samples(2), batch_tokens=256, chunk=17, device="cpu", packed=True)
+        score_arrays(model, _samples(2), batch_tokens=256, chunk=17, device="cpu")
 
 
 @pytest.mark.parametrize("vocab", [50, VOCAB, 32000, 128256, 151936, 262144])
@@ -313,7 +313,8 @@ def test_chunks_are_sized_by_bytes_and_losses_are_unchanged(model, reference, pa
     try:
         for budget in (VOCAB * LOGIT_BYTES * 13, VOCAB * LOGIT_BYTES * 64 + 5, 64 << 20):
             seen.clear()
-            got = _by_key(score_arrays(m, samples, batch_tokens=256, chunk_bytes=budget, device="cpu", packed=packed))
+            score = score_arrays if packed else score_arrays_padded
+            got = _by_key(score(m, samples, batch_tokens=256, chunk_bytes=budget, device="cpu"))
             rows = lm_head_rows(budget, VOCAB)
             assert max(r for r, _ in seen) == rows or sum(r for r, _ in seen) == len(got["loss"]) < rows
             assert all(r <= rows for r, _ in seen) and {d for _, d in seen} == {dtype}

@@ -15,9 +15,10 @@ import pytest
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the tiny model needs next to nothing
 
+from tests.template_helpers import tokenize_rendered  # noqa: E402
 from tokenclean.tasks.score import LOSS_SCHEMA, ScoringModel, ShardSample  # noqa: E402
 from tokenclean.tasks.score_vllm import VllmScorer  # noqa: E402
-from tokenclean.tasks.template import render_tulu, tokenize_rendered  # noqa: E402
+from tokenclean.tasks.template import render_tulu  # noqa: E402
 
 N_SAMPLES = 20
 # fp32 on both sides; the only differences are kernel order of summation (vLLM's CPU
@@ -138,10 +139,11 @@ def test_without_vllm_the_backend_is_a_clear_error(monkeypatch):
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError
+    from tokenclean.tasks.jobs import ScorerSpec
     from tokenclean.tasks.steps import scorer
 
     hint = r"pip install 'tokenclean\[vllm\]'.*score.backend: transformers"
     with pytest.raises(ImportError, match=hint):
         score_vllm.VllmScorer("never-read")
     with pytest.raises(ImportError, match=hint):  # what a scoring worker of a `score.backend: vllm` run calls
-        scorer("vllm", "never-read", "no-key", "cpu", "float32")
+        scorer(ScorerSpec("never-read", "no-key", device="cpu", dtype="float32", backend="vllm"))

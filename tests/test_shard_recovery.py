@@ -15,9 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from prefect import flow
 
+from tests.conftest import tiny_config
+from tests.store_reads import losses_by_uid
 from tokenclean.config import RunConfig
 from tokenclean.tasks import storage, store
-from tests.conftest import tiny_config
 
 
 @flow(name="score-base")
@@ -36,7 +37,7 @@ def _score_base(config: dict) -> dict:
         return {"key": key, "dataset": ctx.dataset, "shard_dir": ctx.shard_dir(key), "stats": stats,
                 "stages": store.stages_since(ctx.con, since),
                 "integrity": store.check_integrity(ctx.con, key, ctx.dataset, ctx.pool_parts),
-                "losses": store.losses_by_uid(ctx.con, key, ctx.dataset)}
+                "losses": losses_by_uid(ctx.con, key, ctx.dataset)}
     finally:
         ctx.con.close()
 

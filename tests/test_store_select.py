@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.ingest_helpers import insert_dataset, sample_arrays
 from tokenclean.tasks import storage, store
-from tokenclean.tasks.ingest import INGEST_SCHEMA
 from tokenclean.tasks.select import load_selected
+from tokenclean.tasks.store import INGEST_SCHEMA
 
 DATASET, BASE, REF, SCORES = "d0", "b0", "c1", "e1"  # hand-made keys
 
@@ -46,7 +47,7 @@ def _losses(model, scores_by_token):
 def db(tmp_path):
     rng = np.random.default_rng(0)
     con = store.connect(tmp_path / "run.duckdb")
-    store.insert_dataset(con, DATASET, _samples(10, 5, rng), [{"source": "t", "row_index": 99, "reason": "bad",
+    insert_dataset(con, DATASET, _samples(10, 5, rng), [{"source": "t", "row_index": 99, "reason": "bad",
                                                                 "raw": "x"}], {}, {})
     # base loss 2.0 everywhere; reference loss makes score = a distinct value per token
     toks = [(s, p) for s in range(10) for p in range(2, 7)]
@@ -129,7 +130,7 @@ def test_local_spends_the_global_budget_top_per_sample(tmp_path, k, lengths):
                      "input_ids": list(range(2 + n_resp)), "response_mask": [False, False] + [True] * int(n_resp),
                      "truth": None})
     con = store.connect(tmp_path / "run.duckdb")
-    store.insert_dataset(con, DATASET, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA), [], {}, {})
+    insert_dataset(con, DATASET, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA), [], {}, {})
     toks = [(s, p) for s, n in enumerate(lengths) for p in range(2, 2 + n)]
     score = {t: float(v) for t, v in zip(toks, rng.permutation(len(toks)))}
     for model, f in ((BASE, lambda t: 2.0), (REF, lambda t: 2.0 - score[t] / 100)):
@@ -155,7 +156,9 @@ def test_random_is_exact_count_and_seeded(db):
     a = select_tokens(con, "r0", "random", 0.5, [0, 1], seed=0)
     select_tokens(con, "r0b", "random", 0.5, [0, 1], seed=0)
     select_tokens(con, "r1", "random", 0.5, [0, 1], seed=1)
-    get = lambda n: set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection=?", [n]).fetchall())
+    def get(n):
+        return set(con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection=?", [n]).fetchall())
+
     assert a["n_kept"] == 25 and get("r0") == get("r0b") and get("r0") != get("r1")
 
 
@@ -252,7 +255,7 @@ def test_reingesting_the_same_samples_writes_nothing_new(db):
     """Samples are content-addressed: a second dataset holding the same samples shares their rows."""
     con, _ = db
     rng = np.random.default_rng(0)
-    out = store.insert_dataset(con, "d1", _samples(12, 5, rng), [], {}, {})
+    out = insert_dataset(con, "d1", _samples(12, 5, rng), [], {}, {})
     assert out == {"new_samples": 2, "known_samples": 10}
     assert con.execute("SELECT count(*) FROM response_tokens").fetchone()[0] == 60
     assert store.pool_digest(con, "d1", [0]) != store.pool_digest(con, DATASET, [0])  # sample 10 joined D0
@@ -294,7 +297,7 @@ def test_schema_2_database_is_upgraded_in_place(tmp_path):
 
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
-    con.execute(store_db.SCHEMA.replace(",\n    text VARCHAR, char_start INTEGER[], char_end INTEGER[]", ""))
+    con.execute(store_db.SCHEMA.replace(", text VARCHAR, char_start INTEGER[], char_end INTEGER[]", ""))
     con.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     con.execute("INSERT INTO samples (sample_id, uid, input_ids) VALUES (7, 'u7', [1, 2, 3])")
     con.close()
@@ -316,15 +319,14 @@ def test_schema_3_database_gains_the_reasoning_mask_and_reports_its_samples_as_u
 
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
-    schema_3 = store_db.SCHEMA.replace(",  -- rendered text; token i covers [char_start, char_end)\n"
-                                       "    reasoning_mask BOOLEAN[]", "  --")
+    schema_3 = store_db.SCHEMA.replace(", reasoning_mask BOOLEAN[]", "")
     assert "reasoning_mask" not in schema_3
     con.execute(schema_3)
     con.execute("INSERT INTO meta VALUES ('schema_version', '3')")
     con.close()
     con = store.connect(path)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == store_db.SCHEMA_VERSION
-    store.insert_dataset(con, DATASET, _samples(4, 3, np.random.default_rng(0)), [], {}, {})
+    insert_dataset(con, DATASET, _samples(4, 3, np.random.default_rng(0)), [], {}, {})
     select_tokens(con, "all", "full", 1.0, [0, 1])
     assert store.report.kept_reasoning(con, "all", DATASET, [0, 1]) == {
         "reasoning": 0, "reasoning_kept": 0, "answer": 12, "answer_kept": 12, "unrecorded": 4}
@@ -343,11 +345,11 @@ def test_sample_batch_is_the_per_sample_arrays_flattened(tmp_path):
         r["response_mask"] = [bool(x) for x in rng.integers(0, 2, n)]
         r["truth"], r["n_tokens"] = [0] * n, n
     con = store.connect(tmp_path / "run.duckdb")
-    store.insert_dataset(con, DATASET, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA), [], {}, {})
+    insert_dataset(con, DATASET, pa.Table.from_pylist(rows, schema=INGEST_SCHEMA), [], {}, {})
     con.execute("SELECT 1").fetchone()  # an unfinished result on the connection must not matter
     ids = [int(x) for x in rng.choice(40, 17, replace=False)]
     batch = SampleBatch(*store.sample_batch(con, np.array(ids)))
-    expect = store.sample_arrays(con, ids)
+    expect = sample_arrays(con, ids)
     assert len(batch) == 17 and batch.n_tokens == sum(len(a) for _, a, _ in expect)
     for got, (sid, toks, mask) in zip(batch.samples(), expect, strict=True):
         assert got.sample_id == sid and got.input_ids.dtype == np.int32 and got.target.dtype == bool

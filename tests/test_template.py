@@ -1,10 +1,10 @@
 import json
 
 import numpy as np
-
 import pytest
 
-from tokenclean.tasks.template import render_tulu, tokenize_rendered, tokenizer_fingerprint
+from tests.template_helpers import tokenize_rendered
+from tokenclean.tasks.template import render_tulu, tokenizer_fingerprint
 
 
 def test_tulu_rendering_is_open_instruct_format():
@@ -158,7 +158,7 @@ def model_tokenizer(tmp_path, tiny, template: str):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_model_template_masks_exactly_the_assistant_turns(tmp_path, tiny, name):
-    from tokenclean.tasks.template import render_model_template
+    from tests.template_helpers import render_model_template
 
     template, terminator = TEMPLATES[name]
     tok = model_tokenizer(tmp_path, tiny, template)
@@ -189,7 +189,7 @@ def test_model_template_masks_exactly_the_assistant_turns(tmp_path, tiny, name):
 
 def test_model_template_need_not_be_prefix_stable(tmp_path, tiny):
     """Mistral's template: the first turn rendered alone is not a prefix of the whole conversation."""
-    from tokenclean.tasks.template import render_model_template
+    from tests.template_helpers import render_model_template
 
     tok = model_tokenizer(tmp_path, tiny, MISTRAL)
     whole = tok.apply_chat_template(CONVERSATION, tokenize=False)
@@ -201,7 +201,7 @@ def test_model_template_need_not_be_prefix_stable(tmp_path, tiny):
 
 def test_truth_spans_follow_the_last_response_through_trimming(tmp_path, tiny):
     """Ground-truth spans are offsets into the raw content; Llama-3's template trims it."""
-    from tokenclean.tasks.template import render_model_template
+    from tests.template_helpers import render_model_template
 
     tok = model_tokenizer(tmp_path, tiny, LLAMA3)
     content = CONVERSATION[-1]["content"]
@@ -212,12 +212,13 @@ def test_truth_spans_follow_the_last_response_through_trimming(tmp_path, tiny):
 
 
 def test_template_that_rewrites_content_is_quarantined(tmp_path, tiny):
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
 
     upper = LLAMA3.replace("message['content'] | trim", "message['content'] | upper")
     tok = model_tokenizer(tmp_path, tiny, upper)
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"messages": CONVERSATION[1:3]}) + "\n" + json.dumps({"prompt": "Hi", "response": "YES"}) + "\n")
+    data.write_text(json.dumps({"messages": CONVERSATION[1:3]}) + "\n"
+                    + json.dumps({"prompt": "Hi", "response": "YES"}) + "\n")
     res = ingest([str(data)], [], tok, max_length=256, eval_fraction=0.0, n_parts=1, seed=0, template="model")
     # "YES" survives | upper unchanged; the mixed-case response cannot be located and is refused, with the reason
     assert res.samples.num_rows == 1
@@ -368,7 +369,8 @@ def test_tokenisation_ignores_truncation_and_padding_set_in_the_tokenizer_file(t
 def test_a_template_that_prints_the_date_renders_the_same_every_day(tmp_path, tiny):
     """Llama-3.1/3.2 templates print today's date: rendered with a fixed one, a sample is the same whatever
     day it is ingested (its key cannot say the day)."""
-    from tokenclean.tasks.template import FIXED_DATE, render_model_template
+    from tests.template_helpers import render_model_template
+    from tokenclean.tasks.template import FIXED_DATE
 
     dated = ("{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
              "{{ 'Today: ' + date_string + ' / ' + strftime_now('%Y-%m-%d') + '\\n' }}"

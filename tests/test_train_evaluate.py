@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ingest_helpers import ingest
+from tokenclean.config import TrainConfig
 from tokenclean.tasks.evaluate import evaluate_model
-from tokenclean.tasks.ingest import ingest
+from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.score import ShardSample
 from tokenclean.tasks.train import TrainJob, TrainSample, lora_shape, train_worker, training_table
-from tokenclean.config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +230,8 @@ def test_answer_metrics_and_loss_against_a_hand_computed_oracle(tiny, data):
     # the test has power only if every kind of span and answer was placed, so both outcomes occur
     assert placed == {"right", "first", "last", *gen_kinds}, placed
 
-    res = evaluate_model(str(tiny.model), None, samples, meta, batch_tokens=4096, max_new_tokens=max_new,
-                         device="cpu", dtype="float32")
+    res = evaluate_model(EvalJob(str(tiny.model), samples, meta, batch_tokens=4096, max_new_tokens=max_new,
+                                 device="cpu", dtype="float32"))
 
     def expected(ids) -> dict:
         ids = list(ids)
@@ -257,8 +258,8 @@ def test_answer_metrics_and_loss_against_a_hand_computed_oracle(tiny, data):
         check(got, expected(i for i in nll if tasks[i] == t))
     # a generation budget of 0 skips the generated metric (and only it); 1 token still generates
     for budget in (0, 1):
-        short = evaluate_model(str(tiny.model), None, samples, meta, batch_tokens=4096, max_new_tokens=budget,
-                               device="cpu", dtype="float32")["overall"]
+        short = evaluate_model(EvalJob(str(tiny.model), samples, meta, batch_tokens=4096, max_new_tokens=budget,
+                                       device="cpu", dtype="float32"))["overall"]
         assert ("answer_match" in short) == bool(budget)
         assert short["answer_cloze_match"] == res["overall"]["answer_cloze_match"]
 

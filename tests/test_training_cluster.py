@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import tiny_config
 from tests.faults import KILL_TRAINING_ENV
 from tokenclean.config import RayConfig
 from tokenclean.tasks.train import IGNORE, TrainJob, TrainSample, packing_collator, train_worker, training_table
@@ -27,7 +26,7 @@ CFG = {"lr": 5e-3, "batch_size": 16, "per_device_batch_size": 4, "checkpoint_eve
 
 @pytest.fixture(scope="module")
 def samples(tiny, tokenizer):
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
 
     res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=2, seed=0)
     rng = np.random.default_rng(0)
@@ -178,7 +177,7 @@ def test_flow_places_training_and_evaluation_on_the_gpu_node(tiny, multinode, tm
         assert {k for k in placed if k[0] == "train"} == {("train", "reference"), ("train", "global")}
         assert {k for k in placed if k[0] == "evaluate"} == {("evaluate", n) for n in ("base", "reference", "global")}
         nodes = set()
-        for (stage, _), detail in placed.items():
+        for detail in placed.values():
             where = detail["placement"]
             nodes |= {p["node"] for p in where} if isinstance(where, list) else {where["node"]}
         assert nodes == {multinode.nodes["gpu"].node_id}

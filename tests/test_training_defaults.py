@@ -29,7 +29,7 @@ CLIP = 0.3
 def runs(tiny, tokenizer, tmp_path_factory):
     """Runs on the same samples: seed 0; seed 1; seed 0 continued from the first run's adapter; and one
     epoch of the constant schedule with weight decay."""
-    from tokenclean.tasks.ingest import ingest
+    from tests.ingest_helpers import ingest
 
     res = ingest([str(tiny.train)], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=2, seed=0)
     rows = res.samples.to_pylist()[:N_SAMPLES]

@@ -10,7 +10,6 @@ import time
 from contextvars import ContextVar
 from importlib import resources
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperGroup
@@ -198,8 +197,8 @@ def describe_error(exc: BaseException, db=None, writes=()) -> tuple[int, str]:
 
 
 def _report(cfg) -> None:
-    from tokenclean.tasks.store import connect
     from tokenclean.summary import comparison, format_table, run_overview, stage_times
+    from tokenclean.tasks.store import connect
 
     con = connect(cfg.db_path, read_only=True)
     try:
@@ -258,7 +257,7 @@ def _closing_report(cfg) -> None:
 
 @app.command("run")
 def run_cmd(config: Path = typer.Argument(..., help="YAML run config"),
-            set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+            set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Run the flows a config asks for (fixed-model, self-evolving or both)."""
     _quiet_env()
     _run(_load(config, set_ or []))
@@ -266,7 +265,7 @@ def run_cmd(config: Path = typer.Argument(..., help="YAML run config"),
 
 @app.command("refresh")
 def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an existing run"),
-                set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+                set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Re-read the inputs, score only new/changed samples (stored base losses reused), re-rank globally."""
     from tokenclean.flows.cleaning import refresh
 
@@ -284,9 +283,9 @@ def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an e
 
 @app.command()
 def serve(config: Path = typer.Argument(..., help="YAML run config"),
-          cron: Optional[str] = typer.Option(None, help="refresh schedule, e.g. '0 3 * * 1' (Mondays 03:00)"),
-          interval: Optional[int] = typer.Option(None, help="refresh every N seconds instead of cron"),
-          name: Optional[str] = typer.Option(None, help="deployment name (default: the run name)")) -> None:
+          cron: str | None = typer.Option(None, help="refresh schedule, e.g. '0 3 * * 1' (Mondays 03:00)"),
+          interval: int | None = typer.Option(None, help="refresh every N seconds instead of cron"),
+          name: str | None = typer.Option(None, help="deployment name (default: the run name)")) -> None:
     """Register and serve the scheduled-refresh deployment (cron or interval) with Prefect.
 
     Needs a Prefect server (`prefect server start`, PREFECT_API_URL set): schedules
@@ -318,7 +317,7 @@ def serve(config: Path = typer.Argument(..., help="YAML run config"),
 
 @app.command()
 def demo(workdir: Path = typer.Option(Path("runs"), help="where the run directory goes"),
-         set_: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP)) -> None:
+         set_: list[str] | None = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Build the embedded tiny model + data if needed, run both flows and every baseline, print the table."""
     _quiet_env()
     with resources.as_file(resources.files("tokenclean") / "configs" / "demo.yaml") as path:
@@ -328,17 +327,18 @@ def demo(workdir: Path = typer.Option(Path("runs"), help="where the run director
 
 @app.command()
 def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclean.duckdb"),
-            sample: Optional[str] = typer.Option(None, help="show one sample's tokens (its id in the input, or sample_id)"),
+            sample: str | None = typer.Option(
+                None, help="show one sample's tokens (its id in the input, or sample_id)"),
             selection: str = typer.Option("global", help="variant whose kept tokens --sample marks "
                                                          "(global, local, random, full, self-evolving@T)"),
             keys: bool = typer.Option(True, "--keys/--no-keys", help="list every artifact with its key and inputs"),
             quarantine: bool = typer.Option(False, "--quarantine", help="list the quarantined rows of the run's "
                                                                        "current dataset: source, line, id, reason"),
-            limit: Optional[int] = typer.Option(None, min=1, help="with --quarantine: list only the first LIMIT")) -> None:
+            limit: int | None = typer.Option(None, min=1, help="with --quarantine: list only the first LIMIT")) -> None:
     """Summarise a run (ingest, quarantine, table, and every artifact's key and what it was derived from),
     list its quarantined rows, or show one sample's kept tokens (or why a row with that id was refused)."""
-    from tokenclean.tasks import store
     from tokenclean.summary import artifacts, comparison, format_table, run_overview
+    from tokenclean.tasks import store
 
     db = run / "tokenclean.duckdb" if run.is_dir() else run
     if not db.exists():
@@ -390,8 +390,8 @@ def _show_sample(con, sample: str, selection: str) -> None:
     for an id whose rows were all refused, where they were and why."""
     from transformers import AutoTokenizer
 
-    from tokenclean.tasks import store
     from tokenclean.summary import output_key
+    from tokenclean.tasks import store
 
     dataset = store.latest_dataset(con)
     sid = store.sample_id_of_uid(con, dataset, sample)
@@ -423,7 +423,7 @@ def _show_sample(con, sample: str, selection: str) -> None:
 
 @app.command()
 def report(run: Path = typer.Argument(..., help="run directory or its tokenclean.duckdb"),
-           out: Optional[Path] = typer.Option(None, help="HTML file to write (default RUN/report.html)"),
+           out: Path | None = typer.Option(None, help="HTML file to write (default RUN/report.html)"),
            selection: str = typer.Option("global", help="variant whose kept tokens the samples highlight"),
            samples: int = typer.Option(8, help="how many sample responses to show")) -> None:
     """Write a self-contained HTML report of a run (histograms, kept fractions, trends, samples)."""
@@ -444,10 +444,10 @@ def export(run: Path = typer.Argument(..., help="run directory"),
            selection: str = typer.Option("global", help="selection to export as a dataset: global, local, random, "
                                                         "full, self-evolving (every iteration) or self-evolving@T"),
            fmt: str = typer.Option("parquet", "--format", help="parquet, jsonl or hf (a datasets save_to_disk folder)"),
-           model: Optional[str] = typer.Option(None, help="export this variant's model instead (global, local, random, "
+           model: str | None = typer.Option(None, help="export this variant's model instead (global, local, random, "
                                                           "full, reference, self-evolving = the last iteration's)"),
            adapter_only: bool = typer.Option(False, "--adapter-only", help="with --model: the PEFT adapter alone"),
-           out: Optional[Path] = typer.Option(None, help="where to write (default RUN/export/NAME[.ext]); a new path, "
+           out: Path | None = typer.Option(None, help="where to write (default RUN/export/NAME[.ext]); a new path, "
                                                           "or an earlier export of the same kind with --overwrite"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier tokenclean export of the "
                                                                      "same kind at the target (nothing else is "
@@ -467,7 +467,7 @@ def export(run: Path = typer.Argument(..., help="run directory"),
     if adapter_only and model is None:
         _fail("--adapter-only goes with --model")
     try:
-        from tokenclean.tasks.export import export_run_model, export_run_selection
+        from tokenclean.flows.export import export_run_model, export_run_selection
 
         if model is not None:
             res = export_run_model(run, model, out, adapter_only=adapter_only, overwrite=overwrite)
@@ -480,17 +480,17 @@ def export(run: Path = typer.Argument(..., help="run directory"),
 
 @app.command("lm-eval")
 def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
-                adapter: Optional[str] = typer.Option(None, help="variant whose adapter to evaluate: reference, full, "
+                adapter: str | None = typer.Option(None, help="variant whose adapter to evaluate: reference, full, "
                                                       "random, local, global, self-evolving@T (default: base)"),
                 tasks: list[str] = typer.Option(["tokenclean_facts"], "--tasks", help="lm-eval task (repeatable)"),
-                limit: Optional[int] = typer.Option(None, help="examples per task"),
+                limit: int | None = typer.Option(None, help="examples per task"),
                 batch_size: int = typer.Option(8),
                 device: str = typer.Option("cpu"),
-                ray_address: Optional[str] = typer.Option(
+                ray_address: str | None = typer.Option(
                     None, help="run the harness as a Ray task on this cluster ('auto', ray://host:10001, 'local')"),
                 gpus: float = typer.Option(0.0, help="GPUs the Ray task asks for (with --ray-address)")) -> None:
     """Run lm-evaluation-harness tasks on the base model or an adapter; record into the run's metrics."""
-    from tokenclean.tasks.lm_eval_hook import run_lm_eval_for_run
+    from tokenclean.flows.lm_eval import run_lm_eval_for_run
 
     _quiet_env()
     _where(run / "tokenclean.duckdb", [run])

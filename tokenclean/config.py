@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tokenclean.synth import FIRST, LAST
+from tokenclean.secret_names import secret_looking
 
 
 class _Strict(BaseModel):
@@ -28,10 +28,14 @@ Count = Annotated[int, Field(ge=1)]
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+# The synthetic world's distinct names (synth.FIRST x synth.LAST; a test holds them equal).
+MAX_PEOPLE = 312
+
+
 class EmbeddedConfig(_Strict):
     """Size of the built-in default (tokenizer + tiny Llama + synthetic SFT set)."""
 
-    n_people: int = Field(16, ge=1, le=len(FIRST) * len(LAST), description="at most as many as the synthetic names")
+    n_people: int = Field(16, ge=1, le=MAX_PEOPLE, description="at most as many as the synthetic names")
     n_train: Count = 4000
     n_eval: Count = 400
     corrupt_fraction: float = Field(0.25, ge=0, le=1)
@@ -83,9 +87,9 @@ class ScoreConfig(_Strict):
                                      "follow from it and the model's vocabulary")
     lm_head_chunk: int | None = Field(None, ge=1, description="execution: at most this many rows per lm_head+CE chunk, "
                                                               "within lm_head_chunk_bytes (default: no cap)")
-    shard_tokens: int = Field(4_194_304, ge=1, description="most tokens in one scoring shard (the unit of retry and resume); "
-                                                     "shards are sized to give each scoring slot about 4, within "
-                                                     "[16384, shard_tokens] tokens")
+    shard_tokens: int = Field(
+        4_194_304, ge=1, description="most tokens in one scoring shard (the unit of retry and resume); shards are "
+                                     "sized to give each scoring slot about 4, within [16384, shard_tokens] tokens")
     shard_samples: int | None = Field(None, ge=1, description="most samples in one scoring shard (default: no limit)")
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile norms/MLP/CE in the scoring workers (+17-34% tok/s on H100). auto: on "
@@ -93,7 +97,8 @@ class ScoreConfig(_Strict):
     linear_ce: Literal["chunked", "liger"] = Field(
         "chunked", description="lm_head + cross-entropy in the scoring workers: chunked (plain PyTorch, "
                                "lm_head_chunk_bytes of logits at a time) or liger (liger-kernel's fused Triton "
-                               "kernel; needs CUDA and pip install liger-kernel; per-token losses agree within bf16 rounding)")
+                               "kernel; needs CUDA and pip install liger-kernel; per-token losses agree within "
+                               "bf16 rounding)")
 
 
     @field_validator("backend")
@@ -128,14 +133,9 @@ class LoraConfig(_Strict):
 class TrainConfig(_Strict):
     """LoRA SFT on the kept tokens (transformers ``Trainer``, data parallel over Ray Train workers).
 
-    The optimisation is set in samples: ``batch_size`` samples per optimiser step =
-    ``per_device_batch_size`` x gradient accumulation x ``ray.train_workers``; the
-    accumulation is derived and must come out whole. Fields marked *execution* change how
-    the work is spread, not what is learned, so they are not part of an adapter's key
-    (they do key its checkpoints: a resumed run continues only under the same layout) --
-    unless LoRA dropout is on: its masks are drawn micro-batch by micro-batch on each
-    worker, so then the micro-batch size, the strategy and the number of workers change
-    the adapter and are part of its key (``learning``).
+    ``batch_size`` samples per optimiser step = ``per_device_batch_size`` x gradient accumulation x
+    ``ray.train_workers`` (the accumulation is derived and must come out whole). Fields marked *execution* are not
+    part of an adapter's key unless LoRA dropout is on (``learning``; why: docs/design.md).
     """
 
     lr: float = Field(1e-4, gt=0)
@@ -211,8 +211,6 @@ class RayConfig(_Strict):
     @field_validator("env_vars")
     @classmethod
     def _no_secrets(cls, v: list[str]) -> list[str]:
-        from tokenclean.tasks.cluster import secret_looking
-
         refused = secret_looking(v)
         if refused:
             raise ValueError(f"names secrets ({', '.join(refused)}): Ray writes a job's environment into its logs "

@@ -1,10 +1,7 @@
-"""The embedded default: tokenizer, tiny Llama base model and SFT data, built locally.
+"""The embedded default: tokenizer, tiny Llama base model and SFT data, built locally (no model hub needed).
 
-Nothing can be downloaded from a model hub here, so ``tokenclean demo`` builds its own:
-a byte-level BPE tokenizer trained on the synthetic world's text, a ~1.5M-parameter
-Llama pretrained for a fixed number of steps on that text, and the generated SFT set.
-The build is cached under a directory named by a hash of its spec, and written to a
-temporary directory first, so an interrupted build is never mistaken for a finished one.
+The build is cached under a hash of its spec and written to a temporary directory first, so an interrupted build
+is never mistaken for a finished one (docs/design.md, "The embedded default").
 """
 from __future__ import annotations
 
@@ -17,10 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tokenclean.config import EmbeddedConfig
 from tokenclean.synth import SynthSpec, generate, pretraining_text
 
 SPECIAL = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-BUILD_VERSION = 2  # 2: pretraining transcripts rendered as open-instruct (stripped, no final newline)
+BUILD_VERSION = 2  # part of the build's cache key: bump when the build's output changes (docs/design.md)
 
 
 @dataclass
@@ -37,6 +35,13 @@ class EmbeddedSpec:
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     seed: int = 0
+
+    @classmethod
+    def of(cls, e: EmbeddedConfig) -> EmbeddedSpec:
+        """The build a config's ``embedded`` section asks for."""
+        return cls(synth=SynthSpec(n_people=e.n_people, n_train=e.n_train, n_eval=e.n_eval,
+                                   corrupt_fraction=e.corrupt_fraction, seed=e.seed),
+                   pretrain_steps=e.pretrain_steps)
 
     def key(self) -> str:
         blob = json.dumps({"v": BUILD_VERSION, **asdict(self)}, sort_keys=True)
@@ -95,7 +100,8 @@ def pretrain(spec: EmbeddedSpec, tokenizer, docs: list[str], progress: bool = Tr
     model = LlamaForCausalLM(cfg)
     stream: list[int] = []
     for d in docs:
-        stream += [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = tokenizer(d, add_special_tokens=False)["input_ids"]
+        stream += [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
     data = torch.tensor(stream[: len(stream) // spec.context * spec.context]).view(-1, spec.context)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.pretrain_lr, weight_decay=0.01)
     warm = max(1, spec.pretrain_steps // 20)
@@ -121,7 +127,7 @@ def pretrain(spec: EmbeddedSpec, tokenizer, docs: list[str], progress: bool = Tr
 
 def build(spec: EmbeddedSpec | None = None, root: Path | None = None, progress: bool = True) -> Embedded:
     """Build (or reuse) the embedded default and return where it lives."""
-    spec = spec or EmbeddedSpec()
+    spec = spec or EmbeddedSpec.of(EmbeddedConfig())
     root = root or cache_dir() / f"embedded-{spec.key()}"
     if (root / "build.json").exists():
         return Embedded(root)

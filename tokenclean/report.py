@@ -100,8 +100,8 @@ def _current_selections(con) -> list[dict]:
 
 
 def _base_path(con) -> str | None:
-    from tokenclean.tasks import store
     from tokenclean.summary import output_key
+    from tokenclean.tasks import store
 
     key = output_key(con, "base", "model")
     return (store.model_inputs(con, key) or {}).get("path") if key else None
@@ -195,7 +195,7 @@ def _histograms(con) -> str:
            "include every threshold; values outside fall into the edge bins). A dashed line marks each global "
            "selection's threshold: tokens scoring at or above it were kept.</p>"]
     colors = iter(PALETTE * 4)
-    for (scores, dataset, parts_sql), sels in groups.items():
+    for (scores, dataset, _parts_sql), sels in groups.items():
         parts = sels[0]["part_list"]
         title = f"scores of {' / '.join(s['name'] for s in sels)} over D{','.join(map(str, parts))}"
         n, bad, mn, mx, qlo, qhi, mean = store.report.score_stats(con, scores, dataset, parts)
@@ -443,7 +443,28 @@ def _samples_section(con, selection: str, n_samples: int) -> str:
     if not parts or n_samples <= 0:
         return "".join(_note(n) for n in notes) + _note("No samples to show.")
     rows = store.report.pick_samples(con, dataset, parts, n_samples)
-    ids_shown = [r[0] for r in rows]
+    kept_all, scores_all = _sample_marks(con, sel, scores_key, [r[0] for r in rows])
+    tok, tnote = _load_tokenizer(con)
+    if tnote:
+        notes.append(tnote)
+    if rows and all(r[7] is None for r in rows):
+        notes.append("no ground-truth token labels in these samples")
+    out = ["".join(_note(n) for n in notes),
+           f"<p>{_selection_description(sel, scores_key)}. Legend: "
+           '<span class="tk p">prompt</span> <span class="tk k">kept</span> <span class="tk d">dropped</span> '
+           '<span class="tk k t1">informative fact</span> <span class="tk d t2">corrupted fact</span> '
+           "(underlines only when the data has labels). Hover a token for its position and score.</p>"]
+    for row in rows:
+        sid = row[0]
+        out.append(_sample_html(tok, row, kept_all.get(sid, set()), scores_all.get(sid, {})))
+    return "".join(out)
+
+
+def _sample_marks(con, sel: dict | None, scores_key: str | None,
+                  ids_shown: list[int]) -> tuple[dict[int, set], dict[int, dict]]:
+    """Per sample shown: the positions ``sel`` keeps, and each position's score under ``scores_key``."""
+    from tokenclean.tasks import store
+
     kept_all: dict[int, set] = {}
     if sel:
         for sid, pos in store.report.kept_in(con, sel["selection"], ids_shown):
@@ -452,53 +473,53 @@ def _samples_section(con, selection: str, n_samples: int) -> str:
     if scores_key:
         for sid, pos, score in store.report.scores_in(con, scores_key, ids_shown):
             scores_all.setdefault(sid, {})[pos] = score
-    tok, tnote = _load_tokenizer(con)
-    if tnote:
-        notes.append(tnote)
-    if rows and all(r[7] is None for r in rows):
-        notes.append("no ground-truth token labels in these samples")
+    return kept_all, scores_all
+
+
+def _selection_description(sel: dict | None, scores_key: str | None) -> str:
     if sel is None:
-        desc = "Selection <b>–</b> (no kept tokens to mark)"
+        return "Selection <b>–</b> (no kept tokens to mark)"
+    return (f"Selection <b>{esc(sel['name'])}</b> (method {esc(sel['method'])}, k = {esc(_fmt(sel['k'], '{:g}'))}"
+            + (f", scores <code>{esc(scores_key)}</code>" if scores_key else "")
+            + (f", threshold {esc(_fmt(sel['threshold'], '{:.4g}'))}" if sel["threshold"] is not None else "")
+            + f", key <code>{esc(sel['selection'])}</code>)")
+
+
+def _token_class(group: list[int], mask, kept: set, truth) -> str:
+    """CSS classes of a token piece: prompt, kept, dropped or mixed, and its ground-truth label if any."""
+    resp = [p for p in group if mask[p]]
+    if not resp:
+        cls = "p"
+    elif all(p in kept for p in resp):
+        cls = "k"
+    elif any(p in kept for p in resp):
+        cls = "k mixed"
     else:
-        desc = (f"Selection <b>{esc(sel['name'])}</b> (method {esc(sel['method'])}, k = {esc(_fmt(sel['k'], '{:g}'))}"
-                + (f", scores <code>{esc(scores_key)}</code>" if scores_key else "")
-                + (f", threshold {esc(_fmt(sel['threshold'], '{:.4g}'))}" if sel["threshold"] is not None else "")
-                + f", key <code>{esc(sel['selection'])}</code>)")
-    out = ["".join(_note(n) for n in notes),
-           f"<p>{desc}. Legend: "
-           '<span class="tk p">prompt</span> <span class="tk k">kept</span> <span class="tk d">dropped</span> '
-           '<span class="tk k t1">informative fact</span> <span class="tk d t2">corrupted fact</span> '
-           "(underlines only when the data has labels). Hover a token for its position and score.</p>"]
-    for sid, uid, source, part, task, ids, mask, truth in rows:
-        kept = kept_all.get(sid, set())
-        scores = scores_all.get(sid, {})
-        spans = []
-        for group, text in token_pieces(tok, list(ids)):
-            resp = [p for p in group if mask[p]]
-            if not resp:
-                cls = "p"
-            elif all(p in kept for p in resp):
-                cls = "k"
-            elif any(p in kept for p in resp):
-                cls = "k mixed"
-            else:
-                cls = "d"
-            if truth is not None:
-                lab = max(truth[p] for p in group)
-                if lab:
-                    cls += f" t{lab}"
-            title = "; ".join(
-                f"pos {p} · id {ids[p]}"
-                + (f" · score {scores[p]:+.4f}" if p in scores and scores[p] is not None else "")
-                + ("" if not mask[p] else " · kept" if p in kept else " · dropped") for p in group)
-            spans.append(f'<span class="tk {cls}" title="{esc(title)}">{esc(text)}</span>')
-        n_resp = sum(1 for m in mask if m)
-        n_kept = sum(1 for p in kept if p < len(mask) and mask[p])
-        head = (f"sample {sid} · uid {uid} · source {source} · D{part} · task {task or '–'} · "
-                f"kept {n_kept}/{n_resp} response tokens")
-        out.append(f'<div class="sample" data-sample-id="{esc(sid)}"><div class="shead">{esc(head)}</div>'
-                   f'<div class="toks">{"".join(spans)}</div></div>')
-    return "".join(out)
+        cls = "d"
+    if truth is not None:
+        lab = max(truth[p] for p in group)
+        if lab:
+            cls += f" t{lab}"
+    return cls
+
+
+def _sample_html(tok, row: tuple, kept: set, scores: dict) -> str:
+    """One sample's tokens, marked by ``_token_class``, with position, id and score on hover."""
+    sid, uid, source, part, task, ids, mask, truth = row
+    spans = []
+    for group, text in token_pieces(tok, list(ids)):
+        title = "; ".join(
+            f"pos {p} · id {ids[p]}"
+            + (f" · score {scores[p]:+.4f}" if p in scores and scores[p] is not None else "")
+            + ("" if not mask[p] else " · kept" if p in kept else " · dropped") for p in group)
+        spans.append(f'<span class="tk {_token_class(group, mask, kept, truth)}" title="{esc(title)}">'
+                     f'{esc(text)}</span>')
+    n_resp = sum(1 for m in mask if m)
+    n_kept = sum(1 for p in kept if p < len(mask) and mask[p])
+    head = (f"sample {sid} · uid {uid} · source {source} · D{part} · task {task or '–'} · "
+            f"kept {n_kept}/{n_resp} response tokens")
+    return (f'<div class="sample" data-sample-id="{esc(sid)}"><div class="shead">{esc(head)}</div>'
+            f'<div class="toks">{"".join(spans)}</div></div>')
 
 
 CSS = """
@@ -524,8 +545,8 @@ border-left:4px solid #f0b429;padding:6px 10px}
 .shead{background:#f2f4f7;padding:4px 10px;font-size:0.85em;color:#333}
 .toks{padding:8px 10px;font-family:'DejaVu Sans Mono',Menlo,Consolas,monospace;font-size:13px;
 white-space:pre-wrap;word-break:break-word;line-height:1.7}
-.tk.k,.tk.d{box-shadow:inset -1px 0 0 #fff}.tk.p{color:#999}.tk.k{background:#c8efd0;color:#0d4a1c}.tk.d{background:#fbd3d3;color:#8a1111;
-text-decoration:line-through}.tk.mixed{background:#e6efc0}
+.tk.k,.tk.d{box-shadow:inset -1px 0 0 #fff}.tk.p{color:#999}.tk.k{background:#c8efd0;color:#0d4a1c}
+.tk.d{background:#fbd3d3;color:#8a1111;text-decoration:line-through}.tk.mixed{background:#e6efc0}
 .tk.t1{border-bottom:2px solid #1f5fbf}.tk.t2{border-bottom:2px dotted #e07b00}
 code{background:#f2f4f7;padding:1px 4px;border-radius:3px}
 """

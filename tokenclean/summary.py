@@ -1,8 +1,7 @@
 """Read a run's database back into the comparison table, the overview and the artifact list.
 
-Everything is read through the outputs of the latest finished run of each flow (variant
-name -> key), so the table shows the results of the configuration that last ran to the
-end, never rows left over from an earlier one nor a killed run's half-made outputs.
+Everything is read through the current outputs (``store.current_outputs``), so the table shows the configuration
+that last ran to the end, never an earlier one's rows nor a killed run's half-made outputs.
 """
 from __future__ import annotations
 

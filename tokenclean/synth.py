@@ -1,15 +1,8 @@
 """A generated SFT set whose token labels are known: the embedded default's data.
 
-A small world of fictional people with fixed attributes (city, job, pet, hobbies).
-Questions ask for attributes; responses wrap the answer in boilerplate of varying
-length ("Sure! ... I hope this helps!"), and a known fraction of responses carry a
-*wrong* attribute value. Every response therefore has three kinds of token with a
-known label: informative answer tokens, boilerplate/connective tokens, and corrupted
-answer tokens. That lets the demo measure selection precision/recall exactly.
-
-The same world also yields the base model's pretraining text, in which every fact
-appears with *random* values: the base model learns the language and the value
-vocabulary, not the facts, which is what the reference model then learns from D0.
+Responses wrap a fictional person's attributes in boilerplate, and a known fraction carry one wrong value, so every
+response token is labelled informative, boilerplate or corrupted and the demo measures precision/recall exactly.
+The world and its pretraining text: docs/design.md ("The embedded default").
 """
 from __future__ import annotations
 
@@ -17,6 +10,8 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tokenclean.config import EmbeddedConfig
 
 FIRST = ["Ali", "Bren", "Cato", "Dara", "Eli", "Fen", "Gia", "Hal", "Ira", "Jun", "Kai", "Lio", "Mira", "Nico",
          "Oda", "Pia", "Quin", "Rhea", "Sol", "Tam", "Uma", "Vik", "Wren", "Xan", "Yara", "Zed"]
@@ -60,13 +55,13 @@ class World:
     facts: dict[str, dict[str, object]]  # person -> attr -> value (hobby: list of 2)
 
     @staticmethod
-    def make(n_people: int, seed: int) -> "World":
+    def make(n_people: int, seed: int) -> World:
         rng = random.Random(seed)
         names = [f"{a} {b}" for a in FIRST for b in LAST]
         rng.shuffle(names)
         return World(names[:n_people], {}).randomized(rng)
 
-    def randomized(self, rng: random.Random) -> "World":
+    def randomized(self, rng: random.Random) -> World:
         """Same people, freshly drawn facts."""
         facts = {}
         for p in self.people:
@@ -141,14 +136,17 @@ def make_row(world: World, person: str, kind: str, rng: random.Random, *, corrup
     return row
 
 
+_DEMO = EmbeddedConfig()  # the demo's sizes are stated once, in the config
+
+
 @dataclass
 class SynthSpec:
-    n_people: int = 32
-    n_train: int = 4000
-    n_eval: int = 400
-    corrupt_fraction: float = 0.25
+    n_people: int = _DEMO.n_people
+    n_train: int = _DEMO.n_train
+    n_eval: int = _DEMO.n_eval
+    corrupt_fraction: float = _DEMO.corrupt_fraction
     boilerplate_fraction: float = 0.5
-    seed: int = 1234
+    seed: int = _DEMO.seed
     extra: dict = field(default_factory=dict)
 
 
@@ -174,20 +172,15 @@ def generate(spec: SynthSpec, out_dir: Path) -> dict[str, Path]:
 
 
 def pretraining_text(spec: SynthSpec, n_docs: int, eos: str = "</s>") -> list[str]:
-    """Text for the base model: chat transcripts of the same shape with *random* facts, plus prose.
-
-    A real base model has seen plenty of assistant-style text, so it already predicts
-    boilerplate and the chat format well; what SFT must teach is the facts. Drawing fresh
-    facts for every transcript gives the tiny base exactly that prior: format and value
-    vocabulary known, facts unknown.
-    """
+    """Text for the base model: chat transcripts of the same shape with *random* facts, plus prose, so that the
+    tiny base knows the chat format and the value vocabulary, as a real base does, but not the facts."""
     from tokenclean.tasks.template import render_tulu
 
     world = World.make(spec.n_people, spec.seed)
     rng = random.Random(spec.seed + 2)
     kinds = list(ATTRS) + ["profile"] * len(ATTRS)
     docs = []
-    for i in range(n_docs):
+    for _ in range(n_docs):
         if rng.random() < 0.75:
             noise = world.randomized(rng)
             turns = []

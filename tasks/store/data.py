@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
-from tokenclean.tasks.store.db import sql_key, sql_parts, transaction
+from tokenclean.tasks.store.db import SAMPLE_SCHEMA, sql_columns, sql_key, sql_parts, transaction
 
 EVAL_PART = -1
 
@@ -36,9 +37,16 @@ STAGE_KEPT, STAGE_ALL_Q = "ingest_kept", "ingest_quarantined"  # the samples min
 STAGE_Q_SCHEMA = pa.schema([("ordinal", pa.int64()), ("source", pa.string()), ("row_index", pa.int64()),
                             ("reason", pa.string()), ("raw", pa.string())])
 STAGE_Q_COLUMNS = tuple(STAGE_Q_SCHEMA.names)
-_STAGE_Q_SQL = "ordinal BIGINT, source VARCHAR, row_index BIGINT, reason VARCHAR, raw VARCHAR"
+_STAGE_Q_SQL = sql_columns(STAGE_Q_SCHEMA)
+# What ingest gives per sample: the stored sample, plus where this dataset has it (dataset_samples' columns).
+INGEST_SCHEMA = SAMPLE_SCHEMA.append(pa.field("part", pa.int16())).append(pa.field("source", pa.string())) \
+    .append(pa.field("row_index", pa.int64()))
+# A staged sample (each split's part): plus what staging needs to find duplicate ids in input order.
+STAGE_SCHEMA = INGEST_SCHEMA.append(pa.field("ordinal", pa.int64())).append(pa.field("source_path", pa.string())) \
+    .append(pa.field("raw", pa.string()))
 # the reason of a duplicate, as SQL over the window below: duplicate id 'x' (first seen in FILE:LINE)
-_DUPLICATE_REASON = "concat('duplicate id ', chr(39), uid, chr(39), ' (first seen in ', first_path, ':', first_row, ')')"
+_DUPLICATE_REASON = ("concat('duplicate id ', chr(39), uid, chr(39), ' (first seen in ', first_path, ':', first_row, "
+                     "')')")
 
 
 def _sql_string(value: str) -> str:
@@ -64,7 +72,7 @@ def stage_reset(con) -> None:
 
 
 def stage_parts(con, samples, quarantine) -> None:
-    """Stage an ingest: ``samples`` (``ingest.STAGE_SCHEMA``) and ``quarantine`` (``STAGE_Q_SCHEMA``), each a
+    """Stage an ingest: ``samples`` (``STAGE_SCHEMA``) and ``quarantine`` (``STAGE_Q_SCHEMA``), each a
     non-empty list of local Parquet files (one per split) or an Arrow table.
 
     Views, not copies: DuckDB reads the parts where they lie, in parallel and within its
@@ -114,20 +122,14 @@ def stage_summary(con) -> dict:
 
 
 def staged_samples(con) -> pa.Table:
-    """The staged samples in input order, ``INGEST_SCHEMA`` columns (for ``ingest.ingest``)."""
-    cols = ", ".join(f'"{c}"' for c in _INGEST_COLUMNS)
+    """The staged samples in input order, ``INGEST_SCHEMA`` columns (an in-memory ingest's result)."""
+    cols = ", ".join(f'"{c}"' for c in INGEST_SCHEMA.names)
     return con.sql(f"SELECT {cols} FROM {STAGE_KEPT} ORDER BY ordinal").to_arrow_table()
 
 
 def staged_quarantine(con) -> list[dict]:
     return [dict(zip(("source", "row_index", "reason", "raw"), r)) for r in con.execute(
         f"SELECT source, row_index, reason, raw FROM {STAGE_ALL_Q} ORDER BY ordinal").fetchall()]
-
-
-_INGEST_COLUMNS = ("sample_id", "tokenization", "uid", "task", "answer", "content_hash", "n_tokens", "n_response",
-                   "truncated", "answer_start", "answer_end", "input_ids", "response_mask", "truth", "text",
-                   "char_start", "char_end", "reasoning_mask", "part", "source", "row_index")
-_SAMPLE_COLUMNS = _INGEST_COLUMNS[:-3]
 
 
 def insert_staged_dataset(con, dataset: str, inputs: dict, summary: dict) -> dict:
@@ -141,7 +143,7 @@ def insert_staged_dataset(con, dataset: str, inputs: dict, summary: dict) -> dic
     """
     if not _staged(con):
         raise ValueError("nothing staged")
-    sample_cols = ", ".join(f'"{c}"' for c in _SAMPLE_COLUMNS)
+    sample_cols = ", ".join(f'"{c}"' for c in SAMPLE_SCHEMA.names)
     # rows are found by key, never by position, and the one ordered insert says ORDER BY: without
     # insertion order DuckDB streams the parts' list columns within its memory limit
     con.execute("SET preserve_insertion_order = false")
@@ -174,18 +176,6 @@ def insert_staged_dataset(con, dataset: str, inputs: dict, summary: dict) -> dic
                     [dataset, json.dumps(inputs), json.dumps(summary)])
     stage_reset(con)
     return {"new_samples": n_new, "known_samples": known}
-
-
-def insert_dataset(con, dataset: str, samples: pa.Table, quarantine: list[dict], inputs: dict, summary: dict) -> dict:
-    """Record an ingest given in memory (``samples`` in ``INGEST_SCHEMA``, quarantine rows as dicts):
-    staged as one chunk, then ``insert_staged_dataset``."""
-    n = samples.num_rows
-    table = samples.append_column("ordinal", pa.array(range(n), pa.int64())) \
-        .append_column("source_path", samples.column("source")).append_column("raw", pa.nulls(n, pa.string()))
-    q = pa.Table.from_pylist([{"ordinal": n + i, **{k: r.get(k) for k in STAGE_Q_COLUMNS[1:]}}
-                              for i, r in enumerate(quarantine)], schema=STAGE_Q_SCHEMA)
-    stage_parts(con, table, q)
-    return insert_staged_dataset(con, dataset, inputs, summary)
 
 
 def dataset_inputs(con, dataset: str) -> dict:
@@ -271,20 +261,26 @@ def sample_batch(con, sample_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
             mask.astype(bool, copy=False))
 
 
-def sample_arrays(con, sample_ids: list[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """(sample_id, input_ids, response_mask) of the given samples, ordered by id."""
-    rows = con.execute("SELECT sample_id, input_ids, response_mask FROM samples WHERE sample_id IN (SELECT unnest(?)) "
-                       "ORDER BY sample_id", [sample_ids]).fetchall()
-    return [(r[0], np.asarray(r[1], dtype=np.int32), np.asarray(r[2], dtype=bool)) for r in rows]
+class EvalRow(NamedTuple):
+    """A held-out sample as evaluation reads it."""
+
+    sample_id: int
+    task: str | None
+    input_ids: list[int]
+    response_mask: list[bool]
+    answer_start: int | None  # [start, end) positions of the answer in input_ids; None or < 0: no answer
+    answer_end: int | None
+    answer: str | None
 
 
-def eval_rows(con, dataset: str, max_samples: int | None = None) -> list[tuple]:
-    """Held-out samples: (sample_id, task, input_ids, response_mask, answer_start, answer_end, answer)."""
+def eval_rows(con, dataset: str, max_samples: int | None = None) -> list[EvalRow]:
+    """Held-out samples of ``dataset`` in sample-id order: all, or the first ``max_samples``."""
     lim = f"LIMIT {int(max_samples)}" if max_samples else ""
-    return con.execute(
-        f"""SELECT s.sample_id, s.task, s.input_ids, s.response_mask, s.answer_start, s.answer_end, s.answer
+    rows = con.execute(
+        f"""SELECT {", ".join("s." + f for f in EvalRow._fields)}
             FROM dataset_samples d JOIN samples s USING (sample_id) WHERE d.dataset = ? AND d.part = {EVAL_PART}
             ORDER BY s.sample_id {lim}""", [dataset]).fetchall()
+    return [EvalRow(*r) for r in rows]
 
 
 def sample_row(con, sample_id: int):

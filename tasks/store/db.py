@@ -1,11 +1,8 @@
 """The run database: connection, schema, transactions.
 
-Every table holding a computed result carries the key of what computed it
-(``tokenclean.tasks.keys``). Rows are written once under their key and never updated in
-place; a changed input yields a new key, and a step is skipped only when its key is
-already stored complete. Workers never write to DuckDB (a DuckDB file has one writer
-process): they write Parquet shards atomically under the model's key (``tasks/storage.py``), and the driver
-loads a shard with delete-then-insert inside one transaction.
+Rows are written once under the key of what computed them (``tasks/keys.py``) and never updated in place. Only
+the driver writes (a DuckDB file has one writer process); workers write Parquet shards (``tasks/storage.py``) that
+the driver loads. The store's design: docs/design.md ("The store").
 """
 from __future__ import annotations
 
@@ -14,32 +11,49 @@ import time
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 DB_FILE = "tokenclean.duckdb"  # a run directory's database: the run's one source of truth
 
 SCHEMA_VERSION = "4"
-# In-place upgrades from older versions whose rows stay valid under the same keys.
-# 2 -> 3: samples carry their rendered text and each token's character span (for export);
-# samples ingested before keep NULL there, and export says so.
-# 3 -> 4: samples carry which targets are the model's reasoning (the report's reasoning vs answer share);
-# samples ingested before keep NULL there, and the report counts them apart.
+# In-place upgrades from older versions whose rows stay valid under the same keys: new sample columns, NULL for
+# samples ingested before (what each version added: docs/design.md, "Versions that enter keys").
 _REASONING_COLUMN = "ALTER TABLE samples ADD COLUMN IF NOT EXISTS reasoning_mask BOOLEAN[]"
 MIGRATIONS = {"2": ["ALTER TABLE samples ADD COLUMN text VARCHAR",
                     "ALTER TABLE samples ADD COLUMN char_start INTEGER[]",
                     "ALTER TABLE samples ADD COLUMN char_end INTEGER[]", _REASONING_COLUMN],
               "3": [_REASONING_COLUMN]}
 
+# A stored sample, stated once: the samples table, ingest's Arrow parts and the staging SQL are derived from it.
+# Its columns are the stored bytes of schema SCHEMA_VERSION: a change here needs a new version and a migration.
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()), ("tokenization", pa.string()), ("uid", pa.string()), ("task", pa.string()),
+    ("answer", pa.string()), ("content_hash", pa.string()), ("n_tokens", pa.int32()), ("n_response", pa.int32()),
+    ("truncated", pa.bool_()), ("answer_start", pa.int32()), ("answer_end", pa.int32()),
+    ("input_ids", pa.list_(pa.int32())), ("response_mask", pa.list_(pa.bool_())), ("truth", pa.list_(pa.uint8())),
+    ("text", pa.string()),  # the rendered text: token i covers [char_start[i], char_end[i])
+    ("char_start", pa.list_(pa.int32())), ("char_end", pa.list_(pa.int32())),
+    ("reasoning_mask", pa.list_(pa.bool_())),  # targets that are the model's reasoning; NULL: not recorded
+])
+
+_SQL_TYPES = {pa.int64(): "BIGINT", pa.int32(): "INTEGER", pa.int16(): "SMALLINT", pa.uint8(): "UTINYINT",
+              pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR"}
+
+
+def _sql_type(t: pa.DataType) -> str:
+    return f"{_sql_type(t.value_type)}[]" if pa.types.is_list(t) else _SQL_TYPES[t]
+
+
+def sql_columns(schema: pa.Schema, primary_key: str | None = None) -> str:
+    """The column list of a CREATE TABLE for an Arrow schema (``primary_key``: that column is the key)."""
+    return ", ".join(f"{f.name} {_sql_type(f.type)}" + (" PRIMARY KEY" if f.name == primary_key else "")
+                     for f in schema)
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 -- Tokenised samples, content-addressed: sample_id = keys.sample_id(tokenization, uid, content_hash).
-CREATE TABLE IF NOT EXISTS samples (
-    sample_id BIGINT PRIMARY KEY, tokenization VARCHAR, uid VARCHAR, task VARCHAR, answer VARCHAR,
-    content_hash VARCHAR, n_tokens INTEGER, n_response INTEGER, truncated BOOLEAN,
-    answer_start INTEGER, answer_end INTEGER,
-    input_ids INTEGER[], response_mask BOOLEAN[], truth UTINYINT[],
-    text VARCHAR, char_start INTEGER[], char_end INTEGER[],  -- rendered text; token i covers [char_start, char_end)
-    reasoning_mask BOOLEAN[]  -- targets of the model's reasoning (data.template: model); NULL: not recorded
-);
+CREATE TABLE IF NOT EXISTS samples ({samples});
 -- One row per response (target) token of a sample, with ground-truth labels when known.
 CREATE TABLE IF NOT EXISTS response_tokens (sample_id BIGINT, pos INTEGER, token_id INTEGER, truth UTINYINT);
 -- A dataset: what one ingest of given inputs (bytes, tokenization, split) produced.
@@ -79,7 +93,7 @@ CREATE TABLE IF NOT EXISTS run_outputs (flow_run VARCHAR, variant VARCHAR, itera
     key VARCHAR, computed BOOLEAN);
 CREATE TABLE IF NOT EXISTS stage_log (flow_run VARCHAR, stage VARCHAR, name VARCHAR, key VARCHAR, seconds DOUBLE,
     detail VARCHAR, finished_at TIMESTAMP);
-"""
+""".replace("{samples}", sql_columns(SAMPLE_SCHEMA, primary_key="sample_id"))
 
 
 class DatabaseBusy(RuntimeError):
@@ -92,16 +106,11 @@ class SchemaMismatch(RuntimeError):
 
 def connect(path: str | Path, *, read_only: bool = False, wait_s: float = 0.0,
             memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
-    """Open (and create) a run database.
+    """Open (and create) a run database, upgrading an older schema in place where ``MIGRATIONS`` can.
 
-    ``memory_limit`` bounds DuckDB's memory in this process (``run.db_memory_limit``):
-    beyond it DuckDB evicts cached pages and spills joins and sorts to disk. Without it
-    DuckDB may cache up to 80% of the machine's RAM, so the flow process would grow with
-    the pool (measured: 751 MB at 50k ingested rows, 981 MB at 200k).
-
-    A second process gets ``DatabaseBusy`` with the holder named, optionally after
-    waiting ``wait_s`` seconds for the lock; DuckDB's own lock keeps the file intact.
-    A database written by an older, unkeyed version is refused: its rows carry no keys.
+    ``memory_limit`` bounds DuckDB's memory in this process (``run.db_memory_limit``); without it the flow
+    process would grow with the pool. A second process gets ``DatabaseBusy`` naming the holder, after waiting
+    up to ``wait_s`` seconds for the lock; a database of another schema version raises ``SchemaMismatch``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

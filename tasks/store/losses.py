@@ -89,14 +89,6 @@ def check_integrity(con, model: str, dataset: str, parts: list[int]) -> dict:
             "ok": missing == 0 and dupes == 0 and extra == 0}
 
 
-def losses_by_uid(con, model: str, dataset: str) -> list[tuple]:
-    """(uid, pos, loss) of ``model`` over a dataset's samples, ordered: comparable across databases."""
-    return con.execute(
-        """SELECT s.uid, t.pos, t.loss FROM token_losses t JOIN dataset_samples d USING (sample_id)
-           JOIN samples s USING (sample_id) WHERE t.model = ? AND d.dataset = ? ORDER BY s.uid, t.pos""",
-        [model, dataset]).fetchall()
-
-
 def ensure_scores(con, scores: str, base_model: str, ref_model: str, dataset: str, parts: list[int]) -> dict:
     """token_scores under ``scores`` for every pool sample that has none yet (base computed once, reused).
 

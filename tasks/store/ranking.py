@@ -7,10 +7,9 @@ is "every row with score > t, plus the first ``need`` rows with score = t in
 finds t and the (sample_id, pos) of the last tie kept with a few aggregate passes; then
 ``global_topk_sql`` is a plain filter, streamed, no sort.
 
-Strategies for t (all exact; see ``global_threshold``): ``bracket`` (default, two passes:
-a reservoir sample brackets t, then exact counts around the bracket plus the few values
-inside it), ``histogram`` (``kth_value``), ``quantile`` (quantile_disc, proven by counts)
-and ``numpy`` (the score column fetched once, np.partition).
+t is found in two passes (``global_threshold``): a reservoir sample brackets t, then exact
+counts around the bracket plus the few values inside it. Other exact strategies, kept for
+comparison, are in ``benchmarks/ranking_strategies.py``.
 
 Finding the k-th largest value of a column (``kth_value``): one pass for count/min/max,
 then an equal-width histogram of B buckets over [min, max] with each bucket's count,
@@ -82,7 +81,7 @@ def kth_value(con, relation_sql: str, key: str, k: int, *, where: str = "TRUE", 
                 WHERE ({where}) AND {rng} GROUP BY b ORDER BY b {order}""").fetchall()
         passes += 1
         cum = before
-        for _, c, bmin, bmax in rows:
+        for _, c, bmin, bmax in rows:  # noqa: B007 (the bucket the loop stops at is read after it)
             if cum + c >= k:
                 break
             cum += c
@@ -92,9 +91,9 @@ def kth_value(con, relation_sql: str, key: str, k: int, *, where: str = "TRUE", 
         rng = f"{key} BETWEEN {_lit(lo)} AND {_lit(hi)}"
 
 
-STRATEGIES = ("bracket", "histogram", "quantile", "numpy")
 SAMPLE_SIZE = 1 << 17
 _GRID = [j / 100 for j in range(101)]  # reservoir quantiles of the first pass when n is not known before it
+NON_FINITE = "candidate scores include NULL or non-finite values; exclude them before ranking"
 
 
 def _delta(q: float, n: int, sample_size: int) -> float:
@@ -148,8 +147,29 @@ def _bracket(con, rel: str, n_keep: int, a, b) -> dict | None:
     return None
 
 
-def global_threshold(con, relation_sql: str, n_keep: int, *, strategy: str = "bracket", buckets: int = BUCKETS,
-                     exact_max: int = EXACT_MAX, sample_size: int = SAMPLE_SIZE, n_total: int | None = None) -> dict:
+def score_stats(con, rel: str, quantiles: list[float] | None = None, sample_size: int = SAMPLE_SIZE) -> tuple:
+    """The first pass: (count, min, max, reservoir ``quantiles`` of the scores or None); NULL or non-finite scores
+    are refused."""
+    # NULL shows in count(score); NaN sorts above +inf in DuckDB, so any NaN/inf shows in min/max.
+    extra = f", reservoir_quantile(score, [{', '.join(map(repr, quantiles))}], {int(sample_size)})" if quantiles else ""
+    n, n_val, lo, hi, *sampled = con.execute(
+        f"SELECT count(*), count(score), min(score), max(score){extra} FROM {rel}").fetchone()
+    if n - n_val + (n_val > 0 and not (math.isfinite(lo) and math.isfinite(hi))):
+        raise ValueError(NON_FINITE)
+    return n, lo, hi, (sampled[0] if quantiles else None)
+
+
+def threshold_info(n: int, n_keep: int, strategy: str) -> dict:
+    """``global_threshold``'s result before t is known (the one for n_keep = 0); n_keep checked against n."""
+    n_keep = int(n_keep)
+    if not 0 <= n_keep <= n:
+        raise ValueError(f"n_keep={n_keep} out of range for {n} candidates")
+    return {"n": n, "n_keep": n_keep, "threshold": None, "n_above": 0, "n_ties": 0, "need": 0,
+            "last_tie": None, "strategy": strategy, "passes": 1}
+
+
+def global_threshold(con, relation_sql: str, n_keep: int, *, buckets: int = BUCKETS, exact_max: int = EXACT_MAX,
+                     sample_size: int = SAMPLE_SIZE, n_total: int | None = None) -> dict:
     """Exact threshold of the global top-``n_keep`` of ``relation_sql`` (columns sample_id, pos, score).
 
     Returns a dict: ``n`` candidates, ``n_keep``, ``threshold`` t (the n_keep-th largest
@@ -157,88 +177,43 @@ def global_threshold(con, relation_sql: str, n_keep: int, *, strategy: str = "br
     ``need`` (ties kept, 1..n_ties), ``last_tie`` ((sample_id, pos) of the last tie kept
     in (sample_id, pos) order, None when every tie is kept), ``strategy`` and ``passes`` (scans made).
 
-    ``strategy="bracket"`` (default): the first pass, which checks the scores, also draws
-    a reservoir sample (``reservoir_quantile``) whose quantiles give a bracket [a, b] around
-    rank n_keep, wide enough (6 sigma) that a miss is rare; a second pass counts the rows
-    above b, at b and at a exactly and returns the values strictly between a and b, where
-    numpy finds t. Exact whatever the sample: a miss falls back to histogram.
-    ``"histogram"`` ranks by bucket passes (``kth_value``). ``"quantile"`` takes a
-    candidate t from DuckDB's ``quantile_disc`` and proves it with one counting pass
-    (n_above < n_keep <= n_above + n_ties); if the proof fails it falls back to histogram.
-    ``"numpy"`` fetches the score column once (4 bytes a row in memory) and finds t with
-    an in-place ``np.partition``, counts by comparison; faster, not bounded in memory.
-    Ties past t are resolved in DuckDB by every strategy. ``n_total``: the number of
-    candidates if the caller has counted them (it only sharpens the bracket's sample).
+    The first pass, which checks the scores, also draws a reservoir sample (``reservoir_quantile``)
+    whose quantiles give a bracket [a, b] around rank n_keep, wide enough (6 sigma) that a miss is
+    rare; a second pass counts the rows above b, at b and at a exactly and returns the values
+    strictly between a and b, where numpy finds t. Exact whatever the sample: a miss falls back to
+    bucket passes (``kth_value``). ``n_total``: the number of candidates if the caller has counted
+    them (it only sharpens the bracket's sample).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
     rel = f"({relation_sql}) AS _r"
-    scores = None
-    if strategy == "numpy":
-        import numpy as np
-
-        scores = con.execute(f"SELECT score FROM {rel}").fetchnumpy()["score"]
-        if np.ma.isMaskedArray(scores):  # NULLs
-            scores = scores.astype(np.float64).filled(np.nan)
-        n = len(scores)
-        n_bad = n - int(np.count_nonzero(np.isfinite(scores)))
-    else:
-        # NULL shows in count(score); NaN sorts above +inf in DuckDB, so any NaN/inf shows in min/max.
-        extra, qs = "", None
-        if strategy == "bracket":
-            known = n_total is not None and 0 < int(n_keep) <= int(n_total)
-            qs = _bracket_quantiles(int(n_total), int(n_keep), sample_size) if known else _GRID
-            extra = f", reservoir_quantile(score, [{', '.join(map(repr, qs))}], {int(sample_size)})"
-        n, n_val, lo, hi, *sampled = con.execute(
-            f"SELECT count(*), count(score), min(score), max(score){extra} FROM {rel}").fetchone()
-        n_bad = n - n_val + (n_val > 0 and not (math.isfinite(lo) and math.isfinite(hi)))
-    if n_bad:
-        raise ValueError("candidate scores include NULL or non-finite values; exclude them before ranking")
-    n_keep = int(n_keep)
-    if not 0 <= n_keep <= n:
-        raise ValueError(f"n_keep={n_keep} out of range for {n} candidates")
-    info = {"n": n, "n_keep": n_keep, "threshold": None, "n_above": 0, "n_ties": 0, "need": 0,
-            "last_tie": None, "strategy": strategy, "passes": 1}
+    known = n_total is not None and 0 < int(n_keep) <= int(n_total)
+    qs = _bracket_quantiles(int(n_total), int(n_keep), sample_size) if known else _GRID
+    n, lo, hi, sampled = score_stats(con, rel, qs, sample_size)
+    info = threshold_info(n, n_keep, "bracket")
+    n_keep = info["n_keep"]
     if n_keep == 0:
         return info
-    kv = None
-    if strategy == "bracket":
-        if len(qs) == 2 and n_total == n:
-            a, b = sampled[0]
-            a, b = (lo if qs[0] <= 0.0 else a), (hi if qs[1] >= 1.0 else b)  # the ends: true min/max
-        else:  # no (or a wrong) n_total: bracket from the quantile grid
-            a, b = _bracket_from_grid(sampled[0], n, n_keep, sample_size, lo, hi)
-        kv = _bracket(con, rel, n_keep, a, b)
-        info["passes"] += 1
-        if kv is None:  # the sample missed (rare): search exactly
-            info["strategy"] = "bracket->histogram"
-        else:
-            kv["passes"] = 0
-    elif strategy == "numpy":
-        if not scores.flags.writeable:
-            scores = scores.copy()
-        scores.partition(n - n_keep)  # in place: the multiset, hence every count, is unchanged
-        t = scores[n - n_keep].item()
-        above = int(np.count_nonzero(scores > t))
-        ties = int(np.count_nonzero(scores == t))
-        del scores
-        kv = {"value": t, "n_before": above, "n_equal": ties, "passes": 0}
-    elif strategy == "quantile":
-        # quantile_disc(q) is the ceil(n*q)-th smallest; q mid-way between ranks keeps rounding away.
-        q = (n - n_keep + 0.5) / n
-        (t,) = con.execute(f"SELECT quantile_disc(score, {_lit(q)}) FROM {rel}").fetchone()
-        above, ties = con.execute(f"SELECT count_if(score > {_lit(float(t))}), count_if(score = {_lit(float(t))}) "
-                                  f"FROM {rel}").fetchone()
-        info["passes"] += 2
-        if above < n_keep <= above + ties:
-            kv = {"value": t, "n_before": above, "n_equal": ties, "passes": 0}
-        else:
-            info["strategy"] = "quantile->histogram"
-    if kv is None:
+    if len(qs) == 2 and n_total == n:
+        a, b = sampled
+        a, b = (lo if qs[0] <= 0.0 else a), (hi if qs[1] >= 1.0 else b)  # the ends: true min/max
+    else:  # no (or a wrong) n_total: bracket from the quantile grid
+        a, b = _bracket_from_grid(sampled, n, n_keep, sample_size, lo, hi)
+    kv = _bracket(con, rel, n_keep, a, b)
+    info["passes"] += 1
+    if kv is None:  # the sample missed (rare): search exactly
+        info["strategy"] = "bracket->histogram"
         kv = kth_value(con, relation_sql, "score", n_keep, descending=True, buckets=buckets, exact_max=exact_max,
                        stats=(n, lo, hi))
+    else:
+        kv["passes"] = 0
+    return resolve_ties(con, relation_sql, info, kv, buckets=buckets, exact_max=exact_max)
+
+
+def resolve_ties(con, relation_sql: str, info: dict, kv: dict, *, buckets: int = BUCKETS,
+                 exact_max: int = EXACT_MAX) -> dict:
+    """``info`` completed from t (``kv``: kth_value-style) with the (sample_id, pos) of the last tie kept."""
+    rel = f"({relation_sql}) AS _r"
     t, above, ties = kv["value"], kv["n_before"], kv["n_equal"]
-    need = n_keep - above
+    need = info["n_keep"] - above
     info.update(threshold=t, n_above=above, n_ties=ties, need=need, passes=info["passes"] + kv["passes"])
     if need == ties:
         return info

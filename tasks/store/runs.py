@@ -1,11 +1,8 @@
 """Adapters, evaluations, and what each flow run used and produced.
 
-Results live under their keys; ``run_outputs`` maps the names a user reads (variant and
-iteration: ``global``, ``self-evolving@2``) to the keys a flow run used, so the
-comparison table, ``inspect``, the report and export show exactly the results of the
-latest finished run of each flow, never a leftover of an earlier configuration nor the
-half-made outputs of a run that is still going or was killed (``unfinished_flow_runs``
-names those). A flow run records its outputs as it goes and is marked finished last.
+``run_outputs`` maps the names a user reads (``global``, ``self-evolving@2``) to the keys a flow run used; readers
+show the latest *finished* run of each flow, never an earlier configuration's leftovers nor a killed run's
+outputs. A flow run records its outputs as it goes and is marked finished last (docs/design.md, "The store").
 """
 from __future__ import annotations
 
@@ -72,7 +69,8 @@ def finish_flow_run(con, flow_run: str) -> None:
 
 
 def record_output(con, flow_run: str, variant: str, iteration: int, kind: str, key: str, computed: bool) -> None:
-    con.execute("INSERT INTO run_outputs VALUES (?, ?, ?, ?, ?, ?)", [flow_run, variant, iteration, kind, key, computed])
+    con.execute("INSERT INTO run_outputs VALUES (?, ?, ?, ?, ?, ?)",
+                [flow_run, variant, iteration, kind, key, computed])
 
 
 def log_stage(con, flow_run: str | None, stage: str, name: str, key: str | None, seconds: float,
@@ -134,12 +132,9 @@ def latest_dataset(con) -> str | None:
 def current_outputs(con) -> list[dict]:
     """What a user reads by name: each variant's outputs, all from one flow run.
 
-    Among the latest finished run of each flow, a variant's outputs come from the newest run that
-    recorded it, all of them from that run: a variant's selection, adapter and evaluation
-    are never mixed across runs. lm-eval results are a group of their own, listed beside
-    the run's evaluation of the same model, never instead of it, and only while they are
-    of the model the variant has now (a re-run that retrains a variant leaves its older
-    lm-eval results behind). ``dataset`` is the dataset the flow run worked on.
+    Among the latest finished run of each flow, a variant's outputs all come from the newest run that recorded
+    it, never mixed across runs. lm-eval results are a group of their own, kept only while they are of the model
+    the variant has now. ``dataset`` is the dataset the flow run worked on.
     """
     cur = con.execute(
         f"""WITH latest AS (SELECT flow_run, started_at, dataset FROM ({_LATEST_FINISHED})),

@@ -59,8 +59,8 @@ def write_selection(con, selection: str, method: str, k: float, *, dataset: str,
         if method == "full":
             kept_sql = f"SELECT sample_id, pos FROM ({cand})"
         elif method == "global":
-            # Exact threshold by a few aggregate passes, then a streamed filter: 3-4x faster and
-            # 2.6x less memory than ORDER BY ... LIMIT at 1e8 tokens (docs/benchmarks.md).
+            # Exact threshold by a few aggregate passes, then a streamed filter: no sort of the candidates
+            # (docs/benchmarks.md, Ranking).
             info = global_threshold(con, cand, n_keep, n_total=n_cand)
             kept_sql = global_topk_sql(cand, n_keep, info)
             threshold = info["threshold"]
@@ -86,7 +86,8 @@ def write_selection(con, selection: str, method: str, k: float, *, dataset: str,
                     [selection, method, None if method == "full" else k, seed if method == "random" else None,
                      scores if ranked else None, pool, dataset, sql_parts(parts), threshold, n_cand, n_kept,
                      n_bad, precision, recall])
-    return {"method": method, "k": None if method == "full" else k, "threshold": threshold, "n_candidates": n_cand, "n_kept": n_kept,
+    return {"method": method, "k": None if method == "full" else k, "threshold": threshold, "n_candidates": n_cand,
+            "n_kept": n_kept,
             "n_nonfinite_skipped": n_bad, **quality}
 
 

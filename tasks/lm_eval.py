@@ -1,4 +1,4 @@
-"""lm-evaluation-harness hook: run lm-eval tasks on the base model or a fine-tuned adapter.
+"""lm-evaluation-harness on a worker: run lm-eval tasks on the base model or a fine-tuned adapter.
 
 ``run_lm_eval`` drives lm-eval's Python API (``lm_eval.simple_evaluate`` with the ``hf``
 model, ``pretrained=<base>`` and ``peft=<adapter dir>``) over task YAMLs found in local
@@ -15,19 +15,20 @@ with those paths made absolute (and optionally replaced, see ``data_files``).
 The bundled task ``tokenclean_facts`` is a multiple-choice probe of the synthetic world
 (``tokenclean/synth.py``): "<|user|>\\nWhere does X live?\\n<|assistant|>\\nX lives in" and
 the choices are the attribute's whole value list. Its shipped JSONL is the demo's world
-(16 people, seed 1234); ``write_facts_jsonl`` writes it for any other world, and
-``run_lm_eval_for_run`` does so for an embedded run automatically.
+(16 people, seed 1234); ``write_facts_jsonl`` writes the docs of any other world (built from
+plain values by ``fact_docs``), and ``flows.lm_eval`` does so for an embedded run automatically.
+The run-level side (which model, recording the metrics) is ``flows/lm_eval.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,25 +43,23 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 # --------------------------------------------------------------------------- task data
-def facts_rows(n_people: int, seed: int) -> list[dict]:
-    """One multiple-choice doc per (person, attribute) of the synthetic world ``World.make(n_people, seed)``."""
-    from tokenclean.synth import ATTRS, World
-
-    world = World.make(n_people, seed)
+def fact_docs(people: list[str], facts: dict[str, dict], values: dict[str, list[str]]) -> list[dict]:
+    """One multiple-choice doc per (person, attribute of ``FACT_ATTRS``): the choices are ``values[attr]``,
+    the gold one ``facts[person][attr]``."""
     rows = []
-    for person in world.people:
+    for person in people:
         for attr, head in FACT_ATTRS.items():
-            choices = list(ATTRS[attr])
+            choices = list(values[attr])
             rows.append({"id": f"{person}/{attr}", "attr": attr, "question": FACT_QUESTIONS[attr].format(n=person),
                          "prefix": head.format(n=person), "choices": choices,
-                         "gold": choices.index(world.facts[person][attr])})
+                         "gold": choices.index(facts[person][attr])})
     return rows
 
 
-def write_facts_jsonl(path: str | Path, n_people: int, seed: int) -> Path:
+def write_facts_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in facts_rows(n_people, seed)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -271,105 +270,31 @@ def task_sources_digest(tasks: list[str], task_dirs: list[str] | None = None,
     return keys.digest("lm-eval-tasks", sorted(tasks), files, data)
 
 
-def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int | None,
-                   results: dict[str, dict[str, float]], settings: dict | None = None,
-                   sources: str | None = None) -> str:
-    """Store ``run_lm_eval`` results under their eval key; returns the key.
+@dataclass(frozen=True)
+class LmEvalJob:
+    """One lm-eval run as the flow hands it to a worker: plain values only, so it travels to a Ray task.
 
-    The key covers the model, the task sources (``task_sources_digest``), the limit and the
-    settings that change the numbers (device, dtype, batch size, few-shot). Recorded as the
-    ``lm-eval`` output of an ``lm-eval:<name>`` flow run, so ``inspect`` and the dashboard
-    list it beside (never instead of) the run's own evaluation of that model.
-    """
-    from tokenclean.tasks import keys, store
+    ``facts``: the ``tokenclean_facts`` docs of the run's world (None: the task's own data)."""
 
-    key = keys.eval_key(model_key, sources or keys.digest("lm-eval-tasks", sorted(tasks)),
-                        {"harness": "lm-eval", "limit": limit, **(settings or {})})
-    rows = [(metric, f"lm-eval:{task}", float(value)) for task, metrics in results.items()
-            for metric, value in metrics.items() if value is not None and math.isfinite(float(value))]
-    store.record_eval(con, key, model_key, {"model": model_key, "tasks": sorted(tasks), "limit": limit}, rows)
-    flow_run = store.start_flow_run(con, f"lm-eval:{name}", {"tasks": tasks, "limit": limit},
-                                    store.latest_dataset(con))
-    store.record_output(con, flow_run, name, 0, "lm-eval", key, True)
-    store.finish_flow_run(con, flow_run)
-    return key
+    base: str
+    adapter_dir: str | None
+    tasks: list[str]
+    task_dirs: list[str] | None = None
+    limit: int | None = None
+    batch_size: int | str = 8
+    device: str = "cpu"
+    facts: list[dict] | None = None
 
 
-def _lm_eval_job(base: str, adapter_dir: str | None, tasks: list[str], task_dirs, limit, batch_size, device: str,
-                 facts: tuple[int, int] | None) -> tuple[dict, str]:
+def run_job(job: LmEvalJob) -> tuple[dict, str]:
     """One lm-eval run where it executes (this process or a Ray worker): (results, task-sources key).
 
-    The embedded world's facts file is regenerated here, so a remote worker needs no file
-    from the driver's disk.
+    The world's facts file is written here, so a remote worker needs no file from the driver's disk.
     """
     data_files: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
-        if facts is not None:
-            data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", *facts))
-        results = run_lm_eval(base, adapter_dir, tasks, task_dirs=task_dirs, limit=limit, batch_size=batch_size,
-                              device=device, data_files=data_files or None)
-        return results, task_sources_digest(tasks, task_dirs, data_files)
-
-
-def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[str], *, limit: int | None = None,
-                        batch_size: int | str = 8, device: str = "cpu", task_dirs: list[str] | None = None,
-                        ray_address: str | None = None, gpus: float = 0.0) -> dict[str, dict[str, float]]:
-    """lm-eval on a run's base model or one of its variants' adapters (``global``, ``self-evolving@2``); records metrics.
-
-    The adapter is found through the latest run's outputs by the variant's name, and the
-    results are stored under the key of the exact model evaluated.
-    For a run on the embedded default the ``tokenclean_facts`` data is regenerated for that run's world.
-    With ``ray_address`` the harness runs as a Ray task asking for ``gpus`` GPUs (the model
-    and adapter paths must be visible on that node); otherwise in this process.
-    """
-    from tokenclean.tasks import store
-    from tokenclean.summary import output_key
-
-    run_dir = Path(run_dir)
-    db = run_dir / store.DB_FILE
-    if not db.exists():
-        raise FileNotFoundError(f"no tokenclean database at {db}")
-    con = store.connect(db, read_only=True)
-    try:
-        base_key = output_key(con, "base", "model")
-        if base_key is None:
-            raise ValueError(f"{db} has no finished flow run: run the pipeline first")
-        from tokenclean.tasks.export import verified_base
-
-        base = verified_base(con, base_key)
-        model_key, adapter_dir = base_key, None
-        if adapter:
-            train_key = output_key(con, adapter, "adapter")
-            if train_key is None:
-                raise ValueError(f"no adapter named {adapter!r} in the latest runs of {run_dir} "
-                                 "(names: reference, full, random, local, global, self-evolving@T)")
-            rec = store.adapter_record(con, train_key)
-            model_key, adapter_dir = rec["model"], str(run_dir / rec["path"])
-    finally:
-        con.close()
-    cfg_path = run_dir / "config.yaml"
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
-    facts = None
-    if FACTS_TASK in tasks and (cfg.get("model") or {}).get("base") == "embedded":
-        from tokenclean.config import EmbeddedConfig
-
-        e = EmbeddedConfig.model_validate(cfg.get("embedded") or {})
-        facts = (e.n_people, e.seed)
-    args = (str(base), adapter_dir, tasks, task_dirs, limit, batch_size, device, facts)
-    if ray_address is None:
-        results, sources = _lm_eval_job(*args)
-    else:
-        import ray
-
-        from tokenclean.tasks.cluster import connected
-
-        with connected(ray_address):
-            job = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=1)(_lm_eval_job)
-            results, sources = ray.get(job.remote(*args))
-    con = store.connect(db, wait_s=30)
-    try:
-        record_lm_eval(con, model_key, adapter or "base", tasks, limit, results,
-                       {"device": device, "dtype": "float32", "batch_size": batch_size}, sources)
-    finally:
-        con.close()
-    return results
+        if job.facts is not None:
+            data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", job.facts))
+        results = run_lm_eval(job.base, job.adapter_dir, job.tasks, task_dirs=job.task_dirs, limit=job.limit,
+                              batch_size=job.batch_size, device=job.device, data_files=data_files or None)
+        return results, task_sources_digest(job.tasks, job.task_dirs, data_files)
