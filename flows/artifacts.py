@@ -31,9 +31,9 @@ from tokenclean.tasks import keys, store
 from tokenclean.tasks.evaluate import METRICS_VERSION, load_eval_samples, metric_rows
 from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.names import label
-from tokenclean.tasks.select import load_selected
+from tokenclean.tasks.select import write_training_set
 from tokenclean.tasks.steps import evaluate_task, select_task
-from tokenclean.tasks.train import TrainJob, training_table
+from tokenclean.tasks.train import TrainJob
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,9 @@ def _adapter_step(ctx: RunContext, req: AdapterRequest) -> _AdapterStep:
         if step.stats is None or step.stats.get("key") != key:  # else: saved, but the run died before recording it
             layout = {f: getattr(tcfg, f) for f in sorted(tcfg.EXECUTION)} | {"workers": cfg.ray.train_workers}
             checkpoints = ctx.checkpoint_dir(key, keys.digest("layout", layout))
-            step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"),
-                                data=training_table(load_selected(ctx.con, req.selection)), out_dir=str(out),
+            data = ctx.training_set(key)
+            write_training_set(ctx.con, req.selection, data)
+            step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"), data=data, out_dir=str(out),
                                 checkpoint_dir=str(checkpoints), key=key, label=name,
                                 init_adapter=parent.adapter if parent else None, device=cfg.model.device,
                                 dtype=cfg.model.dtype)

@@ -54,7 +54,7 @@ def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None
         out = Path(out) if out else run / "export" / "data" / f"{name}{suffix}"
         missing = store.samples_without_text(con, [r["selection"] for r in records])
         # one cursor per streamed result: a DuckDB connection serves one open result at a time
-        readers = (store.export_reader(con.cursor(), r["selection"], r["scores"]) for r in records)
+        readers = (store.selection_reader(con.cursor(), r["selection"], r["scores"]) for r in records)
         about = {"selection": name, "selections": [r["selection"] for r in records],
                  "method": records[0]["method"], "k": records[0]["k"],
                  "pool_tokens": sum(r["n_candidates"] for r in records), "samples_without_text": missing}

@@ -52,6 +52,10 @@ class RunContext:
     def checkpoint_dir(self, key: str, layout: str) -> Path:
         return self.run_dir / "checkpoints" / key / layout
 
+    def training_set(self, train_key: str) -> str:
+        """Where an adapter's training rows are streamed for its workers (beside the shards: workers reach it)."""
+        return join(self.storage or str(self.run_dir), "training", f"{train_key}.parquet")
+
     def shard_dir(self, model_key: str) -> str:
         return join(self.storage or str(self.run_dir), "shards", model_key)
 

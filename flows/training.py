@@ -1,8 +1,8 @@
 """Place LoRA training on the cluster: Ray Train workers, data parallel, restarted from checkpoints.
 
-The driver (the flow process) never loads the model. It builds the training set as an
-Arrow table (token ids + selection labels) that travels through Ray's object store, and
-places the work with declared resources (``ray.cpus_per_train_worker`` /
+The driver (the flow process) never loads the model nor holds a selection: it streams the
+training set (token ids + selection labels) from the store into a Parquet file in the run's
+storage, which the workers read, and places the work with declared resources (``ray.cpus_per_train_worker`` /
 ``ray.gpus_per_train_worker``): one worker is a Ray task; ``ray.train_workers`` > 1 is a
 ``TorchTrainer`` (Ray Train) worker group. Ray Train forms the
 process group (NCCL on GPUs, gloo on CPUs), and each worker runs
@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+
+import pyarrow as pa
 
 from tokenclean.config import RayConfig
 from tokenclean.tasks.train import TrainJob, train_worker
@@ -67,7 +69,8 @@ def data_parallel(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
 
     gpus = ray_cfg.gpus_per_train_worker
     resources = {"CPU": ray_cfg.cpus_per_train_worker} | ({"GPU": gpus} if gpus else {})
-    job = dataclasses.replace(job, data=ray.put(job.data))
+    if isinstance(job.data, pa.Table):  # tests hand a table; flows a training set in storage
+        job = dataclasses.replace(job, data=ray.put(job.data))
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={"job": job},

@@ -56,20 +56,18 @@ def kept_spans(kept: np.ndarray, char_start, char_end) -> list[list[int]] | None
 
 
 def export_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Stored rows (``store.export_reader``) -> exported rows (``EXPORT_SCHEMA``).
+    """Stored rows (``store.selection_reader``) -> exported rows (``EXPORT_SCHEMA``).
 
     Labels come from ``train.labels_of``, the one definition of the label convention that
     tokenclean's own training uses, so an exported sample trains as it did in the run.
     """
-    from tokenclean.tasks.train import TrainSample, labels_of
+    from tokenclean.tasks.select import samples_of
+    from tokenclean.tasks.train import labels_of
 
     cols = {f.name: [] for f in EXPORT_SCHEMA}
-    for row in batch.to_pylist():
-        ids = np.asarray(row["input_ids"], dtype=np.int32)
-        kept = np.asarray(row["kept"], dtype=np.int64)
-        mask = np.zeros(len(ids), dtype=bool)
-        mask[kept] = True
-        labels = labels_of(TrainSample(ids, mask))
+    for row, sample in zip(batch.to_pylist(), samples_of(batch)):
+        ids, kept = sample.input_ids, np.asarray(row["kept"], dtype=np.int64)
+        labels = labels_of(sample)
         scores = None
         if row["score_pos"] is not None:
             s = np.full(len(ids), np.nan, dtype=np.float32)

@@ -1,29 +1,52 @@
-"""Token selection: which response tokens a fine-tune learns from.
+"""A stored selection as training rows: input ids with labels at the kept positions.
 
-The methods (global top-k, RHO local top-k, random, full) are SQL over the run database
-and live in ``tokenclean.tasks.store.selection``; this module turns a stored selection
-into training samples.
+The selection methods are SQL in ``tokenclean.tasks.store.selection``; both training and export read a selection
+through ``store.selection_reader`` and turn its kept positions into labels with ``train.labels_of``.
 """
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
-from tokenclean.tasks import store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.store.selection import METHODS  # noqa: F401  (re-exported)
+from tokenclean.tasks.train import TRAINING_SCHEMA, TrainSample, labels_of
 
 
-def load_selected(con, selection: str):
-    """Training samples of a selection: input ids with a label mask at the kept positions.
-
-    Samples that lost every token are absent. Ordered by sample id, which is content-
-    addressed, so the same selection yields the same training order in any database.
-    """
-    from tokenclean.tasks.train import TrainSample
-
+def samples_of(batch: pa.RecordBatch) -> list[TrainSample]:
+    """The training samples of a batch of ``store.selection_reader`` rows (input_ids, kept positions)."""
     out = []
-    for _, ids, pos in store.selected_rows(con, selection):
+    for ids, kept in zip(batch.column("input_ids").to_pylist(), batch.column("kept").to_pylist()):
         ids = np.asarray(ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=bool)
-        mask[np.asarray(pos, dtype=np.int64)] = True
+        mask[np.asarray(kept, dtype=np.int64)] = True
         out.append(TrainSample(ids, mask))
     return out
+
+
+def training_rows(batch: pa.RecordBatch) -> pa.RecordBatch:
+    samples = samples_of(batch)
+    return pa.RecordBatch.from_arrays(
+        [pa.array([s.input_ids for s in samples], pa.list_(pa.int32())),
+         pa.array([labels_of(s) for s in samples], pa.list_(pa.int32()))], schema=TRAINING_SCHEMA)
+
+
+def write_training_set(con, selection: str, path: str) -> int:
+    """Stream ``selection``'s training rows into the Parquet file ``path`` (whole or not at all); returns the rows.
+
+    Samples that lost every token are absent. Ordered by sample id, which is content-addressed, so the same
+    selection yields the same training order in any database.
+    """
+    rows = 0
+    with storage.parquet_writer(path, TRAINING_SCHEMA) as writer:
+        for batch in store.selection_reader(con.cursor(), selection):
+            writer.write_batch(training_rows(batch))
+            rows += batch.num_rows
+        if not rows:
+            raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
+    return rows
+
+
+def load_selected(con, selection: str) -> list[TrainSample]:
+    """A selection's training samples in memory (small selections; training streams them instead)."""
+    return [s for batch in store.selection_reader(con.cursor(), selection) for s in samples_of(batch)]

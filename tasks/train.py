@@ -63,13 +63,17 @@ def labels_of(sample: TrainSample) -> np.ndarray:
     return np.where(sample.label_mask, sample.input_ids.astype(np.int64), IGNORE).astype(np.int32)
 
 
+TRAINING_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+
+
 def training_table(samples: list[TrainSample]) -> pa.Table:
     """The training set as Arrow (input_ids, labels); samples with no kept token are dropped."""
     kept = [s for s in samples if s.label_mask.any()]
     if not kept:
         raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
     return pa.table({"input_ids": pa.array([s.input_ids.astype(np.int32) for s in kept], pa.list_(pa.int32())),
-                     "labels": pa.array([labels_of(s) for s in kept], pa.list_(pa.int32()))})
+                     "labels": pa.array([labels_of(s) for s in kept], pa.list_(pa.int32()))},
+                    schema=TRAINING_SCHEMA)
 
 
 @dataclass
@@ -78,7 +82,7 @@ class TrainJob:
 
     base_path: str
     cfg: dict  # TrainConfig
-    data: object  # pa.Table, or a Ray ObjectRef to one (workers fetch it from the object store)
+    data: object  # a Parquet path or URL (tasks.storage), a pa.Table, or a Ray ObjectRef to one
     out_dir: str  # the finished adapter: <run>/adapters/<train key>
     checkpoint_dir: str  # <run>/checkpoints/<train key>/<execution digest>
     key: str
@@ -100,6 +104,10 @@ def packing_collator():
 def _fetch(data) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
+    if isinstance(data, str):  # a training set streamed to storage by the flow (select.write_training_set)
+        from tokenclean.tasks import storage
+
+        return storage.read_table(data)
     import ray
 
     return ray.get(data)

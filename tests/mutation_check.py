@@ -56,7 +56,7 @@ TARGETS = [
            ("tests/test_train_evaluate.py::test_generation_starts_at_the_last_assistant_turn",
             "tests/test_train_evaluate.py::test_answer_is_found_as_whole_words",
             "tests/test_train_evaluate.py::test_answer_metrics_and_loss_against_a_hand_computed_oracle")),
-    Target("select", "tasks/select.py", ("load_selected",), ("tests/test_store_select.py",)),
+    Target("select", "tasks/select.py", ("samples_of", "training_rows", "write_training_set"), ("tests/test_store_select.py",)),
     Target("selection", "tasks/store/selection.py", ("write_selection", "_local_sql", "selection_quality"),
            ("tests/test_store_select.py",)),
     Target("train", "tasks/train.py", ("labels_of", "training_table", "lr_at_step", "create_scheduler"),

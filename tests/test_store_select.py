@@ -242,6 +242,33 @@ def test_load_selected_builds_label_masks_and_drops_empty_samples(db):
         assert s.input_ids.dtype == np.int32 and s.input_ids.tolist() == list(range(7))
 
 
+def test_the_training_set_is_streamed_in_batches_and_equals_the_in_memory_one(db, tmp_path, monkeypatch):
+    """``write_training_set`` (what training reads) streams the one selection reader a batch at a time into
+    Parquet, and holds the same rows as the in-memory path; an empty selection writes no file."""
+    import pyarrow.parquet as pq
+
+    from tokenclean.tasks import select
+    from tokenclean.tasks.train import training_table
+
+    con, _ = db
+    select_tokens(con, "g", "global", 0.6, [0, 1], iteration=1)
+    path = str(tmp_path / "g.parquet")
+    rows = select.write_training_set(con, "g", path)
+    got = pq.read_table(path)
+    assert rows == got.num_rows == len(load_selected(con, "g")) > 1
+    assert got.equals(training_table(load_selected(con, "g")))
+    seen = []
+    real = store.selection_reader
+    # small batches: the file is written as they come, never gathered first
+    monkeypatch.setattr(store, "selection_reader",
+                        lambda c, s: (seen.append(b.num_rows) or b for b in real(c, s, batch_rows=2)))
+    select.write_training_set(con, "g", str(tmp_path / "g2.parquet"))
+    assert len(seen) > 1 and max(seen) <= 2 and pq.ParquetFile(tmp_path / "g2.parquet").metadata.num_row_groups > 1
+    with pytest.raises(ValueError, match="nothing to train on"):
+        select.write_training_set(con, "no-such-selection", str(tmp_path / "none.parquet"))
+    assert not (tmp_path / "none.parquet").exists() and not list(tmp_path.glob("none.parquet*"))
+
+
 def test_writing_a_selection_again_replaces_its_tokens(db):
     """A selection recomputed under the same name holds the new kept set only, not the union with the old."""
     con, _ = db

@@ -69,10 +69,17 @@ def _max_diff(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def two_workers(tiny, samples, local_ray, tmp_path_factory):
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
     from tokenclean.flows.training import data_parallel
 
     root = tmp_path_factory.mktemp("dp")
-    stats = data_parallel(_job(tiny, samples, root, "dp2"), RayConfig(train_workers=2), root / "ray")
+    job = _job(tiny, samples, root, "dp2")
+    pq.write_table(job.data, root / "train.parquet")  # as the flows hand it: a training set in storage
+    job = dataclasses.replace(job, data=str(root / "train.parquet"))
+    stats = data_parallel(job, RayConfig(train_workers=2), root / "ray")
     return root / "dp2", stats
 
 

@@ -165,17 +165,6 @@ def kept_by_part(con, selections: list[str], dataset: str, parts: list[int]) -> 
     return {int(part): (int(kept), int(total)) for part, kept, total in rows}
 
 
-def selected_rows(con, selection: str) -> list[tuple]:
-    """(sample_id, input_ids, kept positions) of every sample with a kept token, ordered by sample id.
-
-    Samples that lost every token are absent (the inner join drops them).
-    """
-    return con.execute(
-        """SELECT s.sample_id, any_value(s.input_ids), list(st.pos ORDER BY st.pos) FROM selected_tokens st
-           JOIN samples s USING (sample_id) WHERE st.selection = ? GROUP BY s.sample_id ORDER BY s.sample_id""",
-        [selection]).fetchall()
-
-
 def selection_digest(con, selection: str) -> tuple[int, str]:
     """(kept tokens, md5 of the sorted kept (sample_id, pos)): compare selections across databases by content."""
     return con.execute(
@@ -204,12 +193,12 @@ def kept_positions(con, selection: str, sample_id: int) -> set[int]:
                                       [selection, sample_id]).fetchall()}
 
 
-def export_reader(con, selection: str, scores: str | None, batch_rows: int = 1024):
-    """Arrow record batches of a selection's samples that kept a token, ordered by sample id.
+def selection_reader(con, selection: str, scores: str | None = None, batch_rows: int = 1024):
+    """Arrow record batches of a selection's samples that kept a token, ordered by sample id: the one reader
+    training and export stream a selection through, so neither holds it in memory.
 
     Columns: sample_id, uid, task, input_ids, response_mask, text, char_start, char_end,
-    kept (positions), score_pos / score (the token scores the selection ranked, when it
-    ranked any). Streamed: the export never holds the pool in memory.
+    kept (positions), score_pos / score (the token scores ``scores`` ranked; null without it).
     """
     scored = ("SELECT sample_id, list(pos ORDER BY pos) AS score_pos, list(score ORDER BY pos) AS score "
               "FROM token_scores WHERE scores = $scores AND sample_id IN (SELECT sample_id FROM kept) GROUP BY ALL"
