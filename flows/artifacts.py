@@ -28,12 +28,13 @@ from tokenclean.flows.runtime import submit_placed
 from tokenclean.flows.scoring import score_model
 from tokenclean.flows.training import submit_training
 from tokenclean.tasks import keys, store
-from tokenclean.tasks.evaluate import METRICS_VERSION, load_eval_samples, metric_rows
+from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
 from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.names import label
 from tokenclean.tasks.select import write_training_set
 from tokenclean.tasks.steps import evaluate_task, select_task
 from tokenclean.tasks.train import TrainJob
+from tokenclean.tasks.versions import METRICS_VERSION
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenclean.summary import outputs_named
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.export import export_model, write_dataset
-from tokenclean.tasks.names import label
 
 
 def verified_base(con, base_key: str) -> str:
@@ -35,9 +35,7 @@ def open_run(run: Path):
 
 def _outputs(con, name: str, kind: str) -> list[tuple[int, str]]:
     """(iteration, key) of the current outputs called ``name`` (``self-evolving``: every iteration)."""
-    found = [(o["iteration"], o["key"]) for o in store.current_outputs(con) if o["kind"] == kind
-             and (label(o["variant"], o["iteration"]) == name or (name == "self-evolving" == o["variant"]))]
-    return sorted(found)
+    return [(o["iteration"], o["key"]) for o in outputs_named(con, name, kind)]
 
 
 def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None, *, overwrite: bool = False) -> dict:

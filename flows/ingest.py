@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenclean.tasks import ingest, storage, store
-from tokenclean.tasks.ingest import CHUNK_ROWS, PARTS_VERSION, IngestSpec
+from tokenclean.tasks.ingest import CHUNK_ROWS, IngestSpec
 from tokenclean.tasks.inputs import Split, entry_files, plan_inputs
 from tokenclean.tasks.keys import digest
+from tokenclean.tasks.versions import PARTS_VERSION
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,6 @@ from tokenclean.tasks import store
 from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.score import ShardSample, process_model
 
-# part of an evaluation's key: a new metric is a new evaluation (v3: greedy whatever the checkpoint's generation
-# config asks for; answers found as whole words)
-METRICS_VERSION = "loss+cloze+generated-v3"
-
 
 def load_eval_samples(con, dataset: str, max_samples: int | None = None):
     rows = store.eval_rows(con, dataset, max_samples)

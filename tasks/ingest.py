@@ -33,6 +33,7 @@ from tokenclean.tasks.template import (
     tokenizer_fingerprint,
 )
 from tokenclean.tasks.validate import Normalized, normalize, render_checked
+from tokenclean.tasks.versions import INGEST_RULES
 
 
 def assign_part(uid: str, seed: int, eval_fraction: float, n_parts: int, is_eval_source: bool,
@@ -64,14 +65,6 @@ def source_name(source: str) -> str:
         name, sep, split = source[3:].partition(":")
         return "hf:" + (Path(name).name if Path(name).is_dir() else name) + sep + split
     return Path(source).name
-
-
-# What ingest derives from a row besides its tokens (which rows it refuses, the answer span): a change to
-# these rules makes new sample ids, since stored samples are immutable and found by id.
-# 2: strict spans, invalid Unicode / template refusals / answers the template strips quarantined, answers cut by
-# truncation get no span. 3: tool messages, tool calls and reasoning fields accepted (the Tulu template refuses
-# them with the reason), assistant null content with tool calls.
-INGEST_RULES = 3
 
 
 def tokenization_of(tokenizer, max_length: int, template: str = "tulu", empty_think: str = "target") -> str:
@@ -244,7 +237,6 @@ def _answer_tokens(toks: TokenizedBatch, good: list[_Accepted]) -> tuple[np.ndar
 
 
 # What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
-PARTS_VERSION = 5  # 2: INGEST_RULES 2; 3: inputs.READ_RULES 2; 4: INGEST_RULES 3; 5: reasoning_mask
 
 
 def part_paths(parts_dir: str, split: int) -> tuple[str, str]:

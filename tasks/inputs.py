@@ -21,9 +21,6 @@ FORMATS = (".jsonl", ".json", ".parquet")
 JSON_FORMATS = (".jsonl", ".json")
 # Compressed JSON Lines / JSON arrays: the compressions fsspec opens with the standard library alone.
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}
-# What a file gives as rows, besides its bytes: part of the inputs' key (``keys.inputs_fingerprint``), so a
-# dataset read by other rules is never reused (each value's change: docs/design.md).
-READ_RULES = 2
 # Rows nested deeper than this are quarantined: SFT rows nest a few levels, and below this depth json.loads
 # never meets Python's recursion limit, whatever the caller's stack, so a row is refused (or not) alike on
 # every worker.

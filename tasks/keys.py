@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from tokenclean.tasks.versions import SELECTION_RULES
+
 KEY_CHARS = 20  # 80 bits of SHA-256: collisions are out of reach for any run's artifact count
 
 
@@ -54,9 +56,6 @@ def scorer_key(model: str, settings: dict) -> str:
 def scores_key(base_model: str, ref_model: str) -> str:
     return digest("scores", base_model, ref_model)
 
-
-# A method whose rule changed gets a new tag, so a stored selection made by the old rule is never reused.
-SELECTION_RULES = {"local": "largest-remainder-exact"}  # the tags so far: docs/design.md
 
 
 def selection_key(method: str, k: float, seed: int, scores: str | None, pool: str) -> str:
@@ -149,9 +148,10 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 def inputs_fingerprint(entries: list[str]) -> str:
     """Content hash of data inputs: every file's bytes (a directory's top-level files), hub datasets by fingerprint,
-    and the rules files are read by (``inputs.READ_RULES``). Files count by name, not location (moving an
+    and the rules files are read by (``versions.READ_RULES``). Files count by name, not location (moving an
     unchanged input keeps its dataset); files ingest skips count by their bytes or by why they cannot be read."""
-    from tokenclean.tasks.inputs import READ_RULES, list_entry
+    from tokenclean.tasks.inputs import list_entry
+    from tokenclean.tasks.versions import READ_RULES
 
     parts: list = [f"read-r{READ_RULES}"]
     for entry in entries:

@@ -45,10 +45,9 @@ from itertools import chain
 
 import numpy as np
 
-# Part of the tokenization key, so a change to either rule must change it (versions: docs/design.md).
-TEMPLATE_NAME = "tulu-v2/open-instruct-r2"
+from tokenclean.tasks.versions import MODEL_TEMPLATE_RULE, TEMPLATE_NAME
+
 TEMPLATES = ("tulu", "model")
-MODEL_TEMPLATE_RULE = "generated-v4"  # how response spans are found in a model template's text
 ROLES = ("system", "user", "assistant", "tool")
 # Ground-truth token labels, used only when the input carries them (synthetic demo data).
 TRUTH_OTHER, TRUTH_INFORMATIVE, TRUTH_CORRUPTED = 0, 1, 2

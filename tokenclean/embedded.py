@@ -16,9 +16,9 @@ from pathlib import Path
 
 from tokenclean.config import EmbeddedConfig
 from tokenclean.synth import SynthSpec, generate, pretraining_text
+from tokenclean.tasks.versions import BUILD_VERSION
 
 SPECIAL = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-BUILD_VERSION = 2  # part of the build's cache key: bump when the build's output changes (docs/design.md)
 
 
 @dataclass

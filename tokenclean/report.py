@@ -16,6 +16,8 @@ import math
 import traceback
 from pathlib import Path
 
+from tokenclean.summary import current_selections
+
 TREND_EPS = 0.01
 N_BINS = 60
 PALETTE = ["#d62728", "#1f77b4", "#9467bd", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#17becf"]
@@ -81,23 +83,6 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
 
 
 # --------------------------------------------------------------------------- sections
-
-def _current_selections(con) -> list[dict]:
-    """Current selection outputs (latest finished run of each flow) with their stored records and labels."""
-    from tokenclean.tasks import store
-    from tokenclean.tasks.names import label
-
-    out = []
-    for o in store.current_outputs(con):
-        if o["kind"] == "selection" and o["variant"] != "reference":
-            rec = store.selection_record(con, o["key"])
-            if rec is not None:
-                # the dataset of the flow run that output it: a selection found by key may have been made
-                # from another dataset with the same samples (the same rows under other file names)
-                out.append(rec | {"name": label(o["variant"], o["iteration"]), "dataset": o["dataset"],
-                                  "part_list": [int(p) for p in rec["parts"].split(",")]})
-    return out
-
 
 def _base_path(con) -> str | None:
     from tokenclean.summary import output_key
@@ -186,7 +171,7 @@ def _histograms(con) -> str:
     from tokenclean.tasks import store
 
     groups: dict[tuple, list[dict]] = {}  # (scores key, dataset, parts) -> the selections ranking them
-    for sel in _current_selections(con):
+    for sel in current_selections(con):
         if sel["scores"]:
             groups.setdefault((sel["scores"], sel["dataset"], sel["parts"]), []).append(sel)
     if not groups:
@@ -235,7 +220,7 @@ def kept_by_source(con) -> list[dict]:
     from tokenclean.tasks import store
 
     out = []
-    for sel in _current_selections(con):
+    for sel in current_selections(con):
         for src, k, p in store.report.kept_by_source(con, sel["selection"], sel["dataset"], sel["part_list"]):
             out.append({"selection": sel["name"], "method": sel["method"], "k": sel["k"], "source": src,
                         "kept": int(k), "pool": int(p), "fraction": (k / p) if p else None})
@@ -248,7 +233,7 @@ def kept_reasoning(con) -> list[dict]:
     from tokenclean.tasks import store
 
     out = []
-    for sel in _current_selections(con):
+    for sel in current_selections(con):
         r = store.report.kept_reasoning(con, sel["selection"], sel["dataset"], sel["part_list"])
         out.append({"selection": sel["name"], "method": sel["method"], "k": sel["k"], **r,
                     "reasoning_share": r["reasoning_kept"] / r["reasoning"] if r["reasoning"] else None,
@@ -416,7 +401,7 @@ def token_pieces(tok, ids: list[int]) -> list[tuple[list[int], str]]:
 
 
 def _pick_selection(con, selection: str) -> tuple[dict | None, str | None]:
-    sels = sorted(_current_selections(con), key=lambda r: (r["method"] != "global", r["name"]))
+    sels = sorted(current_selections(con), key=lambda r: (r["method"] != "global", r["name"]))
     for r in sels:
         if r["name"] == selection:
             return r, None

@@ -20,12 +20,33 @@ VARIANTS = [  # (label, variant)
 ]
 
 
+def outputs_named(con, name: str, kind: str) -> list[dict]:
+    """The current outputs of ``kind`` that a user's name stands for, by iteration: the one place a name is
+    resolved. A label (``global``, ``self-evolving@2``) names one output; ``self-evolving`` names every
+    iteration's."""
+    found = [o for o in store.current_outputs(con) if o["kind"] == kind
+             and (label(o["variant"], o["iteration"]) == name or name == "self-evolving" == o["variant"])]
+    return sorted(found, key=lambda o: o["iteration"])
+
+
 def output_key(con, name: str, kind: str) -> str | None:
     """Key of the current output ``name`` (a label) of ``kind``, or None."""
+    return next((o["key"] for o in outputs_named(con, name, kind) if label(o["variant"], o["iteration"]) == name),
+                None)
+
+
+def current_selections(con) -> list[dict]:
+    """Current selection outputs (the reference's aside) with their stored records and names."""
+    out = []
     for o in store.current_outputs(con):
-        if o["kind"] == kind and label(o["variant"], o["iteration"]) == name:
-            return o["key"]
-    return None
+        if o["kind"] == "selection" and o["variant"] != "reference":
+            rec = store.selection_record(con, o["key"])
+            if rec is not None:
+                # the dataset of the flow run that output it: a selection found by key may have been made
+                # from another dataset with the same samples (the same rows under other file names)
+                out.append(rec | {"name": label(o["variant"], o["iteration"]), "dataset": o["dataset"],
+                                  "part_list": [int(p) for p in rec["parts"].split(",")]})
+    return out
 
 
 def _by_variant(con) -> dict[str, list[dict]]:
