@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tokenclean.cli import _closing_report, describe_error
+from tokenclean.cli import _closing_report
 from tokenclean.config import RunConfig
+from tokenclean.errors import describe_error
 from tokenclean.tasks import store
 
 
