@@ -27,7 +27,7 @@ from tokenclean.flows.prepare import RunContext
 from tokenclean.flows.runtime import submit_placed
 from tokenclean.flows.scoring import score_model
 from tokenclean.flows.training import submit_training
-from tokenclean.tasks import keys, store
+from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
 from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.names import label
@@ -229,6 +229,7 @@ def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
                              step.stats, {"base_model": ctx.base_model, "adapter": step.key, "weights": weights})
         # The adapter is recorded: its optimiser checkpoints have served their purpose.
         shutil.rmtree(ctx.run_dir / "checkpoints" / step.key, ignore_errors=True)
+        storage.remove(ctx.training_set(step.key))  # ... and so has its training set
     rec = store.adapter_record(ctx.con, step.key)
     _output(ctx, step.variant, step.iteration, "adapter", step.key, step.computed)
     return Model(rec["model"], str(ctx.run_dir / rec["path"]), step.key)

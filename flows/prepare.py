@@ -180,7 +180,7 @@ def storage_root(cfg: RunConfig, con) -> str:
 
 
 def _ingest_once(con, job: IngestJob, tokenizer) -> dict:
-    """Ingest unless ``dataset`` is stored; say how it differs from the dataset the last run used.
+    """Ingest unless ``job.dataset`` is stored; say how it differs from the dataset the last run used.
 
     The diff (``changes``) is computed for this call, not stored: a dataset key seen before
     compares against whatever ran last now, not against what preceded its first ingest.

@@ -236,9 +236,6 @@ def _answer_tokens(toks: TokenizedBatch, good: list[_Accepted]) -> tuple[np.ndar
     return np.where(a_ok, a_first, -1), np.where(a_ok, a_end, -1)
 
 
-# What the parts of a split layout are computed with, besides the spec: bump when process_split's output changes.
-
-
 def part_paths(parts_dir: str, split: int) -> tuple[str, str]:
     """(samples, quarantine) Parquet files of split number ``split``'s part."""
     from tokenclean.tasks.storage import join

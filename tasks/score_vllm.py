@@ -90,7 +90,7 @@ class VllmScorer:
                group_tokens: int = 1 << 20, adapter_key: str | None = None, **_):
         """Arrow table (``LOSS_SCHEMA``) of per-target losses with base or base + ``adapter``.
 
-        ``batch_tokens``/``chunk``/``packed`` (transformers-backend knobs) are accepted and
+        ``batch_tokens``/``chunk`` (transformers-backend knobs) are accepted and
         ignored: vLLM schedules its own batches. Samples go to the engine in groups of about
         ``group_tokens`` tokens; ``progress(n)`` is called after each group.
         """

@@ -107,6 +107,11 @@ def _fetch(data) -> pa.Table:
     if isinstance(data, str):  # a training set streamed to storage by the flow (select.write_training_set)
         from tokenclean.tasks import storage
 
+        if not storage.exists(data):
+            raise FileNotFoundError(
+                f"the training set {data}, written by the driver, is not visible on this worker. On a cluster, set "
+                "`storage:` to a location every node and the driver share (an NFS path mounted at the same place, "
+                "or an fsspec URL such as s3://bucket/x)")
         return storage.read_table(data)
     import ray
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from tokenclean.config import DB_FILE
 from tokenclean.errors import describe_error, one_line
 
 # What the running command reads and writes, and --debug: set by _where and the callback, read on an error.
@@ -214,7 +215,7 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
     from tokenclean.summary import artifacts, comparison, format_table, run_overview
     from tokenclean.tasks import store
 
-    db = run / "tokenclean.duckdb" if run.is_dir() else run
+    db = run / DB_FILE if run.is_dir() else run
     if not db.exists():
         raise typer.BadParameter(f"no tokenclean database at {db}")
     _where(db)
@@ -304,7 +305,7 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
     from tokenclean.report import build_report
 
     _quiet_env()
-    db = run / "tokenclean.duckdb" if run.is_dir() else run
+    db = run / DB_FILE if run.is_dir() else run
     if not db.exists():
         raise typer.BadParameter(f"no tokenclean database at {db}")
     if out is None:
@@ -367,7 +368,7 @@ def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
     from tokenclean.flows.lm_eval import run_lm_eval_for_run
 
     _quiet_env()
-    _where(run / "tokenclean.duckdb", [run])
+    _where(run / DB_FILE, [run])
     res = run_lm_eval_for_run(run, adapter, tasks, limit=limit, batch_size=batch_size, device=device,
                               ray_address=ray_address, gpus=gpus)
     typer.echo(json.dumps(res, indent=2))

@@ -28,6 +28,8 @@ Count = Annotated[int, Field(ge=1)]
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+DB_FILE = "tokenclean.duckdb"  # a run directory's database: the run's one source of truth
+
 # The synthetic world's distinct names (synth.FIRST x synth.LAST; a test holds them equal).
 MAX_PEOPLE = 312
 
@@ -259,7 +261,7 @@ class RunConfig(_Strict):
 
     @property
     def db_path(self) -> Path:
-        return self.run_dir / "tokenclean.duckdb"
+        return self.run_dir / DB_FILE
 
     @property
     def reference_train(self) -> TrainConfig:

@@ -16,6 +16,7 @@ import math
 import traceback
 from pathlib import Path
 
+from tokenclean.config import DB_FILE
 from tokenclean.summary import current_selections
 
 TREND_EPS = 0.01
@@ -555,7 +556,7 @@ def build_report(db_path, out_path, *, selection: str = "global", n_samples: int
 
     db_path = Path(db_path)
     if db_path.is_dir():
-        db_path = db_path / "tokenclean.duckdb"
+        db_path = db_path / DB_FILE
     if not db_path.exists():
         raise FileNotFoundError(f"no tokenclean database at {db_path}")
     out_path = Path(out_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-DB_FILE = "tokenclean.duckdb"  # a run directory's database: the run's one source of truth
+from tokenclean.config import DB_FILE  # noqa: F401  (a run directory's database, named with the run's paths)
 
 SCHEMA_VERSION = "4"
 # In-place upgrades from older versions whose rows stay valid under the same keys: new sample columns, NULL for
