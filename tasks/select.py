@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 
 from tokenclean.tasks import storage, store
-from tokenclean.tasks.store.selection import METHODS  # noqa: F401  (re-exported)
 from tokenclean.tasks.train import TRAINING_SCHEMA, TrainSample, labels_of
 
 
@@ -45,8 +44,3 @@ def write_training_set(con, selection: str, path: str) -> int:
         if not rows:
             raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
     return rows
-
-
-def load_selected(con, selection: str) -> list[TrainSample]:
-    """A selection's training samples in memory (small selections; training streams them instead)."""
-    return [s for batch in store.selection_reader(con.cursor(), selection) for s in samples_of(batch)]

@@ -8,3 +8,11 @@ def losses_by_uid(con, model: str, dataset: str) -> list[tuple]:
         """SELECT s.uid, t.pos, t.loss FROM token_losses t JOIN dataset_samples d USING (sample_id)
            JOIN samples s USING (sample_id) WHERE t.model = ? AND d.dataset = ? ORDER BY s.uid, t.pos""",
         [model, dataset]).fetchall()
+
+
+def load_selected(con, selection: str):
+    """A selection's training samples in memory, through the reader training streams them with."""
+    from tokenclean.tasks import store
+    from tokenclean.tasks.select import samples_of
+
+    return [s for batch in store.selection_reader(con.cursor(), selection) for s in samples_of(batch)]

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from tests.ingest_helpers import insert_dataset, sample_arrays
+from tests.store_reads import load_selected
 from tokenclean.tasks import storage, store
-from tokenclean.tasks.select import load_selected
 from tokenclean.tasks.store import INGEST_SCHEMA
 
 DATASET, BASE, REF, SCORES = "d0", "b0", "c1", "e1"  # hand-made keys
