@@ -15,6 +15,8 @@ from tokenclean.tasks.train import TRAINING_SCHEMA, TrainSample, labels_of
 def samples_of(batch: pa.RecordBatch) -> list[TrainSample]:
     """The training samples of a batch of ``store.selection_reader`` rows (input_ids, kept positions)."""
     out = []
+    if not batch.num_rows:  # an empty batch may carry no columns at all
+        return out
     for ids, kept in zip(batch.column("input_ids").to_pylist(), batch.column("kept").to_pylist()):
         ids = np.asarray(ids, dtype=np.int32)
         mask = np.zeros(len(ids), dtype=bool)
