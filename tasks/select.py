@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from tokenclean.tasks import storage, store
-from tokenclean.tasks.train import TRAINING_SCHEMA, TrainSample, labels_of
+from tokenclean.tasks.train import NOTHING_TO_TRAIN, TRAINING_SCHEMA, TrainSample, training_batch
 
 
 def samples_of(batch: pa.RecordBatch) -> list[TrainSample]:
@@ -26,10 +26,7 @@ def samples_of(batch: pa.RecordBatch) -> list[TrainSample]:
 
 
 def training_rows(batch: pa.RecordBatch) -> pa.RecordBatch:
-    samples = samples_of(batch)
-    return pa.RecordBatch.from_arrays(
-        [pa.array([s.input_ids for s in samples], pa.list_(pa.int32())),
-         pa.array([labels_of(s) for s in samples], pa.list_(pa.int32()))], schema=TRAINING_SCHEMA)
+    return training_batch(samples_of(batch))
 
 
 def write_training_set(con, selection: str, path: str) -> int:
@@ -44,5 +41,5 @@ def write_training_set(con, selection: str, path: str) -> int:
             writer.write_batch(training_rows(batch))
             rows += batch.num_rows
         if not rows:
-            raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
+            raise ValueError(NOTHING_TO_TRAIN)
     return rows

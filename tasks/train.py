@@ -66,14 +66,22 @@ def labels_of(sample: TrainSample) -> np.ndarray:
 TRAINING_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
 
 
+NOTHING_TO_TRAIN = "no sample has a selected token: nothing to train on (is k too small?)"
+
+
+def training_batch(samples: list[TrainSample]) -> pa.RecordBatch:
+    """Training rows (input_ids, labels) of ``samples``: the one place samples become what the trainer reads."""
+    return pa.RecordBatch.from_arrays(
+        [pa.array([s.input_ids.astype(np.int32) for s in samples], pa.list_(pa.int32())),
+         pa.array([labels_of(s) for s in samples], pa.list_(pa.int32()))], schema=TRAINING_SCHEMA)
+
+
 def training_table(samples: list[TrainSample]) -> pa.Table:
     """The training set as Arrow (input_ids, labels); samples with no kept token are dropped."""
     kept = [s for s in samples if s.label_mask.any()]
     if not kept:
-        raise ValueError("no sample has a selected token: nothing to train on (is k too small?)")
-    return pa.table({"input_ids": pa.array([s.input_ids.astype(np.int32) for s in kept], pa.list_(pa.int32())),
-                     "labels": pa.array([labels_of(s) for s in kept], pa.list_(pa.int32()))},
-                    schema=TRAINING_SCHEMA)
+        raise ValueError(NOTHING_TO_TRAIN)
+    return pa.Table.from_batches([training_batch(kept)])
 
 
 @dataclass
