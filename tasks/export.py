@@ -4,8 +4,10 @@ The writers; ``flows/export.py`` is the ``tokenclean export`` command that finds
 
 * ``write_dataset``: one selection (or the self-evolving iterations together) as a
   dataset of ``input_ids``, ``attention_mask`` and ``labels`` (the token id where it was
-  kept, -100 where it was not kept or is not a target), the kept character spans of the
-  rendered text, and the token scores. transformers causal LMs shift labels inside the
+  kept, -100 where it was not kept or is not a target), ``token_weights`` (a ``weighted``
+  selection's per-token loss weights, > 0 exactly where the label is not -100, 0 elsewhere;
+  the column is always there, null for an unweighted selection, so every export has one schema),
+  the kept character spans of the rendered text, and the token scores. transformers causal LMs shift labels inside the
   model, and our labels sit at the token's own position, so ``Trainer`` with a collator that
   pads labels with -100 (``DataCollatorForSeq2Seq``) trains on exactly the kept tokens, unchanged.
   Formats: Parquet, JSONL, and a ``datasets`` directory (``save_to_disk``). Written as it
@@ -34,7 +36,7 @@ FORMATS = ("parquet", "jsonl", "hf")
 EXPORT_SCHEMA = pa.schema([
     ("id", pa.string()), ("sample_id", pa.int64()), ("task", pa.string()),
     ("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("labels", pa.list_(pa.int32())),
-    ("text", pa.string()), ("kept_spans", pa.list_(pa.list_(pa.int32()))),
+    ("token_weights", pa.list_(pa.float32())), ("text", pa.string()), ("kept_spans", pa.list_(pa.list_(pa.int32()))),
     ("token_scores", pa.list_(pa.float32())), ("n_kept", pa.int32()),
 ])
 
@@ -79,6 +81,7 @@ def export_batch(batch: pa.RecordBatch) -> pa.RecordBatch:
         cols["input_ids"].append(ids.tolist())
         cols["attention_mask"].append([1] * len(ids))
         cols["labels"].append(labels.tolist())
+        cols["token_weights"].append(None if sample.weights is None else sample.weights.tolist())
         cols["text"].append(row["text"])
         cols["kept_spans"].append(kept_spans(kept, row["char_start"], row["char_end"]))
         cols["token_scores"].append(scores)

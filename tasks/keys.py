@@ -58,10 +58,15 @@ def scores_key(base_model: str, ref_model: str) -> str:
 
 
 
-def selection_key(method: str, k: float, seed: int, scores: str | None, pool: str) -> str:
+# The selection methods that rank token scores, and those that keep every token (k does not enter their key).
+SCORED_METHODS = ("global", "local", "sample", "weighted")
+K_FREE_METHODS = ("full", "weighted")
+
+
+def selection_key(method: str, k: float | None, seed: int, scores: str | None, pool: str) -> str:
     rule = [SELECTION_RULES[method]] if method in SELECTION_RULES else []  # other methods' keys are unchanged
-    return digest("selection", method, *rule, None if method == "full" else float(k),
-                  seed if method == "random" else None, scores if method in ("global", "local") else None, pool)
+    return digest("selection", method, *rule, None if method in K_FREE_METHODS else float(k),
+                  seed if method == "random" else None, scores if method in SCORED_METHODS else None, pool)
 
 
 def train_key(base_model: str, selection: str, train_config: dict, parent_model: str | None) -> str:

@@ -9,36 +9,50 @@ import numpy as np
 import pyarrow as pa
 
 from tokenclean.tasks import storage, store
-from tokenclean.tasks.train import NOTHING_TO_TRAIN, TRAINING_SCHEMA, TrainSample, training_batch
+from tokenclean.tasks.train import (
+    NOTHING_TO_TRAIN,
+    TRAINING_SCHEMA,
+    WEIGHTED_TRAINING_SCHEMA,
+    TrainSample,
+    training_batch,
+)
 
 
 def samples_of(batch: pa.RecordBatch) -> list[TrainSample]:
-    """The training samples of a batch of ``store.selection_reader`` rows (input_ids, kept positions)."""
+    """The training samples of a batch of ``store.selection_reader`` rows (input_ids, kept positions, and the
+    kept positions' weights where the selection has them: 0 at every other position)."""
     out = []
     if not batch.num_rows:  # an empty batch may carry no columns at all
         return out
-    for ids, kept in zip(batch.column("input_ids").to_pylist(), batch.column("kept").to_pylist()):
-        ids = np.asarray(ids, dtype=np.int32)
+    cols = [batch.column(c).to_pylist() for c in ("input_ids", "kept", "weight")]
+    for ids, kept, weight in zip(*cols):
+        ids, kept = np.asarray(ids, dtype=np.int32), np.asarray(kept, dtype=np.int64)
         mask = np.zeros(len(ids), dtype=bool)
-        mask[np.asarray(kept, dtype=np.int64)] = True
-        out.append(TrainSample(ids, mask))
+        mask[kept] = True
+        weights = None
+        if weight is not None:
+            weights = np.zeros(len(ids), dtype=np.float32)
+            weights[kept] = np.asarray(weight, dtype=np.float32)
+        out.append(TrainSample(ids, mask, weights))
     return out
 
 
-def training_rows(batch: pa.RecordBatch) -> pa.RecordBatch:
-    return training_batch(samples_of(batch))
+def training_rows(batch: pa.RecordBatch, weighted: bool | None = None) -> pa.RecordBatch:
+    return training_batch(samples_of(batch), weighted)
 
 
 def write_training_set(con, selection: str, path: str) -> int:
     """Stream ``selection``'s training rows into the Parquet file ``path`` (whole or not at all); returns the rows.
 
     Samples that lost every token are absent. Ordered by sample id, which is content-addressed, so the same
-    selection yields the same training order in any database.
+    selection yields the same training order in any database. A weighted selection's rows carry their weights;
+    any other's are the two columns of ``TRAINING_SCHEMA``.
     """
     rows = 0
-    with storage.parquet_writer(path, TRAINING_SCHEMA) as writer:
+    weighted = store.is_weighted(con, selection)
+    with storage.parquet_writer(path, WEIGHTED_TRAINING_SCHEMA if weighted else TRAINING_SCHEMA) as writer:
         for batch in store.selection_reader(con.cursor(), selection):
-            writer.write_batch(training_rows(batch))
+            writer.write_batch(training_rows(batch, weighted))
             rows += batch.num_rows
         if not rows:
             raise ValueError(NOTHING_TO_TRAIN)

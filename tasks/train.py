@@ -12,11 +12,14 @@ What is ours and why (everything else is the Hugging Face stack):
   kernel on CUDA, per-sample SDPA elsewhere), the same one scoring uses.
 * **Loss = token mean over the kept tokens of an optimiser step.** ``compute_loss`` runs the
   decoder, then ``lm_head`` only at kept positions (the tokens x vocab logits are never
-  built), sums the cross-entropy and divides by ``num_items_in_batch``: the Trainer's count
+  built), sums the cross-entropy, each token's times its weight (the ``weighted`` selection's
+  ``weights`` column; 1.0 without one, the same arithmetic, so all-1 weights train exactly
+  as no weights), and divides by ``num_items_in_batch``: the Trainer's count
   of labelled tokens over all micro-batches of the step and, with
   ``average_tokens_across_devices``, over all data-parallel workers. Dropping tokens
   therefore changes *what* is learned, not the per-token learning rate, and the result
-  does not depend on how the batch is split into micro-batches or workers.
+  does not depend on how the batch is split into micro-batches or workers. Weights average
+  1 over the pool, so a weighted run keeps full's per-token learning rate on average.
 * **Checkpoints** are the Trainer's own (adapter, optimiser, scheduler, RNG, step), written
   every ``checkpoint_every`` steps under a directory keyed by the training key and the
   execution layout; a restarted worker group or a re-run resumes from the newest complete
@@ -56,6 +59,7 @@ IGNORE = -100
 class TrainSample:
     input_ids: np.ndarray
     label_mask: np.ndarray  # bool: tokens the loss is computed on
+    weights: np.ndarray | None = None  # float32 per token, 0 where not labelled; None: every kept token weighs 1
 
 
 def labels_of(sample: TrainSample) -> np.ndarray:
@@ -64,20 +68,31 @@ def labels_of(sample: TrainSample) -> np.ndarray:
 
 
 TRAINING_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32()))])
+# A weighted selection's training rows: a per-token loss weight beside the labels (0 where the label is -100).
+WEIGHTED_TRAINING_SCHEMA = TRAINING_SCHEMA.append(pa.field("weights", pa.list_(pa.float32())))
 
 
 NOTHING_TO_TRAIN = "no sample has a selected token: nothing to train on (is k too small?)"
 
 
-def training_batch(samples: list[TrainSample]) -> pa.RecordBatch:
-    """Training rows (input_ids, labels) of ``samples``: the one place samples become what the trainer reads."""
-    return pa.RecordBatch.from_arrays(
-        [pa.array([s.input_ids.astype(np.int32) for s in samples], pa.list_(pa.int32())),
-         pa.array([labels_of(s) for s in samples], pa.list_(pa.int32()))], schema=TRAINING_SCHEMA)
+def training_batch(samples: list[TrainSample], weighted: bool | None = None) -> pa.RecordBatch:
+    """Training rows (input_ids, labels[, weights]) of ``samples``: the one place samples become what the trainer
+    reads. ``weighted`` (default: whether the samples carry weights) adds the weights column; without it an
+    unweighted training set keeps its bytes."""
+    if weighted is None:
+        weighted = any(s.weights is not None for s in samples)
+    cols = [pa.array([s.input_ids.astype(np.int32) for s in samples], pa.list_(pa.int32())),
+            pa.array([labels_of(s) for s in samples], pa.list_(pa.int32()))]
+    if not weighted:
+        return pa.RecordBatch.from_arrays(cols, schema=TRAINING_SCHEMA)
+    if any(s.weights is None for s in samples):
+        raise ValueError("a weighted training set needs every sample's weights")
+    cols.append(pa.array([s.weights.astype(np.float32) for s in samples], pa.list_(pa.float32())))
+    return pa.RecordBatch.from_arrays(cols, schema=WEIGHTED_TRAINING_SCHEMA)
 
 
 def training_table(samples: list[TrainSample]) -> pa.Table:
-    """The training set as Arrow (input_ids, labels); samples with no kept token are dropped."""
+    """The training set as Arrow (input_ids, labels[, weights]); samples with no kept token are dropped."""
     kept = [s for s in samples if s.label_mask.any()]
     if not kept:
         raise ValueError(NOTHING_TO_TRAIN)
@@ -103,10 +118,22 @@ class TrainJob:
 
 
 def packing_collator():
-    """The training collator: a micro-batch becomes one packed row (see the module docstring)."""
+    """The training collator: a micro-batch becomes one packed row (see the module docstring), its per-token
+    ``weights`` (when the rows have them) flattened beside input_ids and labels."""
     from transformers import DataCollatorWithFlattening
 
-    return DataCollatorWithFlattening(return_position_ids=True, return_flash_attn_kwargs=True, separator_id=IGNORE)
+    class WeightedFlattening(DataCollatorWithFlattening):
+        def __call__(self, features, return_tensors=None, separator_id=None):
+            weights = [f["weights"] for f in features] if "weights" in features[0] else None
+            if weights is not None:
+                features = [{k: v for k, v in f.items() if k != "weights"} for f in features]
+            batch = super().__call__(features, return_tensors, separator_id)
+            if weights is not None:  # 0 at each sample's first position, where the labels get the separator
+                flat = np.concatenate([np.concatenate([[0.0], np.asarray(w, np.float32)[1:]]) for w in weights])
+                batch["weights"] = torch.tensor(flat[None], dtype=torch.float32)
+            return batch
+
+    return WeightedFlattening(return_position_ids=True, return_flash_attn_kwargs=True, separator_id=IGNORE)
 
 
 def _fetch(data) -> pa.Table:
@@ -189,7 +216,10 @@ def _trainer_class():
                 logits = model(input_ids=ids, position_ids=inputs["position_ids"], use_cache=False,
                                logits_to_keep=pos, tc_cu_seqlens=cu.to(torch.int32), tc_cu_host=cu.tolist(),
                                tc_max_len=int(inputs["max_length_q"])).logits[0].float()
-            loss = F.cross_entropy(logits, targets, reduction="sum")
+            # One arithmetic for both: unweighted rows weigh 1.0, so all-1 weights reproduce them bit for bit.
+            weights = (inputs["weights"][0, pos + 1].to(logits.dtype) if "weights" in inputs
+                       else torch.ones(len(targets), dtype=logits.dtype, device=logits.device))
+            loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
             if num_items_in_batch is None:
                 loss = loss / max(1, len(targets))
             else:

@@ -233,7 +233,7 @@ def test_nonfinite_scores_are_reported_not_ranked(db, tmp_path):
 
 def test_load_selected_builds_label_masks_and_drops_empty_samples(db):
     con, _ = db
-    con.execute("INSERT INTO selected_tokens VALUES ('m', 1, 3), ('m', 1, 5), ('m', 4, 2)")
+    con.execute("INSERT INTO selected_tokens (selection, sample_id, pos) VALUES ('m', 1, 3), ('m', 1, 5), ('m', 4, 2)")
     samples = load_selected(con, "m")
     assert len(samples) == 2
     assert samples[0].label_mask.nonzero()[0].tolist() == [3, 5]

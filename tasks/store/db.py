@@ -15,14 +15,16 @@ import pyarrow as pa
 
 from tokenclean.config import DB_FILE  # noqa: F401  (a run directory's database, named with the run's paths)
 
-SCHEMA_VERSION = "4"
-# In-place upgrades from older versions whose rows stay valid under the same keys: new sample columns, NULL for
-# samples ingested before (what each version added: docs/design.md, "Versions that enter keys").
+SCHEMA_VERSION = "5"
+# In-place upgrades from older versions whose rows stay valid under the same keys: new columns, NULL for the
+# rows written before (what each version added: docs/design.md, "Versions that enter keys").
 _REASONING_COLUMN = "ALTER TABLE samples ADD COLUMN IF NOT EXISTS reasoning_mask BOOLEAN[]"
+_WEIGHT_COLUMN = "ALTER TABLE selected_tokens ADD COLUMN IF NOT EXISTS weight FLOAT"  # NULL: an unweighted selection
 MIGRATIONS = {"2": ["ALTER TABLE samples ADD COLUMN text VARCHAR",
                     "ALTER TABLE samples ADD COLUMN char_start INTEGER[]",
-                    "ALTER TABLE samples ADD COLUMN char_end INTEGER[]", _REASONING_COLUMN],
-              "3": [_REASONING_COLUMN]}
+                    "ALTER TABLE samples ADD COLUMN char_end INTEGER[]", _REASONING_COLUMN, _WEIGHT_COLUMN],
+              "3": [_REASONING_COLUMN, _WEIGHT_COLUMN],
+              "4": [_WEIGHT_COLUMN]}
 
 # A stored sample, stated once: the samples table, ingest's Arrow parts and the staging SQL are derived from it.
 # Its columns are the stored bytes of schema SCHEMA_VERSION: a change here needs a new version and a migration.
@@ -80,7 +82,8 @@ CREATE TABLE IF NOT EXISTS selections (
     dataset VARCHAR, parts VARCHAR, threshold DOUBLE, n_candidates BIGINT, n_kept BIGINT, n_nonfinite BIGINT,
     precision DOUBLE, recall DOUBLE, created_at TIMESTAMP
 );
-CREATE TABLE IF NOT EXISTS selected_tokens (selection VARCHAR, sample_id BIGINT, pos INTEGER);
+-- weight: the token's training weight (the ``weighted`` method); NULL for every other method.
+CREATE TABLE IF NOT EXISTS selected_tokens (selection VARCHAR, sample_id BIGINT, pos INTEGER, weight FLOAT);
 -- Adapters by training key; 'model' is the key of base + the weights actually saved.
 CREATE TABLE IF NOT EXISTS adapters (adapter VARCHAR PRIMARY KEY, model VARCHAR, path VARCHAR, inputs VARCHAR,
     stats VARCHAR, created_at TIMESTAMP);

@@ -12,6 +12,17 @@
 * ``random``: exactly round(k * N) tokens chosen by a seeded md5 order (reproducible anywhere).
   It ranks no scores, so its N is every response token of the pool, scored or not.
 * ``full``: every response token.
+* ``sample``: the sample-level baseline on ``global``'s budget. Whole samples, ranked by the mean of their
+  candidate (finite) token scores, highest first (ties by sample id), are kept in rank order: the kept set is
+  the ranked prefix whose token count is closest to round(k * N), i.e. the sample that crosses the budget is
+  kept iff that brings the total strictly closer (so the count is within half that sample's length of the
+  budget). A kept sample keeps all its candidate tokens. The paper's sample-level baseline (DS2) rates samples
+  with an LLM; ranking samples by their token scores is closer to T-SHIRT.
+* ``weighted`` (beyond the paper): every candidate token is kept, with weight 2 * r / (N + 1), r the ascending
+  rank of its score among the N candidates (ties: their average rank, 1..N). Weights lie in (0, 2) and average
+  exactly 1 over the pool (all-equal scores: exactly 1.0). A rank, not the score itself: scale-free across
+  references, bounded so no token dominates a step, and in the same order as ``global`` top-k, whose weights
+  are the step function 1[rank in the top k] / k. k does not enter (recorded NULL, like ``full``).
 
 Ties are broken by (sample_id, pos); sample ids are content-addressed, so a selection is
 a pure function of its inputs and the same in any database that holds those samples.
@@ -21,12 +32,13 @@ from __future__ import annotations
 
 import math
 
+from tokenclean.tasks.keys import K_FREE_METHODS, SCORED_METHODS
 from tokenclean.tasks.store.data import pool_relation
 from tokenclean.tasks.store.db import sql_parts, transaction
 from tokenclean.tasks.store.losses import scores_relation
 from tokenclean.tasks.store.ranking import global_threshold, global_topk_sql
 
-METHODS = ("global", "local", "random", "full")
+METHODS = ("global", "local", "random", "full", "sample", "weighted")
 
 
 def selection_record(con, selection: str) -> dict | None:
@@ -44,51 +56,91 @@ def _candidates_sql(dataset: str, parts: list[int], scores: str | None) -> str:
     return scores_relation(scores, dataset, parts)
 
 
-def write_selection(con, selection: str, method: str, k: float, *, dataset: str, parts: list[int], pool: str,
+def write_selection(con, selection: str, method: str, k: float | None, *, dataset: str, parts: list[int], pool: str,
                     scores: str | None, seed: int) -> dict:
     """Compute and store one selection under its key, in one transaction."""
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose from {METHODS}")
-    if method in ("global", "local") and scores is None:
+    if method in SCORED_METHODS and scores is None:
         raise ValueError(f"method {method!r} needs scores: pass the key of the token scores to rank")
-    cand = _candidates_sql(dataset, parts, scores if method in ("global", "local") else None)
+    ranked, sized = method in SCORED_METHODS, method not in K_FREE_METHODS  # sized: its budget is k
+    cand = _candidates_sql(dataset, parts, scores if ranked else None)
     with transaction(con):
         n_cand = con.execute(f"SELECT count(*) FROM ({cand})").fetchone()[0]
-        n_keep = n_cand if method == "full" else int(round(k * n_cand))
-        threshold = None
-        if method == "full":
-            kept_sql = f"SELECT sample_id, pos FROM ({cand})"
-        elif method == "global":
-            # Exact threshold by a few aggregate passes, then a streamed filter: no sort of the candidates
-            # (docs/benchmarks.md, Ranking).
-            info = global_threshold(con, cand, n_keep, n_total=n_cand)
-            kept_sql = global_topk_sql(cand, n_keep, info)
-            threshold = info["threshold"]
-        elif method == "random":
-            # md5, not DuckDB's hash(): the same key must mean the same tokens in any DuckDB version
-            kept_sql = f"""SELECT sample_id, pos FROM ({cand})
-                           ORDER BY md5({int(seed)}::VARCHAR || ':' || sample_id::VARCHAR || ':' || pos::VARCHAR),
-                                    sample_id, pos LIMIT {n_keep}"""
-        else:  # local
-            kept_sql = _local_sql(cand, float(k), n_keep)
+        n_keep = int(round(k * n_cand)) if sized else n_cand
+        kept_sql, threshold = _kept_sql(con, method, cand, k, n_cand, n_keep, seed)
         con.execute("DELETE FROM selected_tokens WHERE selection = ?", [selection])
-        con.execute(f"INSERT INTO selected_tokens SELECT ?, sample_id, pos FROM ({kept_sql})", [selection])
+        con.execute(f"INSERT INTO selected_tokens (selection, sample_id, pos, weight) "
+                    f"SELECT ?, sample_id, pos, weight FROM ({kept_sql})", [selection])
         n_kept = con.execute("SELECT count(*) FROM selected_tokens WHERE selection = ?", [selection]).fetchone()[0]
         quality = selection_quality(con, [selection], dataset, parts)
         precision, recall = quality["precision"], quality["recall"]
         n_bad = 0
-        if scores is not None and method in ("global", "local"):
+        if ranked:
             n_bad = con.execute(f"SELECT count(*) FROM ({scores_relation(scores, dataset, parts, False)}) "
                                 f"WHERE score IS NULL OR NOT isfinite(score)").fetchone()[0]
         # recorded as the key sees them: only the inputs this method uses (full ignores k, only random a seed)
-        ranked = method in ("global", "local")
         con.execute("INSERT OR REPLACE INTO selections VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                    [selection, method, None if method == "full" else k, seed if method == "random" else None,
+                    [selection, method, k if sized else None, seed if method == "random" else None,
                      scores if ranked else None, pool, dataset, sql_parts(parts), threshold, n_cand, n_kept,
                      n_bad, precision, recall])
-    return {"method": method, "k": None if method == "full" else k, "threshold": threshold, "n_candidates": n_cand,
+    return {"method": method, "k": k if sized else None, "threshold": threshold, "n_candidates": n_cand,
             "n_kept": n_kept,
             "n_nonfinite_skipped": n_bad, **quality}
+
+
+def _kept_sql(con, method: str, cand: str, k: float, n_cand: int, n_keep: int, seed: int) -> tuple[str, float | None]:
+    """SQL of the kept tokens (sample_id, pos, weight) of ``method`` over ``cand``, and global's threshold."""
+    if method == "full":
+        return f"SELECT sample_id, pos, NULL::FLOAT AS weight FROM ({cand})", None
+    if method == "global":
+        # Exact threshold by a few aggregate passes, then a streamed filter: no sort of the candidates
+        # (docs/benchmarks.md, Ranking).
+        info = global_threshold(con, cand, n_keep, n_total=n_cand)
+        return f"SELECT sample_id, pos, NULL::FLOAT AS weight FROM ({global_topk_sql(cand, n_keep, info)})", \
+            info["threshold"]
+    if method == "random":
+        # md5, not DuckDB's hash(): the same key must mean the same tokens in any DuckDB version
+        return f"""SELECT sample_id, pos, NULL::FLOAT AS weight FROM ({cand})
+                   ORDER BY md5({int(seed)}::VARCHAR || ':' || sample_id::VARCHAR || ':' || pos::VARCHAR),
+                            sample_id, pos LIMIT {n_keep}""", None
+    if method == "sample":
+        return _sample_sql(cand, n_keep), None
+    if method == "weighted":
+        return _weighted_sql(cand, n_cand), None
+    return f"SELECT sample_id, pos, NULL::FLOAT AS weight FROM ({_local_sql(cand, float(k), n_keep)})", None
+
+
+def _sample_sql(cand: str, n_keep: int) -> str:
+    """Whole samples by mean score, the ranked prefix closest to ``n_keep`` tokens (module docstring).
+
+    The mean is over the sample's scores listed in position order, so its float sum, hence the ranking, does not
+    depend on how DuckDB splits the aggregation across threads.
+    """
+    return f"""
+        WITH c AS (SELECT sample_id, pos, score FROM ({cand})),
+             s AS (SELECT sample_id, count(*) AS n, list_avg(list(score::DOUBLE ORDER BY pos)) AS mean
+                   FROM c GROUP BY sample_id),
+             r AS (SELECT sample_id, sum(n) OVER (ORDER BY mean DESC, sample_id ROWS UNBOUNDED PRECEDING) AS cum
+                   FROM s),
+             cut AS (SELECT coalesce(max(cum) FILTER (WHERE cum <= {int(n_keep)}), 0) AS below,
+                            min(cum) FILTER (WHERE cum > {int(n_keep)}) AS above FROM r),
+             lim AS (SELECT CASE WHEN above - {int(n_keep)} < {int(n_keep)} - below THEN above ELSE below END AS n
+                     FROM cut)
+        SELECT c.sample_id, c.pos, NULL::FLOAT AS weight FROM c JOIN r USING (sample_id)
+        WHERE r.cum <= (SELECT n FROM lim)"""
+
+
+def _weighted_sql(cand: str, n_cand: int) -> str:
+    """Every candidate with weight 2 * (average ascending rank of its score) / (N + 1) (module docstring).
+
+    rank() is the lowest rank of a tie block of size t, whose average rank is rank + (t - 1) / 2: the weight is
+    the integer 2 * rank + t - 1 over N + 1, one rounding to double (so equal scores give exactly 1.0).
+    """
+    return f"""
+        SELECT sample_id, pos, ((2 * rank() OVER (ORDER BY score) + count(*) OVER (PARTITION BY score) - 1)::DOUBLE
+                                / {int(n_cand) + 1})::FLOAT AS weight
+        FROM ({cand})"""
 
 
 def _local_sql(cand: str, k: float, n_keep: int) -> str:
@@ -173,19 +225,30 @@ def selection_digest(con, selection: str) -> tuple[int, str]:
 
 
 def selection_content(con, selection: str) -> str:
-    """Key of what training on ``selection`` sees: its kept tokens themselves, as sorted (sample_id, pos).
+    """Key of what training on ``selection`` sees: its kept tokens themselves, as sorted (sample_id, pos), and
+    their weights when it has any.
 
     Sample ids are content-addressed (tokenization, id, content), so two selections with equal
     content train the same adapter whatever produced them: adapters are keyed by this, not by
     the selection's key, so a rescoring that keeps the same tokens retrains nothing (early cutoff).
+    Weights enter whenever they are stored (else ``weighted``, which keeps every token as ``full`` does, would
+    find full's adapter). Weights that are all 1.0 train exactly as ``full`` does, so their differing key costs a
+    retraining that gives the same adapter, never a wrong reuse; unweighted keys stay as they were.
     """
     from tokenclean.tasks.keys import digest
 
-    n, md5 = con.execute(
+    n, md5, n_weighted, weights = con.execute(
         """SELECT count(*), md5(coalesce(string_agg(sample_id::VARCHAR || ':' || pos::VARCHAR, ','
-                                                    ORDER BY sample_id, pos), ''))
+                                                    ORDER BY sample_id, pos), '')),
+                  count(weight), md5(coalesce(string_agg(weight::VARCHAR, ',' ORDER BY sample_id, pos), ''))
            FROM selected_tokens WHERE selection = ?""", [selection]).fetchone()
-    return digest("kept-tokens", n, md5)
+    return digest("kept-tokens", n, md5, *(["weights", weights] if n_weighted else []))
+
+
+def is_weighted(con, selection: str) -> bool:
+    """Whether ``selection``'s tokens carry training weights (the ``weighted`` method)."""
+    return con.execute("SELECT EXISTS (SELECT 1 FROM selected_tokens WHERE selection = ? AND weight IS NOT NULL)",
+                       [selection]).fetchone()[0]
 
 
 def kept_positions(con, selection: str, sample_id: int) -> set[int]:
@@ -198,18 +261,20 @@ def selection_reader(con, selection: str, scores: str | None = None, batch_rows:
     training and export stream a selection through, so neither holds it in memory.
 
     Columns: sample_id, uid, task, input_ids, response_mask, text, char_start, char_end,
-    kept (positions), score_pos / score (the token scores ``scores`` ranked; null without it).
+    kept (positions), weight (the kept positions' weights; null for an unweighted selection),
+    score_pos / score (the token scores ``scores`` ranked; null without it).
     """
     scored = ("SELECT sample_id, list(pos ORDER BY pos) AS score_pos, list(score ORDER BY pos) AS score "
               "FROM token_scores WHERE scores = $scores AND sample_id IN (SELECT sample_id FROM kept) GROUP BY ALL"
               if scores else "SELECT NULL::BIGINT AS sample_id, NULL::INTEGER[] AS score_pos, "
                              "NULL::FLOAT[] AS score WHERE false")
     return con.sql(
-        f"""WITH kept AS (SELECT sample_id, list(pos ORDER BY pos) AS kept FROM selected_tokens
-                          WHERE selection = $selection GROUP BY sample_id),
+        f"""WITH kept AS (SELECT sample_id, list(pos ORDER BY pos) AS kept,
+                                 CASE WHEN count(weight) > 0 THEN list(weight ORDER BY pos) END AS weight
+                          FROM selected_tokens WHERE selection = $selection GROUP BY sample_id),
                  sc AS ({scored})
             SELECT s.sample_id, s.uid, s.task, s.input_ids, s.response_mask, s.text, s.char_start, s.char_end,
-                   k.kept, sc.score_pos, sc.score
+                   k.kept, k.weight, sc.score_pos, sc.score
             FROM kept k JOIN samples s USING (sample_id) LEFT JOIN sc USING (sample_id) ORDER BY s.sample_id""",
         params={"selection": selection, "scores": scores} if scores else {"selection": selection}
     ).to_arrow_reader(batch_rows)
