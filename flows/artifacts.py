@@ -39,11 +39,17 @@ from tokenclean.tasks.versions import METRICS_VERSION
 
 @dataclass(frozen=True)
 class Model:
-    """A scored/evaluated model: the base, or base + one saved adapter."""
+    """A scored/evaluated model: the base, base + one saved adapter, or another whole model (a given reference)."""
 
-    key: str  # model key: base weights (+ adapter weights)
+    key: str  # model key: base weights (+ adapter weights), or the other model's weights
     adapter: str | None = None  # adapter directory, None for the base
     train_key: str | None = None  # the adapter's training key, None for the base
+    path: str | None = None  # the directory of a whole model that is not the base; None: the base (+ adapter)
+
+    @property
+    def weights(self) -> tuple[str, str] | None:
+        """(directory, key) the workers load in the base's place (``score_job``), None for the base."""
+        return (self.path, self.key) if self.path else None
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,13 @@ def base(ctx: RunContext) -> Model:
     return Model(ctx.base_model)
 
 
+def given_reference(ctx: RunContext) -> Model:
+    """``model.reference``: a whole model, keyed by its name and weights as the base is (``prepare``)."""
+    if ctx.reference_model is None:
+        raise ValueError("no model.reference is set: theta_1 is trained on D0")
+    return Model(ctx.reference_model, path=ctx.reference_path)
+
+
 def scorer(ctx: RunContext, model: Model) -> str:
     """Key of ``model``'s token losses: the model and how the scoring workers compute (``ctx.scorer``)."""
     key = keys.scorer_key(model.key, ctx.scorer)
@@ -86,7 +99,7 @@ def ensure_losses(ctx: RunContext, variant: str, iteration: int, model: Model, p
     """Losses of ``model`` for every response token of the pool; only unscored samples are scored."""
     name = label(variant, iteration)
     key = scorer(ctx, model)
-    stats = score_model(ctx, name, key, model.adapter, parts)
+    stats = score_model(ctx, name, key, model.adapter, parts, base=model.weights)
     check = store.check_integrity(ctx.con, key, ctx.dataset, parts)
     log = get_run_logger()
     log.info("scored %s over D%s: %s; integrity %s", name, parts, stats, check)
@@ -111,14 +124,17 @@ def ensure_scores(ctx: RunContext, variant: str, iteration: int, ref: Model, par
 
 
 def ensure_selection(ctx: RunContext, variant: str, iteration: int, method: str, parts: list[int],
-                     scores: str | None = None) -> str:
+                     scores: str | None = None, k: float | None = None) -> str:
+    """``method``'s selection of the pool ``parts`` at ``k`` (None for the methods that keep every token)."""
     cfg = ctx.cfg
+    if k is None and method not in keys.K_FREE_METHODS:
+        raise ValueError(f"selection {method!r} needs a k")
     pool = store.pool_digest(ctx.con, ctx.dataset, parts)
-    key = keys.selection_key(method, cfg.select.k, cfg.select.seed, scores, pool)
+    key = keys.selection_key(method, k, cfg.select.seed, scores, pool)
     computed = store.selection_record(ctx.con, key) is None
     if computed:
         name = label(variant, iteration)
-        out = select_task(ctx.con, key, method, cfg.select.k, dataset=ctx.dataset, parts=parts, pool=pool,
+        out = select_task(ctx.con, key, method, k, dataset=ctx.dataset, parts=parts, pool=pool,
                           scores=scores, seed=cfg.select.seed, label=name)
         store.log_stage(ctx.con, ctx.flow_run, "select", name, key, out.pop("seconds"), out)
     _output(ctx, variant, iteration, "selection", key, computed)
@@ -290,8 +306,9 @@ def _submit_evals(ctx: RunContext, todo: dict[str, EvalRequest]) -> dict:
     running = {}
     for key, r in todo.items():
         model = r.model
-        job = EvalJob(ctx.base_path, samples, meta, batch_tokens=cfg.eval.batch_tokens, adapter=model.adapter,
-                      base_key=ctx.base_model, adapter_key=model.key if model.adapter else None,
+        path, base_key = model.weights or (ctx.base_path, ctx.base_model)
+        job = EvalJob(path, samples, meta, batch_tokens=cfg.eval.batch_tokens, adapter=model.adapter,
+                      base_key=base_key, adapter_key=model.key if model.adapter else None,
                       device=cfg.model.device, dtype=cfg.model.dtype, tokenizer_path=ctx.tokenizer_path,
                       max_new_tokens=cfg.eval.max_new_tokens, label=label(r.variant, r.iteration))
         running[key] = (time.perf_counter(), submit_placed(evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task,

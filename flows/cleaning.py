@@ -28,33 +28,51 @@ from tokenclean.flows.artifacts import (
     ensure_losses,
     ensure_scores,
     ensure_selection,
+    given_reference,
 )
 from tokenclean.flows.prepare import RunContext, prepare
-from tokenclean.tasks import store
+from tokenclean.tasks import keys, store
+from tokenclean.tasks.names import REFERENCE, REFERENCE_D0, SELF_EVOLVING, at_k
 
 
-def warmup_reference(ctx: RunContext, policy: str = "retrain_if_changed") -> Model:
-    """theta_1 = base fine-tuned with LoRA on D0, every response token kept.
+def warmup_reference(ctx: RunContext, policy: str = "retrain_if_changed", *, given: bool | None = None) -> Model:
+    """theta_1 = base fine-tuned with LoRA on D0, every response token kept; or the given ``model.reference``.
 
     ``policy`` (``refresh.reference``) decides when D0's content differs from the warm-up set
     of the reference this run last used: ``retrain_if_changed`` follows the current D0 (a
     new theta_1, and the pool rescored by it); ``keep`` keeps the last one, by its selection's
     key. Which one is used, and why, is recorded in ``ctx.reference``.
+    ``given``: theta_1 is ``model.reference`` (None: whenever one is set; the self-evolving loop
+    passes ``model.reference_self_evolving``). Nothing is trained then; it is evaluated as ``reference``.
     """
-    d0, ctx.reference = _warmup_selection(ctx, policy)
+    if ctx.cfg.model.reference is not None and given is not False:
+        return _given_theta1(ctx, policy)
+    # beside a given reference, the theta_1 trained on D0 (the self-evolving loop's) has a name of its own
+    name = REFERENCE if ctx.cfg.model.reference is None else REFERENCE_D0
+    d0, ctx.reference = _warmup_selection(ctx, policy, name)
     if d0 is None:
-        d0 = ensure_selection(ctx, "reference", 0, "full", [0])
-    theta1 = ensure_adapter(ctx, AdapterRequest("reference", 0, d0, ctx.cfg.reference_train))
-    _, retrained = store.output_of(ctx.con, ctx.flow_run, "reference", 0, "adapter")
-    ctx.reference |= {"key": theta1.train_key, "retrained": retrained}
+        d0 = ensure_selection(ctx, name, 0, "full", [0])
+    theta1 = ensure_adapter(ctx, AdapterRequest(name, 0, d0, ctx.cfg.reference_train))
+    _, retrained = store.output_of(ctx.con, ctx.flow_run, name, 0, "adapter")
+    ctx.reference |= {"name": name, "key": theta1.train_key, "retrained": retrained}
+    ensure_evals(ctx, [EvalRequest("base", 0, base(ctx)), EvalRequest(name, 0, theta1)])
+    return theta1
+
+
+def _given_theta1(ctx: RunContext, policy: str) -> Model:
+    """theta_1 = ``model.reference`` as it is: recorded as the reference's model and evaluated beside the base."""
+    theta1 = given_reference(ctx)
+    ctx.reference = {"name": REFERENCE, "given": ctx.cfg.model.reference, "key": theta1.key, "path": theta1.path,
+                     "retrained": False, "reason": "model.reference given", "policy": policy}
+    store.record_output(ctx.con, ctx.flow_run, REFERENCE, 0, "model", theta1.key, False)
     ensure_evals(ctx, [EvalRequest("base", 0, base(ctx)), EvalRequest("reference", 0, theta1)])
     return theta1
 
 
-def _warmup_selection(ctx: RunContext, policy: str) -> tuple[str | None, dict]:
+def _warmup_selection(ctx: RunContext, policy: str, name: str) -> tuple[str | None, dict]:
     """(the kept warm-up selection, or None to follow the current D0; what happened to the warm-up set)."""
     info = {"policy": policy}
-    last = store.last_reference_selection(ctx.con)
+    last = store.last_reference_selection(ctx.con, name)
     if last is None:
         return None, info | {"reason": "first reference of this run"}
     if last["pool"] == store.pool_digest(ctx.con, ctx.dataset, [0]):
@@ -67,58 +85,83 @@ def _warmup_selection(ctx: RunContext, policy: str) -> tuple[str | None, dict]:
                if k != "unchanged" and v}
     info |= {"warmup_changes": changes}
     if policy == "keep":
-        store.record_output(ctx.con, ctx.flow_run, "reference", 0, "selection", last["selection"], False)
+        store.record_output(ctx.con, ctx.flow_run, name, 0, "selection", last["selection"], False)
         get_run_logger().warning("the warm-up set D0 changed (%s); refresh.reference: keep uses the reference "
                                  "trained before it (set refresh.reference: retrain_if_changed to retrain)", changes)
         return last["selection"], info | {"reason": "warm-up set changed; kept"}
     return None, info | {"reason": "warm-up set changed"}
 
 
+def fixed_variants(cfg: RunConfig) -> list[tuple[str, str, float | None]]:
+    """(name, method, k) of each fixed-model variant: one per k of a sweep for the methods k decides."""
+    out = []
+    for method in cfg.baselines:
+        for k in [None] if method in keys.K_FREE_METHODS else cfg.select.ks:
+            out.append((at_k(method, k if cfg.select.sweep else None), method, k))
+    return out
+
+
 def run_fixed_model(ctx: RunContext) -> None:
     """Fixed-model cleaning and the baselines: one reference (theta_1) scores the pool once.
 
     The pool is D1..DT by default (``select.pool: exclude_warmup``): theta_1 was trained on
-    D0, as the paper's reference is trained on a separate warm-up file.
+    D0, as the paper's reference is trained on a separate warm-up file. Every k of a sweep
+    selects from the same scores.
     """
     cfg, pool = ctx.cfg, ctx.pool_parts
     theta1 = warmup_reference(ctx)
     scores = None
-    if any(m in ("global", "local") for m in cfg.baselines):
+    if any(m in keys.SCORED_METHODS for m in cfg.baselines):
         ensure_losses(ctx, "base", 0, base(ctx), pool)
         ensure_losses(ctx, "reference", 0, theta1, pool)
         scores = ensure_scores(ctx, "reference", 0, theta1, pool)
+    variants = fixed_variants(cfg)
     # independent of each other from here: they train (and are evaluated) at the same time
-    kept = [ensure_selection(ctx, method, 1, method, pool, scores) for method in cfg.baselines]
-    adapters = ensure_adapters(ctx, [AdapterRequest(method, 1, k, cfg.train) for method, k in zip(cfg.baselines, kept)])
-    ensure_evals(ctx, [EvalRequest(method, 1, adapter) for method, adapter in zip(cfg.baselines, adapters)])
+    kept = [ensure_selection(ctx, name, 1, method, pool, scores, k) for name, method, k in variants]
+    adapters = ensure_adapters(ctx, [AdapterRequest(name, 1, sel, cfg.train)
+                                     for (name, _, _), sel in zip(variants, kept)])
+    ensure_evals(ctx, [EvalRequest(name, 1, adapter) for (name, _, _), adapter in zip(variants, adapters)])
 
 
 def run_self_evolving(ctx: RunContext) -> Model:
+    """Algorithm 1, once per k of the run: theta_1 and the base's losses are shared by every k."""
+    cfg = ctx.cfg
+    theta1 = warmup_reference(ctx, given=cfg.model.reference_self_evolving)
+    ensure_losses(ctx, "base", 0, base(ctx), list(range(1, cfg.iterations + 1)))  # once, reused every iteration
+    for k in cfg.select.ks:
+        theta = evolve(ctx, theta1, k, at_k(SELF_EVOLVING, k if cfg.select.sweep else None))
+    return theta
+
+
+def evolve(ctx: RunContext, theta: Model, k: float, variant: str) -> Model:
     """Algorithm 1: for t = 1..T score D_t with (theta_0, theta_t), keep the top-k, train theta_t -> theta_(t+1)."""
     cfg = ctx.cfg
-    theta = warmup_reference(ctx)  # theta_1
-    ensure_losses(ctx, "base", 0, base(ctx), list(range(1, cfg.iterations + 1)))  # once, reused every iteration
     for t in range(1, cfg.iterations + 1):
-        scorer = ("reference", 0) if t == 1 else ("self-evolving", t - 1)  # theta_t
+        scorer = (ctx.reference["name"], 0) if t == 1 else (variant, t - 1)  # theta_t
         ensure_losses(ctx, *scorer, theta, [t])
-        scores = ensure_scores(ctx, "self-evolving", t, theta, [t])
-        kept = ensure_selection(ctx, "self-evolving", t, "global", [t], scores)
-        theta = ensure_adapter(ctx, AdapterRequest("self-evolving", t, kept, cfg.train, parent=theta))
-        ensure_eval(ctx, EvalRequest("self-evolving", t, theta))
+        scores = ensure_scores(ctx, variant, t, theta, [t])
+        kept = ensure_selection(ctx, variant, t, "global", [t], scores, k)
+        # a given theta_1's weights are not the base's: there is no adapter to continue, so theta_2 is a fresh LoRA
+        parent = theta if theta.adapter else None
+        theta = ensure_adapter(ctx, AdapterRequest(variant, t, kept, cfg.train, parent=parent))
+        ensure_eval(ctx, EvalRequest(variant, t, theta))
     return theta
 
 
 def publish_summary(ctx: RunContext) -> None:
-    """Prefect artifacts for the ops dashboard: the comparison table and per-task metrics."""
+    """Prefect artifacts for the ops dashboard: the comparison table (and a sweep's curves), per-task metrics."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tokenclean.summary import comparison, format_table, metrics_rows
+    from tokenclean.summary import comparison, comparison_text, k_curve, metrics_rows
 
-    rows = comparison(ctx.con)
+    ks = ", ".join(f"{k:g}" for k in ctx.cfg.select.ks)
     create_markdown_artifact(
-        f"## Token cleaning: `{ctx.cfg.name}`\n\n```\n{format_table(rows)}\n```\n\n"
-        f"k = {ctx.cfg.select.k}, T = {ctx.cfg.iterations}, base = `{ctx.base_path}`",
+        f"## Token cleaning: `{ctx.cfg.name}`\n\n```\n{comparison_text(ctx.con)}\n```\n\n"
+        f"k = {ks}, T = {ctx.cfg.iterations}, base = `{ctx.base_path}`",
         key="token-cleaning-summary", description="variants compared on held-out data")
+    curve = k_curve(comparison(ctx.con))
+    if curve:
+        create_table_artifact(curve, key="token-cleaning-k-curve", description="metrics against k, per variant")
     metrics = metrics_rows(ctx.con)
     if metrics:
         create_table_artifact(metrics, key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
@@ -185,9 +228,13 @@ def refresh_ranking(ctx: RunContext) -> dict:
                         "reused": n_pool - stats["samples_scored"] - stats["samples_recovered"]}
     scores = ensure_scores(ctx, "reference", 0, theta1, pool)
     # its own name: the trained "global" variant keeps its selection, adapter and metrics together
-    kept = ensure_selection(ctx, "refresh", 1, "global", pool, scores)
+    sweep = ctx.cfg.select.sweep
+    kept = {at_k("refresh", k if sweep else None): ensure_selection(ctx, at_k("refresh", k if sweep else None), 1,
+                                                                    "global", pool, scores, k)
+            for k in ctx.cfg.select.ks}
+    selections = {name: store.selection_record(ctx.con, key) for name, key in kept.items()}
     out = {"refresh": ctx.ingest.get("changes"), "reference": ctx.reference, "samples": scored,
-           "selection": store.selection_record(ctx.con, kept)}
+           "selection": next(iter(selections.values())), "selections": selections}
     _publish_refresh(out)
     return out
 
@@ -196,13 +243,14 @@ def _publish_refresh(out: dict) -> None:
     """What the refresh did, as a Prefect artifact: rows changed, samples scored and reused per model, theta_1."""
     from prefect.artifacts import create_markdown_artifact
 
-    ref, sel = out["reference"], out["selection"]
+    ref = out["reference"]
     lines = [f"- inputs: {out['refresh'] or 'first ingest of this run'}",
              *(f"- {name}: scored {s['scored']:,} samples, reused {s['reused']:,}"
                for name, s in out["samples"].items()),
              f"- reference theta_1 `{ref['key']}`: {'retrained' if ref['retrained'] else 'reused'} "
              f"({ref['reason']}; refresh.reference: {ref['policy']})",
-             f"- kept {sel['n_kept']:,} of {sel['n_candidates']:,} tokens"]
+             *(f"- {name}: kept {sel['n_kept']:,} of {sel['n_candidates']:,} tokens"
+               for name, sel in out["selections"].items())]
     if ref.get("warmup_changes"):
         lines.insert(1, f"- warm-up set D0: {ref['warmup_changes']}")
     create_markdown_artifact("## Refresh\n\n" + "\n".join(lines), key="token-cleaning-refresh",

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenclean.summary import outputs_named
+from tokenclean.summary import names_of, outputs_named
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.export import export_model, write_dataset
+from tokenclean.tasks.names import label
 
 
 def verified_base(con, base_key: str) -> str:
@@ -44,9 +45,9 @@ def export_run_selection(run: Path, name: str, fmt: str, out: Path | None = None
     con = open_run(run)
     try:
         found = _outputs(con, name, "selection")
-        if not found or name in ("reference", "base"):
+        if not found or name in ("reference", "reference-d0", "base"):
             raise ValueError(f"no selection named {name!r} in the latest runs of {run} "
-                             "(names: full, random, local, global, self-evolving, self-evolving@T)")
+                             f"(names: {names_of(con, 'selection')}; self-evolving names every iteration)")
         records = [store.selection_record(con, key) for _, key in found]
         suffix = {"parquet": ".parquet", "jsonl": ".jsonl", "hf": ""}[fmt]
         out = Path(out) if out else run / "export" / "data" / f"{name}{suffix}"
@@ -71,7 +72,7 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
         found = _outputs(con, name, "adapter")
         if not found:
             raise ValueError(f"no model named {name!r} in the latest runs of {run} "
-                             "(names: reference, full, random, local, global, self-evolving, self-evolving@T)")
+                             f"(names: {names_of(con, 'adapter')}; self-evolving names the last iteration)")
         iteration, train_key = found[-1]
         rec = store.adapter_record(con, train_key)
         base_key = rec["inputs"]["base_model"]
@@ -81,7 +82,7 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
         dataset = store.artifact_inputs(con, "dataset", trained_on)["inputs"]
     finally:
         con.close()
-    variant = f"{name.split('@')[0]}@{iteration}" if name.startswith("self-evolving") else name
+    variant = label(name.split("@")[0], iteration)
     out = Path(out) if out else run / "export" / ("adapter" if adapter_only else "model") / variant
     provenance = {"variant": variant, "adapter": train_key, "model": rec["model"], "base_model": base_key,
                   "base_path": base_path, "template": dataset.get("template", "tulu"),

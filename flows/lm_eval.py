@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenclean.config import load_config
 from tokenclean.flows.export import open_run, verified_base
-from tokenclean.summary import output_key
+from tokenclean.summary import names_of, output_key
 from tokenclean.synth import ATTRS, World
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.lm_eval import FACTS_TASK, LmEvalJob, fact_docs, run_job
@@ -59,7 +59,7 @@ def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[str, str, st
         train_key = output_key(con, adapter, "adapter")
         if train_key is None:
             raise ValueError(f"no adapter named {adapter!r} in the latest runs of {run_dir} "
-                             "(names: reference, full, random, local, global, self-evolving@T)")
+                             f"(names: {names_of(con, 'adapter')})")
         rec = store.adapter_record(con, train_key)
         return str(base), rec["model"], str(run_dir / rec["path"])
     finally:

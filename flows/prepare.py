@@ -37,13 +37,16 @@ class RunContext:
     flow_run: str | None = None  # set by the flow; every output and stage is recorded under it
     storage: str = ""  # where workers write shard files (tasks/storage.py); the run directory by default
     reference: dict = field(default_factory=dict)  # which theta_1 this run uses, and why (warmup_reference)
+    reference_path: str | None = None  # model.reference's directory, when one is given
+    reference_model: str | None = None  # ... and its key (its name and weights, as the base's)
 
     @property
     def pool_parts(self) -> list[int]:
         """The fixed-model pool. By default D0 is left out: the reference was trained on it
         (``epochs`` passes), so its tokens score as easy and are over-kept; the official code
-        keeps the warm-up file apart from the pool it cleans."""
-        first = 1 if self.cfg.select.pool == "exclude_warmup" else 0
+        keeps the warm-up file apart from the pool it cleans. A given ``model.reference`` was
+        trained on none of it: D0 is then pool data like D1..DT."""
+        first = 1 if self.cfg.select.pool == "exclude_warmup" and self.cfg.model.reference is None else 0
         return list(range(first, self.cfg.iterations + 1))
 
     def adapter_dir(self, key: str) -> Path:
@@ -79,6 +82,75 @@ def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
 def base_model_identity(cfg: RunConfig, base_path: str) -> dict:
     """The base model: its weights' content hash (and the name it was given)."""
     return {"name": cfg.model.base, "weights": keys.weights_hash(keys.resolve_model_dir(base_path))}
+
+
+def reference_identity(cfg: RunConfig, tokenizer, tokenizer_path: str, base: dict) -> tuple[dict, str] | None:
+    """``model.reference``'s identity (its name and weights hash, as the base's: ``base_model_identity``) and
+    directory, once it is checked to read the run's token ids as the base does; None when none is given."""
+    name = cfg.model.reference
+    if name is None:
+        return None
+    try:
+        directory = keys.resolve_model_dir(name)
+    except (OSError, ValueError) as e:  # a missing path, or a hub id that is not cached (or not an id)
+        raise ValueError(f"model.reference {name}: not a model directory, nor a model in the Hugging Face cache "
+                         f"({type(e).__name__})") from e
+    check_reference_tokenizer(name, directory, tokenizer, tokenizer_path)
+    identity = {"name": name, "weights": keys.weights_hash(directory)}
+    if identity["weights"] == base["weights"]:
+        raise ValueError(f"model.reference {name}: its weights are the base model's ({base['name']}), so every "
+                         "score would be 0; give another model, or leave it unset to train theta_1 on D0")
+    return identity, str(Path(directory).resolve())
+
+
+def check_reference_tokenizer(name: str, directory, tokenizer, tokenizer_path: str) -> None:
+    """Refuse a reference that would read the run's token ids as other tokens, naming the first difference.
+
+    What decides the ids is compared: the vocabulary (token -> id, added tokens included), the bos id every
+    sample may start with, and that the model's embedding covers every id. A chat template may differ (an
+    instruct model of the base), and so may eos and pad: an instruct model ends its turns with its own token
+    (Llama-3.1-Instruct's <|eot_id|>, the base's <|end_of_text|>), and with one vocabulary the run's ids still
+    name the same tokens; that difference is logged.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    where, ours = f"model.reference {name}", f"the run's tokenizer ({tokenizer_path})"
+    try:
+        ref = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{where}: no tokenizer loads from {directory} to compare with {ours} "
+                         f"({type(e).__name__}); save the model's tokenizer beside it") from e
+    vocab = tokenizer.get_vocab()
+    diff = vocab_difference(ref.get_vocab(), vocab, ours)
+    if diff is None and ref.bos_token_id != tokenizer.bos_token_id:
+        diff = (f"its bos token is {ref.bos_token!r} ({ref.bos_token_id}), {ours} has {tokenizer.bos_token!r} "
+                f"({tokenizer.bos_token_id})")
+    if diff is not None:
+        raise ValueError(f"{where}: {diff}; the reference must share the base's tokenizer")
+    text = AutoConfig.from_pretrained(directory).get_text_config()
+    size, needed = getattr(text, "vocab_size", None), max(vocab.values()) + 1
+    if size is not None and size < needed:
+        raise ValueError(f"{where}: its config's vocab_size {size} does not cover the {needed} token ids of {ours}")
+    for role in ("eos", "pad"):
+        if getattr(ref, f"{role}_token_id") != getattr(tokenizer, f"{role}_token_id"):
+            run_logger().warning("%s: its %s token is %r, %s has %r; samples keep the run's (one vocabulary: the "
+                                 "same token to both models)", where, role, getattr(ref, f"{role}_token"), ours,
+                                 getattr(tokenizer, f"{role}_token"))
+
+
+def vocab_difference(ref: dict[str, int], ours: dict[str, int], named: str) -> str | None:
+    """The first token (by the run's ids, then the reference's) that the reference's vocabulary and the run's
+    (``named``) map differently, as a phrase; None when they are one vocabulary."""
+    if ref == ours:
+        return None
+    for token, i in sorted(ours.items(), key=lambda kv: kv[1]):
+        j = ref.get(token)
+        if j is None:
+            return f"its tokenizer has no {token!r}, which {named} maps to {i}"
+        if j != i:
+            return f"its tokenizer maps {token!r} to {j}, {named} to {i}"
+    token, j = min(((t, j) for t, j in ref.items() if t not in ours), key=lambda kv: kv[1])
+    return f"its tokenizer maps {token!r} to {j}, a token {named} does not have"
 
 
 def placed_numerics(cfg: RunConfig, gpus: float) -> list:
@@ -126,9 +198,11 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
 
     base_path, paths, eval_paths = resolve_inputs(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base_path)
+    identity = base_model_identity(cfg, base_path)
+    # refused before the run directory is made: a reference that cannot read the run's ids costs nothing
+    reference = reference_identity(cfg, tokenizer, cfg.model.tokenizer or base_path, identity)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    identity = base_model_identity(cfg, base_path)
     con = store.connect(cfg.db_path, memory_limit=cfg.db_memory_limit)
     try:
         job = ingest_job(cfg, con, tokenizer, base_path, paths, eval_paths, progress=progress)
@@ -136,6 +210,9 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
         info = _ingest_once(con, job, tokenizer)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
+        ref_model = None if reference is None else keys.base_model_key(reference[0])
+        if reference is not None:
+            store.record_model(con, ref_model, "reference", reference[0] | {"path": reference[1]})
         dump_config(cfg, run_dir / "config.yaml")
         if store.samples_by_part(con, job.dataset).get(store.EVAL_PART, 0) == 0:
             raise ValueError("no held-out samples: set data.eval_paths or data.eval_fraction > 0")
@@ -145,7 +222,8 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     return RunContext(cfg=cfg, con=con, base_path=base_path, tokenizer_path=job.tokenizer, run_dir=run_dir,
                       dataset=job.dataset, base_model=base_model, scorer=scorer_settings(cfg),
                       train_numerics=placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
-                      eval_numerics=placed_numerics(cfg, cfg.ray.gpus_per_eval_task), ingest=info, storage=root)
+                      eval_numerics=placed_numerics(cfg, cfg.ray.gpus_per_eval_task), ingest=info, storage=root,
+                      reference_path=reference and reference[1], reference_model=ref_model)
 
 
 def ingest_job(cfg: RunConfig, con, tokenizer, base_path: str, paths: list[str], eval_paths: list[str], *,

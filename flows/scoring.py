@@ -144,10 +144,15 @@ def _placement(ctx):
     return remote_options(**placement_options(None, ctx.cfg.ray.num_gpus_per_task, keep_worker=True))
 
 
-def score_job(ctx, model_key: str, adapter: str | None) -> ScoreJob:
-    """What every scoring worker of ``model_key`` is handed: the model, its numerics (``ctx.scorer``), batch sizes."""
+def score_job(ctx, model_key: str, adapter: str | None, base: tuple[str, str] | None = None) -> ScoreJob:
+    """What every scoring worker of ``model_key`` is handed: the model, its numerics (``ctx.scorer``), batch sizes.
+
+    ``base``: (directory, key) of a whole model loaded in the base's place (a given reference), None for the
+    run's base; workers cache the loaded model under that key, so the two are never served for each other.
+    """
     cfg = ctx.cfg
-    spec = ScorerSpec(ctx.base_path, ctx.base_model, device=cfg.model.device, dtype=cfg.model.dtype,
+    path, key = base or (ctx.base_path, ctx.base_model)
+    spec = ScorerSpec(path, key, device=cfg.model.device, dtype=cfg.model.dtype,
                       backend=cfg.score.backend, compile=ctx.scorer["compile"],
                       linear_ce=ctx.scorer.get("linear_ce", "chunked"))
     return ScoreJob(spec, model_key, adapter, batch_tokens=cfg.score.batch_tokens, chunk=cfg.score.lm_head_chunk,
@@ -155,13 +160,13 @@ def score_job(ctx, model_key: str, adapter: str | None) -> ScoreJob:
 
 
 def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list[int], *, progress: bool = True,
-                max_in_flight: int | None = None) -> dict:
+                max_in_flight: int | None = None, base: tuple[str, str] | None = None) -> dict:
     """Ensure ``token_losses`` holds model ``model_key``'s loss for every response token of the pool.
 
     ``name`` is what the user reads (``base``, ``reference``, ``self-evolving@1``);
-    everything stored is under ``model_key``.
+    everything stored is under ``model_key``. ``base``: as ``score_job``'s.
     """
-    run = _plan(ctx, name, score_job(ctx, model_key, adapter), parts)
+    run = _plan(ctx, name, score_job(ctx, model_key, adapter, base), parts)
     max_in_flight = max_in_flight or 2 * run.stats["slots"]  # one queued behind each running shard
     run.start()
     shown = _Progress(name, run.total, len(run.queue), progress)

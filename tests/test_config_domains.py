@@ -21,14 +21,26 @@ from tokenclean.config import RunConfig, load_config
 
 
 def _numeric_fields(model: type[BaseModel] = RunConfig, prefix: tuple[str, ...] = ()):
-    """(path, int or float, FieldInfo) of every numeric field, nested sections included."""
+    """(path, int or float, its constraints) of every numeric field, nested sections included.
+
+    A union with a constrained number (``select.k``: a fraction or a list of them) has its constraints on
+    that member, not on the field."""
     for name, info in model.model_fields.items():
         args = typing.get_args(info.annotation) or (info.annotation,)
         sections = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        members = {typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a: a for a in args}
         if sections:
             yield from _numeric_fields(sections[0], prefix + (name,))
-        elif bool not in args and (kind := next((a for a in args if a in (int, float)), None)):
-            yield prefix + (name,), kind, info
+        elif bool not in members and (kind := next((a for a in members if a in (int, float)), None)):
+            member = members[kind]
+            extra = typing.get_args(member)[1:] if typing.get_origin(member) is typing.Annotated else ()
+            constraints = [m for x in extra for m in getattr(x, "metadata", [x])]
+            yield prefix + (name,), kind, _Constraints(info.metadata + constraints, info.default)
+
+
+class _Constraints(typing.NamedTuple):
+    metadata: list
+    default: object
 
 
 FIELDS = list(_numeric_fields())

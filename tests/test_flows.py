@@ -37,6 +37,7 @@ def demo(tiny, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs")
     want = tiny_config(workdir)
     want["train"] = want["train"] | {"callbacks": ["tests.train_events:Rendezvous"]}
+    want["baselines"] = ["full", "random", "local", "global", "sample", "weighted"]  # the demo's
     built = []
     init = torch.nn.Module.__init__
 
@@ -126,7 +127,8 @@ def test_each_ray_worker_loads_the_model_once(finished_run):
 
 def test_algorithm_1_artifacts(finished_run):
     cfg = finished_run
-    names = ["reference", "full", "random", "local", "global", "self-evolving@1", "self-evolving@2"]
+    names = ["reference", "full", "random", "local", "global", "sample", "weighted", "self-evolving@1",
+             "self-evolving@2"]
     adapters = {n: _out(cfg, n, "adapter") for n in names}
     assert all(adapters.values()) and len(set(adapters.values())) == len(names)
     assert sorted(p.name for p in (cfg.run_dir / "adapters").iterdir()) == sorted(adapters.values())
@@ -162,7 +164,8 @@ def test_metrics_recorded_for_every_variant(finished_run):
     finally:
         con.close()
     em = {(r["variant"], r["iteration"]) for r in rows if r["metric"] == "answer_match" and r["task"] == "all"}
-    assert {v for v, _ in em} == {"base", "reference", "full", "random", "local", "global", "self-evolving"}
+    assert {v for v, _ in em} == {"base", "reference", "full", "random", "local", "global", "sample", "weighted",
+                                  "self-evolving"}
     assert sorted(i for v, i in em if v == "self-evolving") == [1, 2]
 
 
@@ -253,7 +256,8 @@ def test_inspect_lists_every_artifact_with_its_key_and_inputs(demo, rerun):
     assert len(listed) > 20 and set(first) == set(again) == set(listed)
     assert {name_kind: key for name_kind, (key, _) in again.items()} == listed
     assert {status for _, status in again.values()} == {"reused"}  # the re-run computed nothing
-    made_by_the_first = [(n, k) for n in ("full", "random", "local", "global", "self-evolving@1", "self-evolving@2")
+    made_by_the_first = [(n, k) for n in ("full", "random", "local", "global", "sample", "weighted", "self-evolving@1",
+                                          "self-evolving@2")
                          for k in ("selection", "adapter", "eval")]
     assert all(first[nk][1] == "computed" for nk in made_by_the_first), first
     assert first[("base", "model")][1] == "reused"  # the base is an input, never computed by a run
@@ -315,8 +319,8 @@ def test_demo_prints_every_cell_and_the_tables_invariants(demo):
     cfg, k = demo["cfg"], demo["cfg"].select.k
     table = _printed_table(demo["output"])
     labels = dict((variant, lab) for lab, variant in VARIANTS)
-    assert set(table) == {labels[v] for v in ("base", "reference", "full", "random", "local", "global",
-                                             "self-evolving")}
+    assert set(table) == {labels[v] for v in ("base", "reference", "full", "random", "local", "global", "sample",
+                                             "weighted", "self-evolving")}
     selection_cells = ("kept", "by_part", "precision", "recall", "corrupted_kept")
     for variant, lab in labels.items():
         if lab not in table:
@@ -332,6 +336,12 @@ def test_demo_prints_every_cell_and_the_tables_invariants(demo):
     assert full["kept"] == f"{n_pool}/{n_pool}" and full["recall"] == full["corrupted_kept"] == "1.000"
     budget = f"{round(k * n_pool)}/{n_pool}"
     assert [table[labels[v]]["kept"] for v in ("random", "local", "global")] == [budget] * 3
+    # weighted trains every scored token; sample spends global's budget in whole samples, within half of one
+    assert table[labels["weighted"]]["kept"] == full["kept"]
+    longest = _q(cfg, "SELECT max(n_response) FROM samples JOIN dataset_samples d USING (sample_id) "
+                      "WHERE d.dataset = ? AND d.part IN (1, 2)", [_out(cfg, "data", "dataset")])[0][0]
+    sample_kept = int(table[labels["sample"]]["kept"].split("/")[0])
+    assert abs(sample_kept - round(k * n_pool)) <= longest / 2
     per_part = sum(round(k * _pool_tokens(cfg, [t])) for t in (1, 2))  # each iteration keeps round(k N_t) of D_t
     assert table[labels["self-evolving"]]["kept"] == f"{per_part}/{n_pool}"
     sd = math.sqrt(k * (1 - k) / n_bad * (n_pool - n_bad) / (n_pool - 1))

@@ -255,6 +255,26 @@ def test_change_k(world):
                             select=changed, train=changed, evaluate=changed)
 
 
+def test_a_sweep_computes_only_the_k_it_adds(world):
+    """k 0.6 -> [0.6, 0.4]: the k=0.6 variants are found by key under their sweep names; only k=0.4's selections,
+    fine-tunes and evaluations run, and the only scoring is of its own theta_2 (the pool's scores are reused)."""
+    steps = _incremental_vs_fresh(world, "sweep", {"select.k": [0.6, 0.4]})
+    new = ["random-k0.4", "local-k0.4", "global-k0.4", "self-evolving-k0.4@1", "self-evolving-k0.4@2"]
+    assert steps == _expect(score=[("self-evolving-k0.4@1", _pool_size(world, {2}))],
+                            scores=["self-evolving-k0.4@2"], select=new, train=new, evaluate=new)
+    from tokenclean.summary import comparison, k_curve
+
+    con = store.connect(world["root"] / "sweep" / "incremental" / "m" / "tokenclean.duckdb", read_only=True)
+    try:
+        curve = k_curve(comparison(con))
+    finally:
+        con.close()
+    assert sorted({(r["k"], r["method"]) for r in curve}) == sorted(
+        (k, m) for k in (0.4, 0.6) for m in ("full", "random", "local", "global", "self-evolving"))
+    full = [r for r in curve if r["method"] == "full"]
+    assert full[0] == full[1] | {"k": full[0]["k"]}  # full does not depend on k: the same row at every k
+
+
 def _contents(cfg: RunConfig) -> dict:
     """{variant: content key of its current selection}."""
     from tokenclean.summary import label

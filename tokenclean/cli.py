@@ -72,14 +72,14 @@ def _debug() -> bool:
 
 
 def _report(cfg) -> None:
-    from tokenclean.summary import comparison, format_table, run_overview, stage_times
+    from tokenclean.summary import comparison_text, run_overview, stage_times
     from tokenclean.tasks.store import connect
 
     con = connect(cfg.db_path, read_only=True)
     try:
         ov = run_overview(con)
         typer.echo(f"\nrun {cfg.run_dir}: {json.dumps(ov['ingest'])}")
-        typer.echo(format_table(comparison(con)))
+        typer.echo(comparison_text(con))
         typer.echo("\nstage timings (s): " + ", ".join(f"{s}:{k}={t:.1f}" for s, k, t in stage_times(con)))
     finally:
         con.close()
@@ -146,9 +146,10 @@ def refresh_cmd(config: Path = typer.Argument(..., help="YAML run config of an e
 
     _quiet_env()
     out = refresh(_load(config, set_ or []))
-    sel, ref = out["selection"], out["reference"]
-    typer.echo(f"refresh: {json.dumps(out['refresh'])}; kept {sel['n_kept']}/{sel['n_candidates']} tokens "
-               f"(threshold {sel['threshold']})")
+    ref = out["reference"]
+    typer.echo(f"refresh: {json.dumps(out['refresh'])}; " + "; ".join(
+        f"{name} kept {sel['n_kept']}/{sel['n_candidates']} tokens (threshold {sel['threshold']})"
+        for name, sel in out["selections"].items()))
     typer.echo("scored: " + "; ".join(f"{name} {s['scored']} samples, reused {s['reused']}"
                                       for name, s in out["samples"].items()))
     changed = f", D0 {json.dumps(ref['warmup_changes'])}" if ref.get("warmup_changes") else ""
@@ -212,7 +213,7 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
             limit: int | None = typer.Option(None, min=1, help="with --quarantine: list only the first LIMIT")) -> None:
     """Summarise a run (ingest, quarantine, table, and every artifact's key and what it was derived from),
     list its quarantined rows, or show one sample's kept tokens (or why a row with that id was refused)."""
-    from tokenclean.summary import artifacts, comparison, format_table, run_overview
+    from tokenclean.summary import artifacts, comparison_text, run_overview
     from tokenclean.tasks import store
 
     db = run / DB_FILE if run.is_dir() else run
@@ -226,7 +227,7 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
             return
         if sample is None:
             typer.echo(json.dumps(run_overview(con), indent=2, default=str))
-            typer.echo(format_table(comparison(con)))
+            typer.echo(comparison_text(con))
             for r in store.unfinished_flow_runs(con):  # not shown above: the table is of finished runs
                 typer.echo(f"{r['flow']} started {r['started_at']:%Y-%m-%d %H:%M:%S}: unfinished (running or killed)")
             if keys:

@@ -79,6 +79,24 @@ class ModelConfig(_Strict):
     tokenizer: str | None = Field(None, description="defaults to the base model's tokenizer")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+    reference: str | None = Field(
+        None, description="an existing model (a local directory, or a hub id in the Hugging Face cache) used as "
+                          "the reference theta_1 of fixed-model cleaning instead of the base fine-tuned on D0 (as the "
+                          "paper's Table 3 uses an instruct model). It must share the run's tokenizer (vocabulary "
+                          "and bos/pad ids; checked before any work) and is keyed by its weights like the base. "
+                          "Nothing is trained on D0 then, so D0 joins the fixed-model pool (D0..DT; with "
+                          "data.warmup_paths those files are simply pool data)")
+    reference_self_evolving: bool = Field(
+        False, description="also theta_1 of the self-evolving loop: it scores D1, and theta_2 is the base with a "
+                           "fresh LoRA on D1's kept tokens (the given weights are not the base's: there is no "
+                           "adapter to continue); D0 is then unused. false: the loop's theta_1 stays the base "
+                           "fine-tuned on D0")
+
+    @model_validator(mode="after")
+    def _reference_given(self):
+        if self.reference_self_evolving and self.reference is None:
+            raise ValueError("reference_self_evolving: true needs model.reference (the model to start the loop from)")
+        return self
 
 
 class ScoreConfig(_Strict):
@@ -117,12 +135,39 @@ class ScoreConfig(_Strict):
         return self
 
 
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
 class SelectConfig(_Strict):
-    k: float = Field(0.6, gt=0, le=1, description="fraction of response tokens kept")
+    k: Fraction | list[Fraction] = Field(
+        0.6, description="fraction of response tokens kept; a list sweeps it: one run makes every k's selections, "
+                         "fine-tunes and evaluations, scoring the pool once (the variants are named global-k0.3...)")
     seed: Seed = 0
     pool: Literal["exclude_warmup", "all"] = Field(
         "exclude_warmup", description="fixed-model pool: D1..DT (as the paper's separate warm-up file), or D0..DT; "
                                       "D0 trained the reference, so its scores are inflated")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _fractions(cls, v):
+        # before the union is tried, so a bad value is one error at select.k, not one per member of the union
+        items = v if isinstance(v, list) else [v]
+        for x in items:
+            if isinstance(x, bool) or not isinstance(x, int | float) or not 0 < x <= 1:
+                raise ValueError(f"k must be a number in (0, 1] or a list of them, got {x!r}")
+        if not items or len(set(items)) != len(items):
+            raise ValueError(f"a list of k must be non-empty and name each value once, got {v}")
+        return v
+
+    @property
+    def ks(self) -> list[float]:
+        """The k values of the run, in the order given."""
+        return list(self.k) if isinstance(self.k, list) else [self.k]
+
+    @property
+    def sweep(self) -> bool:
+        """Several k: every k-dependent variant's name then says its k."""
+        return len(self.ks) > 1
 
 
 class LoraConfig(_Strict):
@@ -227,7 +272,7 @@ class RunConfig(_Strict):
     workdir: str = "runs"
     mode: Literal["fixed", "self_evolving", "both"] = "both"
     iterations: int = Field(2, ge=1, description="T: the data is split into D0..DT")
-    baselines: list[Literal["full", "random", "local", "global"]] = Field(
+    baselines: list[Literal["full", "random", "local", "global", "sample", "weighted"]] = Field(
         default_factory=lambda: ["full", "random", "local", "global"]
     )
     data: DataConfig = Field(default_factory=DataConfig)
@@ -316,7 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(storage, str) and "://" not in storage and not Path(storage).is_absolute():
             raw["storage"] = str((p.parent / storage).resolve())
         model = raw.get("model") or {}
-        for key in ("base", "tokenizer"):
+        for key in ("base", "tokenizer", "reference"):
             if isinstance(model.get(key), str) and (p.parent / model[key]).is_dir():
                 model[key] = str((p.parent / model[key]).resolve())
     raw = _merge(raw, parse_overrides(overrides or []))

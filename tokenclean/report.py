@@ -301,6 +301,54 @@ def _comparison_section(con) -> str:
                    "held-out loss", "answer (generated)", "cloze EM"], body, "comparison") + note
 
 
+def _curve_svg(curve: list[dict], metric: str, title: str) -> str:
+    """``metric`` against k, one polyline per variant (``summary.k_curve`` rows)."""
+    W, H, L, R, T, B = 820, 280, 60, 150, 24, 42
+    pw, ph = W - L - R, H - T - B
+    ks = sorted({r["k"] for r in curve})
+    vals = [r[metric] for r in curve if r[metric] is not None and math.isfinite(r[metric])]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    lo, hi = (lo - 0.5, hi + 0.5) if hi == lo else (lo, hi)
+    kx = (lambda k: L + (k - ks[0]) / (ks[-1] - ks[0]) * pw) if len(ks) > 1 else (lambda k: L + pw / 2)
+    vy = lambda v: T + ph - (v - lo) / (hi - lo) * ph  # noqa: E731
+    out = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'viewBox="0 0 {W} {H}" role="img"><title>{esc(title)}</title>',
+           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>']
+    for k in ks:
+        out.append(f'<text x="{kx(k):.2f}" y="{T + ph + 18}" text-anchor="middle" class="tick">{esc(f"{k:g}")}</text>')
+    for t in _nice_ticks(lo, hi, 4):
+        out.append(f'<text x="{L - 6}" y="{vy(t) + 4:.2f}" text-anchor="end" class="tick">{esc(f"{t:g}")}</text>')
+    out.append(f'<text x="{L + pw / 2}" y="{H - 6}" text-anchor="middle" class="axis">k (selected proportion)</text>')
+    methods = list(dict.fromkeys(r["method"] for r in curve))
+    for j, method in enumerate(methods):
+        pts = [(kx(r["k"]), vy(r[metric])) for r in curve if r["method"] == method and r[metric] is not None
+               and math.isfinite(r[metric])]
+        color = PALETTE[j % len(PALETTE)]
+        xy = " ".join(f"{x:.2f},{y:.2f}" for x, y in pts)
+        out.append(f'<polyline class="curve" data-variant="{esc(method)}" points="{xy}" fill="none" '
+                   f'stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{L + pw + 8}" y="{T + 12 + 15 * j}" class="thr" fill="{color}">{esc(method)}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _curve_section(con) -> str:
+    from tokenclean.summary import comparison, k_curve
+
+    curve = k_curve(comparison(con))
+    if not curve:
+        return _note("No k sweep in this run (select.k as a list, e.g. [0.3, 0.5, 0.7, 0.9], makes one).")
+    charts = "".join(_curve_svg(curve, m, t) for m, t in (
+        ("answer_match", "answer (generated) against k"), ("eval_loss", "held-out response loss against k")))
+    body = [[esc(_fmt(r["k"], "{:g}")), esc(r["method"]), esc(_fmt(r["kept"])), esc(_fmt(r["precision"])),
+             esc(_fmt(r["corrupted_kept"])), esc(_fmt(r["eval_loss"])), esc(_fmt(r["answer_match"])),
+             esc(_fmt(r["cloze_match"]))] for r in curve]
+    return (charts + _table(["k", "variant", "kept/pool", "precision", "corrupted kept", "held-out loss",
+                             "answer (generated)", "cloze EM"], body, "curve")
+            + _note("full and weighted keep every token whatever k is: they are the flat lines the others are read "
+                    "against. self-evolving is its last iteration's model."))
+
+
 def _sparkline(values: list) -> str:
     pts = [(i, float(v)) for i, v in enumerate(values) if v is not None and math.isfinite(float(v))]
     if len(pts) < 2:
@@ -322,7 +370,9 @@ def task_trends(con, metric: str = "answer_match") -> dict:
 
     evals = {(o["variant"], o["iteration"]): o["key"] for o in store.current_outputs(con) if o["kind"] == "eval"}
     iters = sorted(i for v, i in evals if v == "self-evolving")
-    ref = store.report.metric_by_task(con, evals[("reference", 0)], metric) if ("reference", 0) in evals else {}
+    # the loop's theta_1: trained on D0 under its own name when the run also has a given reference
+    theta1 = evals.get(("reference-d0", 0)) or evals.get(("reference", 0))
+    ref = store.report.metric_by_task(con, theta1, metric) if theta1 else {}
     by_iter = {i: store.report.metric_by_task(con, evals[("self-evolving", i)], metric) for i in iters}
     tasks = set().union(*by_iter.values()) if by_iter else set()
     tasks = sorted(tasks | (set(ref) if iters else set()), key=lambda t: (t is not None, t or ""))
@@ -567,6 +617,7 @@ def build_report(db_path, out_path, *, selection: str = "global", n_samples: int
             _section("Token score histograms", "scores", _histograms, con),
             _section("Kept-token fraction per source dataset", "sources", _kept_section, con),
             _section("Comparison of variants", "comparison", _comparison_section, con),
+            _section("Metrics against the selected proportion k", "k-curve", _curve_section, con),
             _section("Per-task exact match across self-evolving iterations (Matthew effect)", "trends",
                      _trend_section, con),
             _section(f"Sample responses ({n_samples})", "samples", _samples_section, con, selection, n_samples),
@@ -577,7 +628,7 @@ def build_report(db_path, out_path, *, selection: str = "global", n_samples: int
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = " · ".join(f'<a href="#{a}">{t}</a>' for a, t in [
         ("overview", "overview"), ("scores", "scores"), ("sources", "sources"), ("comparison", "comparison"),
-        ("trends", "trends"), ("samples", "samples")])
+        ("k-curve", "k curve"), ("trends", "trends"), ("samples", "samples")])
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
            f'<body><h1>{esc(title)}</h1><p class="sub">{esc(str(db_path))} · generated {esc(when)} · {nav}</p>'

@@ -102,14 +102,14 @@ def unfinished_flow_runs(con) -> list[dict]:
     return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
 
 
-def last_reference_selection(con) -> dict | None:
+def last_reference_selection(con, variant: str = "reference") -> dict | None:
     """The warm-up selection (D0, every token) of the reference the newest finished flow run used, with the
     dataset it was made on and that dataset's inputs: what ``refresh.reference: keep`` keeps."""
     row = con.execute(
         """SELECT o.key, s.dataset, s.pool, d.inputs FROM run_outputs o JOIN flow_runs f USING (flow_run)
            JOIN selections s ON s.selection = o.key JOIN datasets d ON d.dataset = s.dataset
-           WHERE o.variant = 'reference' AND o.iteration = 0 AND o.kind = 'selection' AND f.finished_at IS NOT NULL
-           ORDER BY f.started_at DESC LIMIT 1""").fetchone()
+           WHERE o.variant = ? AND o.iteration = 0 AND o.kind = 'selection' AND f.finished_at IS NOT NULL
+           ORDER BY f.started_at DESC LIMIT 1""", [variant]).fetchone()
     if row is None:
         return None
     return {"selection": row[0], "dataset": row[1], "pool": row[2], "inputs": json.loads(row[3])}
