@@ -45,8 +45,11 @@ class RunContext:
         """The fixed-model pool. By default D0 is left out: the reference was trained on it
         (``epochs`` passes), so its tokens score as easy and are over-kept; the official code
         keeps the warm-up file apart from the pool it cleans. A given ``model.reference`` was
-        trained on none of it: D0 is then pool data like D1..DT."""
-        first = 1 if self.cfg.select.pool == "exclude_warmup" and self.cfg.model.reference is None else 0
+        trained on none of it: D0 is then pool data like D1..DT (``select.pool: auto``)."""
+        pool = self.cfg.select.pool
+        if pool == "auto":
+            pool = "exclude_warmup" if self.cfg.model.reference is None else "all"
+        first = 1 if pool == "exclude_warmup" else 0
         return list(range(first, self.cfg.iterations + 1))
 
     def adapter_dir(self, key: str) -> Path:

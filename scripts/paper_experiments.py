@@ -88,7 +88,9 @@ def train_reference_elsewhere(workdir: Path, n_rows: int) -> Path:
 def reference(workdir: Path, n_rows: int) -> dict:
     given = train_reference_elsewhere(workdir, n_rows)
     return {"reference_trained_elsewhere": str(given),
-            "given": run_and_read(demo_config(workdir, "given-reference", "mode=fixed", f"model.reference={given}")),
+            # the theta_1 run's pool (D1..DT): with a given reference D0 would join it, and the two would differ
+            "given": run_and_read(demo_config(workdir, "given-reference", "mode=fixed", f"model.reference={given}",
+                                              "select.pool=exclude_warmup")),
             "theta1": run_and_read(demo_config(workdir, "warmup-reference", "mode=fixed"))}
 
 

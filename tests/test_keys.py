@@ -255,7 +255,7 @@ def test_change_k(world):
                             select=changed, train=changed, evaluate=changed)
 
 
-def test_a_sweep_computes_only_the_k_it_adds(world):
+def test_a_sweep_computes_only_the_k_it_adds(world, tmp_path):
     """k 0.6 -> [0.6, 0.4]: the k=0.6 variants are found by key under their sweep names; only k=0.4's selections,
     fine-tunes and evaluations run, and the only scoring is of its own theta_2 (the pool's scores are reused)."""
     steps = _incremental_vs_fresh(world, "sweep", {"select.k": [0.6, 0.4]})
@@ -273,6 +273,26 @@ def test_a_sweep_computes_only_the_k_it_adds(world):
         (k, m) for k in (0.4, 0.6) for m in ("full", "random", "local", "global", "self-evolving"))
     full = [r for r in curve if r["method"] == "full"]
     assert full[0] == full[1] | {"k": full[0]["k"]}  # full does not depend on k: the same row at every k
+    from tokenclean.report import build_report
+
+    html = build_report(world["root"] / "sweep" / "incremental" / "m", tmp_path / "r.html").read_text()
+    assert html.count('class="curve"') == 2 * 5  # answers and loss against k, one line per variant
+    assert "<h3>self-evolving-k0.4</h3>" in html and "<h3>self-evolving-k0.6</h3>" in html  # a trend per chain
+
+
+def test_the_k_curve_pairs_each_variant_with_its_own_k():
+    """Only the variants k does not decide recur at every k: a k-dependent row without a k (left current by an
+    earlier run at one k) is no point of the curve."""
+    from tokenclean.summary import CURVE_METRICS, k_curve
+
+    def row(method, k, value):
+        return {"method": method, "k": k} | dict.fromkeys(CURVE_METRICS, value)
+
+    rows = [row("full", None, 1.0), row("weighted", None, 2.0), row("global", 0.3, 3.0), row("global", 0.5, 4.0),
+            row("global", None, 5.0), row("self-evolving", None, 6.0), row("random", 0.5, 7.0)]
+    got = {(r["k"], r["method"]): r["answer_match"] for r in k_curve(rows)}
+    assert got == {(0.3, "full"): 1.0, (0.3, "weighted"): 2.0, (0.3, "global"): 3.0, (0.5, "full"): 1.0,
+                   (0.5, "weighted"): 2.0, (0.5, "global"): 4.0, (0.5, "random"): 7.0}
 
 
 def _contents(cfg: RunConfig) -> dict:

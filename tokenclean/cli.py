@@ -206,7 +206,8 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
             sample: str | None = typer.Option(
                 None, help="show one sample's tokens (its id in the input, or sample_id)"),
             selection: str = typer.Option("global", help="variant whose kept tokens --sample marks "
-                                                         "(global, local, random, full, self-evolving@T)"),
+                                                         "(global, local, random, sample, weighted, full, "
+                                                         "self-evolving@T, global-k0.3 in a k sweep)"),
             keys: bool = typer.Option(True, "--keys/--no-keys", help="list every artifact with its key and inputs"),
             quarantine: bool = typer.Option(False, "--quarantine", help="list the quarantined rows of the run's "
                                                                        "current dataset: source, line, id, reason"),
@@ -234,7 +235,7 @@ def inspect(run: Path = typer.Argument(..., help="run directory or its tokenclea
                 typer.echo("\nartifacts of the latest run of each flow (key; computed by that run or reused; inputs):")
                 for a in artifacts(con):
                     state = "computed" if a["computed_by_latest_run"] else "reused"
-                    typer.echo(f"  {a['name']:<18} {a['kind']:<9} {a['key']}  {state:<8} "
+                    typer.echo(f"  {a['name']:<24} {a['kind']:<9} {a['key']}  {state:<8} "
                                f"{json.dumps(a['derived_from'], default=str)}")
             return
         _show_sample(con, sample, selection)
@@ -266,7 +267,7 @@ def _show_sample(con, sample: str, selection: str) -> None:
     for an id whose rows were all refused, where they were and why."""
     from transformers import AutoTokenizer
 
-    from tokenclean.summary import output_key
+    from tokenclean.summary import names_of, output_key
     from tokenclean.tasks import store
 
     dataset = store.latest_dataset(con)
@@ -285,7 +286,8 @@ def _show_sample(con, sample: str, selection: str) -> None:
         raise typer.BadParameter(f"no sample {sample!r} in the run's current dataset")
     sel_key = output_key(con, selection, "selection")
     if sel_key is None:
-        raise typer.BadParameter(f"no selection named {selection!r} in the latest runs")
+        raise typer.BadParameter(f"no selection named {selection!r} in the latest runs (names: "
+                                 f"{names_of(con, 'selection')})")
     rec = store.selection_record(con, sel_key)
     kept = store.kept_positions(con, sel_key, sid)
     scores = store.sample_scores(con, rec["scores"], sid) if rec["scores"] else {}
@@ -318,10 +320,12 @@ def report(run: Path = typer.Argument(..., help="run directory or its tokenclean
 @app.command()
 def export(run: Path = typer.Argument(..., help="run directory"),
            selection: str = typer.Option("global", help="selection to export as a dataset: global, local, random, "
-                                                        "full, self-evolving (every iteration) or self-evolving@T"),
+                                                        "sample, weighted, full, self-evolving (every iteration), "
+                                                        "self-evolving@T; in a k sweep global-k0.3 ..."),
            fmt: str = typer.Option("parquet", "--format", help="parquet, jsonl or hf (a datasets save_to_disk folder)"),
            model: str | None = typer.Option(None, help="export this variant's model instead (global, local, random, "
-                                                          "full, reference, self-evolving = the last iteration's)"),
+                                                          "sample, weighted, full, reference, self-evolving = the "
+                                                          "last iteration's; in a k sweep global-k0.3 ...)"),
            adapter_only: bool = typer.Option(False, "--adapter-only", help="with --model: the PEFT adapter alone"),
            out: Path | None = typer.Option(None, help="where to write (default RUN/export/NAME[.ext]); a new path, "
                                                           "or an earlier export of the same kind with --overwrite"),
@@ -357,7 +361,8 @@ def export(run: Path = typer.Argument(..., help="run directory"),
 @app.command("lm-eval")
 def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
                 adapter: str | None = typer.Option(None, help="variant whose adapter to evaluate: reference, full, "
-                                                      "random, local, global, self-evolving@T (default: base)"),
+                                                      "random, local, global, sample, weighted, self-evolving@T, "
+                                                      "global-k0.3 in a k sweep (default: base)"),
                 tasks: list[str] = typer.Option(["tokenclean_facts"], "--tasks", help="lm-eval task (repeatable)"),
                 limit: int | None = typer.Option(None, help="examples per task"),
                 batch_size: int = typer.Option(8),

@@ -143,9 +143,10 @@ class SelectConfig(_Strict):
         0.6, description="fraction of response tokens kept; a list sweeps it: one run makes every k's selections, "
                          "fine-tunes and evaluations, scoring the pool once (the variants are named global-k0.3...)")
     seed: Seed = 0
-    pool: Literal["exclude_warmup", "all"] = Field(
-        "exclude_warmup", description="fixed-model pool: D1..DT (as the paper's separate warm-up file), or D0..DT; "
-                                      "D0 trained the reference, so its scores are inflated")
+    pool: Literal["auto", "exclude_warmup", "all"] = Field(
+        "auto", description="fixed-model pool: D1..DT (exclude_warmup, as the paper's separate warm-up file), or "
+                            "D0..DT (all). auto: exclude_warmup when theta_1 is trained on D0 (its scores of D0 are "
+                            "inflated), all with a given model.reference (nothing was trained on D0)")
 
     @field_validator("k", mode="before")
     @classmethod

@@ -364,16 +364,17 @@ def _sparkline(values: list) -> str:
             f'<polyline points="{xy}" fill="none" stroke="#333" stroke-width="1.5"/></svg>')
 
 
-def task_trends(con, metric: str = "answer_match") -> dict:
-    """Per task (None = all tasks) the series reference@0, self-evolving@1..T and its trend."""
+def task_trends(con, metric: str = "answer_match", variant: str = "self-evolving") -> dict:
+    """Per task (None = all tasks) the series reference@0, ``variant``@1..T and its trend (``variant``: one
+    self-evolving chain, ``self-evolving-k0.3`` in a sweep)."""
     from tokenclean.tasks import store
 
     evals = {(o["variant"], o["iteration"]): o["key"] for o in store.current_outputs(con) if o["kind"] == "eval"}
-    iters = sorted(i for v, i in evals if v == "self-evolving")
+    iters = sorted(i for v, i in evals if v == variant)
     # the loop's theta_1: trained on D0 under its own name when the run also has a given reference
     theta1 = evals.get(("reference-d0", 0)) or evals.get(("reference", 0))
     ref = store.report.metric_by_task(con, theta1, metric) if theta1 else {}
-    by_iter = {i: store.report.metric_by_task(con, evals[("self-evolving", i)], metric) for i in iters}
+    by_iter = {i: store.report.metric_by_task(con, evals[(variant, i)], metric) for i in iters}
     tasks = set().union(*by_iter.values()) if by_iter else set()
     tasks = sorted(tasks | (set(ref) if iters else set()), key=lambda t: (t is not None, t or ""))
     out = {}
@@ -384,11 +385,24 @@ def task_trends(con, metric: str = "answer_match") -> dict:
 
 
 def _trend_section(con) -> str:
-    tr = task_trends(con)
-    if not tr["iterations"]:
+    from tokenclean.tasks import store
+    from tokenclean.tasks.names import SELF_EVOLVING, method_of, split_k
+
+    chains = sorted({o["variant"] for o in store.current_outputs(con) if o["kind"] == "eval"
+                     and method_of(o["variant"]) == SELF_EVOLVING}, key=lambda v: split_k(v)[1] or 0.0)
+    tables = [(v, task_trends(con, variant=v)) for v in chains]
+    tables = [(v, tr) for v, tr in tables if tr["iterations"]]
+    if not tables:
         return _note("This run has no self-evolving iterations with answer exact match "
                      "(metrics variant 'self-evolving'): nothing to show across iterations.")
-    parts = [f"<p>{TREND_DEFINITION}</p>"]
+    if len(tables) == 1:
+        return f"<p>{TREND_DEFINITION}</p>" + _trend_table(tables[0][1])
+    return f"<p>{TREND_DEFINITION}</p>" + "".join(f"<h3>{esc(v)}</h3>" + _trend_table(tr) for v, tr in tables)
+
+
+def _trend_table(tr: dict) -> str:
+    """One self-evolving chain's per-task series (``task_trends``) as a table with sparklines."""
+    parts = []
     if not tr["has_reference"]:
         parts.append(_note("No reference (theta_1) evaluation at iteration 0: series start at iteration 1."))
     head = ["task", "reference (0)"] + [f"iter {esc(i)}" for i in tr["iterations"]] + ["net Δ", "", "trend"]

@@ -6,6 +6,7 @@ that last ran to the end, never an earlier one's rows nor a killed run's half-ma
 from __future__ import annotations
 
 from tokenclean.tasks import store
+from tokenclean.tasks.keys import K_FREE_METHODS
 from tokenclean.tasks.names import REFERENCE, REFERENCE_D0, SELF_EVOLVING, label, method_of, split_k
 
 VARIANTS = [  # (label, variant)
@@ -82,7 +83,8 @@ def comparison(con) -> list[dict]:
             k = split_k(name)[1]
             if method == REFERENCE and any(o["kind"] == "model" for o in outputs[name]):
                 lab = "reference theta_1 (given)"  # model.reference, not trained here
-            row = _variant_row(con, lab if k is None else f"{lab} k={k:g}", method, outputs[name])
+            row = _variant_row(con, lab if k is None else f"{lab} k={name.rsplit('-k', 1)[1]}", method,
+                               outputs[name])
             if row is not None:
                 rows.append(row | {"name": name, "method": method, "k": k})
     return rows
@@ -126,7 +128,9 @@ def k_curve(rows: list[dict]) -> list[dict]:
     out = []
     for k in ks:
         for method in CURVE_METHODS:
-            row = next((r for r in rows if r["method"] == method and r["k"] in (k, None)), None)
+            flat = method in K_FREE_METHODS  # only these recur at every k; any other row belongs to its own k
+            row = next((r for r in rows if r["method"] == method and (r["k"] is None if flat else r["k"] == k)),
+                       None)
             if row is not None:
                 out.append({"k": k, "method": method, **{c: row[c] for c in CURVE_METRICS}})
     return out
@@ -148,7 +152,7 @@ def format_curve(curve: list[dict], metric: str) -> str:
 
 
 COLUMNS = [  # (row key, header, width)
-    ("variant", "variant", 36), ("kept", "kept/pool", 15), ("by_part", "kept by part", 22),
+    ("variant", "variant", 36), ("kept", "kept/pool", 15), ("by_part", "kept by part", 24),
     ("precision", "precision", 9), ("recall", "recall", 7), ("corrupted_kept", "corrupt kept", 12),
     ("eval_loss", "eval loss", 9), ("answer_match", "answer (gen)", 12), ("cloze_match", "cloze EM", 8),
 ]
