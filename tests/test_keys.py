@@ -276,7 +276,7 @@ def test_a_sweep_computes_only_the_k_it_adds(world, tmp_path):
     from tokenclean.report import build_report
 
     html = build_report(world["root"] / "sweep" / "incremental" / "m", tmp_path / "r.html").read_text()
-    assert html.count('class="curve"') == 2 * 5  # answers and loss against k, one line per variant
+    assert html.count('<polyline class="curve"') == 2 * 5  # answers and loss against k, one line per variant
     assert "<h3>self-evolving-k0.4</h3>" in html and "<h3>self-evolving-k0.6</h3>" in html  # a trend per chain
 
 
