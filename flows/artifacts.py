@@ -134,8 +134,9 @@ def ensure_selection(ctx: RunContext, variant: str, iteration: int, method: str,
     computed = store.selection_record(ctx.con, key) is None
     if computed:
         name = label(variant, iteration)
-        out = select_task(ctx.con, key, method, k, dataset=ctx.dataset, parts=parts, pool=pool,
-                          scores=scores, seed=cfg.select.seed, label=name)
+        select = select_task.with_options(task_run_name=f"select/{name}")
+        out = select(ctx.con, key, method, k, dataset=ctx.dataset, parts=parts, pool=pool,
+                     scores=scores, seed=cfg.select.seed, label=name)
         store.log_stage(ctx.con, ctx.flow_run, "select", name, key, out.pop("seconds"), out)
     _output(ctx, variant, iteration, "selection", key, computed)
     return key
@@ -311,7 +312,8 @@ def _submit_evals(ctx: RunContext, todo: dict[str, EvalRequest]) -> dict:
                       base_key=base_key, adapter_key=model.key if model.adapter else None,
                       device=cfg.model.device, dtype=cfg.model.dtype, tokenizer_path=ctx.tokenizer_path,
                       max_new_tokens=cfg.eval.max_new_tokens, label=label(r.variant, r.iteration))
-        running[key] = (time.perf_counter(), submit_placed(evaluate_task, cfg.ray, cfg.ray.cpus_per_eval_task,
+        task = evaluate_task.with_options(task_run_name=f"evaluate/{job.label}")
+        running[key] = (time.perf_counter(), submit_placed(task, cfg.ray, cfg.ray.cpus_per_eval_task,
                                                            cfg.ray.gpus_per_eval_task, job, keep_worker=True))
     return running
 

@@ -13,7 +13,7 @@ setting recomputes exactly what the setting reaches.
 """
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 
 from tokenclean.config import RunConfig
 from tokenclean.flows.artifacts import (
@@ -31,6 +31,7 @@ from tokenclean.flows.artifacts import (
     given_reference,
 )
 from tokenclean.flows.prepare import RunContext, prepare
+from tokenclean.flows.runtime import artifact_key, flow_run_name, invocation_tag, run_tags
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.names import REFERENCE, REFERENCE_D0, SELF_EVOLVING, at_k
 
@@ -148,26 +149,33 @@ def evolve(ctx: RunContext, theta: Model, k: float, variant: str) -> Model:
     return theta
 
 
-def publish_summary(ctx: RunContext) -> None:
-    """Prefect artifacts for the ops dashboard: the comparison table (and a sweep's curves), per-task metrics."""
+def publish_summary(con, cfg: RunConfig, base_path: str) -> None:
+    """Prefect artifacts for the ops dashboard, under keys of the run's name: the comparison (a table, one row per
+    variant, and as the printed text), a sweep's curves, per-task metrics."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tokenclean.summary import comparison, comparison_text, k_curve, metrics_rows
+    from tokenclean.summary import comparison, comparison_text, k_curve, metrics_rows, table_rows
 
-    ks = ", ".join(f"{k:g}" for k in ctx.cfg.select.ks)
+    ks = ", ".join(f"{k:g}" for k in cfg.select.ks)
     create_markdown_artifact(
-        f"## Token cleaning: `{ctx.cfg.name}`\n\n```\n{comparison_text(ctx.con)}\n```\n\n"
-        f"k = {ks}, T = {ctx.cfg.iterations}, base = `{ctx.base_path}`",
-        key="token-cleaning-summary", description="variants compared on held-out data")
-    curve = k_curve(comparison(ctx.con))
+        f"## Token cleaning: `{cfg.name}`\n\n```\n{comparison_text(con)}\n```\n\n"
+        f"k = {ks}, T = {cfg.iterations}, base = `{base_path}`",
+        key=artifact_key(cfg.name, "token-cleaning-summary"), description="variants compared on held-out data")
+    rows = comparison(con)
+    if rows:
+        create_table_artifact(table_rows(rows), key=artifact_key(cfg.name, "token-cleaning-comparison"),
+                              description=f"{cfg.name}: variants compared on held-out data, one row per variant")
+    curve = k_curve(rows)
     if curve:
-        create_table_artifact(curve, key="token-cleaning-k-curve", description="metrics against k, per variant")
-    metrics = metrics_rows(ctx.con)
+        create_table_artifact(curve, key=artifact_key(cfg.name, "token-cleaning-k-curve"),
+                              description="metrics against k, per variant")
+    metrics = metrics_rows(con)
     if metrics:
-        create_table_artifact(metrics, key="token-cleaning-metrics", description="per-iteration, per-task evaluation")
+        create_table_artifact(metrics, key=artifact_key(cfg.name, "token-cleaning-metrics"),
+                              description="per-iteration, per-task evaluation")
 
 
-def publish_dashboard_link() -> None:
+def publish_dashboard_link(run_name: str) -> None:
     """A Prefect link artifact to the Ray dashboard of the cluster this flow runs on, if it has one."""
     from prefect.artifacts import create_link_artifact
 
@@ -175,13 +183,13 @@ def publish_dashboard_link() -> None:
 
     url = ray_dashboard_url()
     if url:
-        create_link_artifact(url, link_text="Ray dashboard", key="ray-dashboard",
+        create_link_artifact(url, link_text="Ray dashboard", key=artifact_key(run_name, "ray-dashboard"),
                              description="the Ray cluster running this flow's scoring, training and evaluation")
 
 
 def _with_context(flow_name: str, cfg: RunConfig, body):
     """Open the run, record this flow run (its outputs are named under it), run ``body``, publish."""
-    publish_dashboard_link()
+    publish_dashboard_link(cfg.name)
     ctx = prepare(cfg)
     try:
         ctx.flow_run = store.start_flow_run(ctx.con, flow_name, cfg.model_dump(mode="json"), ctx.dataset)
@@ -191,20 +199,20 @@ def _with_context(flow_name: str, cfg: RunConfig, body):
         store.record_output(ctx.con, ctx.flow_run, "data", 0, "dataset", ctx.dataset, ctx.ingest.get("ingested", False))
         out = body(ctx)
         store.finish_flow_run(ctx.con, ctx.flow_run)
-        publish_summary(ctx)
+        publish_summary(ctx.con, cfg, ctx.base_path)
         return out
     finally:
         ctx.con.close()
 
 
 # The flows take the validated config itself: Prefect records it as JSON and passes the object through.
-@flow(name="fixed-model-cleaning", log_prints=True)
+@flow(name="fixed-model-cleaning", flow_run_name=flow_run_name, log_prints=True)
 def fixed_model_cleaning(config: RunConfig) -> str:
     _with_context("fixed-model-cleaning", config, run_fixed_model)
     return str(config.run_dir)
 
 
-@flow(name="self-evolving-cleaning", log_prints=True)
+@flow(name="self-evolving-cleaning", flow_run_name=flow_run_name, log_prints=True)
 def self_evolving_cleaning(config: RunConfig) -> str:
     _with_context("self-evolving-cleaning", config, run_self_evolving)
     return str(config.run_dir)
@@ -235,11 +243,11 @@ def refresh_ranking(ctx: RunContext) -> dict:
     selections = {name: store.selection_record(ctx.con, key) for name, key in kept.items()}
     out = {"refresh": ctx.ingest.get("changes"), "reference": ctx.reference, "samples": scored,
            "selection": next(iter(selections.values())), "selections": selections}
-    _publish_refresh(out)
+    _publish_refresh(ctx.cfg.name, out)
     return out
 
 
-def _publish_refresh(out: dict) -> None:
+def _publish_refresh(run_name: str, out: dict) -> None:
     """What the refresh did, as a Prefect artifact: rows changed, samples scored and reused per model, theta_1."""
     from prefect.artifacts import create_markdown_artifact
 
@@ -253,17 +261,18 @@ def _publish_refresh(out: dict) -> None:
                for name, sel in out["selections"].items())]
     if ref.get("warmup_changes"):
         lines.insert(1, f"- warm-up set D0: {ref['warmup_changes']}")
-    create_markdown_artifact("## Refresh\n\n" + "\n".join(lines), key="token-cleaning-refresh",
+    create_markdown_artifact("## Refresh\n\n" + "\n".join(lines),
+                             key=artifact_key(run_name, "token-cleaning-refresh"),
                              description="what this refresh recomputed and reused")
 
 
-@flow(name="refresh-token-ranking", log_prints=True)
+@flow(name="refresh-token-ranking", flow_run_name=flow_run_name, log_prints=True)
 def refresh_token_ranking(config: RunConfig) -> dict:
     """Re-read the inputs; score only what is new or changed; re-rank the whole pool globally."""
     return _with_context("refresh-token-ranking", config, refresh_ranking)
 
 
-@flow(name="scheduled-refresh", log_prints=True)
+@flow(name="scheduled-refresh", flow_run_name=flow_run_name, log_prints=True)
 def scheduled_refresh(config: dict) -> dict:
     """Entry point for deployments: builds the configured Ray task runner, then refreshes.
 
@@ -272,14 +281,15 @@ def scheduled_refresh(config: dict) -> dict:
     from tokenclean.flows.runtime import ray_session, task_runner
 
     cfg = RunConfig.model_validate(config)
-    with ray_session(cfg.ray):
+    # tagged here too: a deployment's runs start here, not in ``refresh``
+    with ray_session(cfg.ray), tags(*run_tags(cfg)):
         return refresh_token_ranking.with_options(task_runner=task_runner(cfg.ray))(cfg)
 
 
 def refresh(cfg: RunConfig) -> dict:
     from tokenclean.flows.runtime import prefect_api, ray_session
 
-    with prefect_api(), ray_session(cfg.ray):
+    with prefect_api(), ray_session(cfg.ray), tags(*run_tags(cfg), invocation_tag()):
         return scheduled_refresh(cfg.model_dump(mode="json"))
 
 
@@ -287,7 +297,8 @@ def run(cfg: RunConfig) -> None:
     """Run the flows the config's mode asks for, on the configured Ray task runner."""
     from tokenclean.flows.runtime import prefect_api, ray_session, task_runner
 
-    with prefect_api(), ray_session(cfg.ray):
+    # one set of tags on both flows: the UI's tag filter shows them together, and apart from another call's
+    with prefect_api(), ray_session(cfg.ray), tags(*run_tags(cfg), invocation_tag()):
         if cfg.mode in ("fixed", "both"):
             fixed_model_cleaning.with_options(task_runner=task_runner(cfg.ray))(cfg)
         if cfg.mode in ("self_evolving", "both"):

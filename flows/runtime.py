@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import uuid
+from datetime import UTC, datetime
 
-from tokenclean.config import RayConfig
-from tokenclean.tasks import watchdog
+from tokenclean.config import RayConfig, RunConfig
+from tokenclean.tasks import keys, watchdog
 
 STARTUP_TIMEOUT_S = 180
 
@@ -67,6 +70,46 @@ def run_logger():
         import logging
 
         return logging.getLogger("tokenclean")
+
+
+# Prefect sets no length on artifact keys; past this the UI's artifact list cuts them off
+ARTIFACT_KEY_MAX = 100
+
+
+def artifact_key(run_name: str, what: str) -> str:
+    """``<run>-<what>``: the server's artifact keys are global, so each run's latest artifacts are kept by its name.
+
+    Keys allow lowercase letters, digits and dashes only: a name the slug changes (case, '.', '_') or that is too
+    long is cut and ends in a digest of the name itself, so two run names never share a key.
+    """
+    what = re.sub(r"[^a-z0-9-]+", "-", what.lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9-]", "-", run_name.lower())
+    room = ARTIFACT_KEY_MAX - len(what) - 1
+    if slug != run_name or len(slug) > room:
+        tail = "-" + keys.digest("run-name", run_name)[:8]
+        slug = slug[:room - len(tail)].rstrip("-") + tail
+    return f"{slug}-{what}"
+
+
+def run_tags(cfg: RunConfig) -> list[str]:
+    """Tags every flow run of ``cfg`` carries, for the UI's tag filter: the run's name and the digest of its config."""
+    return ["tokenclean", f"run:{cfg.name}", f"config:{keys.digest('config', cfg.model_dump(mode='json'))}"]
+
+
+def invocation_tag() -> str:
+    """A tag shared by the flows of one ``tokenclean run`` / ``refresh`` call, and by no other call."""
+    return f"invocation:{uuid.uuid4().hex[:8]}"
+
+
+def flow_run_name() -> str:
+    """``<run name>/<flow>/<UTC start>``: a flow's ``flow_run_name``, resolved by Prefect as the run starts (the
+    ``config`` parameter is the validated config, or its JSON where a deployment started the run)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    config = ctx.parameters["config"]
+    name = config["name"] if isinstance(config, dict) else config.name
+    return f"{name}/{ctx.flow.name}/{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
 def ray_address(cfg: RayConfig) -> str | None:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenclean.flows.runtime import run_logger, scoring_slots
+from tokenclean.flows.runtime import artifact_key, run_logger, scoring_slots
 from tokenclean.tasks import storage, store
 from tokenclean.tasks.jobs import ScoreJob, ScorerSpec
 from tokenclean.tasks.score import SampleBatch
@@ -169,7 +168,7 @@ def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list
     run = _plan(ctx, name, score_job(ctx, model_key, adapter, base), parts)
     max_in_flight = max_in_flight or 2 * run.stats["slots"]  # one queued behind each running shard
     run.start()
-    shown = _Progress(name, run.total, len(run.queue), progress)
+    shown = _Progress(ctx.cfg.name, name, run.total, len(run.queue), progress)
     with _placement(ctx):
         while run.queue or run.pending:
             while run.queue and len(run.pending) < max_in_flight:
@@ -231,7 +230,7 @@ class _ScoringRun:
         samples = load_shard_samples(self.ctx.con, ids)
         tock = time.perf_counter()
         self.driver["fetch"] += tock - tick
-        task = score_shard_task.with_options(task_run_name=f"score-{self.name}-{shard}")
+        task = score_shard_task.with_options(task_run_name=f"score/{self.name}/{shard}")
         self.pending[task.submit(self.job, shard, samples, storage.shard_path(self.shard_dir, shard))] = shard
         self.spans[shard] = [time.time()]
         self.driver["submit"] += time.perf_counter() - tock
@@ -285,13 +284,13 @@ class _ScoringRun:
 class _Progress:
     """What the user watches: a tqdm bar in the terminal, a Prefect progress artifact in the UI."""
 
-    def __init__(self, name: str, total_tokens: int, n_shards: int, show: bool):
+    def __init__(self, run_name: str, name: str, total_tokens: int, n_shards: int, show: bool):
         from tqdm.auto import tqdm
 
         self.total, self.n_shards = total_tokens, n_shards
         self.bar = tqdm(total=total_tokens, desc=f"score {name}", unit="tok", unit_scale=True,
                         disable=not show or not n_shards)
-        self.artifact = _progress_artifact(name, n_shards) if n_shards else None
+        self.artifact = _progress_artifact(run_name, name, n_shards) if n_shards else None
         self.shown = 0
 
     def update(self, run: _ScoringRun) -> None:
@@ -308,12 +307,12 @@ class _Progress:
         run.driver["progress"] += time.perf_counter() - tick
 
 
-def _progress_artifact(name: str, n_shards: int):
+def _progress_artifact(run_name: str, name: str, n_shards: int):
     """A Prefect progress artifact, so the UI shows scoring progress live (None outside a run)."""
     from prefect.artifacts import create_progress_artifact
     from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None:
         return None
-    key = "score-" + re.sub(r"[^a-z0-9-]+", "-", name.lower())
-    return create_progress_artifact(0.0, key=key, description=f"scoring {name}: {n_shards} shards")
+    return create_progress_artifact(0.0, key=artifact_key(run_name, f"score-{name}"),
+                                    description=f"scoring {name}: {n_shards} shards")

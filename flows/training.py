@@ -56,7 +56,9 @@ def submit_training(job: TrainJob, ray_cfg: RayConfig, storage: Path):
     if not ray_cfg.enabled and ray_cfg.train_workers != 1:
         raise ValueError(f"ray.train_workers = {ray_cfg.train_workers} needs Ray (ray.enabled: true)")
     if ray_cfg.train_workers == 1:
-        return submit_placed(train_task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
+        # named by stage and variant on the Prefect timeline (the label: ``global``, ``self-evolving@2``)
+        task = train_task.with_options(task_run_name=f"train/{job.label}")
+        return submit_placed(task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
                              keep_worker=True)
     return run_now(data_parallel, job, ray_cfg, storage)
 

@@ -197,10 +197,11 @@ def test_rerun_resumes_without_rescoring_or_retraining(rerun):
 
 def test_flow_runs_are_recorded_in_prefect(finished_run):
     import asyncio
+    from functools import partial
 
     from prefect.client.orchestration import get_client
 
-    from tokenclean.flows.runtime import prefect_api
+    from tokenclean.flows.runtime import artifact_key, prefect_api
 
     async def read():
         async with get_client() as c:
@@ -217,15 +218,101 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
     assert len(mine) >= 2 and len(mine) % 2 == 0 and set(mine) == {"COMPLETED"}, runs
     by_key = {a.key: a for a in arts if a.key}
     assert "self-evolving@1" not in by_key  # keys are slugs
-    summaries = [a.data for a in arts if a.key == "token-cleaning-summary"]
+    key = partial(artifact_key, finished_run.name)
+    summaries = [a.data for a in arts if a.key == key("token-cleaning-summary")]
     assert len(summaries) >= 2  # one per flow run
     assert any("self-evolving (Alg. 1)" in d for d in summaries)
     assert any("fixed-model global top-k" in d for d in summaries)
-    assert {"score-base", "score-reference", "score-self-evolving-1", "token-cleaning-metrics"} <= set(by_key)
+    assert {key("score-base"), key("score-reference"), key("score-self-evolving-1"),
+            key("token-cleaning-metrics")} <= set(by_key)
     # only this run's progress: the server also holds killed runs whose scoring stopped partway
     my_ids = {run_id for run_id, _, workdir in runs if workdir == finished_run.workdir}
-    progress = [a for a in arts if a.type == "progress" and a.key == "score-base" and a.flow_run_id in my_ids]
+    progress = [a for a in arts if a.type == "progress" and a.key == key("score-base") and a.flow_run_id in my_ids]
     assert progress and {float(a.data) for a in progress} == {100.0}
+
+
+async def _all(read, **filters) -> list:
+    """Every object a Prefect client ``read`` returns, page by page (the server caps a page at 200)."""
+    out: list = []
+    while True:
+        page = await read(limit=200, offset=len(out), **filters)
+        out += page
+        if len(page) < 200:
+            return out
+
+
+def _prefect_view(cfg) -> dict:
+    """What the Prefect UI shows of ``cfg``'s runs: its flow runs (with their flow's name), their task runs and
+    artifacts, read through the API of the session's server."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as c:
+            runs = [r for r in await _all(c.read_flow_runs)
+                    if ((r.parameters or {}).get("config") or {}).get("workdir") == cfg.workdir]
+            flows = {r.flow_id: (await c.read_flow(r.flow_id)).name for r in runs}
+            ids = [r.id for r in runs]
+            tasks = await _all(c.read_task_runs, flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            arts = await _all(c.read_artifacts,
+                              artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
+            return {"runs": [(r, flows[r.flow_id]) for r in runs], "tasks": tasks, "artifacts": arts}
+
+    return asyncio.run(read())
+
+
+def test_prefect_names_and_tags_every_run_and_task_and_keys_artifacts_by_run_name(demo, rerun):
+    """The UI tells runs, tasks and pipelines apart: each flow run is `<run name>/<flow>/<UTC start>` and tagged
+    with the run's name and config digest; the two flows of one `run` call share an invocation tag that no other
+    call has; task runs read as stage/variant; every artifact key starts with the run's name; and the comparison
+    table artifact has the printed table's rows and cells."""
+    import re
+    from datetime import datetime
+
+    from tokenclean.flows.runtime import artifact_key
+    from tokenclean.summary import COLUMNS
+    from tokenclean.tasks import keys
+
+    cfg = demo["cfg"]
+    view = _prefect_view(cfg)
+    config_tag = f"config:{keys.digest('config', cfg.model_dump(mode='json'))}"
+    calls: dict[str, list[str]] = {}
+    for run, flow in view["runs"]:
+        named = re.fullmatch(rf"{re.escape(cfg.name)}/{flow}/(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", run.name)
+        assert named, run.name
+        started = datetime.strptime(named[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=run.start_time.tzinfo)
+        assert abs((started - run.start_time).total_seconds()) < 60, (run.name, run.start_time)
+        assert {"tokenclean", f"run:{cfg.name}", config_tag} <= set(run.tags), run.tags
+        (call,) = [t for t in run.tags if t.startswith("invocation:")]
+        calls.setdefault(call, []).append(flow)
+    assert len(calls) >= 2, calls  # the demo and its re-run
+    assert all(sorted(flows) == ["fixed-model-cleaning", "self-evolving-cleaning"] for flows in calls.values()), calls
+
+    names = {t.name for t in view["tasks"]}
+    label = r"[a-z0-9@.\-]+"
+    assert all(re.fullmatch(rf"(train|evaluate|select)/{label}|score/{label}/\d+", n) for n in names), names
+    fixed = ["full", "random", "local", "global", "sample", "weighted"]
+    made = ["reference", *fixed, "self-evolving@1", "self-evolving@2"]
+    assert {f"{stage}/{v}" for stage in ("train", "evaluate", "select") for v in made} | {"evaluate/base"} <= names
+    scored = {n.rsplit("/", 1)[0] for n in names if n.startswith("score/")}
+    assert scored == {"score/base", "score/reference", "score/self-evolving@1"}, scored
+
+    arts = view["artifacts"]
+    assert arts and all(a.key.startswith(f"{cfg.name}-") for a in arts if a.key), [a.key for a in arts]
+    assert {artifact_key(cfg.name, w) for w in ("token-cleaning-summary", "token-cleaning-comparison",
+                                                  "token-cleaning-metrics", "score-base")} <= {a.key for a in arts}
+    table = max((a for a in arts if a.key == artifact_key(cfg.name, "token-cleaning-comparison")),
+                key=lambda a: a.created)
+    rows = {r["variant"]: r for r in json.loads(table.data)}
+    printed = _printed_table(demo["output"])
+    assert set(rows) == set(printed)
+
+    def cell(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    assert {lab: {key: cell(r[head]) for key, head, _ in COLUMNS} for lab, r in rows.items()} == printed
 
 
 def _artifact_lines(output: str) -> dict:

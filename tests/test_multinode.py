@@ -149,12 +149,16 @@ def test_flow_runs_link_the_clusters_ray_dashboard(undisturbed, multinode):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from tokenclean.flows.runtime import artifact_key
+
+    key = artifact_key("calm", "ray-dashboard")  # the undisturbed run's name
+
     async def links():
         async with get_client() as c:
-            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ray-dashboard"])))
+            return await c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
     found = asyncio.run(links())
-    assert found, "no ray-dashboard artifact"
+    assert found, f"no {key} artifact"
     link = found[-1].data
     assert f":{multinode.dashboard_port}" in link
     url = link[link.index("(") + 1 : link.rindex(")")] if "](" in link else link

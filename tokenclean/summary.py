@@ -175,6 +175,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def table_rows(rows: list[dict]) -> list[dict]:
+    """``comparison`` rows as a table artifact's: the printed table's headers, labels and (3-decimal) values."""
+    def cell(v):
+        return round(v, 3) if isinstance(v, float) else v
+
+    return [{head: cell(parts_text(r.get("kept_by_part")) if key == "by_part" else r[key])
+             for key, head, _ in COLUMNS} for r in rows]
+
+
 def comparison_text(con) -> str:
     """The comparison table, and after a k sweep its curves: answer (generated), held-out loss, corrupted kept."""
     rows = comparison(con)

@@ -1,0 +1,70 @@
+"""What an on-call engineer reads in the Prefect UI: artifact keys kept apart by run name, checked through the API of
+the session's real Prefect server. (Flow-run names and tags, task-run names of a whole run: tests/test_flows.py.)"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+
+from tests.conftest import tiny_config
+from tokenclean.config import RunConfig
+from tokenclean.flows.runtime import ARTIFACT_KEY_MAX, artifact_key
+from tokenclean.tasks import store
+
+# valid run names (letters, digits, '.', '_', '-') that a slug alone would merge or a length cap would cut alike
+NAMES = ["demo", "Demo", "DEMO", "de.mo", "de_mo", "de-mo", "a" * 200, "a" * 199 + "b", "A" * 200, "x.y_z-1",
+         "nightly-2025.06", "nightly-2025-06", "run_" + "long" * 40, "run-" + "long" * 40]
+WHATS = ["token-cleaning-summary", "token-cleaning-metrics", "token-cleaning-k-curve", "token-cleaning-refresh",
+         "token-cleaning-comparison", "score-base", "score-self-evolving@2", "ray-dashboard"]
+
+
+def test_artifact_keys_are_what_prefect_accepts_and_never_shared_by_two_run_names():
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    for name in NAMES:
+        RunConfig.model_validate(tiny_config("w", name=name))  # every name above is one a user can give
+    keys = {(n, w): artifact_key(n, w) for n, w in itertools.product(NAMES, WHATS)}
+    for key in keys.values():
+        ArtifactCreate(key=key, type="markdown", data="")  # Prefect's own validation of a key
+        assert len(key) <= ARTIFACT_KEY_MAX, key
+    assert len(set(keys.values())) == len(keys)  # no two (run name, artifact) pairs share a key
+    assert artifact_key("demo", "score-self-evolving@2") == "demo-score-self-evolving-2"  # a plain name reads as is
+
+
+def _publish_under_a_flow_run(name: str, workdir: str) -> None:
+    """``publish_summary`` inside a flow run, as the cleaning flows call it (the run's database has no outputs)."""
+    from prefect import flow
+
+    from tokenclean.flows.cleaning import publish_summary
+
+    @flow(name="ops-view-publish")
+    def publish(name: str, workdir: str) -> None:
+        cfg = RunConfig.model_validate(tiny_config(workdir, name=name))
+        con = store.connect(cfg.db_path)
+        try:
+            publish_summary(con, cfg, "base-path")
+        finally:
+            con.close()
+
+    publish(name, workdir)
+
+
+def test_two_runs_with_different_names_keep_separate_latest_summaries(tmp_path):
+    """Two pipelines on one server: the later one's summary does not replace the earlier one's latest artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    first, second = (f"ops-{side}-{uuid.uuid4().hex[:6]}" for side in ("a", "b"))
+    _publish_under_a_flow_run(first, str(tmp_path / "a"))
+    _publish_under_a_flow_run(second, str(tmp_path / "b"))
+    wanted = {artifact_key(n, "token-cleaning-summary"): n for n in (first, second)}
+
+    async def latest():
+        async with get_client() as c:
+            return await c.read_latest_artifacts(
+                artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=list(wanted))))
+
+    found = {a.key: a.data for a in asyncio.run(latest())}
+    assert set(found) == set(wanted), found
+    for key, name in wanted.items():
+        assert f"`{name}`" in found[key]  # each key's latest summary is its own run's
