@@ -75,6 +75,14 @@ class EvalRequest:
 
 def _output(ctx: RunContext, variant: str, iteration: int, kind: str, key: str, computed: bool) -> None:
     store.record_output(ctx.con, ctx.flow_run, variant, iteration, kind, key, computed)
+    if not computed:  # what was computed has its line from _stage, with its time
+        get_run_logger().info("%s %s: reused %s", kind, label(variant, iteration), key)
+
+
+def _stage(ctx: RunContext, stage: str, name: str, key: str, seconds: float, detail: dict) -> None:
+    """Record a step that computed something, and say so in the flow run's log (the Prefect UI's Logs tab)."""
+    store.log_stage(ctx.con, ctx.flow_run, stage, name, key, seconds, detail)
+    get_run_logger().info("%s %s: computed %s in %.1f s", stage, name, key, seconds)
 
 
 def base(ctx: RunContext) -> Model:
@@ -118,7 +126,7 @@ def ensure_scores(ctx: RunContext, variant: str, iteration: int, ref: Model, par
     t0 = time.perf_counter()
     out = store.ensure_scores(ctx.con, key, base_losses, ref_losses, ctx.dataset, parts)
     if out["n_added"]:
-        store.log_stage(ctx.con, ctx.flow_run, "scores", label(variant, iteration), key, time.perf_counter() - t0, out)
+        _stage(ctx, "scores", label(variant, iteration), key, time.perf_counter() - t0, out)
     _output(ctx, variant, iteration, "scores", key, bool(out["n_added"]))
     return key
 
@@ -137,7 +145,7 @@ def ensure_selection(ctx: RunContext, variant: str, iteration: int, method: str,
         select = select_task.with_options(task_run_name=f"select/{name}")
         out = select(ctx.con, key, method, k, dataset=ctx.dataset, parts=parts, pool=pool,
                      scores=scores, seed=cfg.select.seed, label=name)
-        store.log_stage(ctx.con, ctx.flow_run, "select", name, key, out.pop("seconds"), out)
+        _stage(ctx, "select", name, key, out.pop("seconds"), out)
     _output(ctx, variant, iteration, "selection", key, computed)
     return key
 
@@ -233,7 +241,7 @@ def ensure_adapters(ctx: RunContext, requests: list[AdapterRequest]) -> list[Mod
                 f"training {name}: the workers computed with {step.stats['numerics']} but the adapter's key says "
                 f"{ctx.train_numerics}; set model.device / model.dtype (and ray.gpus_per_train_worker) to match")
         if jobs.pop(step.key, None) is not None:
-            store.log_stage(ctx.con, ctx.flow_run, "train", name, step.key, step.stats["seconds"], step.stats)
+            _stage(ctx, "train", name, step.key, step.stats["seconds"], step.stats)
     return [_record_adapter(ctx, step) for step in steps]
 
 
@@ -291,8 +299,7 @@ def ensure_evals(ctx: RunContext, requests: list[EvalRequest]) -> list[str]:
         model = todo[key].model.key
         store.record_eval(ctx.con, key, model, {"model": model, "eval_set": eval_set,
                                                 "max_samples": cfg.eval.max_samples}, metric_rows(result))
-        store.log_stage(ctx.con, ctx.flow_run, "evaluate", name, key, time.perf_counter() - t0,
-                        result["overall"] | {"placement": placement})
+        _stage(ctx, "evaluate", name, key, time.perf_counter() - t0, result["overall"] | {"placement": placement})
     for r, key in evals:
         _output(ctx, r.variant, r.iteration, "eval", key, key in todo)
     return [key for _, key in evals]

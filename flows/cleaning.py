@@ -154,7 +154,7 @@ def publish_summary(con, cfg: RunConfig, base_path: str) -> None:
     variant, and as the printed text), a sweep's curves, per-task metrics."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tokenclean.summary import comparison, comparison_text, k_curve, metrics_rows, table_rows
+    from tokenclean.summary import comparison, comparison_text, k_curve, metrics_table, table_rows
 
     ks = ", ".join(f"{k:g}" for k in cfg.select.ks)
     create_markdown_artifact(
@@ -169,10 +169,10 @@ def publish_summary(con, cfg: RunConfig, base_path: str) -> None:
     if curve:
         create_table_artifact(curve, key=artifact_key(cfg.name, "token-cleaning-k-curve"),
                               description="metrics against k, per variant")
-    metrics = metrics_rows(con)
+    metrics = metrics_table(con)
     if metrics:
         create_table_artifact(metrics, key=artifact_key(cfg.name, "token-cleaning-metrics"),
-                              description="per-iteration, per-task evaluation")
+                              description="held-out metrics per model and task, one column per metric")
 
 
 def publish_dashboard_link(run_name: str) -> None:
@@ -195,6 +195,7 @@ def _with_context(flow_name: str, cfg: RunConfig, body):
         ctx.flow_run = store.start_flow_run(ctx.con, flow_name, cfg.model_dump(mode="json"), ctx.dataset)
         if ctx.ingest.get("ingested"):
             store.log_stage(ctx.con, ctx.flow_run, "ingest", "dataset", ctx.dataset, ctx.ingest["seconds"], ctx.ingest)
+        _log_dataset(ctx)
         store.record_output(ctx.con, ctx.flow_run, "base", 0, "model", ctx.base_model, False)
         store.record_output(ctx.con, ctx.flow_run, "data", 0, "dataset", ctx.dataset, ctx.ingest.get("ingested", False))
         out = body(ctx)
@@ -203,6 +204,18 @@ def _with_context(flow_name: str, cfg: RunConfig, body):
         return out
     finally:
         ctx.con.close()
+
+
+def _log_dataset(ctx: RunContext) -> None:
+    """The dataset this flow run works on, in its log: ingested or reused, its size, what was refused and why."""
+    log, info = get_run_logger(), store.dataset_summary(ctx.con, ctx.dataset) or {}
+    how = f"ingested in {ctx.ingest['seconds']:.1f} s" if ctx.ingest.get("ingested") else "reused"
+    log.info("dataset %s: %s; %s samples, %s rows quarantined", ctx.dataset, how, info.get("samples"),
+             info.get("quarantined", 0))
+    reasons = store.quarantine_reasons(ctx.con, ctx.dataset)
+    if reasons:
+        log.warning("%d rows quarantined (tokenclean inspect %s --quarantine lists them): %s",
+                    sum(reasons.values()), ctx.run_dir, reasons)
 
 
 # The flows take the validated config itself: Prefect records it as JSON and passes the object through.

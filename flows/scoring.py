@@ -302,8 +302,11 @@ class _Progress:
         if self.artifact is not None:
             from prefect.artifacts import update_progress_artifact
 
+            # the totals too: the UI keeps only the latest description
             update_progress_artifact(self.artifact, 100.0 * stats["tokens"] / max(1, self.total),
-                                     description=f"{rate} tok/s")
+                                     description=f"{stats['tokens']:,} of {self.total:,} tokens, shards "
+                                                 f"{stats['shards_scored']}/{self.n_shards}, "
+                                                 f"{tick - run.t0:.0f} s, {rate} tok/s")
         run.driver["progress"] += time.perf_counter() - tick
 
 

@@ -102,7 +102,9 @@ def score_shard_task(job: ScoreJob, shard: int, samples, out_path: str) -> dict:
             "model_id": id(sm), "made_by": made_by, "node": where()["node"]}
 
 
-@task(name="train-adapter", cache_policy=NO_CACHE)
+# log_prints off: Prefect's print hook would take the bytecode dill prints into its own captured stdout while
+# datasets fingerprints the training table, and put it in the flow run's log
+@task(name="train-adapter", cache_policy=NO_CACHE, log_prints=False)
 def train_task(job: TrainJob) -> dict:
     """One training worker: on a Ray worker with the declared resources, or in this process.
 

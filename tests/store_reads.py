@@ -2,6 +2,17 @@
 from __future__ import annotations
 
 
+def read_run(cfg, fn):
+    """``fn(con)`` on a run's database, opened read-only and closed after."""
+    from tokenclean.tasks import store
+
+    con = store.connect(cfg.db_path, read_only=True)
+    try:
+        return fn(con)
+    finally:
+        con.close()
+
+
 def losses_by_uid(con, model: str, dataset: str) -> list[tuple]:
     """(uid, pos, loss) of ``model`` over a dataset's samples, ordered: comparable across databases."""
     return con.execute(

@@ -3,6 +3,7 @@ flow run (local API server), scoring on a real local Ray cluster, a real DuckDB 
 Then a rerun resumes."""
 import json
 import os
+import re
 
 import pytest
 
@@ -229,6 +230,8 @@ def test_flow_runs_are_recorded_in_prefect(finished_run):
     my_ids = {run_id for run_id, _, workdir in runs if workdir == finished_run.workdir}
     progress = [a for a in arts if a.type == "progress" and a.key == key("score-base") and a.flow_run_id in my_ids]
     assert progress and {float(a.data) for a in progress} == {100.0}
+    assert all(re.fullmatch(r"([\d,]+) of \1 tokens, shards (\d+)/\2, \d+ s, [\d,]+ tok/s", a.description)
+               for a in progress), [a.description for a in progress]  # the totals and the elapsed time are kept
 
 
 async def _all(read, **filters) -> list:
@@ -247,7 +250,14 @@ def _prefect_view(cfg) -> dict:
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
 
     async def read():
         async with get_client() as c:
@@ -258,7 +268,8 @@ def _prefect_view(cfg) -> dict:
             tasks = await _all(c.read_task_runs, flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
             arts = await _all(c.read_artifacts,
                               artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)))
-            return {"runs": [(r, flows[r.flow_id]) for r in runs], "tasks": tasks, "artifacts": arts}
+            logs = await _all(c.read_logs, log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+            return {"runs": [(r, flows[r.flow_id]) for r in runs], "tasks": tasks, "artifacts": arts, "logs": logs}
 
     return asyncio.run(read())
 
@@ -313,6 +324,27 @@ def test_prefect_names_and_tags_every_run_and_task_and_keys_artifacts_by_run_nam
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     assert {lab: {key: cell(r[head]) for key, head, _ in COLUMNS} for lab, r in rows.items()} == printed
+    # the metrics table: wide, one row per model and task, labelled as the comparison labels them
+    metrics = json.loads(max((a for a in arts if a.key == artifact_key(cfg.name, "token-cleaning-metrics")),
+                             key=lambda a: a.created).data)
+    assert {m["variant"] for m in metrics} <= set(printed) and {m["name"] for m in metrics} >= {"global", "sample"}
+    assert len({(m["name"], m["task"]) for m in metrics}) == len(metrics)
+    assert all({"answer_match", "response_loss"} <= set(m) for m in metrics if m["task"] == "all")
+
+
+def test_the_flow_run_logs_say_what_each_stage_computed_or_reused(demo, rerun):
+    """The Logs tab of a flow run is the stage log: each computed step with its key and time, each reused one with
+    its key, and the dataset it worked on with what ingest refused."""
+    import re
+
+    cfg = demo["cfg"]
+    info = [log.message for log in _prefect_view(cfg)["logs"] if log.level == 20]
+    adapter, dataset = _out(cfg, "global", "adapter"), _out(cfg, "data", "dataset")
+    assert any(re.fullmatch(rf"train global: computed {adapter} in [0-9.]+ s", m) for m in info), info
+    assert f"adapter global: reused {adapter}" in info  # the re-run found it by key
+    assert any(m.startswith(f"dataset {dataset}: ingested in ") and m.endswith("rows quarantined") for m in info)
+    assert any(m.startswith(f"dataset {dataset}: reused;") for m in info)
+    assert not [m for m in info if "RESUME" in m or "LOAD_GLOBAL" in m]  # no bytecode from dill's detect in the log
 
 
 def _artifact_lines(output: str) -> dict:

@@ -68,3 +68,24 @@ def test_two_runs_with_different_names_keep_separate_latest_summaries(tmp_path):
     assert set(found) == set(wanted), found
     for key, name in wanted.items():
         assert f"`{name}`" in found[key]  # each key's latest summary is its own run's
+
+
+def test_the_cli_keeps_the_terminal_quiet_and_the_flow_run_logs_at_info():
+    """What ``tokenclean`` sets for its own process (``cli.QUIET_ENV``), as Prefect's logging reads it in a fresh
+    process: flow and task run loggers at INFO (their lines reach the Prefect UI), the terminal at WARNING."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tokenclean.cli import QUIET_ENV
+
+    probe = ("import json, logging; from prefect.logging.configuration import setup_logging; setup_logging(); "
+             "print(json.dumps([logging.getLogger(n).getEffectiveLevel() for n in "
+             "('prefect.flow_runs', 'prefect.task_runs', 'prefect.client')] + "
+             "[h.level for h in logging.getLogger().handlers]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_LOGGING")} | QUIET_ENV
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flow_runs, task_runs, client, *console = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (flow_runs, task_runs, client) == (20, 20, 30) and console == [30]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
+from tests.store_reads import read_run
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 
@@ -151,23 +152,15 @@ def test_an_instruct_tokenizer_of_the_base_is_accepted(tmp_path, caplog):
 
 # ---- a fixed-model run with a given reference ---------------------------------------------------------------
 
-def _read(cfg: RunConfig, fn):
-    con = store.connect(cfg.db_path, read_only=True)
-    try:
-        return fn(con)
-    finally:
-        con.close()
-
-
 def _outputs(cfg: RunConfig) -> dict:
     from tokenclean.tasks.names import label
 
-    return _read(cfg, lambda con: {(label(o["variant"], o["iteration"]), o["kind"]): o["key"]
+    return read_run(cfg, lambda con: {(label(o["variant"], o["iteration"]), o["kind"]): o["key"]
                                    for o in store.current_outputs(con)})
 
 
 def _stages(cfg: RunConfig, since) -> set:
-    return {(s["stage"], s["name"]) for s in _read(cfg, lambda con: store.stages_since(con, since))}
+    return {(s["stage"], s["name"]) for s in read_run(cfg, lambda con: store.stages_since(con, since))}
 
 
 @pytest.fixture(scope="module")
@@ -193,20 +186,20 @@ def test_the_given_reference_scores_the_whole_pool_with_its_own_forward(given_ru
     out = _outputs(cfg)
     dataset, ref_losses = out[("data", "dataset")], out[("reference", "losses")]
     assert ("reference", "adapter") not in out and ("reference", "selection") not in out
-    assert _read(cfg, lambda con: con.execute("SELECT count(*) FROM adapters").fetchone()[0]) == 1  # global's
+    assert read_run(cfg, lambda con: con.execute("SELECT count(*) FROM adapters").fetchone()[0]) == 1  # global's
     model_key = out[("reference", "model")]
     assert model_key != out[("base", "model")]
-    assert _read(cfg, lambda con: store.model_inputs(con, model_key))["path"] == str(ref.resolve())
-    assert _read(cfg, lambda con: store.artifact_inputs(con, "eval", out[("reference", "eval")]))["model"] == model_key
-    assert _read(cfg, lambda con: store.check_integrity(con, ref_losses, dataset, [0, 1, 2]))["ok"]
-    sel = _read(cfg, lambda con: store.selection_record(con, out[("global", "selection")]))
+    assert read_run(cfg, lambda con: store.model_inputs(con, model_key))["path"] == str(ref.resolve())
+    assert read_run(cfg, lambda con: store.artifact_inputs(con, "eval", out[("reference", "eval")]))["model"] == model_key
+    assert read_run(cfg, lambda con: store.check_integrity(con, ref_losses, dataset, [0, 1, 2]))["ok"]
+    sel = read_run(cfg, lambda con: store.selection_record(con, out[("global", "selection")]))
     assert sel["parts"] == "0,1,2"
 
-    ids = _read(cfg, lambda con: [r[0] for r in con.execute(
+    ids = read_run(cfg, lambda con: [r[0] for r in con.execute(
         "SELECT sample_id FROM dataset_samples WHERE dataset = ? AND part >= 0 ORDER BY sample_id", [dataset])
         .fetchall()])
-    samples = _read(cfg, lambda con: load_shard_samples(con, ids).samples())
-    stored = dict(_read(cfg, lambda con: [((s, p), loss) for s, p, loss in con.execute(
+    samples = read_run(cfg, lambda con: load_shard_samples(con, ids).samples())
+    stored = dict(read_run(cfg, lambda con: [((s, p), loss) for s, p, loss in con.execute(
         "SELECT sample_id, pos, loss FROM token_losses WHERE model = ?", [ref_losses]).fetchall()]))
     hf = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32).eval()
     want = {}
@@ -246,7 +239,7 @@ def test_the_reference_is_keyed_by_its_weights_and_never_served_as_the_base(give
         ctx.con.close()
 
     before = _outputs(cfg)
-    since = _read(cfg, store.last_stage_time)
+    since = read_run(cfg, store.last_stage_time)
     shutil.rmtree(ref)
     _perturbed(tiny, ref, seed=2)
     out = refresh(cfg)

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import tiny_config
 from tests.faults import BACKEND, FAULT_ENV, shard_first_ids
-from tests.store_reads import losses_by_uid
+from tests.store_reads import losses_by_uid, read_run
 from tokenclean.config import RunConfig
 from tokenclean.summary import output_key
 from tokenclean.tasks import store
@@ -23,17 +23,9 @@ def _cfg(tmp_path, name, **kw):
     return cfg
 
 
-def _read(cfg: RunConfig, fn):
-    con = store.connect(cfg.db_path, read_only=True)
-    try:
-        return fn(con)
-    finally:
-        con.close()
-
-
 def _losses(cfg: RunConfig, name: str):
     """(uid, pos, loss) of the current model ``name``: comparable across run directories."""
-    return _read(cfg, lambda con: losses_by_uid(con, output_key(con, name, "losses"),
+    return read_run(cfg, lambda con: losses_by_uid(con, output_key(con, name, "losses"),
                                                       output_key(con, "data", "dataset")))
 
 
@@ -72,7 +64,7 @@ def test_worker_death_is_retried_and_nan_losses_never_ranked(tiny, tmp_path, und
             [sel["selection"]]).fetchall()}
         return stage[-1]["nonfinite"], sel, kept
 
-    nonfinite, sel, kept = _read(cfg, check)
+    nonfinite, sel, kept = read_run(cfg, check)
     assert nonfinite == 2 and sel["n_nonfinite"] == 2
     assert sel["n_candidates"] == len(ref) - 2 and not (poisoned & kept)
 

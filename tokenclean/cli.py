@@ -46,9 +46,16 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
 SET_HELP = "Override a config key, e.g. --set select.k=0.5 --set train.lr=2e-4 (repeatable)."
 
 
+# Ray and Prefect talk a lot at INFO: the terminal keeps WARNING and up for our own progress bars, while the flow
+# and task runs' own INFO lines (each stage: computed or reused, its key and time) still reach the Prefect UI.
+QUIET_ENV = {"PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+             "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+             "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO"}
+
+
 def _quiet_env() -> None:
-    # Ray and Prefect talk a lot at INFO; keep the terminal for our own progress bars.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -207,6 +207,22 @@ def metrics_rows(con) -> list[dict]:
     return rows
 
 
+def metrics_table(con) -> list[dict]:
+    """``metrics_rows`` in wide form, the dashboard's table: one row per model and task (``name`` as the commands take
+    it, ``variant`` as the comparison labels it), a column per metric."""
+    labels = {method: lab for lab, method in VARIANTS}
+    out: dict[tuple, dict] = {}
+    for r in metrics_rows(con):
+        method, k = split_k(r["variant"])
+        name = label(r["variant"], r["iteration"])
+        lab = labels.get(method, method) + ("" if k is None else f" k={r['variant'].rsplit('-k', 1)[1]}")
+        row = out.setdefault((name, r["task"] or ""), {"variant": lab, "name": name, "task": r["task"] or "all"})
+        row[r["metric"]] = r["value"]
+    order = {method: i for i, (_, method) in enumerate(VARIANTS)}
+    return [out[key] for key in sorted(out, key=lambda nt: (order.get(method_of(nt[0].split("@")[0]), len(order)),
+                                                             split_k(nt[0].split("@")[0])[1] or 0.0, nt))]
+
+
 def stage_times(con) -> list[tuple[str, str, float]]:
     runs = [r["flow_run"] for r in store.latest_flow_runs(con)]
     return store.stage_times(con, runs)
