@@ -23,6 +23,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from tokenclean.config import TrainConfig
+from tokenclean.flows import metrics
 from tokenclean.flows.prepare import RunContext
 from tokenclean.flows.runtime import submit_placed
 from tokenclean.flows.scoring import score_model
@@ -83,6 +84,7 @@ def _stage(ctx: RunContext, stage: str, name: str, key: str, seconds: float, det
     """Record a step that computed something, and say so in the flow run's log (the Prefect UI's Logs tab)."""
     store.log_stage(ctx.con, ctx.flow_run, stage, name, key, seconds, detail)
     get_run_logger().info("%s %s: computed %s in %.1f s", stage, name, key, seconds)
+    metrics.record("tokenclean_stage_seconds", seconds, ctx.cfg.name, stage=stage, name=name)
 
 
 def base(ctx: RunContext) -> Model:
@@ -115,6 +117,8 @@ def ensure_losses(ctx: RunContext, variant: str, iteration: int, model: Model, p
         raise RuntimeError(f"token_losses integrity check failed for {name} ({key}): {check}")
     if stats["nonfinite"]:
         log.warning("%s: %d non-finite token losses; they are excluded from ranking", name, stats["nonfinite"])
+    if stats["samples_scored"]:
+        metrics.record("tokenclean_scoring_tokens_per_second", stats["tokens_per_s"], ctx.cfg.name, model=name)
     _output(ctx, variant, iteration, "losses", key, bool(stats["samples_scored"] or stats["samples_recovered"]))
     return stats
 
@@ -147,6 +151,10 @@ def ensure_selection(ctx: RunContext, variant: str, iteration: int, method: str,
                      scores=scores, seed=cfg.select.seed, label=name)
         _stage(ctx, "select", name, key, out.pop("seconds"), out)
     _output(ctx, variant, iteration, "selection", key, computed)
+    rec = store.selection_record(ctx.con, key)
+    if rec["n_candidates"]:
+        metrics.record("tokenclean_kept_fraction", rec["n_kept"] / rec["n_candidates"], cfg.name,
+                       selection=label(variant, iteration))
     return key
 
 

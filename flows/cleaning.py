@@ -16,6 +16,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, tags
 
 from tokenclean.config import RunConfig
+from tokenclean.flows import metrics
 from tokenclean.flows.artifacts import (
     AdapterRequest,
     EvalRequest,
@@ -212,6 +213,7 @@ def _log_dataset(ctx: RunContext) -> None:
     how = f"ingested in {ctx.ingest['seconds']:.1f} s" if ctx.ingest.get("ingested") else "reused"
     log.info("dataset %s: %s; %s samples, %s rows quarantined", ctx.dataset, how, info.get("samples"),
              info.get("quarantined", 0))
+    metrics.record("tokenclean_quarantined_rows", info.get("quarantined", 0), ctx.cfg.name)
     reasons = store.quarantine_reasons(ctx.con, ctx.dataset)
     if reasons:
         log.warning("%d rows quarantined (tokenclean inspect %s --quarantine lists them): %s",

@@ -128,8 +128,8 @@ def task_runner(cfg: RayConfig):
 
     address = ray_address(cfg)
     # ray_session has joined the cluster already; these arguments apply only where it has not
-    return RayTaskRunner(address=address or "local", init_kwargs=init_kwargs(address is None, cfg.num_cpus,
-                                                                            cfg.env_vars))
+    return RayTaskRunner(address=address or "local", init_kwargs=init_kwargs(
+        address is None, cfg.num_cpus, cfg.env_vars, cfg.dashboard, cfg.metrics_port))
 
 
 @contextlib.contextmanager
@@ -142,7 +142,7 @@ def ray_session(cfg: RayConfig):
         return
     from tokenclean.tasks.cluster import connected
 
-    with connected(ray_address(cfg), cfg.num_cpus, cfg.env_vars) as context:
+    with connected(ray_address(cfg), cfg.num_cpus, cfg.env_vars, cfg.dashboard, cfg.metrics_port) as context:
         if context is None:  # the caller's connection
             yield
             return

@@ -38,12 +38,18 @@ def worker_env(env_vars=()) -> dict:
     return env
 
 
-def init_kwargs(local: bool, num_cpus: int | None = None, env_vars=()) -> dict:
-    """``ray.init`` keyword arguments: the workers' environment, and for a local cluster its size (no dashboard:
-    it wants extra ports and a process per node)."""
+def init_kwargs(local: bool, num_cpus: int | None = None, env_vars=(), dashboard: bool = False,
+                metrics_port: int | None = None) -> dict:
+    """``ray.init`` keyword arguments: the workers' environment, and for a local cluster its size, its dashboard
+    (off unless asked for: it wants extra ports and a process per node; on 127.0.0.1 when on) and the port its
+    metrics are exported on. A cluster joined by address has its own dashboard and metrics settings."""
     init: dict = {"runtime_env": {"env_vars": worker_env(env_vars)}, "log_to_driver": True}
     if local:
-        init |= {"include_dashboard": False, "num_cpus": num_cpus or os.cpu_count() or 1}
+        init |= {"include_dashboard": dashboard, "num_cpus": num_cpus or os.cpu_count() or 1}
+        if dashboard:
+            init["dashboard_host"] = "127.0.0.1"
+        if metrics_port:
+            init["_metrics_export_port"] = metrics_port
     return init
 
 
@@ -89,7 +95,8 @@ def loopback_only():
 
 
 @contextlib.contextmanager
-def connected(address: str | None, num_cpus: int | None = None, env_vars=(), **extra):
+def connected(address: str | None, num_cpus: int | None = None, env_vars=(), dashboard: bool = False,
+              metrics_port: int | None = None, **extra):
     """Hold a Ray connection for the duration: to ``address``, or to a new local cluster (loopback, token) that
     ends with it. Does nothing where Ray is already initialised (the caller's connection is used). Yields the
     ``ray.init`` context, or None."""
@@ -101,7 +108,7 @@ def connected(address: str | None, num_cpus: int | None = None, env_vars=(), **e
     from tokenclean.tasks import watchdog
 
     local = address in (None, "local")
-    kwargs = init_kwargs(local, num_cpus, env_vars) | extra
+    kwargs = init_kwargs(local, num_cpus, env_vars, dashboard, metrics_port) | extra
     if local:
         watchdog.start()  # the cluster dies with this process, even a SIGKILLed one
     with loopback_only() if local else contextlib.nullcontext():

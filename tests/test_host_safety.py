@@ -46,6 +46,14 @@ def _listening(procs) -> list[tuple[str, str, int]]:
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _client(gcs: str, env: dict, wait_s: float = 60) -> str:
     """Output of a process that joins the cluster at ``gcs`` and prints CONNECTED; killed after ``wait_s`` or as
     soon as Ray says it was refused (Ray retries a refused connection for minutes)."""
@@ -73,6 +81,8 @@ def _client(gcs: str, env: dict, wait_s: float = 60) -> str:
 def live(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
     cfg = tiny_config(tmp / "runs", "live", mode="fixed", baselines=["full"], iterations=1)
+    # with what a local cluster can add: its dashboard and a metrics endpoint, whose sockets are watched too
+    cfg["ray"] = dict(cfg["ray"], dashboard=True, metrics_port=_free_port())
     # held in the reference's training, the first Ray work after ingest
     cfg["warmup_train"] = dict(cfg["warmup_train"], checkpoint_every=1,
                                callbacks=["tests.faults:StallAfterCheckpoint"])
@@ -84,7 +94,7 @@ def live(tiny, tmp_path_factory):
     env |= CANARIES | {VISIBLE[0]: VISIBLE[1], STALL_TRAINING_ENV: f"1:{marker}"}
     proc = subprocess.Popen([sys.executable, "-m", "tokenclean.cli", "run", str(tmp / "run.yaml")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen: dict = {"run_dir": tmp / "runs" / "live"}
+    seen: dict = {"run_dir": tmp / "runs" / "live", "metrics_port": cfg["ray"]["metrics_port"]}
     started = time.time()
     try:
         deadline = time.monotonic() + 600
@@ -127,6 +137,7 @@ def live(tiny, tmp_path_factory):
 def test_every_socket_of_a_local_run_is_on_loopback(live):
     assert {"gcs_server", "raylet"} <= set(live["names"]), live["names"]  # the cluster was there to look at
     assert len(live["listening"]) >= 4, live["listening"]
+    assert live["metrics_port"] in {port for _, _, port in live["listening"]}  # the metrics endpoint is watched too
     public = [s for s in live["listening"] if not s[1].startswith(LOOPBACK)]
     assert not public, public
 

@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import uuid
 
+import pytest
+
 from tests.conftest import tiny_config
 from tokenclean.config import RunConfig
 from tokenclean.flows.runtime import ARTIFACT_KEY_MAX, artifact_key
@@ -89,3 +91,78 @@ def test_the_cli_keeps_the_terminal_quiet_and_the_flow_run_logs_at_info():
     assert out.returncode == 0, out.stderr
     flow_runs, task_runs, client, *console = json.loads(out.stdout.strip().splitlines()[-1])
     assert (flow_runs, task_runs, client) == (20, 20, 30) and console == [30]
+
+
+def _series(body: str, name: str, *keys: str) -> dict[str, float]:
+    """{the values of ``keys`` joined by '/': value} of one gauge in a Prometheus text page, with each series' run."""
+    import re
+
+    out = {}
+    for labels, value in re.findall(rf"^ray_{name}{{(.*)}} (\S+)$", body, re.M):
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        out["/".join([tags["run"], *(tags[k] for k in keys)])] = float(value)
+    return out
+
+
+def _scrape(url: str, ready, timeout_s: float = 90) -> str:
+    """The metrics endpoint's text once ``ready(text)`` holds (Ray exports every few seconds, not all at once)."""
+    import time
+    import urllib.request
+
+    deadline, body = time.monotonic() + timeout_s, ""
+    while time.monotonic() < deadline:
+        try:
+            body = urllib.request.urlopen(url, timeout=5).read().decode()
+        except OSError:
+            body = ""
+        if ready(body):
+            return body
+        time.sleep(2)
+    return body
+
+
+def test_a_runs_metrics_reach_the_local_clusters_prometheus_endpoint_on_loopback(tiny, tmp_path):
+    """A run on a local cluster with ``ray.metrics_port``: its stage seconds, scoring rate, kept fractions and
+    quarantined rows are Prometheus series at http://127.0.0.1:PORT/metrics, named with the run, and that port
+    listens on loopback only."""
+    import socket
+
+    import psutil
+
+    from tokenclean.flows.cleaning import run
+    from tokenclean.flows.runtime import ray_session
+
+    for name, n in (("train.jsonl", 90), ("eval.jsonl", 12)):
+        src = tiny.train if name == "train.jsonl" else tiny.eval
+        (tmp_path / name).write_text("".join(src.read_text().splitlines(keepends=True)[:n]))
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(tmp_path / "runs", name="metered", mode="fixed", baselines=["global"], iterations=1)
+    cfg["data"] = {"paths": [str(tmp_path / "train.jsonl")], "eval_paths": [str(tmp_path / "eval.jsonl")],
+                   "max_length": 256}
+    cfg["ray"] = {"num_cpus": 2, "metrics_port": port}
+    cfg["eval"] = {"max_new_tokens": 0}
+    cfg = RunConfig.model_validate(cfg)
+    with ray_session(cfg.ray):  # held here, so the endpoint outlives the run: run() joins this session
+        run(cfg)
+        stages = {"metered/train/reference", "metered/train/global", "metered/evaluate/global",
+                  "metered/select/global"}
+        body = _scrape(f"http://127.0.0.1:{port}/metrics",
+                       lambda text: stages <= set(_series(text, "tokenclean_stage_seconds", "stage", "name")))
+        listeners = [c.laddr.ip for p in psutil.Process().children(recursive=True) for c in _inet(p)
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert stages <= set(_series(body, "tokenclean_stage_seconds", "stage", "name")), _series(body, "tokenclean_stage_seconds", "stage", "name")
+    assert _series(body, "tokenclean_kept_fraction", "selection")["metered/global"] == pytest.approx(0.6, abs=1e-3)
+    assert {"metered/base", "metered/reference"} <= set(_series(body, "tokenclean_scoring_tokens_per_second", "model"))
+    assert _series(body, "tokenclean_quarantined_rows") == {"metered": 0.0}
+    assert listeners and all(ip.startswith(("127.", "::ffff:127.")) for ip in listeners), listeners
+
+
+def _inet(p):
+    import psutil
+
+    try:
+        return p.net_connections(kind="inet")
+    except psutil.Error:
+        return []

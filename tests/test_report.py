@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import re
 import shutil
@@ -43,6 +44,10 @@ SELECTIONS = [  # name (variant label), method, parts, scores (by theta), select
     ("self-evolving@1", "global", [1], 1, "f5"),
     ("self-evolving@2", "global", [2], 2, "f6"),
 ]
+# seconds each selection's stage log row claims: logged in this order, a long stage started before a short one
+# logged ahead of it, so the order by start differs from the order they finished in
+STAGE_SECONDS = {"global": 0.5, "local": 30.0, "random": 0.25, "full": 4.0, "self-evolving@1": 0.1,
+                 "self-evolving@2": 12.0}
 
 
 def _uids_in_parts(prefix: str, parts: set[int], n: int) -> list[str]:
@@ -117,6 +122,7 @@ def run_db(tiny, tmp_path_factory):
                                               scores=SCORES[theta or 1], seed=0)
         variant, _, it = name.partition("@")
         store.record_output(con, evolving if it else fixed, variant, int(it or 1), "selection", key, True)
+        store.log_stage(con, evolving if it else fixed, "select", name, key, STAGE_SECONDS[name], sel_out[name])
     for n, (variant, it, loss, em) in enumerate((("base", 0, 2.0, 0.05), ("reference", 0, 1.5, 0.3),
                                                  ("full", 1, 1.2, 0.4), ("random", 1, 1.3, 0.35),
                                                  ("local", 1, 1.1, 0.45), ("global", 1, 1.0, 0.5))):
@@ -148,7 +154,7 @@ def test_classify_trend_definitions():
 
 def test_report_sections_and_thresholds(run_db):
     text = run_db["text"]
-    for anchor in ("overview", "scores", "sources", "comparison", "trends", "samples"):
+    for anchor in ("runs", "overview", "scores", "sources", "comparison", "trends", "refreshes", "samples"):
         assert f'<section id="{anchor}">' in text
     assert "could not be built" not in text
     # one histogram per (scores, pool) that a selection ranks; each global threshold on its own chart only
@@ -305,6 +311,160 @@ def test_cli_report_writes_default_path(run_db, tmp_path):
     assert "Selection <b>self-evolving@2</b>" in (run_dir / "report.html").read_text()
 
 
+def _data_attrs(tag: str) -> dict[str, str]:
+    return {k: html.unescape(v) for k, v in re.findall(r'data-([a-z-]+)="([^"]*)"', tag)}
+
+
+def _tags(text: str, pattern: str) -> list[dict[str, str]]:
+    """The data- attributes of every opening tag matching ``pattern`` (a regex over the tag's start)."""
+    return [_data_attrs(t) for t in re.findall(rf"<{pattern}[^>]*>", text)]
+
+
+def _section_html(text: str, anchor: str) -> str:
+    return re.search(rf'<section id="{anchor}">(.*?)</section>', text, re.S).group(1)
+
+
+def test_histograms_count_on_a_log_scale(run_db):
+    """Bar heights are log10(1 + count) of the tallest's, and the count axis is labelled in counts at 1, 10, ..."""
+    charts = re.findall(r'<svg class="chart" data-yscale="log10\(1\+count\)"(.*?)</svg>',
+                        _section_html(run_db["text"], "scores"), re.S)
+    assert len(charts) == 4  # three score histograms, one of local's per-sample thresholds
+    for chart in charts:
+        assert "(log scale)</text>" in chart
+        bars = [(int(c), float(h)) for c, h in re.findall(r'<rect class="bar" data-count="(\d+)"[^>]* height="([^"]+)"',
+                                                           chart)]
+        top = max(c for c, _ in bars)
+        full = max(h for _, h in bars)
+        for c, h in bars:
+            assert h == pytest.approx(full * math.log10(1 + c) / math.log10(1 + top), abs=0.02), (c, h, top)
+        ticks = [int(t) for t in re.findall(r'class="tick ytick" data-count="(\d+)"', chart)]
+        powers = [10 ** i for i in range(len(str(top))) if 10 ** i <= top]
+        assert ticks[:len(powers) + 1] == [0] + powers and set(ticks) <= {0, top, *powers}
+    assert any(c < top / 100 for c, _ in bars), "the fixture's scores have no tail to show"
+
+
+def _per_sample_thresholds(db: Path, selection: str, scores: str) -> list[float]:
+    con = store.connect(db, read_only=True)
+    try:
+        kept = con.execute("SELECT sample_id, pos FROM selected_tokens WHERE selection = ?", [selection]).fetchall()
+        score = {(s, p): v for s, p, v in con.execute("SELECT sample_id, pos, score FROM token_scores WHERE scores = ?",
+                                                      [scores]).fetchall()}
+    finally:
+        con.close()
+    low: dict[int, float] = {}
+    for s, p in kept:
+        low[s] = min(low.get(s, math.inf), score[(s, p)])
+    return sorted(low.values())
+
+
+def test_local_shows_its_per_sample_thresholds(run_db):
+    """local draws no threshold line; its note gives the spread of each sample's lowest kept score."""
+    section = _section_html(run_db["text"], "scores")
+    (note,) = _tags(section, r'p class="local-thresholds"')
+    assert note["selection"] == "local"
+    thr = _per_sample_thresholds(run_db["db"], "f2", SCORES[1])
+    assert int(note["keeping"]) == len(thr) and len(set(thr)) > 1
+    assert float(note["min"]) == pytest.approx(thr[0]) and float(note["max"]) == pytest.approx(thr[-1])
+    assert float(note["median"]) == pytest.approx(float(np.median(thr)))
+    assert "keeps each sample's own top 0.6" in section and 'class="threshold" data-selection="local"' not in section
+    small = re.search(r'<figure class="sample-thresholds" data-selection="local">(.*?)</figure>', section, re.S)
+    assert sum(int(c) for c in re.findall(r'<rect class="bar" data-count="(\d+)"', small.group(1))) == len(thr)
+
+
+def test_run_section_status_durations_and_stages_by_start(run_db):
+    section = _section_html(run_db["text"], "runs")
+    assert run_db["text"].index('<section id="runs">') < run_db["text"].index('<section id="scores">')
+    con = store.connect(run_db["db"], read_only=True)
+    try:
+        runs = con.execute("SELECT flow_run, flow, epoch(finished_at) - epoch(started_at) FROM flow_runs "
+                           "ORDER BY started_at").fetchall()
+        logged = {fr: con.execute("SELECT stage, name, seconds FROM stage_log WHERE flow_run = ? ORDER BY finished_at",
+                                  [fr]).fetchall() for fr, _, _ in runs}
+    finally:
+        con.close()
+    rows = _tags(section, r'tr data-flow-run=')
+    assert [(r["flow-run"], r["flow"], r["status"]) for r in rows] == [(fr, f, "finished") for fr, f, _ in runs]
+    assert [float(r["seconds"]) for r in rows] == pytest.approx([s for _, _, s in runs])
+    assert "unfinished" not in section
+    for fr, _, _ in runs:
+        stages = _tags(section.split(f'data-stages-of="{fr}"')[1].split("</table>")[0], r'tr class="stage"')
+        assert sorted((s["stage"], s["name"], float(s["seconds"])) for s in stages) == sorted(logged[fr])
+        starts = [s["start"] for s in stages]
+        assert starts == sorted(starts)  # by start, not by the order they finished in
+        assert [s["name"] for s in stages] != [n for _, n, _ in logged[fr]], "the fixture's stages start in log order"
+
+
+def test_no_refresh_is_one_line(run_db):
+    section = _section_html(run_db["text"], "refreshes")
+    assert "No scheduled refresh (refresh-token-ranking) has finished" in section and "<table" not in section
+
+
+REFRESHES = [  # (ingest detail or None: no dataset ingested, samples scored per model, theta_1 retrained, k)
+    ({"ingested": True, "seconds": 2.0}, {"base": 40, "reference": 40}, True, 0.5),
+    ({"ingested": True, "seconds": 1.0, "changes": {"unchanged": 30, "changed": 2, "added": 3, "removed": 1}},
+     {"base": 5, "reference": 5}, False, 0.4),
+    (None, {}, False, 0.4),
+]
+
+
+@pytest.fixture(scope="module")
+def refreshed(run_db, tmp_path_factory):
+    """The run database after three scheduled refreshes and a fourth killed midway, recorded through the store's
+    functions as flows/cleaning.py ``refresh_ranking`` records them (a real refresh trains theta_1: too slow here)."""
+    from tokenclean.report import REFRESH_FLOW
+
+    tmp = tmp_path_factory.mktemp("report-refresh")
+    db = tmp / "tokenclean.duckdb"
+    shutil.copy(run_db["db"], db)
+    con = store.connect(db)
+    for n, (ingest_detail, scored, retrained, k) in enumerate(REFRESHES):
+        fr = store.start_flow_run(con, REFRESH_FLOW, {"name": "nightly"}, DATASET)
+        if ingest_detail:
+            store.log_stage(con, fr, "ingest", "dataset", DATASET, ingest_detail["seconds"], ingest_detail)
+        store.record_output(con, fr, "data", 0, "dataset", DATASET, ingest_detail is not None)
+        for model, samples in scored.items():
+            store.log_stage(con, fr, "score", model, f"s-{model}", 1.5, {"samples_scored": samples, "tokens": 99})
+        store.record_output(con, fr, "reference", 0, "adapter", THETA[1], retrained)
+        key = f"r{n}"
+        if store.selection_record(con, key) is None:
+            store.write_selection(con, key, "global", k, dataset=DATASET, parts=[0, 1, 2],
+                                  pool=store.pool_digest(con, DATASET, [0, 1, 2]), scores=SCORES[1], seed=0)
+        store.record_output(con, fr, "refresh", 1, "selection", key, True)
+        store.finish_flow_run(con, fr)
+    killed = store.start_flow_run(con, REFRESH_FLOW, {"name": "nightly"}, DATASET)
+    con.close()
+    out = build_report(db, tmp / "report.html", n_samples=1)
+    return {"db": db, "text": out.read_text(), "killed": killed}
+
+
+def test_refresh_history(refreshed):
+    """One row per finished refresh, oldest first, with what the store records of it; the killed one is left out
+    of the history and shown as unfinished in the run section."""
+    text = refreshed["text"]
+    section = _section_html(text, "refreshes")
+    rows = _tags(section, r'tr class="refresh"')
+    con = store.connect(refreshed["db"], read_only=True)
+    try:
+        runs = [r[0] for r in con.execute("SELECT flow_run FROM flow_runs WHERE flow = 'refresh-token-ranking' AND "
+                                          "finished_at IS NOT NULL ORDER BY started_at").fetchall()]
+        kept = con.execute("SELECT n_kept, n_candidates FROM selections WHERE selection IN ('r0', 'r1', 'r2') "
+                           "ORDER BY selection").fetchall()
+    finally:
+        con.close()
+    assert [r["flow-run"] for r in rows] == runs and len(runs) == len(REFRESHES)
+    for row, (_, scored, _, _), (n_kept, n_cand) in zip(rows, REFRESHES, kept):
+        assert int(row["scored"]) == sum(scored.values()) and row["dataset"] == DATASET
+        assert (int(row["kept"]), int(row["candidates"])) == (n_kept, n_cand)
+    assert kept[0] != kept[1]  # each refresh shows its own selection
+    assert "changed 2, added 3, removed 1" in section and "first ingest" in section
+    assert "no dataset ingested" in section and "retrained" in section
+    runs_section = _section_html(text, "runs")
+    status = {r["flow-run"]: r["status"] for r in _tags(runs_section, r'tr data-flow-run=')}
+    assert status[refreshed["killed"]] == "unfinished" and status[runs[-1]] == "finished"
+    assert "still running or was killed" in runs_section
+    assert 'class="reused" data-stage="adapter"' in runs_section  # theta_1 kept by the last finished refresh
+
+
 # ------------------------------------------------------------------------ Chromium
 
 def _png_pixels(path: Path) -> np.ndarray:
@@ -376,11 +536,11 @@ def test_report_renders_in_headless_chromium(run_db, tmp_path):
     exe = _chromium()
     url = run_db["html"].resolve().as_uri()
     shot = tmp_path / "shot.png"
-    res = _run_chromium(exe, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,2000", url)
+    res = _run_chromium(exe, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,3200", url)
     assert shot.exists(), f"no screenshot; chromium said:\n{res.stderr[-3000:]}"
     assert shot.stat().st_size > 20_000
     px = _png_pixels(shot)
-    assert px.shape[:2] == (2000, 1200)
+    assert px.shape[:2] == (3200, 1200)  # down to the kept fractions, below the run section and histograms
     colours = np.unique(px.reshape(-1, 3)[::7], axis=0)
     assert len(colours) > 50, "screenshot is (nearly) a single colour"
     assert _near(px, "#7a9cc6") > 2000, "histogram bars not rendered"
@@ -396,6 +556,7 @@ def test_report_renders_in_headless_chromium(run_db, tmp_path):
     assert dom.returncode == 0, dom.stderr[-3000:]
     assert "<svg" in dom.stdout and 'class="threshold"' in dom.stdout
     assert '<table class="kept">' in dom.stdout and '<table class="trends">' in dom.stdout
+    assert '<table class="runs">' in dom.stdout and 'data-yscale="log10(1+count)"' in dom.stdout
     assert dom.stdout.count('class="sample"') == 8
     assert "<script" not in dom.stdout.lower()
     keep = os.environ.get("TOKENCLEAN_REPORT_SHOTS")  # set to a folder to look at the screenshots

@@ -254,6 +254,11 @@ class RayConfig(_Strict):
                                           "AWS_ENDPOINT_URL, AWS_DEFAULT_REGION for s3 storage (values are read at "
                                           "run time, never written into the run's config). Never secrets: Ray logs "
                                           "them; workers take credentials from their node's own credential chain")
+    dashboard: bool = Field(False, description="a local cluster (no address) starts the Ray dashboard, on "
+                                               "127.0.0.1 only; each flow run's Prefect artifacts link to it")
+    metrics_port: int | None = Field(None, ge=1024, le=65535, description="a local cluster exports Ray's and "
+                                     "tokenclean's metrics for Prometheus at http://127.0.0.1:PORT/metrics (stage "
+                                     "seconds, scoring tokens/s, kept fractions, quarantined rows)")
     enabled: bool = True
 
     @field_validator("env_vars")

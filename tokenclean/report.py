@@ -1,8 +1,10 @@
 """A run's self-contained HTML report: inline CSS and SVG, no scripts, no network.
 
-Sections: run overview, score histograms with selection thresholds, kept-token fraction
+Sections: flow runs (status, durations, stage timings), run overview, score histograms on a
+log count axis with global thresholds and local's per-sample thresholds, kept-token fraction
 per source dataset, the comparison table, per-task exact match across self-evolving
-iterations (the Matthew-effect view) and sample responses with kept tokens highlighted.
+iterations (the Matthew-effect view), scheduled-refresh history and sample responses with
+kept tokens highlighted.
 
 Every aggregate over token-level tables (``token_scores``, ``selected_tokens``) is
 computed in DuckDB; Python only sees bins and per-group counts. Each section is built
@@ -65,10 +67,12 @@ def _note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
-def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-    """Cells are already-escaped HTML."""
+def _table(head: list[str], rows: list[list[str]], cls: str = "", attrs: list[str] | None = None) -> str:
+    """Cells are already-escaped HTML; ``attrs``: each row's attributes (escaped), for readers of the HTML."""
     th = "".join(f"<th>{h}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    attrs = attrs or [""] * len(rows)
+    body = "".join(f"<tr{' ' + a if a else ''}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+                   for r, a in zip(rows, attrs))
     return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -91,6 +95,109 @@ def _base_path(con) -> str | None:
 
     key = output_key(con, "base", "model")
     return (store.model_inputs(con, key) or {}).get("path") if key else None
+
+
+REFRESH_FLOW, REFRESH_VARIANT = "refresh-token-ranking", "refresh"  # flows/cleaning.py: the refresh flow and its name
+
+
+def _when(ts) -> str:
+    return "–" if ts is None else f"{ts:%Y-%m-%d %H:%M:%S}"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f} s"
+    h, rest = divmod(round(s), 3600)
+    return (f"{h} h " if h else "") + f"{rest // 60} min {rest % 60} s"
+
+
+def _run_section(con) -> str:
+    """The latest run of each flow (and the finished one the report reads, where the latest did not finish):
+    status, start, duration, and what each stage computed and how long it took."""
+    from tokenclean.tasks import store
+
+    runs = store.report.flow_run_status(con)
+    if not runs:
+        return _note("No flow runs recorded in this database.")
+    rows, attrs = [], []
+    for r in runs:
+        status = "finished" if r["finished_at"] is not None else "unfinished"
+        rows.append([esc(r["flow"]), esc(r["name"]), f'<span class="status status-{status}">{status}</span>',
+                     f"<code>{esc(r['flow_run'][:12])}</code>", f"<code>{esc(r['dataset'])}</code>",
+                     esc(_when(r["started_at"])), esc(_duration(r["seconds"]))])
+        attrs.append(f'data-flow-run="{esc(r["flow_run"])}" data-flow="{esc(r["flow"])}" data-status="{status}" '
+                     f'data-seconds="{"" if r["seconds"] is None else repr(float(r["seconds"]))}"')
+    out = [_table(["flow", "run name", "status", "flow run", "dataset", "started", "duration"], rows, "runs", attrs)]
+    if any(r["finished_at"] is None for r in runs):
+        out.append(_note("An unfinished run is still running or was killed: the other sections show the latest "
+                         "finished run of each flow."))
+    out += [_stage_table(con, r) for r in runs]
+    return "".join(out)
+
+
+def _stage_table(con, run: dict) -> str:
+    """One flow run's stages by start: the computed ones with their times, then what it reused."""
+    from tokenclean.tasks import store
+    from tokenclean.tasks.names import label
+
+    stages = store.report.stage_timings(con, run["flow_run"])
+    reused = store.report.reused_outputs(con, run["flow_run"])
+    status = "finished" if run["finished_at"] is not None else "unfinished"
+    head = (f'<h3 data-stages-of="{esc(run["flow_run"])}">{esc(run["flow"])} ({status}) · started '
+            f"{esc(_when(run['started_at']))} · {len(stages)} stages computed in "
+            f"{esc(_duration(sum(s['seconds'] for s in stages)))}</h3>")
+    rows = [[esc(_when(s["started_at"])), esc(s["stage"]), esc(s["name"]),
+             f'<span class="num">{s["seconds"]:.2f}</span>', "computed", f"<code>{esc(s['key'])}</code>"]
+            for s in stages]
+    attrs = [f'class="stage" data-stage="{esc(s["stage"])}" data-name="{esc(s["name"])}" '
+             f'data-start="{esc(s["started_at"].isoformat())}" data-seconds="{s["seconds"]!r}"' for s in stages]
+    rows += [["–", esc(o["kind"]), esc(label(o["variant"], o["iteration"])), "–", "reused",
+              f"<code>{esc(o['key'])}</code>"] for o in reused]
+    attrs += [f'class="reused" data-stage="{esc(o["kind"])}"' for o in reused]
+    if not rows:
+        return head + _note("This flow run logged no stages and recorded no outputs.")
+    return head + _table(["started", "stage", "name", "seconds", "computed", "key"], rows, "stages", attrs)
+
+
+def _refresh_section(con) -> str:
+    """One row per finished scheduled refresh: what changed in the inputs, what was scored, what it kept."""
+    from tokenclean.tasks import store
+
+    runs = store.report.refresh_history(con, REFRESH_FLOW, REFRESH_VARIANT)
+    if not runs:
+        return _note(f"No scheduled refresh ({REFRESH_FLOW}) has finished on this run.")
+    rows, attrs = [], []
+    for r in runs:
+        sels = r["selections"] or []
+        scored = ", ".join(f"{s['name']} {s['samples'] or 0:,}" for s in r["scored"] or []) or "nothing"
+        kept = "; ".join(f"{s['name']}: {s['kept']:,} / {s['candidates']:,}" for s in sels) or "–"
+        theta1 = "–" if r["retrained"] is None else "retrained" if r["retrained"] else "kept"
+        rows.append([esc(_when(r["started_at"])), esc(_duration((r["finished_at"] - r["started_at"]).total_seconds())),
+                     f"<code>{esc(r['dataset'])}</code>", esc(_inputs_change(r["ingest"])), esc(scored), esc(theta1),
+                     esc(kept)])
+        attrs.append(f'class="refresh" data-flow-run="{esc(r["flow_run"])}" data-dataset="{esc(r["dataset"])}" '
+                     f'data-scored="{sum((s["samples"] or 0) for s in r["scored"] or [])}" '
+                     f'data-kept="{sum(s["kept"] for s in sels)}" '
+                     f'data-candidates="{sum(s["candidates"] for s in sels)}"')
+    return ("<p>Each finished run of the refresh flow, oldest first. Samples scored: the samples each model scored "
+            "in that refresh (stored losses of unchanged samples are reused, not rescored). Kept: the refresh "
+            "selection's kept tokens of its candidate tokens.</p>"
+            + _table(["started", "duration", "dataset", "inputs", "samples scored per model", "reference θ1",
+                      "kept / candidates"],
+                     rows, "refreshes", attrs))
+
+
+def _inputs_change(ingest: dict | None) -> str:
+    """What the refresh found in its inputs, from its ingest stage's detail."""
+    if ingest is None:
+        return "no dataset ingested (inputs unchanged, or as stored before)"
+    changes = ingest.get("changes")
+    if not changes:
+        return "first ingest"
+    return ", ".join(f"{k} {v:,}" for k, v in changes.items())
 
 
 def _overview(con) -> str:
@@ -125,52 +232,103 @@ def _overview(con) -> str:
     return meta + '<div class="row">' + "".join(parts) + "</div>"
 
 
-def _histogram_svg(bins: list[int], lo: float, hi: float, lines: list[tuple[str, float, str]],
-                   title: str) -> str:
-    W, H, L, R, T, B = 820, 260, 60, 20, 34, 42
-    pw, ph = W - L - R, H - T - B
-    ymax = max(bins) if bins and max(bins) > 0 else 1
-    nb = len(bins)
-    sx = (lambda x: L + (x - lo) / (hi - lo) * pw) if hi > lo else (lambda x: L + pw / 2)
-    out = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           f'viewBox="0 0 {W} {H}" role="img"><title>{esc(title)}</title>',
-           f'<rect x="{L}" y="{T}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#ccc"/>']
-    bw = pw / max(nb, 1)
-    for i, c in enumerate(bins):
-        if c <= 0:
-            continue
-        h = c / ymax * ph
-        out.append(f'<rect class="bar" x="{L + i * bw:.2f}" y="{T + ph - h:.2f}" width="{max(bw - 0.6, 0.5):.2f}" '
-                   f'height="{h:.2f}" fill="#7a9cc6"><title>{esc(f"bin {i}: {c} tokens")}</title></rect>')
-    for t in _nice_ticks(lo, hi):
-        x = sx(t)
-        out.append(f'<line x1="{x:.2f}" y1="{T + ph}" x2="{x:.2f}" y2="{T + ph + 5}" stroke="#555"/>'
-                   f'<text x="{x:.2f}" y="{T + ph + 18}" text-anchor="middle" class="tick">{esc(f"{t:g}")}</text>')
-    if lo < 0 < hi:
-        out.append(f'<line x1="{sx(0):.2f}" y1="{T}" x2="{sx(0):.2f}" y2="{T + ph}" stroke="#999" '
+def _log_frac(count: float, top: float) -> float:
+    """Height of ``count`` as a fraction of the plot on the log10(1 + count) axis that ends at ``top``."""
+    return math.log10(1 + count) / math.log10(1 + top) if top > 0 else 0.0
+
+
+def _count_ticks(top: int) -> list[int]:
+    """0, the powers of ten up to ``top``, and ``top`` itself where it is not crowded by the last power."""
+    ticks = [0] + [10 ** i for i in range(int(math.log10(top)) + 1)] if top >= 1 else [0]
+    if top > 2 * ticks[-1]:
+        ticks.append(top)
+    return ticks
+
+
+class _Frame:
+    """A chart's plot area: pixel position of a score (x) and of a count on the log axis (y)."""
+
+    def __init__(self, lo: float, hi: float, top: int, height: int):
+        self.W, self.H, self.L, self.R, self.T, self.B = 820, height, 60, 20, 34, 42
+        self.pw, self.ph = self.W - self.L - self.R, height - self.T - self.B
+        self.lo, self.hi, self.top = lo, hi, top
+
+    def x(self, v: float) -> float:
+        return self.L + (v - self.lo) / (self.hi - self.lo) * self.pw if self.hi > self.lo else self.L + self.pw / 2
+
+    def y(self, count: float) -> float:
+        return self.T + self.ph - _log_frac(count, self.top) * self.ph
+
+
+def _histogram_axes(f: _Frame, unit: str, xlabel: str) -> list[str]:
+    out = []
+    for t in _nice_ticks(f.lo, f.hi):
+        x = f.x(t)
+        out.append(f'<line x1="{x:.2f}" y1="{f.T + f.ph}" x2="{x:.2f}" y2="{f.T + f.ph + 5}" stroke="#555"/>'
+                   f'<text x="{x:.2f}" y="{f.T + f.ph + 18}" text-anchor="middle" class="tick">{esc(f"{t:g}")}</text>')
+    for c in _count_ticks(f.top):
+        y = f.y(c)
+        out.append(f'<line x1="{f.L - 4}" y1="{y:.2f}" x2="{f.L}" y2="{y:.2f}" stroke="#555"/>'
+                   f'<text x="{f.L - 6}" y="{y + 4:.2f}" text-anchor="end" class="tick ytick" data-count="{c}">'
+                   f'{c:,}</text>')
+    if f.lo < 0 < f.hi:
+        out.append(f'<line x1="{f.x(0):.2f}" y1="{f.T}" x2="{f.x(0):.2f}" y2="{f.T + f.ph}" stroke="#999" '
                    'stroke-dasharray="2 3"/>')
-    out.append(f'<text x="{L - 6}" y="{T + 10}" text-anchor="end" class="tick">{ymax}</text>'
-               f'<text x="{L - 6}" y="{T + ph}" text-anchor="end" class="tick">0</text>'
-               f'<text x="{L + pw / 2}" y="{H - 6}" text-anchor="middle" class="axis">'
-               'score = loss_base − loss_ref</text>'
-               f'<text x="14" y="{T + ph / 2}" text-anchor="middle" class="axis" '
-               f'transform="rotate(-90 14 {T + ph / 2})">tokens</text>')
+    mid = f.T + f.ph / 2
+    out.append(f'<text x="{f.L + f.pw / 2}" y="{f.H - 6}" text-anchor="middle" class="axis">{esc(xlabel)}</text>'
+               f'<text x="14" y="{mid}" text-anchor="middle" class="axis" transform="rotate(-90 14 {mid})">'
+               f'{esc(unit)} (log scale)</text>')
+    return out
+
+
+def _threshold_marks(f: _Frame, lines: list[tuple[str, float, str]]) -> list[str]:
+    """A dashed line per global threshold, its label, and the kept side (scores at or above it) shaded."""
+    out = []
     for j, (name, thr, color) in enumerate(lines):
-        x = sx(thr)
-        out.append(f'<line class="threshold" data-selection="{esc(name)}" x1="{x:.2f}" y1="{T - 4}" x2="{x:.2f}" '
-                   f'y2="{T + ph}" stroke="{color}" stroke-width="2" stroke-dasharray="6 3">'
+        x = f.x(thr)
+        out.append(f'<rect class="kept-region" data-selection="{esc(name)}" x="{x:.2f}" y="{f.T}" '
+                   f'width="{max(f.L + f.pw - x, 0):.2f}" height="{f.ph}" fill="{color}" fill-opacity="0.06"/>'
+                   f'<line class="threshold" data-selection="{esc(name)}" x1="{x:.2f}" y1="{f.T - 4}" x2="{x:.2f}" '
+                   f'y2="{f.T + f.ph}" stroke="{color}" stroke-width="2" stroke-dasharray="6 3">'
                    f'<title>{esc(f"{name}: keep score >= {thr:.4g}")}</title></line>')
-        anchor = "start" if x < L + pw * 0.7 else "end"
+        anchor = "start" if x < f.L + f.pw * 0.7 else "end"
         dx = 4 if anchor == "start" else -4
-        out.append(f'<text x="{x + dx:.2f}" y="{T + 8 + 13 * j}" text-anchor="{anchor}" class="thr" '
+        out.append(f'<text x="{x + dx:.2f}" y="{f.T + 8 + 13 * j}" text-anchor="{anchor}" class="thr" '
                    f'fill="{color}">{esc(f"{name} ≥ {thr:.3g}")}</text>')
-    out.append("</svg>")
+    return out
+
+
+def _histogram_svg(bins: list[int], lo: float, hi: float, lines: list[tuple[str, float, str]], title: str, *,
+                   unit: str = "tokens", xlabel: str = "score = loss_base − loss_ref", height: int = 260) -> str:
+    """Bars on a log10(1 + count) axis: a bin of one token still shows beside a bin of a million, so the tail
+    and the side of each threshold it falls on are visible."""
+    f = _Frame(lo, hi, max(bins, default=0), height)
+    out = [f'<svg class="chart" data-yscale="log10(1+count)" xmlns="http://www.w3.org/2000/svg" width="{f.W}" '
+           f'height="{f.H}" viewBox="0 0 {f.W} {f.H}" role="img"><title>{esc(title)}</title>',
+           f'<rect x="{f.L}" y="{f.T}" width="{f.pw}" height="{f.ph}" fill="#fafafa" stroke="#ccc"/>']
+    bw = f.pw / max(len(bins), 1)
+    for i, c in enumerate(bins):
+        if c > 0:
+            y = f.y(c)
+            out.append(f'<rect class="bar" data-count="{c}" x="{f.L + i * bw:.2f}" y="{y:.2f}" '
+                       f'width="{max(bw - 0.6, 0.5):.2f}" height="{f.T + f.ph - y:.2f}" fill="#7a9cc6">'
+                       f'<title>{esc(f"bin {i}: {c} {unit}")}</title></rect>')
+    out += _histogram_axes(f, unit, xlabel) + _threshold_marks(f, lines) + ["</svg>"]
     return "".join(out)
 
 
-def _histograms(con) -> str:
-    from tokenclean.tasks import store
+def _score_range(stats: tuple, lines: list[tuple[str, float, str]]) -> tuple[float, float]:
+    """The histogram's x range: the 0.1–99.9% quantiles widened to every threshold, padded by 2%."""
+    lo, hi = float(stats[4]), float(stats[5])
+    for _, thr, _ in lines:
+        lo, hi = min(lo, thr), max(hi, thr)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = (hi - lo) * 0.02
+    return lo - pad, hi + pad
 
+
+def _histograms(con) -> str:
     groups: dict[tuple, list[dict]] = {}  # (scores key, dataset, parts) -> the selections ranking them
     for sel in current_selections(con):
         if sel["scores"]:
@@ -178,39 +336,71 @@ def _histograms(con) -> str:
     if not groups:
         return _note("No token scores in this run: no selection of the latest runs ranks scores yet.")
     out = [f"<p>Bins are computed in DuckDB ({N_BINS} equal-width bins over the 0.1–99.9% quantile range, widened to "
-           "include every threshold; values outside fall into the edge bins). A dashed line marks each global "
-           "selection's threshold: tokens scoring at or above it were kept.</p>"]
+           "include every threshold; values outside fall into the edge bins). Counts are on a log scale "
+           "(bar height ∝ log<sub>10</sub>(1 + count)), so single tokens in the tail stay visible. A dashed line "
+           "marks each global selection's threshold; tokens scoring at or above it (the shaded side) were kept.</p>"]
     colors = iter(PALETTE * 4)
     for (scores, dataset, _parts_sql), sels in groups.items():
-        parts = sels[0]["part_list"]
-        title = f"scores of {' / '.join(s['name'] for s in sels)} over D{','.join(map(str, parts))}"
-        n, bad, mn, mx, qlo, qhi, mean = store.report.score_stats(con, scores, dataset, parts)
-        lines = [(s["name"], float(s["threshold"]), next(colors)) for s in sels
-                 if s["threshold"] is not None and math.isfinite(s["threshold"])]
-        if mn is None:
-            out.append(f"<h3>{esc(title)}</h3>" + _note(f"all {n} scores are non-finite"))
-            continue
-        lo, hi = float(qlo), float(qhi)
-        for _, thr, _ in lines:
-            lo, hi = min(lo, thr), max(hi, thr)
-        if hi <= lo:
-            lo, hi = lo - 0.5, hi + 0.5
-        pad = (hi - lo) * 0.02
-        lo, hi = lo - pad, hi + pad
-        w = (hi - lo) / N_BINS
-        bins = [0] * N_BINS
-        for b, c in store.report.score_bins(con, scores, dataset, parts, lo, w, N_BINS):
-            bins[int(b)] = int(c)
-        out_lo, out_hi = (mn < lo), (mx > hi)
-        cap = (f"{title}: {n} scored tokens, mean {mean:.3f}, min {mn:.3f}, max {mx:.3f}"
-               + (f", {bad} non-finite (not ranked)" if bad else "")
-               + (" — range clipped, outliers in the edge bins" if out_lo or out_hi else ""))
-        out.append(f"<h3 data-scores=\"{esc(scores)}\">{esc(title)}</h3><figure>"
-                   + _histogram_svg(bins, lo, hi, lines, title)
-                   + f"<figcaption>{esc(cap)}</figcaption></figure>")
-        if not lines:
-            out.append(_note("No global selection with a threshold ranks these scores."))
+        out.append(_score_chart(con, scores, dataset, sels, colors))
     return "".join(out)
+
+
+def _score_chart(con, scores: str, dataset: str, sels: list[dict], colors) -> str:
+    """One pool's score histogram with its global thresholds, and the per-sample thresholds of its local ones."""
+    from tokenclean.tasks import store
+
+    parts = sels[0]["part_list"]
+    title = f"scores of {' / '.join(s['name'] for s in sels)} over D{','.join(map(str, parts))}"
+    stats = store.report.score_stats(con, scores, dataset, parts)
+    n, bad, mn, mx, _, _, mean = stats
+    lines = [(s["name"], float(s["threshold"]), next(colors)) for s in sels
+             if s["threshold"] is not None and math.isfinite(s["threshold"])]
+    if mn is None:
+        return f"<h3>{esc(title)}</h3>" + _note(f"all {n} scores are non-finite")
+    lo, hi = _score_range(stats, lines)
+    w = (hi - lo) / N_BINS
+    bins = [0] * N_BINS
+    for b, c in store.report.score_bins(con, scores, dataset, parts, lo, w, N_BINS):
+        bins[int(b)] = int(c)
+    cap = (f"{title}: {n} scored tokens, mean {mean:.3f}, min {mn:.3f}, max {mx:.3f}"
+           + (f", {bad} non-finite (not ranked)" if bad else "")
+           + (" — range clipped, outliers in the edge bins" if mn < lo or mx > hi else ""))
+    out = (f"<h3 data-scores=\"{esc(scores)}\">{esc(title)}</h3><figure>" + _histogram_svg(bins, lo, hi, lines, title)
+           + f"<figcaption>{esc(cap)}</figcaption></figure>")
+    local = [s for s in sels if s["method"] == "local"]
+    if not lines:
+        out += _note("No global selection with a threshold ranks these scores"
+                     + (": local selections have a threshold per sample (below)." if local else "."))
+    return out + "".join(_local_thresholds(con, s, dataset, lo, hi) for s in local)
+
+
+def _local_thresholds(con, sel: dict, dataset: str, lo: float, hi: float) -> str:
+    """A local selection's per-sample thresholds: what they mean, their spread, and their histogram."""
+    from tokenclean.tasks import store
+
+    name, scores = sel["name"], sel["scores"]
+    st = store.report.sample_threshold_stats(con, sel["selection"], scores, dataset, sel["part_list"])
+    text = (f"<b>{esc(name)}</b> keeps each sample's own top {esc(_fmt(sel['k'], '{:g}'))} of its response tokens, "
+            "so it has no single threshold: each sample's threshold is the lowest score it keeps, and no line is "
+            "drawn for it above.")
+    if not st["keeping"]:
+        return f'<p class="local-thresholds" data-selection="{esc(name)}">{text}</p>' + _note(
+            f"{name} keeps no token.")
+    spread = ", ".join(f"{k} {st[k]:.3f}" for k in ("min", "q10", "median", "q90", "max"))
+    attrs = " ".join(f'data-{k}="{st[k]!r}"' for k in ("keeping", "min", "median", "max"))
+    text += (f" Per-sample thresholds over the {st['keeping']} samples keeping a token ({spread})"
+             + (f"; {st['samples'] - st['keeping']} samples keep none" if st["samples"] > st["keeping"] else "")
+             + ".")
+    w = (hi - lo) / N_BINS
+    bins = [0] * N_BINS
+    for b, c in store.report.sample_threshold_bins(con, sel["selection"], scores, lo, w, N_BINS):
+        bins[int(b)] = int(c)
+    title = f"per-sample thresholds of {name}"
+    return (f'<p class="local-thresholds" data-selection="{esc(name)}" {attrs}>{text}</p>'
+            f'<figure class="sample-thresholds" data-selection="{esc(name)}">'
+            + _histogram_svg(bins, lo, hi, [], title, unit="samples", height=170,
+                             xlabel=f"lowest kept score per sample ({name}), same score axis as above")
+            + f"<figcaption>{esc(title)}: {st['keeping']} samples</figcaption></figure>")
 
 
 def kept_by_source(con) -> list[dict]:
@@ -583,11 +773,13 @@ th{background:#f2f4f7}tbody tr:nth-child(even){background:#fafbfc}
 .row{display:flex;flex-wrap:wrap;align-items:flex-start}.note{color:#8a5a00;background:#fff8e6;
 border-left:4px solid #f0b429;padding:6px 10px}
 .sub{color:#666}figure{margin:4px 0}figcaption{color:#555;font-size:0.85em}
-.tick{font-size:11px;fill:#444}.axis{font-size:12px;fill:#333}.thr{font-size:12px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px}
+.tick{font-size:11px;fill:#444}.axis{font-size:12px;fill:#333}
+.thr{font-size:12px;font-weight:600;paint-order:stroke;stroke:#fff;stroke-width:3px}
 .bar-cell{position:relative;width:180px;height:18px;background:#eef1f5}
 .bar-fill{position:absolute;left:0;top:0;bottom:0;background:#6cbf84}
 .bar-cell span{position:relative;padding-left:6px;font-variant-numeric:tabular-nums}
 .num{font-variant-numeric:tabular-nums}
+.status-finished{color:#176b2c}.status-unfinished{color:#9b1c1c;font-weight:600}
 .trend{font-weight:600;padding:1px 6px;border-radius:3px}.trend-rising{background:#d9f2df;color:#176b2c}
 .trend-falling{background:#fbdada;color:#9b1c1c}.trend-unstable{background:#fff1c2;color:#7a5b00}
 .trend-flat{background:#e8eaee;color:#444}.trend-na{color:#888}
@@ -627,6 +819,7 @@ def build_report(db_path, out_path, *, selection: str = "global", n_samples: int
     con = connect(db_path, read_only=True)
     try:
         sections = [
+            _section("Flow runs: status, durations and stage timings", "runs", _run_section, con),
             _section("Run overview", "overview", _overview, con),
             _section("Token score histograms", "scores", _histograms, con),
             _section("Kept-token fraction per source dataset", "sources", _kept_section, con),
@@ -634,6 +827,7 @@ def build_report(db_path, out_path, *, selection: str = "global", n_samples: int
             _section("Metrics against the selected proportion k", "k-curve", _curve_section, con),
             _section("Per-task exact match across self-evolving iterations (Matthew effect)", "trends",
                      _trend_section, con),
+            _section("Scheduled refreshes", "refreshes", _refresh_section, con),
             _section(f"Sample responses ({n_samples})", "samples", _samples_section, con, selection, n_samples),
         ]
     finally:
@@ -641,8 +835,9 @@ def build_report(db_path, out_path, *, selection: str = "global", n_samples: int
     title = f"tokenclean report — {db_path.parent.name or db_path.name}"
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     nav = " · ".join(f'<a href="#{a}">{t}</a>' for a, t in [
-        ("overview", "overview"), ("scores", "scores"), ("sources", "sources"), ("comparison", "comparison"),
-        ("k-curve", "k curve"), ("trends", "trends"), ("samples", "samples")])
+        ("runs", "runs"), ("overview", "overview"), ("scores", "scores"), ("sources", "sources"),
+        ("comparison", "comparison"), ("k-curve", "k curve"), ("trends", "trends"), ("refreshes", "refreshes"),
+        ("samples", "samples")])
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
            f'<body><h1>{esc(title)}</h1><p class="sub">{esc(str(db_path))} · generated {esc(when)} · {nav}</p>'

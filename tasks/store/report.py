@@ -1,6 +1,9 @@
 """Aggregates for the HTML report, computed in DuckDB (Python sees bins and per-group counts)."""
 from __future__ import annotations
 
+import json
+
+from tokenclean.tasks.names import REFERENCE, REFERENCE_D0
 from tokenclean.tasks.store.data import pool_relation
 from tokenclean.tasks.store.losses import scores_relation
 
@@ -82,3 +85,94 @@ def kept_reasoning(con, selection: str, dataset: str, parts: list[int]) -> dict:
     reasoning, reasoning_kept, targets, kept, unrecorded = (int(x) for x in row)
     return {"reasoning": reasoning, "reasoning_kept": reasoning_kept, "answer": targets - reasoning,
             "answer_kept": kept - reasoning_kept, "unrecorded": unrecorded}
+
+
+# ---- per-sample thresholds of a local selection ----------------------------------------------
+
+# each sample's lowest kept score: a local selection's threshold for that sample
+_SAMPLE_THRESHOLDS = """SELECT st.sample_id, min(ts.score) AS thr FROM selected_tokens st
+    JOIN token_scores ts ON ts.scores = $scores AND ts.sample_id = st.sample_id AND ts.pos = st.pos
+    WHERE st.selection = $selection GROUP BY st.sample_id"""
+
+
+def sample_threshold_stats(con, selection: str, scores: str, dataset: str, parts: list[int]) -> dict:
+    """Spread of a selection's per-sample thresholds (each sample's lowest kept score under ``scores``):
+    {samples (of the pool with a finite score), keeping (samples keeping a token), min, q10, median, q90, max}."""
+    row = con.execute(
+        f"""WITH t AS ({_SAMPLE_THRESHOLDS})
+            SELECT (SELECT count(DISTINCT sample_id) FROM ({scores_relation(scores, dataset, parts)})),
+                   count(*), min(thr), quantile_cont(thr, 0.1), quantile_cont(thr, 0.5), quantile_cont(thr, 0.9),
+                   max(thr) FROM t""", {"scores": scores, "selection": selection}).fetchone()
+    return dict(zip(("samples", "keeping", "min", "q10", "median", "q90", "max"), row))
+
+
+def sample_threshold_bins(con, selection: str, scores: str, lo: float, width: float, n_bins: int) -> list:
+    """(bin, samples) of the per-sample thresholds in ``n_bins`` equal bins from ``lo`` (edge bins take outliers)."""
+    return con.execute(
+        f"""SELECT least(greatest(floor((thr - $lo) / $width)::BIGINT, 0), {int(n_bins) - 1}) AS b, count(*)
+            FROM ({_SAMPLE_THRESHOLDS}) GROUP BY b""",
+        {"scores": scores, "selection": selection, "lo": lo, "width": width}).fetchall()
+
+
+# ---- flow runs: status, durations, stage timings, refresh history -------------------------------
+
+
+def _rows(cur) -> list[dict]:
+    return [dict(zip([d[0] for d in cur.description], r)) for r in cur.fetchall()]
+
+
+def flow_run_status(con) -> list[dict]:
+    """The latest run of each flow, and its latest finished run where the latest has not finished (what the
+    readers show), oldest start first: flow_run, flow, name (the config's), dataset, started_at, finished_at,
+    seconds (None while unfinished)."""
+    return _rows(con.execute(
+        """WITH r AS (SELECT *, row_number() OVER (PARTITION BY flow ORDER BY started_at DESC) AS latest,
+                             row_number() OVER (PARTITION BY flow, finished_at IS NULL ORDER BY started_at DESC) AS nth
+                      FROM flow_runs)
+           SELECT flow_run, flow, json_extract_string(config, '$.name') AS name, dataset, started_at, finished_at,
+                  epoch(finished_at) - epoch(started_at) AS seconds
+           FROM r WHERE latest = 1 OR (finished_at IS NOT NULL AND nth = 1) ORDER BY started_at, flow"""))
+
+
+def stage_timings(con, flow_run: str) -> list[dict]:
+    """A flow run's logged stages (each computed something), by start (finished_at less its seconds)."""
+    return _rows(con.execute(
+        """SELECT stage, name, key, seconds, finished_at - to_microseconds(round(seconds * 1e6)::BIGINT) AS started_at
+           FROM stage_log WHERE flow_run = ? ORDER BY started_at, finished_at""", [flow_run]))
+
+
+def reused_outputs(con, flow_run: str) -> list[dict]:
+    """What a flow run used without computing it (kind, variant, iteration, key): it has no stage log row."""
+    return _rows(con.execute(
+        """SELECT kind, variant, iteration, key FROM run_outputs WHERE flow_run = ? AND kind <> 'model'
+           GROUP BY ALL HAVING NOT bool_or(computed) ORDER BY kind, variant, iteration""", [flow_run]))
+
+
+def refresh_history(con, flow: str, variant: str, limit: int = 100) -> list[dict]:
+    """The newest ``limit`` finished runs of the refresh ``flow``, oldest first: when, the dataset, the ingest's
+    detail (None when no dataset was ingested), per model the samples scored, whether theta_1 was retrained, and
+    the selections named ``variant`` (``variant-k0.3`` in a sweep) with kept and candidate tokens."""
+    rows = _rows(con.execute(
+        """WITH r AS (SELECT flow_run, dataset, started_at, finished_at FROM flow_runs
+                      WHERE flow = $flow AND finished_at IS NOT NULL ORDER BY started_at DESC LIMIT $limit),
+                ing AS (SELECT flow_run, any_value(detail) AS ingest FROM stage_log WHERE stage = 'ingest'
+                        GROUP BY flow_run),
+                sc AS (SELECT flow_run, list({'name': name, 'samples': json_extract(detail, '$.samples_scored')::BIGINT}
+                                             ORDER BY finished_at) AS scored
+                       FROM stage_log WHERE stage = 'score' GROUP BY flow_run),
+                o AS (SELECT flow_run, variant, kind, key, bool_or(computed) AS computed FROM run_outputs
+                      WHERE flow_run IN (SELECT flow_run FROM r) GROUP BY ALL),
+                sel AS (SELECT o.flow_run, list({'name': o.variant, 'kept': s.n_kept, 'candidates': s.n_candidates}
+                                                ORDER BY o.variant) AS selections
+                        FROM o JOIN selections s ON s.selection = o.key
+                        WHERE o.kind = 'selection' AND (o.variant = $variant OR o.variant LIKE $variant || '-k%')
+                        GROUP BY o.flow_run),
+                ref AS (SELECT flow_run, bool_or(computed) AS retrained FROM o
+                        WHERE kind = 'adapter' AND variant IN ($ref, $ref_d0) GROUP BY flow_run)
+           SELECT r.*, ing.ingest, sc.scored, sel.selections, ref.retrained FROM r
+           LEFT JOIN ing USING (flow_run) LEFT JOIN sc USING (flow_run) LEFT JOIN sel USING (flow_run)
+           LEFT JOIN ref USING (flow_run) ORDER BY r.started_at""",
+        {"flow": flow, "variant": variant, "limit": limit, "ref": REFERENCE, "ref_d0": REFERENCE_D0}))
+    for row in rows:
+        row["ingest"] = json.loads(row["ingest"]) if row["ingest"] else None
+    return rows
