@@ -75,12 +75,18 @@ def _sample_rule(scores: list[list[float]], k: float) -> tuple[list[int], list[i
     return order, order[:m], n_keep, n_cand
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_sample_keeps_whole_samples_a_prefix_of_the_mean_ranking_at_globals_budget(tmp_path, seed):
+def _random_db(tmp_path, seed: int):
+    """(the generator, a run database holding a random pool, the pool's scores per sample)."""
     rng = np.random.default_rng(seed)
     lengths, scores = _random_pool(rng, int(rng.integers(5, 60)))
     con = store.connect(tmp_path / "run.duckdb")
     _pool(con, tmp_path, lengths, scores)
+    return rng, con, scores
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sample_keeps_whole_samples_a_prefix_of_the_mean_ranking_at_globals_budget(tmp_path, seed):
+    rng, con, scores = _random_db(tmp_path, seed)
     for k in (float(rng.uniform(0.05, 0.95)), 0.5, 1.0):
         out = _select(con, f"s{k}", "sample", k)
         glob = _select(con, f"g{k}", "global", k)
@@ -123,10 +129,7 @@ def test_sample_ties_in_mean_go_to_the_smaller_sample_id(tmp_path):
 def test_weighted_weights_are_the_average_rank_formula_and_average_one(tmp_path, seed):
     from scipy.stats import rankdata
 
-    rng = np.random.default_rng(seed)
-    lengths, scores = _random_pool(rng, int(rng.integers(5, 60)))
-    con = store.connect(tmp_path / "run.duckdb")
-    _pool(con, tmp_path, lengths, scores)
+    _, con, scores = _random_db(tmp_path, seed)
     out = _select(con, "w", "weighted", 0.3)
     kept = _kept(con, "w")
     cand = [(i, 2 + j, s) for i, ss in enumerate(scores) for j, s in enumerate(ss) if math.isfinite(s)]
