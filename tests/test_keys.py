@@ -258,7 +258,10 @@ def test_change_k(world):
 def test_a_sweep_computes_only_the_k_it_adds(world, tmp_path):
     """k 0.6 -> [0.6, 0.4]: the k=0.6 variants are found by key under their sweep names; only k=0.4's selections,
     fine-tunes and evaluations run, and the only scoring is of its own theta_2 (the pool's scores are reused)."""
-    steps = _incremental_vs_fresh(world, "sweep", {"select.k": [0.6, 0.4]})
+    # incremental only: re-run = fresh run is the matrix's (test_change_k); here the point is what is computed
+    inc = world["root"] / "sweep" / "incremental"
+    shutil.copytree(world["base_dir"], inc)
+    steps = _steps(_run(_config(inc, world["data"], world["eval"], **{"select.k": [0.6, 0.4]})))
     new = ["random-k0.4", "local-k0.4", "global-k0.4", "self-evolving-k0.4@1", "self-evolving-k0.4@2"]
     assert steps == _expect(score=[("self-evolving-k0.4@1", _pool_size(world, {2}))],
                             scores=["self-evolving-k0.4@2"], select=new, train=new, evaluate=new)
