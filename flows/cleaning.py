@@ -157,12 +157,12 @@ def publish_summary(con, cfg: RunConfig, base_path: str) -> None:
 
     from tokenclean.summary import comparison, comparison_text, k_curve, metrics_table, table_rows
 
+    rows = comparison(con)  # read once: every artifact below is made from it
     ks = ", ".join(f"{k:g}" for k in cfg.select.ks)
     create_markdown_artifact(
-        f"## Token cleaning: `{cfg.name}`\n\n```\n{comparison_text(con)}\n```\n\n"
+        f"## Token cleaning: `{cfg.name}`\n\n```\n{comparison_text(con, rows)}\n```\n\n"
         f"k = {ks}, T = {cfg.iterations}, base = `{base_path}`",
         key=artifact_key(cfg.name, "token-cleaning-summary"), description="variants compared on held-out data")
-    rows = comparison(con)
     if rows:
         create_table_artifact(table_rows(rows), key=artifact_key(cfg.name, "token-cleaning-comparison"),
                               description=f"{cfg.name}: variants compared on held-out data, one row per variant")
@@ -170,7 +170,7 @@ def publish_summary(con, cfg: RunConfig, base_path: str) -> None:
     if curve:
         create_table_artifact(curve, key=artifact_key(cfg.name, "token-cleaning-k-curve"),
                               description="metrics against k, per variant")
-    metrics = metrics_table(con)
+    metrics = metrics_table(con, rows)
     if metrics:
         create_table_artifact(metrics, key=artifact_key(cfg.name, "token-cleaning-metrics"),
                               description="held-out metrics per model and task, one column per metric")

@@ -184,9 +184,10 @@ def table_rows(rows: list[dict]) -> list[dict]:
              for key, head, _ in COLUMNS} for r in rows]
 
 
-def comparison_text(con) -> str:
-    """The comparison table, and after a k sweep its curves: answer (generated), held-out loss, corrupted kept."""
-    rows = comparison(con)
+def comparison_text(con, rows: list[dict] | None = None) -> str:
+    """The comparison table (of ``rows`` when given), and after a k sweep its curves: answer (generated), held-out
+    loss, corrupted kept."""
+    rows = comparison(con) if rows is None else rows
     curve = k_curve(rows)
     parts = [format_table(rows)]
     if curve:
@@ -207,20 +208,20 @@ def metrics_rows(con) -> list[dict]:
     return rows
 
 
-def metrics_table(con) -> list[dict]:
+def metrics_table(con, rows: list[dict] | None = None) -> list[dict]:
     """``metrics_rows`` in wide form, the dashboard's table: one row per model and task (``name`` as the commands take
-    it, ``variant`` as the comparison labels it), a column per metric."""
-    labels = {method: lab for lab, method in VARIANTS}
+    it, ``variant`` labelled as the comparison ``rows`` label it, in their order), a column per metric."""
+    rows = comparison(con) if rows is None else rows
+    labels = {r["name"]: r["variant"] for r in rows}
+    order = {r["name"]: i for i, r in enumerate(rows)}
     out: dict[tuple, dict] = {}
     for r in metrics_rows(con):
-        method, k = split_k(r["variant"])
         name = label(r["variant"], r["iteration"])
-        lab = labels.get(method, method) + ("" if k is None else f" k={r['variant'].rsplit('-k', 1)[1]}")
-        row = out.setdefault((name, r["task"] or ""), {"variant": lab, "name": name, "task": r["task"] or "all"})
+        task = r["task"] or "all"
+        row = out.setdefault((r["variant"], name, task),
+                             {"variant": labels.get(r["variant"], r["variant"]), "name": name, "task": task})
         row[r["metric"]] = r["value"]
-    order = {method: i for i, (_, method) in enumerate(VARIANTS)}
-    return [out[key] for key in sorted(out, key=lambda nt: (order.get(method_of(nt[0].split("@")[0]), len(order)),
-                                                             split_k(nt[0].split("@")[0])[1] or 0.0, nt))]
+    return [out[key] for key in sorted(out, key=lambda vnt: (order.get(vnt[0], len(order)), vnt))]
 
 
 def stage_times(con) -> list[tuple[str, str, float]]:
