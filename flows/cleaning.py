@@ -32,7 +32,7 @@ from tokenclean.flows.artifacts import (
     given_reference,
 )
 from tokenclean.flows.prepare import RunContext, prepare
-from tokenclean.flows.runtime import artifact_key, flow_run_name, invocation_tag, run_tags
+from tokenclean.flows.runtime import artifact_key, flow_run_name, invocation_tag, run_tags, tag_flow_run
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.names import REFERENCE, REFERENCE_D0, SELF_EVOLVING, at_k
 
@@ -193,6 +193,7 @@ def _with_context(flow_name: str, cfg: RunConfig, body):
     publish_dashboard_link(cfg.name)
     ctx = prepare(cfg)
     try:
+        tag_flow_run(f"dataset:{ctx.dataset}")
         ctx.flow_run = store.start_flow_run(ctx.con, flow_name, cfg.model_dump(mode="json"), ctx.dataset)
         if ctx.ingest.get("ingested"):
             store.log_stage(ctx.con, ctx.flow_run, "ingest", "dataset", ctx.dataset, ctx.ingest["seconds"], ctx.ingest)

@@ -210,7 +210,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     try:
         job = ingest_job(cfg, con, tokenizer, base_path, paths, eval_paths, progress=progress)
         root = storage_root(cfg, con)
-        info = _ingest_once(con, job, tokenizer)
+        info = _ingest_on_graph(con, job, tokenizer)
         base_model = keys.base_model_key(identity)
         store.record_model(con, base_model, "base", identity | {"path": base_path})
         ref_model = None if reference is None else keys.base_model_key(reference[0])
@@ -258,6 +258,19 @@ def storage_root(cfg: RunConfig, con) -> str:
     if cfg.storage is None:
         return str(cfg.run_dir)
     return join(cfg.storage, f"{cfg.name}-{store.run_id(con)}")
+
+
+def _ingest_on_graph(con, job: IngestJob, tokenizer) -> dict:
+    """In a flow run, ingest is a task run of it (``ingest/<dataset key>``, on the UI's graph, run in this
+    process); outside one (``inspect``) a plain call, which needs no Prefect API."""
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return _ingest_once(con, job, tokenizer)
+    ingest = task(_ingest_once, name="ingest", task_run_name=f"ingest/{job.dataset}", cache_policy=NO_CACHE)
+    return ingest(con, job, tokenizer)
 
 
 def _ingest_once(con, job: IngestJob, tokenizer) -> dict:

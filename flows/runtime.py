@@ -96,6 +96,19 @@ def run_tags(cfg: RunConfig) -> list[str]:
     return ["tokenclean", f"run:{cfg.name}", f"config:{keys.digest('config', cfg.model_dump(mode='json'))}"]
 
 
+def tag_flow_run(*new: str) -> None:
+    """Add tags to the running flow run: its dataset key is known only once ingest has run, after the run began."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    ctx.flow_run.tags = sorted(set(ctx.flow_run.tags) | set(new))  # the update replaces the run's tags
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(ctx.flow_run.id, tags=ctx.flow_run.tags)
+
+
 def invocation_tag() -> str:
     """A tag shared by the flows of one ``tokenclean run`` / ``refresh`` call, and by no other call."""
     return f"invocation:{uuid.uuid4().hex[:8]}"

@@ -276,7 +276,7 @@ def _prefect_view(cfg) -> dict:
 
 def test_prefect_names_and_tags_every_run_and_task_and_keys_artifacts_by_run_name(demo, rerun):
     """The UI tells runs, tasks and pipelines apart: each flow run is `<run name>/<flow>/<UTC start>` and tagged
-    with the run's name and config digest; the two flows of one `run` call share an invocation tag that no other
+    with the run's name, config digest and dataset key; the two flows of one `run` call share an invocation tag that no other
     call has; task runs read as stage/variant; every artifact key starts with the run's name; and the comparison
     table artifact has the printed table's rows and cells."""
     import re
@@ -289,13 +289,17 @@ def test_prefect_names_and_tags_every_run_and_task_and_keys_artifacts_by_run_nam
     cfg = demo["cfg"]
     view = _prefect_view(cfg)
     config_tag = f"config:{keys.digest('config', cfg.model_dump(mode='json'))}"
+    con = store.connect(cfg.db_path, read_only=True)
+    dataset_tag = f"dataset:{store.last_ingested_dataset(con)}"
+    con.close()
     calls: dict[str, list[str]] = {}
     for run, flow in view["runs"]:
         named = re.fullmatch(rf"{re.escape(cfg.name)}/{flow}/(\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ)", run.name)
         assert named, run.name
         started = datetime.strptime(named[1], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=run.start_time.tzinfo)
         assert abs((started - run.start_time).total_seconds()) < 60, (run.name, run.start_time)
-        assert {"tokenclean", f"run:{cfg.name}", config_tag} <= set(run.tags), run.tags
+        assert {"tokenclean", f"run:{cfg.name}", config_tag, dataset_tag} <= set(run.tags), run.tags
+        assert [t for t in run.tags if t.startswith("dataset:")] == [dataset_tag], run.tags
         (call,) = [t for t in run.tags if t.startswith("invocation:")]
         calls.setdefault(call, []).append(flow)
     assert len(calls) >= 2, calls  # the demo and its re-run
@@ -303,7 +307,9 @@ def test_prefect_names_and_tags_every_run_and_task_and_keys_artifacts_by_run_nam
 
     names = {t.name for t in view["tasks"]}
     label = r"[a-z0-9@.\-]+"
-    assert all(re.fullmatch(rf"(train|evaluate|select)/{label}|score/{label}/\d+", n) for n in names), names
+    assert all(re.fullmatch(rf"(train|evaluate|select)/{label}|score/{label}/\d+|ingest/[0-9a-f]+", n)
+               for n in names), names
+    assert f"ingest/{dataset_tag.removeprefix('dataset:')}" in names, names  # ingest is on the graph
     fixed = ["full", "random", "local", "global", "sample", "weighted"]
     made = ["reference", *fixed, "self-evolving@1", "self-evolving@2"]
     assert {f"{stage}/{v}" for stage in ("train", "evaluate", "select") for v in made} | {"evaluate/base"} <= names
