@@ -201,6 +201,12 @@ def _trainer_class():
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
+        def training_step(self, *args, **kwargs):
+            # The backward too: gradient checkpointing recomputes each layer's forward there, which must use the
+            # same packed attention (with another, the recomputation fails or attends across samples).
+            with attn_implementation(self.attn_config, VARLEN_ATTN):
+                return super().training_step(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ids, labels = inputs["input_ids"], inputs["labels"]
             if ids.shape[0] != 1:
