@@ -14,8 +14,6 @@ key as the cache key anyway. The database itself is the record of what exists.
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +185,7 @@ class _AdapterStep:
     iteration: int
     key: str
     inputs: dict
-    out: Path
+    out: str  # the adapter's directory: in the run directory, or in object storage (``RunContext.remote``)
     computed: bool  # not recorded complete under its key: trained now, or found saved and recorded now
     job: TrainJob | None = None  # None: nothing to train (recorded, or saved by a run that died before recording)
     stats: dict | None = None
@@ -211,17 +209,16 @@ def _adapter_step(ctx: RunContext, req: AdapterRequest) -> _AdapterStep:
     rec = store.adapter_record(ctx.con, key)
     out = ctx.adapter_dir(key)
     step = _AdapterStep(req.variant, req.iteration, key, inputs, out,
-                        rec is None or not (ctx.run_dir / rec["path"] / "train.json").exists())
+                        rec is None or not _saved(storage.under(ctx.run_dir, rec["path"])))
     if step.computed:
-        done = out / "train.json"
-        step.stats = json.loads(done.read_text()) if done.exists() else None
+        step.stats = storage.read_json(storage.join(out, "train.json")) if _saved(out) else None
         if step.stats is None or step.stats.get("key") != key:  # else: saved, but the run died before recording it
             layout = {f: getattr(tcfg, f) for f in sorted(tcfg.EXECUTION)} | {"workers": cfg.ray.train_workers}
             checkpoints = ctx.checkpoint_dir(key, keys.digest("layout", layout))
             data = ctx.training_set(key)
             write_training_set(ctx.con, req.selection, data)
-            step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"), data=data, out_dir=str(out),
-                                checkpoint_dir=str(checkpoints), key=key, label=name,
+            step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"), data=data, out_dir=out,
+                                checkpoint_dir=checkpoints, key=key, label=name,
                                 init_adapter=parent.adapter if parent else None, device=cfg.model.device,
                                 dtype=cfg.model.dtype)
     return step
@@ -238,7 +235,7 @@ def ensure_adapters(ctx: RunContext, requests: list[AdapterRequest]) -> list[Mod
     cfg = ctx.cfg
     steps = [_adapter_step(ctx, r) for r in requests]
     jobs = {step.key: step.job for step in steps if step.job}  # one training per key, whoever asks for it
-    running = {key: submit_training(job, cfg.ray, ctx.run_dir / "ray_train") for key, job in jobs.items()}
+    running = {key: submit_training(job, cfg.ray, ctx.ray_train_dir()) for key, job in jobs.items()}
     for step in steps:
         if step.job is None:
             continue
@@ -255,17 +252,25 @@ def ensure_adapters(ctx: RunContext, requests: list[AdapterRequest]) -> list[Mod
 
 def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
     if step.computed:
-        weights = keys.weights_hash(step.out)
+        weights = storage.weights_hash(step.out)  # in object storage: from its manifest, nothing downloaded
         model_key = keys.adapter_model_key(ctx.base_model, weights)
-        # stored relative to the run directory, so a moved or copied run keeps finding its adapters
-        store.record_adapter(ctx.con, step.key, model_key, str(step.out.relative_to(ctx.run_dir)), step.inputs,
+        # stored relative to the run directory, so a moved or copied run keeps finding its adapters (a URL as is)
+        path = step.out if ctx.remote else str(Path(step.out).relative_to(ctx.run_dir))
+        store.record_adapter(ctx.con, step.key, model_key, path, step.inputs,
                              step.stats, {"base_model": ctx.base_model, "adapter": step.key, "weights": weights})
         # The adapter is recorded: its optimiser checkpoints have served their purpose.
-        shutil.rmtree(ctx.run_dir / "checkpoints" / step.key, ignore_errors=True)
+        storage.remove_tree(ctx.checkpoint_root(step.key))
         storage.remove(ctx.training_set(step.key))  # ... and so has its training set
     rec = store.adapter_record(ctx.con, step.key)
     _output(ctx, step.variant, step.iteration, "adapter", step.key, step.computed)
-    return Model(rec["model"], str(ctx.run_dir / rec["path"]), step.key)
+    return Model(rec["model"], storage.under(ctx.run_dir, rec["path"]), step.key)
+
+
+def _saved(adapter_dir: str) -> bool:
+    """Whole: renamed into place with its ``train.json`` last, or, in object storage, its manifest committed."""
+    if storage.is_remote(adapter_dir):
+        return storage.read_manifest(adapter_dir) is not None
+    return storage.exists(storage.join(adapter_dir, "train.json"))
 
 
 def ensure_adapter(ctx: RunContext, request: AdapterRequest) -> Model:

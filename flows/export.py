@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenclean.summary import names_of, outputs_named
-from tokenclean.tasks import keys, store
+from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.export import export_model, write_dataset
 from tokenclean.tasks.names import label
 
@@ -87,7 +87,7 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
     provenance = {"variant": variant, "adapter": train_key, "model": rec["model"], "base_model": base_key,
                   "base_path": base_path, "template": dataset.get("template", "tulu"),
                   "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
-    res = export_model(base_path, str(run / rec["path"]), dataset["tokenizer"], out,
+    res = export_model(base_path, storage.open_dir(storage.under(run, rec["path"])), dataset["tokenizer"], out,
                        template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance,
                        overwrite=overwrite)
     return res | {"variant": variant, "adapter": train_key}

@@ -14,7 +14,7 @@ from tokenclean.config import load_config
 from tokenclean.flows.export import open_run, verified_base
 from tokenclean.summary import names_of, output_key
 from tokenclean.synth import ATTRS, World
-from tokenclean.tasks import keys, store
+from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.lm_eval import FACTS_TASK, LmEvalJob, fact_docs, run_job
 
 
@@ -61,7 +61,7 @@ def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[str, str, st
             raise ValueError(f"no adapter named {adapter!r} in the latest runs of {run_dir} "
                              f"(names: {names_of(con, 'adapter')})")
         rec = store.adapter_record(con, train_key)
-        return str(base), rec["model"], str(run_dir / rec["path"])
+        return str(base), rec["model"], storage.under(run_dir, rec["path"])
     finally:
         con.close()
 

@@ -18,7 +18,7 @@ from tokenclean.flows.ingest import IngestJob, stage_inputs
 from tokenclean.flows.runtime import run_logger
 from tokenclean.tasks import keys, store
 from tokenclean.tasks.ingest import IngestSpec, tokenization_of
-from tokenclean.tasks.storage import join
+from tokenclean.tasks.storage import is_remote, join
 
 
 @dataclass
@@ -52,11 +52,23 @@ class RunContext:
         first = 1 if pool == "exclude_warmup" else 0
         return list(range(first, self.cfg.iterations + 1))
 
-    def adapter_dir(self, key: str) -> Path:
-        return self.run_dir / "adapters" / key
+    @property
+    def remote(self) -> bool:
+        """Workers share object storage, not a filesystem: adapters and checkpoints go there too."""
+        return bool(self.storage) and is_remote(self.storage)
 
-    def checkpoint_dir(self, key: str, layout: str) -> Path:
-        return self.run_dir / "checkpoints" / key / layout
+    def adapter_dir(self, key: str) -> str:
+        return join(self.storage, "adapters", key) if self.remote else str(self.run_dir / "adapters" / key)
+
+    def checkpoint_root(self, key: str) -> str:
+        return join(self.storage, "checkpoints", key) if self.remote else str(self.run_dir / "checkpoints" / key)
+
+    def checkpoint_dir(self, key: str, layout: str) -> str:
+        return join(self.checkpoint_root(key), layout)
+
+    def ray_train_dir(self) -> str:
+        """Ray Train's own run state (``RunConfig.storage_path``) for a worker group."""
+        return join(self.storage, "ray_train") if self.remote else str(self.run_dir / "ray_train")
 
     def training_set(self, train_key: str) -> str:
         """Where an adapter's training rows are streamed for its workers (beside the shards: workers reach it)."""

@@ -13,9 +13,9 @@ from the newest complete Trainer checkpoint under the job's checkpoint directory
 a re-run of the flow does.
 
 The finished adapter is written by rank 0 to ``adapters/<train key>`` and checkpoints
-to ``checkpoints/<train key>/<layout>``: both are paths in the run directory, which
-therefore has to be storage every training node can reach (a shared filesystem) on a
-multi-node cluster. Statistics are rank 0's ``train.json`` beside the adapter (Ray Train V2
+to ``checkpoints/<train key>/<layout>``: in the run directory (shared by every node), or, with
+``storage:`` an object-storage URL, in the bucket (``tasks/remote_checkpoints.py``; nodes then
+share nothing else). Statistics are rank 0's ``train.json`` beside the adapter (Ray Train V2
 keeps reported metrics only with a checkpoint).
 
 With ``ray.enabled: false`` the same worker function runs in this process (one worker).
@@ -23,12 +23,12 @@ With ``ray.enabled: false`` the same worker function runs in this process (one w
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pyarrow as pa
 
 from tokenclean.config import RayConfig
+from tokenclean.tasks import storage
 from tokenclean.tasks.train import TrainJob, train_worker
 
 
@@ -37,7 +37,7 @@ def _ray_train_loop(config: dict) -> None:
     train_worker(config["job"])
 
 
-def submit_training(job: TrainJob, ray_cfg: RayConfig, storage: Path):
+def submit_training(job: TrainJob, ray_cfg: RayConfig, train_dir: str):
     """Start training ``job`` where the config places it; a future of its statistics (with ``placement``).
 
     * Ray off: in this process (the future is done on return).
@@ -60,10 +60,10 @@ def submit_training(job: TrainJob, ray_cfg: RayConfig, storage: Path):
         task = train_task.with_options(task_run_name=f"train/{job.label}")
         return submit_placed(task, ray_cfg, ray_cfg.cpus_per_train_worker, ray_cfg.gpus_per_train_worker, job,
                              keep_worker=True)
-    return run_now(data_parallel, job, ray_cfg, storage)
+    return run_now(data_parallel, job, ray_cfg, train_dir)
 
 
-def data_parallel(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
+def data_parallel(job: TrainJob, ray_cfg: RayConfig, train_dir: str) -> dict:
     """``ray_cfg.train_workers`` Ray Train workers, DDP (or FSDP) over their process group."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -79,10 +79,21 @@ def data_parallel(job: TrainJob, ray_cfg: RayConfig, storage: Path) -> dict:
         scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers, use_gpu=gpus > 0,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        run_config=RunConfig(name=f"train-{job.key}", storage_path=str(storage.resolve()),
+        run_config=RunConfig(name=f"train-{job.key}", **_ray_train_storage(train_dir),
                              failure_config=FailureConfig(max_failures=ray_cfg.train_max_failures)),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
-    return json.loads((Path(job.out_dir) / "train.json").read_text())
+    return storage.read_json(storage.join(job.out_dir, "train.json"))
+
+
+def _ray_train_storage(train_dir: str) -> dict:
+    """``RunConfig`` storage for Ray Train: a local path, or object storage through the fsspec filesystem the
+    rest of the run uses (pyarrow's wrapper of it), so its endpoint and credentials settings apply here too."""
+    if not storage.is_remote(train_dir):
+        return {"storage_path": str(Path(train_dir).resolve())}
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(train_dir)
+    return {"storage_path": path, "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}

@@ -131,11 +131,18 @@ def _sha256(path: Path) -> str:
 def weights_hash(directory: str | Path) -> str:
     """Content hash of a model or adapter directory: its weights and configs, by name and bytes."""
     directory = Path(directory)
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.suffix in WEIGHT_SUFFIXES or p.name in MODEL_META_FILES))
-    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise FileNotFoundError(f"{directory}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
-    return digest("files", [(str(p.relative_to(directory)), file_sha256(p)) for p in files])
+    files = {str(p.relative_to(directory)): p for p in directory.rglob("*") if p.is_file()}
+    return weights_hash_of(files, file_sha256, str(directory))
+
+
+def weights_hash_of(files: dict, sha256, where: str) -> str:
+    """``weights_hash`` over ``files`` (relative name -> anything ``sha256`` maps to the file's SHA-256): the same
+    key for a local directory and for its copy in object storage, hashed from that copy's manifest."""
+    names = sorted(n for n in files if not n.rsplit("/", 1)[-1].startswith(".")
+                   and (Path(n).suffix in WEIGHT_SUFFIXES or Path(n).name in MODEL_META_FILES))
+    if not any(Path(n).suffix in WEIGHT_SUFFIXES for n in names):
+        raise FileNotFoundError(f"{where}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
+    return digest("files", [(n, sha256(files[n])) for n in names])
 
 
 def resolve_model_dir(name_or_path: str) -> Path:

@@ -295,6 +295,9 @@ def run_job(job: LmEvalJob) -> tuple[dict, str]:
     with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
         if job.facts is not None:
             data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", job.facts))
-        results = run_lm_eval(job.base, job.adapter_dir, job.tasks, task_dirs=job.task_dirs, limit=job.limit,
+        from tokenclean.tasks.storage import open_dir
+
+        adapter = job.adapter_dir and open_dir(job.adapter_dir)  # object storage: this node's copy
+        results = run_lm_eval(job.base, adapter, job.tasks, task_dirs=job.task_dirs, limit=job.limit,
                               batch_size=job.batch_size, device=job.device, data_files=data_files or None)
         return results, task_sources_digest(job.tasks, job.task_dirs, data_files)

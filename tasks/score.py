@@ -436,7 +436,9 @@ class ScoringModel:
 
         key = adapter_key or str(Path(adapter).resolve())
         if key not in self._adapters:
-            name = f"a{len(self._adapters)}"
+            from tokenclean.tasks.storage import open_dir
+
+            name, adapter = f"a{len(self._adapters)}", open_dir(adapter)  # object storage: this node's copy
             if not self._adapters:
                 self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
             else:

@@ -76,7 +76,9 @@ class VllmScorer:
         if key not in self._adapters:
             self._adapters[key] = len(self._adapters) + 1
         lid = self._adapters[key]
-        return LoRARequest(f"a{lid}", lid, str(Path(adapter).resolve()))
+        from tokenclean.tasks.storage import open_dir
+
+        return LoRARequest(f"a{lid}", lid, str(Path(open_dir(adapter)).resolve()))
 
     def _sampling_params(self):
         from vllm import SamplingParams

@@ -7,8 +7,10 @@ laptop is the code that runs against a bucket. The storage roots and the atomic 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import uuid
+from pathlib import Path
 
 import fsspec
 
@@ -157,3 +159,130 @@ def read_table(path: str, columns: list[str] | None = None):
     fs, p = filesystem(path)
     with fs.open(p, "rb") as f:
         return pq.read_table(f, columns=columns, page_checksum_verification=True)
+
+
+# A directory in object storage is whole once this file, its manifest, is there: written last, as object stores
+# have no directory rename. Name -> [size, sha256] of every other file.
+COMPLETE = "_COMPLETE.json"
+
+
+def is_remote(path: str) -> bool:
+    """Object storage (an fsspec URL other than ``file://``): what workers put there every node can read."""
+    return local_path(str(path)) is None
+
+
+def upload_files(local: str | Path, url: str, names: list[str] | None = None) -> dict:
+    """Copy the files under ``local`` (or just ``names``, relative to it) to ``url``; their manifest entries."""
+    from tokenclean.tasks.keys import file_sha256
+
+    root = Path(local)
+    files = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
+    fs, p = filesystem(url)
+    manifest = {}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        fs.put_file(str(f), f"{p}/{rel}")
+        manifest[rel] = [f.stat().st_size, file_sha256(f, cache=False)]
+    return manifest
+
+
+def commit_dir(url: str, manifest: dict) -> None:
+    """Mark ``url`` whole: its manifest, written after every file it lists."""
+    fs, p = filesystem(url)
+    with fs.open(f"{p}/{COMPLETE}", "w") as f:
+        json.dump(manifest, f, sort_keys=True)
+
+
+def publish_dir(local: str | Path, url: str) -> dict:
+    """Upload a finished local directory to ``url`` so that readers see all of it or none (``open_dir``)."""
+    remove_tree(url)  # a retried writer's leftovers; the manifest goes first, so no reader takes them as whole
+    manifest = upload_files(local, url)
+    commit_dir(url, manifest)
+    return manifest
+
+
+def read_manifest(url: str) -> dict | None:
+    """The manifest of a published directory; None while it is not whole (or not there)."""
+    fs, p = filesystem(url)
+    try:
+        with fs.open(f"{p}/{COMPLETE}", "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def node_cache() -> Path:
+    """This node's copies of directories in object storage. ``TOKENCLEAN_NODE_CACHE`` names a node's local disk
+    where the default (under ``TOKENCLEAN_CACHE``) is shared between nodes; sharing is safe, only slower."""
+    root = os.environ.get("TOKENCLEAN_NODE_CACHE") or os.path.join(
+        os.environ.get("TOKENCLEAN_CACHE") or os.path.expanduser("~/.cache/tokenclean"), "node-cache")
+    return Path(root)
+
+
+def open_dir(path: str) -> str:
+    """A local directory holding ``path``'s files: ``path`` itself when local. Else this node's copy, fetched once
+    and kept by its manifest's digest (a directory published again with other bytes is another copy, never a
+    stale one), each file checked against its size and SHA-256 and the whole renamed into place."""
+    if not is_remote(path):
+        return local_path(str(path))
+    from tokenclean.tasks.keys import digest
+
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise FileNotFoundError(f"{path}: not in storage, or not whole (no {COMPLETE}): its writer has not finished")
+    dest = node_cache() / "dirs" / digest("manifest", manifest)
+    if not dest.is_dir():
+        _download(path, manifest, dest)
+    return str(dest)
+
+
+def _download(url: str, manifest: dict, dest: Path) -> None:
+    import time
+
+    from tokenclean.tasks.keys import file_sha256
+
+    fs, p = filesystem(url)
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    t0 = time.perf_counter()
+    try:
+        for rel, (size, sha) in manifest.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{p}/{rel}", str(tmp / rel))
+            if (tmp / rel).stat().st_size != size or file_sha256(tmp / rel, cache=False) != sha:
+                raise OSError(f"{url}/{rel}: the copy does not match its manifest (size {size}, sha256 {sha[:12]}…)")
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process on this node finished the same copy first: keep that one
+            if not dest.is_dir():
+                raise
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    with open(node_cache() / "downloads.jsonl", "a") as log:  # what this node fetched, for the operator
+        log.write(json.dumps({"url": url, "dir": dest.name, "bytes": sum(s for s, _ in manifest.values()),
+                              "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}) + "\n")
+
+
+def read_json(path: str):
+    fs, p = filesystem(path)
+    with fs.open(p, "r") as f:
+        return json.load(f)
+
+
+def under(run_dir, path: str) -> str:
+    """A path the store records relative to the run directory (a moved run keeps finding it), or a URL as is."""
+    return path if is_remote(path) else str(Path(run_dir) / path)
+
+
+def weights_hash(path: str) -> str:
+    """``keys.weights_hash`` of a model directory; in object storage from its manifest, so nothing is downloaded."""
+    from tokenclean.tasks import keys
+
+    if not is_remote(path):
+        return keys.weights_hash(local_path(str(path)))
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise FileNotFoundError(f"{path}: not in storage, or not whole (no {COMPLETE}): its writer has not finished")
+    return keys.weights_hash_of(manifest, lambda entry: entry[1], path)

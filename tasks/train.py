@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenclean.config import TrainConfig
+from tokenclean.tasks import keys, remote_checkpoints, storage
 from tokenclean.tasks.packing import VARLEN_ATTN, attn_implementation, register_varlen_attention
 from tokenclean.tasks.placement import use_assigned_cpus, where
 from tokenclean.tasks.score import decoder_and_head, numerics, resolve_device, resolve_dtype
@@ -140,8 +141,6 @@ def _fetch(data) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
     if isinstance(data, str):  # a training set streamed to storage by the flow (select.write_training_set)
-        from tokenclean.tasks import storage
-
         if not storage.exists(data):
             raise FileNotFoundError(
                 f"the training set {data}, written by the driver, is not visible on this worker. On a cluster, set "
@@ -159,7 +158,7 @@ def _load_model(job: TrainJob, cfg: TrainConfig, device: torch.device, dtype: to
 
     model = AutoModelForCausalLM.from_pretrained(job.base_path, dtype=dtype)
     if job.init_adapter:
-        return PeftModel.from_pretrained(model, job.init_adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, storage.open_dir(job.init_adapter), is_trainable=True)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
@@ -324,7 +323,8 @@ def train_worker(job: TrainJob) -> dict:
     accumulation = cfg.accumulation(world)
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
-    ckpt_dir = Path(job.checkpoint_dir)
+    remote = storage.is_remote(job.checkpoint_dir)  # no shared filesystem: checkpoints live in object storage
+    ckpt_dir = remote_checkpoints.local_dir(job.checkpoint_dir) if remote else Path(job.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     table = _fetch(job.data)
     dataset = Dataset(table)
@@ -335,15 +335,16 @@ def train_worker(job: TrainJob) -> dict:
                       "adapter is the same", stacklevel=1)
     args = _training_arguments(cfg, accumulation, ckpt_dir, device, dtype, job.progress)
     steplog = _progress_callback(ckpt_dir / "steps.jsonl", rank)
-    trainer = _trainer(model, args, dataset, [steplog, *_callbacks(cfg.callbacks)], job.progress)
-    resume = resume_checkpoint(ckpt_dir)
+    uploads = [remote_checkpoints.upload_callback(job.checkpoint_dir, rank, world)] if remote else []
+    trainer = _trainer(model, args, dataset, [steplog, *uploads, *_callbacks(cfg.callbacks)], job.progress)
+    resume = remote_checkpoints.newest(job.checkpoint_dir) if remote else resume_checkpoint(ckpt_dir)
     t0, started = time.perf_counter(), time.time()
     out = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     first_loss, final_loss = _logged_losses(trainer)
     n_tok, n_lab = _token_counts(table)
     stats = {"steps": trainer.state.global_step, "steps_run": steplog.steps_run,
-             "resumed_from": resume and int(Path(resume).name.split("-")[1]),
+             "resumed_from": resume and json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"],
              "samples": table.num_rows, "tokens": n_tok, "label_tokens": n_lab,
              "first_loss": first_loss, "final_loss": final_loss,
              "train_loss": out.training_loss, "seconds": seconds, "span": [started, time.time()],
@@ -352,7 +353,7 @@ def train_worker(job: TrainJob) -> dict:
              "numerics": numerics(str(device), job.dtype), **job.extra}
     stats["placement"] = _placement(world, device)
     if rank == 0:
-        _save_adapter(trainer.model, Path(job.out_dir), stats)
+        _save_adapter(trainer.model, job.out_dir, stats)
     if world > 1:
         torch.distributed.barrier()
     del trainer, model
@@ -420,19 +421,26 @@ def _placement(world: int, device: torch.device) -> list:
     return placed
 
 
-def _save_adapter(model, out_dir: Path, stats: dict) -> None:
-    """The adapter and its ``train.json``, written beside ``out_dir`` and renamed into place."""
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+def _save_adapter(model, out_dir: str, stats: dict) -> None:
+    """The adapter and its ``train.json``, written beside ``out_dir`` and renamed into place; or, to object
+    storage, written on this node and published whole (``storage.publish_dir``)."""
+    remote = storage.is_remote(out_dir)
+    local = Path(storage.node_cache() / "staged" / keys.digest("adapter", out_dir) if remote else out_dir)
+    tmp = local.with_name(local.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     (tmp / "train.json").write_text(json.dumps(stats, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    if remote:
+        storage.publish_dir(tmp, out_dir)
+        shutil.rmtree(tmp)
+        return
+    shutil.rmtree(local, ignore_errors=True)
+    os.replace(tmp, local)
 
 
 def lora_shape(adapter_dir: str | Path) -> dict:
     """r, alpha, dropout and targets of a saved adapter (what a continued stage inherits)."""
-    c = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    c = storage.read_json(storage.join(str(adapter_dir), "adapter_config.json"))
     targets = c.get("target_modules")
     return {"r": c.get("r"), "alpha": c.get("lora_alpha"), "dropout": c.get("lora_dropout"),
             "target_modules": sorted(targets) if isinstance(targets, list) else targets}

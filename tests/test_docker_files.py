@@ -675,7 +675,25 @@ def test_ray_cluster_config() -> None:
     assert set(cfg) <= known, set(cfg) - known
 
 
+def test_kuberay_manifest_shares_nothing_but_the_bucket() -> None:
+    """infra/kuberay.yaml: a RayCluster whose pods mount no shared volume (secrets and a per-pod emptyDir only),
+    each with its own node cache, token authentication on from a mounted secret, the dashboard on loopback."""
+    cfg = yaml.safe_load((REPO / "infra" / "kuberay.yaml").read_text())
+    assert cfg["apiVersion"] == "ray.io/v1" and cfg["kind"] == "RayCluster"
+    head, groups = cfg["spec"]["headGroupSpec"], cfg["spec"]["workerGroupSpecs"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1" and head["rayStartParams"]["num-cpus"] == "0"
+    for pod in [head["template"]["spec"], *(g["template"]["spec"] for g in groups)]:
+        assert all(set(v) - {"name"} <= {"secret", "emptyDir"} for v in pod["volumes"]), pod["volumes"]
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env
+            assert env["TOKENCLEAN_NODE_CACHE"] in {m["mountPath"] for m in c["volumeMounts"]}
+            assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+            assert c["image"].endswith("tokenclean:gpu")
+
+
 def test_infra_readme_covers_the_essentials() -> None:
     text = (REPO / "infra" / "README.md").read_text()
-    for needle in ("ray up infra/ray-cluster.yaml", "TOKENCLEAN_RAY_ADDRESS", "ray://", "NFS", "4200", "PREFECT_API_URL"):
+    for needle in ("ray up infra/ray-cluster.yaml", "TOKENCLEAN_RAY_ADDRESS", "ray://", "NFS", "4200", "PREFECT_API_URL",
+                   "infra/kuberay.yaml", "TOKENCLEAN_NODE_CACHE"):
         assert needle in text, needle

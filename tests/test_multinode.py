@@ -17,15 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from tests.conftest import tiny_config
 from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, kill_tree, shard_first_ids
-from tests.store_reads import losses_by_uid
+from tests.run_snapshot import assert_same, snapshot
 from tokenclean.config import RunConfig
-from tokenclean.tasks import store
 
 
 @pytest.fixture(scope="module")
@@ -49,55 +47,6 @@ def _cfg(workdir: Path, data, multinode, name: str, **over) -> dict:
     return cfg
 
 
-def _snapshot(cfg: RunConfig) -> dict:
-    """What a run produced, by content: losses by uid, kept (uid, pos), adapter weights, metrics."""
-    from safetensors.numpy import load_file
-
-    from tokenclean.summary import output_key
-
-    con = store.connect(cfg.db_path, read_only=True)
-    try:
-        dataset = output_key(con, "data", "dataset")
-        out = {}
-        for name in ("base", "reference"):
-            out[f"losses/{name}"] = losses_by_uid(con, output_key(con, name, "losses"), dataset)
-            check = store.check_integrity(con, output_key(con, name, "losses"), dataset, [1])
-            assert check["ok"], check
-        out["kept"] = sorted(con.execute(
-            "SELECT s.uid, st.pos FROM selected_tokens st JOIN samples s USING (sample_id) WHERE st.selection = ?",
-            [output_key(con, "global", "selection")]).fetchall())
-        for name in ("reference", "global"):
-            rec = store.adapter_record(con, output_key(con, name, "adapter"))
-            out[f"adapter/{name}"] = load_file(str(cfg.run_dir / rec["path"] / "adapter_model.safetensors"))
-            out[f"eval/{name}"] = store.eval_metrics(con, output_key(con, name, "eval"))
-        out["placement"] = [json.loads(d) for (d,) in con.execute(
-            "SELECT detail FROM stage_log WHERE stage IN ('score', 'train', 'evaluate')").fetchall()]
-        out["ingest"] = [json.loads(d) for (d,) in con.execute(
-            "SELECT detail FROM stage_log WHERE stage = 'ingest'").fetchall()]
-        return out
-    finally:
-        con.close()
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    for k, w in want.items():
-        g = got[k]
-        if k.startswith("losses/"):
-            assert [(u, p) for u, p, _ in g] == [(u, p) for u, p, _ in w], k
-            np.testing.assert_allclose([x for *_, x in g], [x for *_, x in w], rtol=1e-4, atol=1e-4, err_msg=k)
-        elif k.startswith("adapter/"):
-            assert set(g) == set(w), k
-            scale = max(float(np.abs(v).max()) for v in w.values())
-            for name in w:
-                np.testing.assert_allclose(g[name], w[name], rtol=0, atol=1e-5 * scale, err_msg=f"{k} {name}")
-        elif k.startswith("eval/"):
-            assert set(g) == set(w), k
-            for m in w:
-                assert g[m] == pytest.approx(w[m], rel=1e-4, abs=1e-5), (k, m)
-        elif k == "kept":
-            assert g == w
-
-
 def _nodes(details: list[dict]) -> set[str]:
     out = set()
     for d in details:
@@ -115,7 +64,7 @@ def undisturbed(tiny, data, multinode, tmp_path_factory):
     config["data"]["ingest_workers"] = 2  # the disturbed runs ingest in their driver: the same dataset
     cfg = RunConfig.model_validate(config)
     run(cfg)
-    return _snapshot(cfg)
+    return snapshot(cfg)
 
 
 def test_scoring_spreads_over_the_nodes_of_a_cluster_given_by_address(undisturbed, multinode):
@@ -211,8 +160,8 @@ def test_node_lost_while_scoring_run_finishes_and_equals_undisturbed(tiny, data,
         if proc.poll() is None:
             proc.kill()
     assert where["node"] not in multinode.node_ids().values()  # the node that held the shard is gone ...
-    got = _snapshot(RunConfig.model_validate(cfg))
-    _assert_same(got, undisturbed)  # ... and its shard was scored again elsewhere: integrity is clean
+    got = snapshot(RunConfig.model_validate(cfg))
+    assert_same(got, undisturbed)  # ... and its shard was scored again elsewhere: integrity is clean
     base = next(d for d in got["placement"] if d.get("model") == "base")
     assert {p["node"] for p in base["placement"]} - {where["node"]}, f"{lost} node's shard never ran elsewhere"
 
@@ -234,8 +183,8 @@ def test_node_lost_while_training_resumes_from_checkpoint_and_equals_undisturbed
         if proc.poll() is None:
             proc.kill()
     run_cfg = RunConfig.model_validate(cfg)
-    got = _snapshot(run_cfg)
-    _assert_same(got, undisturbed)
+    got = snapshot(run_cfg)
+    assert_same(got, undisturbed)
     train = next(d for d in got["placement"] if d.get("key") and d.get("resumed_from") is not None)
     assert train["resumed_from"] == 1 and train["steps"] == train["steps_run"] + 1
     assert {p["node"] for p in train["placement"]} != {where["node"]}  # finished elsewhere
@@ -265,67 +214,10 @@ def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, und
     assert n_before >= 2
     done = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    got = _snapshot(RunConfig.model_validate(cfg))
-    _assert_same(got, undisturbed)
+    got = snapshot(RunConfig.model_validate(cfg))
+    assert_same(got, undisturbed)
     base = [d for d in got["placement"] if d.get("model") == "base"]
     resumed = base[-1]
     assert resumed["samples_scored"] < resumed["samples_total"]  # finished shards were not scored again
     assert resumed["samples_scored"] + resumed["samples_skipped"] + resumed["samples_recovered"] == \
         resumed["samples_total"]
-
-
-@pytest.fixture
-def s3(monkeypatch, tmp_path):
-    """A real S3-compatible endpoint (moto's server, in a thread of this process) with one bucket. Credentials
-    reach the driver and the workers as a user's would, through a credentials file (the standard chain); the
-    names given to the workers with ``ray.env_vars`` are the non-secret ones."""
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    credentials = tmp_path / "aws-credentials"
-    credentials.write_text("[default]\naws_access_key_id = test\naws_secret_access_key = test\n")
-    credentials.chmod(0o600)
-    env = {"AWS_SHARED_CREDENTIALS_FILE": str(credentials), "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="tc-shards")
-    yield sorted(env)
-    server.stop()
-
-
-def test_workers_write_shards_to_object_storage_and_the_driver_loads_them(tiny, data, multinode, undisturbed, s3,
-                                                                         tmp_path):
-    """``storage: s3://…``: workers on both nodes write their shards to the bucket (credentials from a credentials
-    file, its path and the endpoint forwarded by ``ray.env_vars``), the driver loads them from there, nothing is written under the run directory,
-    and the results equal the undisturbed run's (which used the run directory)."""
-    import s3fs
-
-    from tokenclean.flows.cleaning import run
-
-    cfg = _cfg(tmp_path, data, multinode, "on-s3")
-    cfg["storage"] = "s3://tc-shards/runs"
-    cfg["ray"] = dict(cfg["ray"], env_vars=s3)
-    run_cfg = RunConfig.model_validate(cfg)
-    run(run_cfg)
-    _assert_same(_snapshot(run_cfg), undisturbed)
-    assert not (run_cfg.run_dir / "shards").exists()
-    con = store.connect(run_cfg.db_path, read_only=True)
-    try:
-        run_id = store.run_id(con)
-        loaded = con.execute("SELECT model, count(*) FROM shards_done GROUP BY model").fetchall()
-    finally:
-        con.close()
-    fs = s3fs.S3FileSystem()
-    written = fs.glob(f"tc-shards/runs/on-s3-{run_id}/shards/*/shard-*.parquet")
-    assert len(written) == sum(n for _, n in loaded) > 0  # one object per loaded shard, under the run's id
-    assert not fs.glob("tc-shards/runs/**/*.tmp-*")  # no temporary object left behind

@@ -1,0 +1,92 @@
+"""Directories in object storage (adapters, checkpoints): published whole or not at all, copied once per node,
+checked against their manifest. fsspec's in-memory filesystem stands in for a bucket (the same code path as s3://;
+the run on isolated nodes against a real S3 endpoint is tests/test_shared_nothing.py)."""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tokenclean.tasks import keys, remote_checkpoints, storage
+
+
+@pytest.fixture(autouse=True)
+def node_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENCLEAN_NODE_CACHE", str(tmp_path / "node-cache"))
+    return tmp_path / "node-cache"
+
+
+def _adapter(root, seed: int):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    (root / "adapter_model.safetensors").write_bytes(rng.bytes(int(rng.integers(1, 5000))))
+    (root / "adapter_config.json").write_text(json.dumps({"r": int(rng.integers(1, 64))}))
+    (root / "train.json").write_text("{}")
+    (root / "sub").mkdir()
+    (root / "sub" / "extra.bin").write_bytes(rng.bytes(100))
+    return root
+
+
+def _bucket() -> str:
+    return f"memory://bucket-{uuid.uuid4().hex[:8]}/adapters/a"
+
+
+def _files(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _downloads(node_cache) -> list[dict]:
+    log = node_cache / "downloads.jsonl"
+    return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_a_published_directory_is_copied_once_per_node_and_a_republished_one_again(tmp_path, node_cache):
+    url = _bucket()
+    storage.publish_dir(_adapter(tmp_path / "one", 1), url)
+    first = storage.open_dir(url)
+    assert _files(Path(first)) == _files(tmp_path / "one")
+    assert storage.open_dir(url) == first and len(_downloads(node_cache)) == 1  # the node's copy, by its key
+    storage.publish_dir(_adapter(tmp_path / "two", 2), url)  # the same URL, other bytes: never the stale copy
+    second = storage.open_dir(url)
+    assert second != first and len(_downloads(node_cache)) == 2
+    assert (tmp_path / "two" / "adapter_config.json").read_text() == open(f"{second}/adapter_config.json").read()
+
+
+def test_a_directory_without_its_manifest_or_with_a_changed_file_is_refused(tmp_path, node_cache):
+    url = _bucket()
+    storage.upload_files(_adapter(tmp_path / "a", 3), url)  # a writer that died before committing
+    with pytest.raises(FileNotFoundError, match="not whole"):
+        storage.open_dir(url)
+    storage.publish_dir(tmp_path / "a", url)
+    fs, p = storage.filesystem(url)
+    fs.pipe(f"{p}/adapter_model.safetensors", b"changed after the commit")
+    with pytest.raises(OSError, match="does not match its manifest"):
+        storage.open_dir(url)
+    assert not list((node_cache / "dirs").iterdir())  # nothing half-copied is left to be taken as whole
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_weights_key_from_a_manifest_equals_the_key_of_the_local_directory(tmp_path, seed):
+    local = _adapter(tmp_path / "a", seed)
+    url = _bucket()
+    storage.publish_dir(local, url)
+    assert storage.weights_hash(url) == keys.weights_hash(local) == storage.weights_hash(str(local))
+
+
+def test_the_newest_committed_checkpoint_is_resumed_and_an_uncommitted_one_is_not(tmp_path):
+    url = _bucket()
+    for step in (2, 10):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        storage.publish_dir(d, storage.join(url, d.name))
+    torn = tmp_path / "checkpoint-12"
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text(json.dumps({"global_step": 12}))
+    storage.upload_files(torn, storage.join(url, torn.name))  # killed before its commit
+    resumed = remote_checkpoints.newest(url)
+    assert json.loads(open(f"{resumed}/trainer_state.json").read())["global_step"] == 10
+    assert remote_checkpoints.newest(_bucket()) is None
