@@ -208,8 +208,11 @@ def _adapter_step(ctx: RunContext, req: AdapterRequest) -> _AdapterStep:
               "parent": parent.train_key if parent else None, "parent_model": parent.key if parent else None}
     rec = store.adapter_record(ctx.con, key)
     out = ctx.adapter_dir(key)
+    # an adapter recorded before the run moved to object storage is in the driver's run directory, where no worker
+    # reads: it is found in (or trained again into) the bucket
+    elsewhere = rec is not None and ctx.remote and not storage.is_remote(rec["path"])
     step = _AdapterStep(req.variant, req.iteration, key, inputs, out,
-                        rec is None or not _saved(storage.under(ctx.run_dir, rec["path"])))
+                        rec is None or elsewhere or not _saved(storage.under(ctx.run_dir, rec["path"])))
     if step.computed:
         step.stats = storage.read_json(storage.join(out, "train.json")) if _saved(out) else None
         if step.stats is None or step.stats.get("key") != key:  # else: saved, but the run died before recording it
@@ -259,7 +262,10 @@ def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
         store.record_adapter(ctx.con, step.key, model_key, path, step.inputs,
                              step.stats, {"base_model": ctx.base_model, "adapter": step.key, "weights": weights})
         # The adapter is recorded: its optimiser checkpoints have served their purpose.
-        storage.remove_tree(ctx.checkpoint_root(step.key))
+        try:
+            storage.remove_tree(ctx.checkpoint_root(step.key))
+        except OSError as e:  # only space is lost: the adapter is recorded
+            get_run_logger().warning("could not remove the checkpoints of %s: %s", step.key, e)
         storage.remove(ctx.training_set(step.key))  # ... and so has its training set
     rec = store.adapter_record(ctx.con, step.key)
     _output(ctx, step.variant, step.iteration, "adapter", step.key, step.computed)

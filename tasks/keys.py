@@ -138,8 +138,9 @@ def weights_hash(directory: str | Path) -> str:
 def weights_hash_of(files: dict, sha256, where: str) -> str:
     """``weights_hash`` over ``files`` (relative name -> anything ``sha256`` maps to the file's SHA-256): the same
     key for a local directory and for its copy in object storage, hashed from that copy's manifest."""
-    names = sorted(n for n in files if not n.rsplit("/", 1)[-1].startswith(".")
-                   and (Path(n).suffix in WEIGHT_SUFFIXES or Path(n).name in MODEL_META_FILES))
+    names = sorted((n for n in files if not n.rsplit("/", 1)[-1].startswith(".")
+                    and (Path(n).suffix in WEIGHT_SUFFIXES or Path(n).name in MODEL_META_FILES)),
+                   key=lambda n: Path(n).parts)  # the order of Paths, as keys stored before were made
     if not any(Path(n).suffix in WEIGHT_SUFFIXES for n in names):
         raise FileNotFoundError(f"{where}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to identify the model by")
     return digest("files", [(n, sha256(files[n])) for n in names])

@@ -8,17 +8,21 @@ cheaper per adapter), and both paths keep one checkpoint format, the Trainer's o
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 from tokenclean.tasks import keys, storage
 
+_RNG = re.compile(r"rng_state(_\d+)?\.pth")
 
-def local_dir(url: str) -> Path:
-    """This node's working directory for the checkpoints of ``url``, emptied: what is resumed comes from storage."""
-    path = storage.node_cache() / "checkpoints" / keys.digest("checkpoints", url)
+
+def local_dir(url: str, rank: int) -> Path:
+    """This rank's working directory for the checkpoints of ``url``, emptied: what is resumed comes from storage.
+    One per rank: ranks on one node (or sharing a node cache) never write into each other's."""
+    path = storage.node_cache() / "checkpoints" / keys.digest("checkpoints", url) / f"rank-{rank}"
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -30,9 +34,12 @@ def newest(url: str) -> str | None:
         name = marker.rstrip("/").split("/")[-2]
         if name.removeprefix("checkpoint-").isdigit():
             steps.append((int(name.removeprefix("checkpoint-")), name))
-    if not steps:
-        return None
-    return storage.open_dir(storage.join(url, max(steps)[1]))
+    for _, name in sorted(steps, reverse=True):
+        try:
+            return storage.open_dir(storage.join(url, name))
+        except OSError:  # a committed checkpoint that no longer matches its manifest: the next older one
+            continue
+    return None
 
 
 def upload_callback(url: str, rank: int, world: int):
@@ -44,9 +51,10 @@ def upload_callback(url: str, rank: int, world: int):
         def on_save(self, args, state, control, **kw):
             name = f"checkpoint-{state.global_step}"
             local = Path(args.output_dir) / name
-            # rank 0 writes the weights and optimiser; every rank its own RNG state
+            # rank 0 writes the weights and optimiser; every rank its own RNG state (``rng_state.pth`` alone)
+            own = {f"rng_state_{rank}.pth"} | ({"rng_state.pth"} if rank == 0 else set())
             mine = sorted(str(f.relative_to(local)) for f in local.rglob("*") if f.is_file()
-                          and (rank == 0 or f.name == f"rng_state_{rank}.pth"))
+                          and (f.name in own if _RNG.fullmatch(f.name) else rank == 0))
             part = storage.upload_files(local, storage.join(url, name), mine)
             parts = [part]
             if world > 1:

@@ -195,7 +195,10 @@ def commit_dir(url: str, manifest: dict) -> None:
 
 def publish_dir(local: str | Path, url: str) -> dict:
     """Upload a finished local directory to ``url`` so that readers see all of it or none (``open_dir``)."""
-    remove_tree(url)  # a retried writer's leftovers; the manifest goes first, so no reader takes them as whole
+    fs, p = filesystem(url)
+    if fs.exists(f"{p}/{COMPLETE}"):  # a retried writer: its old manifest first, so no reader takes a mix as whole
+        fs.rm(f"{p}/{COMPLETE}")
+    remove_tree(url)
     manifest = upload_files(local, url)
     commit_dir(url, manifest)
     return manifest
@@ -212,8 +215,9 @@ def read_manifest(url: str) -> dict | None:
 
 
 def node_cache() -> Path:
-    """This node's copies of directories in object storage. ``TOKENCLEAN_NODE_CACHE`` names a node's local disk
-    where the default (under ``TOKENCLEAN_CACHE``) is shared between nodes; sharing is safe, only slower."""
+    """This node's copies of directories in object storage, and its training ranks' working checkpoints.
+    ``TOKENCLEAN_NODE_CACHE`` names a node's local disk where the default (under ``TOKENCLEAN_CACHE``) is on a
+    filesystem shared between nodes: copies are by content and renamed into place, working checkpoints by rank."""
     root = os.environ.get("TOKENCLEAN_NODE_CACHE") or os.path.join(
         os.environ.get("TOKENCLEAN_CACHE") or os.path.expanduser("~/.cache/tokenclean"), "node-cache")
     return Path(root)
@@ -242,6 +246,9 @@ def _download(url: str, manifest: dict, dest: Path) -> None:
     from tokenclean.tasks.keys import file_sha256
 
     fs, p = filesystem(url)
+    bad = [rel for rel in manifest if rel.startswith("/") or ".." in rel.split("/")]
+    if bad:
+        raise OSError(f"{url}: its manifest names files outside the directory: {bad[:3]}")
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     t0 = time.perf_counter()
     try:

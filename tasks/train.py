@@ -324,7 +324,7 @@ def train_worker(job: TrainJob) -> dict:
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     remote = storage.is_remote(job.checkpoint_dir)  # no shared filesystem: checkpoints live in object storage
-    ckpt_dir = remote_checkpoints.local_dir(job.checkpoint_dir) if remote else Path(job.checkpoint_dir)
+    ckpt_dir = remote_checkpoints.local_dir(job.checkpoint_dir, rank) if remote else Path(job.checkpoint_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     table = _fetch(job.data)
     dataset = Dataset(table)
@@ -357,6 +357,8 @@ def train_worker(job: TrainJob) -> dict:
     if world > 1:
         torch.distributed.barrier()
     del trainer, model
+    if remote:  # its checkpoints are in the bucket: this node's working copies have served
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     if device.type == "cuda":  # the worker lives on (its scoring model cache too): give back what training held
         gc.collect()
         torch.cuda.empty_cache()

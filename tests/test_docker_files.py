@@ -684,6 +684,7 @@ def test_kuberay_manifest_shares_nothing_but_the_bucket() -> None:
     assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1" and head["rayStartParams"]["num-cpus"] == "0"
     for pod in [head["template"]["spec"], *(g["template"]["spec"] for g in groups)]:
         assert all(set(v) - {"name"} <= {"secret", "emptyDir"} for v in pod["volumes"]), pod["volumes"]
+        assert pod["securityContext"]["runAsUser"] == 1000 and pod["securityContext"]["fsGroup"] == 1000  # USER
         for c in pod["containers"]:
             env = {e["name"]: e.get("value") for e in c["env"]}
             assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env

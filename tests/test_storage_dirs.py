@@ -76,7 +76,7 @@ def test_the_weights_key_from_a_manifest_equals_the_key_of_the_local_directory(t
     assert storage.weights_hash(url) == keys.weights_hash(local) == storage.weights_hash(str(local))
 
 
-def test_the_newest_committed_checkpoint_is_resumed_and_an_uncommitted_one_is_not(tmp_path):
+def test_the_newest_committed_checkpoint_is_resumed_and_an_uncommitted_one_is_not(tmp_path, monkeypatch):
     url = _bucket()
     for step in (2, 10):
         d = tmp_path / f"checkpoint-{step}"
@@ -90,3 +90,25 @@ def test_the_newest_committed_checkpoint_is_resumed_and_an_uncommitted_one_is_no
     resumed = remote_checkpoints.newest(url)
     assert json.loads(open(f"{resumed}/trainer_state.json").read())["global_step"] == 10
     assert remote_checkpoints.newest(_bucket()) is None
+    fs, p = storage.filesystem(url)
+    fs.pipe(f"{p}/checkpoint-10/trainer_state.json", b"{}")  # committed, then changed: the next older one
+    monkeypatch.setenv("TOKENCLEAN_NODE_CACHE", str(tmp_path / "another-node"))
+    resumed = remote_checkpoints.newest(url)
+    assert json.loads(open(f"{resumed}/trainer_state.json").read())["global_step"] == 2
+
+
+def test_a_rank_uploads_its_own_rng_state_and_rank_0_the_rest(tmp_path):
+    """Every rank's checkpoint directory may hold other ranks' RNG states (a shared node cache); each uploads only
+    what it owns and rank 0 commits: with one worker, the whole checkpoint, its ``rng_state.pth`` included."""
+    from types import SimpleNamespace
+
+    local = tmp_path / "checkpoint-3"
+    local.mkdir()
+    for name in ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth",
+                 "rng_state_0.pth", "rng_state_1.pth"):
+        (local / name).write_text(name)
+    url = _bucket()
+    remote_checkpoints.upload_callback(url, 0, 1).on_save(SimpleNamespace(output_dir=str(tmp_path)),
+                                                          SimpleNamespace(global_step=3), None)
+    assert set(storage.read_manifest(storage.join(url, "checkpoint-3"))) == {
+        "adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth", "rng_state_0.pth"}
