@@ -223,6 +223,15 @@ def node_cache() -> Path:
     return Path(root)
 
 
+def shown(url: str) -> str:
+    """``url`` as logs and errors may show it: without a password or query (a signed URL's signature)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(url))
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def open_dir(path: str) -> str:
     """A local directory holding ``path``'s files: ``path`` itself when local. Else this node's copy, fetched once
     and kept by its manifest's digest (a directory published again with other bytes is another copy, never a
@@ -233,7 +242,8 @@ def open_dir(path: str) -> str:
 
     manifest = read_manifest(path)
     if manifest is None:
-        raise FileNotFoundError(f"{path}: not in storage, or not whole (no {COMPLETE}): its writer has not finished")
+        raise FileNotFoundError(f"{shown(path)}: not in storage, or not whole (no {COMPLETE}): its writer has not "
+                                "finished")
     dest = node_cache() / "dirs" / digest("manifest", manifest)
     if not dest.is_dir():
         _download(path, manifest, dest)
@@ -248,7 +258,7 @@ def _download(url: str, manifest: dict, dest: Path) -> None:
     fs, p = filesystem(url)
     bad = [rel for rel in manifest if rel.startswith("/") or ".." in rel.split("/")]
     if bad:
-        raise OSError(f"{url}: its manifest names files outside the directory: {bad[:3]}")
+        raise OSError(f"{shown(url)}: its manifest names files outside the directory: {bad[:3]}")
     tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     t0 = time.perf_counter()
     try:
@@ -256,7 +266,8 @@ def _download(url: str, manifest: dict, dest: Path) -> None:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{p}/{rel}", str(tmp / rel))
             if (tmp / rel).stat().st_size != size or file_sha256(tmp / rel, cache=False) != sha:
-                raise OSError(f"{url}/{rel}: the copy does not match its manifest (size {size}, sha256 {sha[:12]}…)")
+                raise OSError(f"{shown(url)}/{rel}: the copy does not match its manifest (size {size}, sha256 "
+                              f"{sha[:12]}…)")
         try:
             os.replace(tmp, dest)
         except OSError:  # another process on this node finished the same copy first: keep that one
@@ -268,7 +279,7 @@ def _download(url: str, manifest: dict, dest: Path) -> None:
 
             shutil.rmtree(tmp, ignore_errors=True)
     with open(node_cache() / "downloads.jsonl", "a") as log:  # what this node fetched, for the operator
-        log.write(json.dumps({"url": url, "dir": dest.name, "bytes": sum(s for s, _ in manifest.values()),
+        log.write(json.dumps({"url": shown(url), "dir": dest.name, "bytes": sum(s for s, _ in manifest.values()),
                               "seconds": round(time.perf_counter() - t0, 3), "pid": os.getpid()}) + "\n")
 
 
@@ -291,5 +302,6 @@ def weights_hash(path: str) -> str:
         return keys.weights_hash(local_path(str(path)))
     manifest = read_manifest(path)
     if manifest is None:
-        raise FileNotFoundError(f"{path}: not in storage, or not whole (no {COMPLETE}): its writer has not finished")
+        raise FileNotFoundError(f"{shown(path)}: not in storage, or not whole (no {COMPLETE}): its writer has not "
+                                "finished")
     return keys.weights_hash_of(manifest, lambda entry: entry[1], path)

@@ -60,6 +60,15 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def small_pool(tiny, tmp_path_factory):
+    """(train file, eval file): the first 120 training rows of the tiny set, for runs on multi-node clusters."""
+    root = tmp_path_factory.mktemp("small-pool")
+    rows = open(tiny.train).read().splitlines()[:120]
+    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
+    return root / "train.jsonl", Path(tiny.eval)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny):
     from transformers import AutoTokenizer
 

@@ -13,25 +13,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import tiny_config
 from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, kill_tree, shard_first_ids
+from tests.run_process import finish_run, start_run, wait_for_marker
 from tests.run_snapshot import assert_same, snapshot
 from tokenclean.config import RunConfig
 
 
 @pytest.fixture(scope="module")
-def data(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mn-data")
-    rows = open(tiny.train).read().splitlines()[:120]
-    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
-    return root / "train.jsonl", Path(tiny.eval)
+def data(small_pool):
+    return small_pool
 
 
 def _cfg(workdir: Path, data, multinode, name: str, **over) -> dict:
@@ -120,30 +116,6 @@ def test_flow_runs_link_the_clusters_ray_dashboard(undisturbed, multinode):
     assert json.loads(urllib.request.urlopen(request, timeout=30).read())["ray_version"]
 
 
-def _start(cfg: dict, tmp_path: Path, env: dict) -> tuple[subprocess.Popen, list[str]]:
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "tokenclean.cli", "run", str(path)]
-    return subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True), cmd
-
-
-def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker.exists() and marker.read_text():
-            return json.loads(marker.read_text())
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before the fault fired: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail("the fault never fired")
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 900) -> None:
-    _, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-
-
 def test_node_lost_while_scoring_run_finishes_and_equals_undisturbed(tiny, data, multinode, undisturbed, tmp_path):
     """A shard of the base model stalls on some node; that node is killed (raylet and workers) and
     replaced. Ray re-executes the lost task elsewhere; the run finishes with clean integrity and
@@ -151,11 +123,11 @@ def test_node_lost_while_scoring_run_finishes_and_equals_undisturbed(tiny, data,
     cfg = _cfg(tmp_path, data, multinode, "lost-scoring")
     firsts = shard_first_ids(RunConfig.model_validate(cfg), [1])
     marker = tmp_path / "stalled"
-    proc, _ = _start(cfg, tmp_path, {FAULT_ENV: f"stall:base:{firsts[1]}:{marker}"})
+    proc, _ = start_run(cfg, tmp_path, {FAULT_ENV: f"stall:base:{firsts[1]}:{marker}"})
     try:
-        where = _wait_for(marker, proc)
+        where = wait_for_marker(marker, proc)
         lost = multinode.kill(where["node"])
-        _finish(proc)
+        finish_run(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -174,11 +146,11 @@ def test_node_lost_while_training_resumes_from_checkpoint_and_equals_undisturbed
     cfg = _cfg(tmp_path, data, multinode, "lost-training")
     cfg["train"] = dict(cfg["train"], checkpoint_every=1, callbacks=["tests.faults:StallAfterCheckpoint"])
     marker = tmp_path / "stalled"
-    proc, _ = _start(cfg, tmp_path, {STALL_TRAINING_ENV: f"1:{marker}"})
+    proc, _ = start_run(cfg, tmp_path, {STALL_TRAINING_ENV: f"1:{marker}"})
     try:
-        where = _wait_for(marker, proc)
+        where = wait_for_marker(marker, proc)
         multinode.kill(where["node"])
-        _finish(proc)
+        finish_run(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -199,10 +171,10 @@ def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, und
     firsts = shard_first_ids(RunConfig.model_validate(cfg), [1])
     marker = tmp_path / "stalled"
     env = {FAULT_ENV: f"stall:base:{firsts[3]}:{marker}"}
-    proc, cmd = _start(cfg, tmp_path, env)
+    proc, cmd = start_run(cfg, tmp_path, env)
     shards = tmp_path / "driver-killed" / "shards"
     try:
-        _wait_for(marker, proc)
+        wait_for_marker(marker, proc)
         deadline = time.monotonic() + 300
         while len(list(shards.glob("*/*.parquet"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)

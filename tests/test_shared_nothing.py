@@ -6,19 +6,15 @@ input files lie outside the hidden directory, as an image or a node-local model 
 """
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.conftest import tiny_config
 from tests.faults import STALL_TRAINING_ENV
 from tests.isolated_cluster import IsolatedCluster, can_isolate, node_downloads
+from tests.run_process import finish_run, start_run, wait_for_marker
 from tests.run_snapshot import assert_same, snapshot
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
@@ -57,11 +53,8 @@ def bucket(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sn-data")
-    rows = open(tiny.train).read().splitlines()[:120]
-    (root / "train.jsonl").write_text("\n".join(rows) + "\n")
-    return root / "train.jsonl", Path(tiny.eval)
+def data(small_pool):
+    return small_pool
 
 
 def _cfg(workdir: Path, data, name: str, mode: str = "both") -> dict:
@@ -106,16 +99,12 @@ def shared_nothing(cluster, data, bucket, tmp_path_factory):
     cfg = _remote_cfg(cluster, data, bucket, "nothing-shared")
     cfg["train"] = dict(cfg["train"], checkpoint_every=1, callbacks=["tests.faults:StallAfterCheckpoint"])
     here = tmp_path_factory.mktemp("sn-driver")  # outside the hidden directory: the test's own files
-    marker, path = here / "stalled", here / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "tokenclean.cli", "run", str(path)],
-                            env=dict(os.environ, **{STALL_TRAINING_ENV: f"1:{marker}"}),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marker = here / "stalled"
+    proc, _ = start_run(cfg, here, {STALL_TRAINING_ENV: f"1:{marker}"})
     try:
-        lost = _wait_for(marker, proc)["node"]
+        lost = wait_for_marker(marker, proc)["node"]
         cluster.kill_worker(lost)
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
+        finish_run(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -178,16 +167,3 @@ def test_fresh_nodes_reuse_every_stored_result_by_key(shared_nothing, cluster, d
     con.close()
     assert_same(snapshot(cfg, ADAPTERS), snap)
     assert cluster.on_each_node(node_downloads) == {node: [] for node in cluster.node_ids()}
-
-
-def _wait_for(marker: Path, proc: subprocess.Popen, timeout: float = 600) -> dict:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker.exists() and marker.read_text():
-            return json.loads(marker.read_text())
-        if proc.poll() is not None:
-            pytest.fail(f"run ended before the fault fired: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail("the fault never fired")

@@ -112,3 +112,12 @@ def test_a_rank_uploads_its_own_rng_state_and_rank_0_the_rest(tmp_path):
                                                           SimpleNamespace(global_step=3), None)
     assert set(storage.read_manifest(storage.join(url, "checkpoint-3"))) == {
         "adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth", "rng_state_0.pth"}
+
+
+def test_urls_in_logs_and_errors_carry_no_password_or_signature():
+    assert storage.shown("s3://key:secret@bucket/runs/a?X-Amz-Signature=abc") == "s3://bucket/runs/a"
+    assert storage.shown("https://user:pw@host:9000/b/c?sig=1&se=2") == "https://host:9000/b/c"
+    assert storage.shown("s3://bucket/runs/a") == "s3://bucket/runs/a"
+    with pytest.raises(FileNotFoundError) as e:
+        storage.open_dir("memory://bucket-x/nothing?token=hunter2")
+    assert "hunter2" not in str(e.value)
