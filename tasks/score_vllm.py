@@ -61,7 +61,7 @@ class VllmScorer:
             kw.update(enable_lora=True, max_lora_rank=max_lora_rank)
         kw.update(llm_kwargs)
         self.llm = vllm.LLM(**kw)
-        self._adapters: dict[str, int] = {}  # adapter key (else resolved path) -> lora_int_id (>= 1)
+        self._adapters: dict = {}  # adapter key (else resolved path) -> its LoRARequest (lora_int_id >= 1)
 
     def _lora_request(self, adapter: str | None, adapter_key: str | None = None):
         """vLLM caches a LoRA by its int id: ids are handed out per adapter *key* (its weights' hash),
@@ -72,13 +72,13 @@ class VllmScorer:
             raise ValueError("VllmScorer was built with enable_lora=False; cannot score with an adapter")
         from vllm.lora.request import LoRARequest
 
-        key = adapter_key or str(Path(adapter).resolve())
-        if key not in self._adapters:
-            self._adapters[key] = len(self._adapters) + 1
-        lid = self._adapters[key]
         from tokenclean.tasks.storage import open_dir
 
-        return LoRARequest(f"a{lid}", lid, str(Path(open_dir(adapter)).resolve()))
+        key = adapter_key or str(Path(adapter).resolve())
+        if key not in self._adapters:  # the directory resolved once per key (object storage: this node's copy)
+            lid = len(self._adapters) + 1
+            self._adapters[key] = LoRARequest(f"a{lid}", lid, str(Path(open_dir(adapter)).resolve()))
+        return self._adapters[key]
 
     def _sampling_params(self):
         from vllm import SamplingParams

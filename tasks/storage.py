@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -214,6 +216,15 @@ def read_manifest(url: str) -> dict | None:
         return None
 
 
+def _whole(url: str) -> dict:
+    """The manifest of a directory in object storage, which must be whole."""
+    manifest = read_manifest(url)
+    if manifest is None:
+        raise FileNotFoundError(f"{shown(url)}: not in storage, or not whole (no {COMPLETE}): its writer has not "
+                                "finished")
+    return manifest
+
+
 def node_cache() -> Path:
     """This node's copies of directories in object storage, and its training ranks' working checkpoints.
     ``TOKENCLEAN_NODE_CACHE`` names a node's local disk where the default (under ``TOKENCLEAN_CACHE``) is on a
@@ -240,10 +251,7 @@ def open_dir(path: str) -> str:
         return local_path(str(path))
     from tokenclean.tasks.keys import digest
 
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise FileNotFoundError(f"{shown(path)}: not in storage, or not whole (no {COMPLETE}): its writer has not "
-                                "finished")
+    manifest = _whole(path)
     dest = node_cache() / "dirs" / digest("manifest", manifest)
     if not dest.is_dir():
         _download(path, manifest, dest)
@@ -251,8 +259,6 @@ def open_dir(path: str) -> str:
 
 
 def _download(url: str, manifest: dict, dest: Path) -> None:
-    import time
-
     from tokenclean.tasks.keys import file_sha256
 
     fs, p = filesystem(url)
@@ -275,8 +281,6 @@ def _download(url: str, manifest: dict, dest: Path) -> None:
                 raise
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     with open(node_cache() / "downloads.jsonl", "a") as log:  # what this node fetched, for the operator
         log.write(json.dumps({"url": shown(url), "dir": dest.name, "bytes": sum(s for s, _ in manifest.values()),
@@ -300,8 +304,4 @@ def weights_hash(path: str) -> str:
 
     if not is_remote(path):
         return keys.weights_hash(local_path(str(path)))
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise FileNotFoundError(f"{shown(path)}: not in storage, or not whole (no {COMPLETE}): its writer has not "
-                                "finished")
-    return keys.weights_hash_of(manifest, lambda entry: entry[1], path)
+    return keys.weights_hash_of(_whole(path), lambda entry: entry[1], path)
