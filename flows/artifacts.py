@@ -223,7 +223,7 @@ def _adapter_step(ctx: RunContext, req: AdapterRequest) -> _AdapterStep:
             step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"), data=data, out_dir=out,
                                 checkpoint_dir=checkpoints, key=key, label=name,
                                 init_adapter=parent.adapter if parent else None, device=cfg.model.device,
-                                dtype=cfg.model.dtype)
+                                dtype=cfg.model.dtype, base_weights=ctx.model_weights(ctx.base_model))
     return step
 
 
@@ -335,7 +335,8 @@ def _submit_evals(ctx: RunContext, todo: dict[str, EvalRequest]) -> dict:
         model = r.model
         path, base_key = model.weights or (ctx.base_path, ctx.base_model)
         job = EvalJob(path, samples, meta, batch_tokens=cfg.eval.batch_tokens, adapter=model.adapter,
-                      base_key=base_key, adapter_key=model.key if model.adapter else None,
+                      base_key=base_key, base_weights=ctx.model_weights(base_key),
+                      adapter_key=model.key if model.adapter else None,
                       device=cfg.model.device, dtype=cfg.model.dtype, tokenizer_path=ctx.tokenizer_path,
                       max_new_tokens=cfg.eval.max_new_tokens, label=label(r.variant, r.iteration))
         task = evaluate_task.with_options(task_run_name=f"evaluate/{job.label}")

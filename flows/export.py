@@ -8,22 +8,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenclean.summary import names_of, outputs_named
-from tokenclean.tasks import keys, storage, store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.export import export_model, write_dataset
 from tokenclean.tasks.names import label
 
 
-def verified_base(con, base_key: str) -> str:
-    """Path of the base model a run recorded under ``base_key``, after checking its weights are still the
-    ones hashed into that key: a model directory rewritten in place since the run would otherwise be merged
-    (or evaluated) under the old key."""
+def verified_base(con, base_key: str) -> tuple[str, str]:
+    """(path, weights hash) of the base model a run recorded under ``base_key``, after checking its weights are
+    still the ones hashed into that key: a model directory rewritten in place since the run would otherwise be
+    merged (or evaluated) under the old key. Whoever loads it from object storage checks its copy against the
+    hash again (``storage.open_model``)."""
     inputs = store.model_inputs(con, base_key)
     path = inputs["path"]
-    now = keys.weights_hash(keys.resolve_model_dir(path))
+    now = storage.weights_hash(path)
     if now != inputs["weights"]:
         raise ValueError(f"the base model at {path} is not the one this run used: its weights hash {now[:12]}, "
                          f"the run's {inputs['weights'][:12]}. Restore those weights, or re-run the pipeline")
-    return path
+    return path, now
 
 
 def open_run(run: Path):
@@ -76,7 +77,7 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
         iteration, train_key = found[-1]
         rec = store.adapter_record(con, train_key)
         base_key = rec["inputs"]["base_model"]
-        base_path = verified_base(con, base_key)
+        base_path, base_weights = verified_base(con, base_key)
         # the template and tokenizer of the data this adapter was trained on (not of whichever run came last)
         trained_on = store.selection_record(con, rec["inputs"]["selection"])["dataset"]
         dataset = store.artifact_inputs(con, "dataset", trained_on)["inputs"]
@@ -89,5 +90,5 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
                   "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
     res = export_model(base_path, storage.open_dir(storage.under(run, rec["path"])), dataset["tokenizer"], out,
                        template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance,
-                       overwrite=overwrite)
+                       overwrite=overwrite, base_weights=base_weights)
     return res | {"variant": variant, "adapter": train_key}

@@ -46,8 +46,9 @@ def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int 
     return key
 
 
-def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[str, str, str | None]:
-    """(base path, model key, adapter dir or None) of the run's base or of the variant ``adapter``."""
+def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[tuple[str, str], str, str | None]:
+    """((base path, weights hash), model key, adapter dir or None) of the run's base or of the variant
+    ``adapter``."""
     con = open_run(run_dir)
     try:
         base_key = output_key(con, "base", "model")
@@ -55,13 +56,13 @@ def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[str, str, st
             raise ValueError(f"{run_dir / store.DB_FILE} has no finished flow run: run the pipeline first")
         base = verified_base(con, base_key)
         if not adapter:
-            return str(base), base_key, None
+            return base, base_key, None
         train_key = output_key(con, adapter, "adapter")
         if train_key is None:
             raise ValueError(f"no adapter named {adapter!r} in the latest runs of {run_dir} "
                              f"(names: {names_of(con, 'adapter')})")
         rec = store.adapter_record(con, train_key)
-        return str(base), rec["model"], storage.under(run_dir, rec["path"])
+        return base, rec["model"], storage.under(run_dir, rec["path"])
     finally:
         con.close()
 
@@ -101,8 +102,8 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
     """
     run_dir = Path(run_dir)
     base, model_key, adapter_dir = _model_to_evaluate(run_dir, adapter)
-    job = LmEvalJob(base=base, adapter_dir=adapter_dir, tasks=tasks, task_dirs=task_dirs, limit=limit,
-                    batch_size=batch_size, device=device, facts=_run_world_facts(run_dir, tasks))
+    job = LmEvalJob(base=base[0], base_weights=base[1], adapter_dir=adapter_dir, tasks=tasks, task_dirs=task_dirs,
+                    limit=limit, batch_size=batch_size, device=device, facts=_run_world_facts(run_dir, tasks))
     results, sources = _run_job(job, ray_address, gpus)
     con = store.connect(run_dir / store.DB_FILE, wait_s=30)
     try:

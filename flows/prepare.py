@@ -16,7 +16,7 @@ from pathlib import Path
 from tokenclean.config import RunConfig, dump_config
 from tokenclean.flows.ingest import IngestJob, stage_inputs
 from tokenclean.flows.runtime import run_logger
-from tokenclean.tasks import keys, store
+from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.ingest import IngestSpec, tokenization_of
 from tokenclean.tasks.storage import is_remote, join
 
@@ -51,6 +51,11 @@ class RunContext:
             pool = "exclude_warmup" if self.cfg.model.reference is None else "all"
         first = 1 if pool == "exclude_warmup" else 0
         return list(range(first, self.cfg.iterations + 1))
+
+    def model_weights(self, key: str) -> str:
+        """The weights hash recorded for the whole model ``key`` (the base, a given reference): what a worker's
+        copy of it from object storage is checked against."""
+        return store.model_inputs(self.con, key)["weights"]
 
     @property
     def remote(self) -> bool:
@@ -95,8 +100,9 @@ def resolve_inputs(cfg: RunConfig) -> tuple[str, list[str], list[str]]:
 
 
 def base_model_identity(cfg: RunConfig, base_path: str) -> dict:
-    """The base model: its weights' content hash (and the name it was given)."""
-    return {"name": cfg.model.base, "weights": keys.weights_hash(keys.resolve_model_dir(base_path))}
+    """The base model: its weights' content hash (and the name it was given); in object storage, from its
+    manifest (the driver downloads no weights)."""
+    return {"name": cfg.model.base, "weights": storage.weights_hash(base_path)}
 
 
 def reference_identity(cfg: RunConfig, tokenizer, tokenizer_path: str, base: dict) -> tuple[dict, str] | None:
@@ -106,16 +112,16 @@ def reference_identity(cfg: RunConfig, tokenizer, tokenizer_path: str, base: dic
     if name is None:
         return None
     try:
-        directory = keys.resolve_model_dir(name)
+        directory = name if storage.is_remote(name) else str(Path(keys.resolve_model_dir(name)).resolve())
     except (OSError, ValueError) as e:  # a missing path, or a hub id that is not cached (or not an id)
         raise ValueError(f"model.reference {name}: not a model directory, nor a model in the Hugging Face cache "
                          f"({type(e).__name__})") from e
-    check_reference_tokenizer(name, directory, tokenizer, tokenizer_path)
-    identity = {"name": name, "weights": keys.weights_hash(directory)}
+    check_reference_tokenizer(name, storage.open_tokenizer(directory), tokenizer, tokenizer_path)
+    identity = {"name": name, "weights": storage.weights_hash(directory)}
     if identity["weights"] == base["weights"]:
         raise ValueError(f"model.reference {name}: its weights are the base model's ({base['name']}), so every "
                          "score would be 0; give another model, or leave it unset to train theta_1 on D0")
-    return identity, str(Path(directory).resolve())
+    return identity, directory
 
 
 def check_reference_tokenizer(name: str, directory, tokenizer, tokenizer_path: str) -> None:
@@ -212,7 +218,7 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     from transformers import AutoTokenizer
 
     base_path, paths, eval_paths = resolve_inputs(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or base_path)
+    tokenizer = AutoTokenizer.from_pretrained(storage.open_tokenizer(cfg.model.tokenizer or base_path))
     identity = base_model_identity(cfg, base_path)
     # refused before the run directory is made: a reference that cannot read the run's ids costs nothing
     reference = reference_identity(cfg, tokenizer, cfg.model.tokenizer or base_path, identity)

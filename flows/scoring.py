@@ -153,7 +153,7 @@ def score_job(ctx, model_key: str, adapter: str | None, base: tuple[str, str] | 
     path, key = base or (ctx.base_path, ctx.base_model)
     spec = ScorerSpec(path, key, device=cfg.model.device, dtype=cfg.model.dtype,
                       backend=cfg.score.backend, compile=ctx.scorer["compile"],
-                      linear_ce=ctx.scorer.get("linear_ce", "chunked"))
+                      linear_ce=ctx.scorer.get("linear_ce", "chunked"), base_weights=ctx.model_weights(key))
     return ScoreJob(spec, model_key, adapter, batch_tokens=cfg.score.batch_tokens, chunk=cfg.score.lm_head_chunk,
                     chunk_bytes=cfg.score.lm_head_chunk_bytes)
 

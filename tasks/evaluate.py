@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from tokenclean.tasks import store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.score import ShardSample, process_model
 
@@ -65,7 +65,7 @@ def evaluate_model(job: EvalJob) -> dict:
     samples, meta = job.samples, job.meta
     if not samples:
         raise ValueError("no held-out samples (part = -1): set data.eval_paths or data.eval_fraction > 0")
-    sm = process_model(job.base_path, job.device, job.dtype, model_key=job.base_key)
+    sm = process_model(job.base_path, job.device, job.dtype, model_key=job.base_key, weights=job.base_weights)
     table = sm.losses(samples, adapter=job.adapter, adapter_key=job.adapter_key, batch_tokens=job.batch_tokens,
                       chunk=job.chunk, with_correct=True)
     generated = _generated_matches(sm, job) if job.max_new_tokens > 0 else {}
@@ -116,7 +116,7 @@ def _generated_matches(sm, job: EvalJob) -> dict:
     with_answer = [s for s in job.samples if meta[s.sample_id].get("answer_text")]
     if not with_answer:
         return {}
-    tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_path or job.base_path)
+    tokenizer = AutoTokenizer.from_pretrained(storage.open_tokenizer(job.tokenizer_path or job.base_path))
     prompts = [s.input_ids[:last_turn_start(s.target)] for s in with_answer]
     texts = sm.generate(prompts, adapter=job.adapter, adapter_key=job.adapter_key, tokenizer=tokenizer,
                         max_new_tokens=job.max_new_tokens, stop_ids=stop_token_ids(tokenizer, with_answer))

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tokenclean.tasks import storage
 from tokenclean.tasks.export_target import check_target, commit, staging
 
 FORMATS = ("parquet", "jsonl", "hf")
@@ -127,8 +128,10 @@ def write_dataset(readers, out: Path, fmt: str, *, overwrite: bool = False, mani
 
 
 def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Path, *, template: str,
-                 adapter_only: bool = False, provenance: dict | None = None, overwrite: bool = False) -> dict:
+                 adapter_only: bool = False, provenance: dict | None = None, overwrite: bool = False,
+                 base_weights: str | None = None) -> dict:
     """Base + adapter merged (or the adapter alone) into ``out``, with the tokenizer and a provenance manifest.
+    A base in object storage loads from this machine's copy, checked against ``base_weights``.
 
     ``out`` must be new, or an earlier export of the same kind with ``overwrite`` (``export_target``)."""
     from transformers import AutoTokenizer
@@ -137,7 +140,7 @@ def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Pat
 
     out, kind = Path(out), "adapter" if adapter_only else "model"
     check_target(out, kind, overwrite=overwrite)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(storage.open_tokenizer(tokenizer_path))
     if template == "tulu":
         tokenizer.chat_template = TULU_JINJA  # serve with the text the model was trained on
     with staging(out) as stage:
@@ -153,7 +156,7 @@ def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Pat
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
+            model = AutoModelForCausalLM.from_pretrained(storage.open_model(base_path, base_weights), dtype="auto")
             with torch.no_grad():
                 model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
             model.save_pretrained(staged, safe_serialization=True)

@@ -20,6 +20,7 @@ class ScorerSpec:
     backend: str = "transformers"  # transformers, vllm, or package.module:Factory
     compile: bool = False
     linear_ce: str = "chunked"  # the transformers backend's head/CE kernel
+    base_weights: str | None = None  # the base's weights hash: a copy from object storage is checked against it
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class EvalJob:
     batch_tokens: int
     adapter: str | None = None
     base_key: str | None = None  # the worker caches the base model under it
+    base_weights: str | None = None  # ... and checks a copy from object storage against this weights hash
     adapter_key: str | None = None  # ... and the adapter under its weights' key, never under its path
     device: str = "auto"
     dtype: str = "auto"

@@ -284,6 +284,7 @@ class LmEvalJob:
     batch_size: int | str = 8
     device: str = "cpu"
     facts: list[dict] | None = None
+    base_weights: str | None = None  # a base in object storage: its copy is checked against it
 
 
 def run_job(job: LmEvalJob) -> tuple[dict, str]:
@@ -295,9 +296,10 @@ def run_job(job: LmEvalJob) -> tuple[dict, str]:
     with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
         if job.facts is not None:
             data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", job.facts))
-        from tokenclean.tasks.storage import open_dir
+        from tokenclean.tasks.storage import open_dir, open_model
 
         adapter = job.adapter_dir and open_dir(job.adapter_dir)  # object storage: this node's copy
-        results = run_lm_eval(job.base, adapter, job.tasks, task_dirs=job.task_dirs, limit=job.limit,
+        base = open_model(job.base, job.base_weights)
+        results = run_lm_eval(base, adapter, job.tasks, task_dirs=job.task_dirs, limit=job.limit,
                               batch_size=job.batch_size, device=job.device, data_files=data_files or None)
         return results, task_sources_digest(job.tasks, job.task_dirs, data_files)

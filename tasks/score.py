@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenclean.tasks import storage
 from tokenclean.tasks.packing import (
     VARLEN_ATTN,
     attn_implementation,
@@ -436,9 +437,7 @@ class ScoringModel:
 
         key = adapter_key or str(Path(adapter).resolve())
         if key not in self._adapters:
-            from tokenclean.tasks.storage import open_dir
-
-            name, adapter = f"a{len(self._adapters)}", open_dir(adapter)  # object storage: this node's copy
+            name, adapter = f"a{len(self._adapters)}", storage.open_dir(adapter)  # object storage: this node's copy
             if not self._adapters:
                 self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
             else:
@@ -476,15 +475,16 @@ _PROCESS_MODELS: dict[tuple, ScoringModel] = {}
 
 
 def process_model(base_path: str, device: str = "auto", dtype: str = "auto", compile: bool = False,
-                  model_key: str | None = None, linear_ce: str = "chunked") -> ScoringModel:
+                  model_key: str | None = None, linear_ce: str = "chunked", weights: str | None = None) -> ScoringModel:
     """One ScoringModel per worker process: Ray reuses workers, so weights load once.
 
     Cached under ``model_key`` (the base weights' content hash) when given, so a model
-    directory rewritten in place is loaded again rather than served from the cache.
+    directory rewritten in place is loaded again rather than served from the cache. A model in
+    object storage loads from this node's copy, checked against ``weights`` (``storage.open_model``).
     """
     key = (model_key or str(base_path), device, dtype, compile, linear_ce)
     if key not in _PROCESS_MODELS:
         _PROCESS_MODELS.clear()  # a new base replaces the old one instead of doubling memory
-        _PROCESS_MODELS[key] = ScoringModel(base_path, device=device, dtype=dtype, compile=compile,
-                                            linear_ce=linear_ce)
+        _PROCESS_MODELS[key] = ScoringModel(storage.open_model(base_path, weights), device=device, dtype=dtype,
+                                            compile=compile, linear_ce=linear_ce)
     return _PROCESS_MODELS[key]

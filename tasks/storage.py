@@ -249,13 +249,68 @@ def open_dir(path: str) -> str:
     stale one), each file checked against its size and SHA-256 and the whole renamed into place."""
     if not is_remote(path):
         return local_path(str(path))
+    return _copy(path, _whole(path))
+
+
+def _copy(url: str, manifest: dict) -> str:
     from tokenclean.tasks.keys import digest
 
-    manifest = _whole(path)
     dest = node_cache() / "dirs" / digest("manifest", manifest)
     if not dest.is_dir():
-        _download(path, manifest, dest)
+        _download(url, manifest, dest)
     return str(dest)
+
+
+def open_model(path: str, weights: str | None = None) -> str:
+    """What ``from_pretrained`` loads a model from: a local directory or hub id as given (its node has it), or
+    this node's copy of a model in object storage, once its manifest is checked to hash to ``weights``, the key
+    the run recorded for it: a model published again under the same URL is refused, never loaded as the old."""
+    if not is_remote(path):
+        return path
+    from tokenclean.tasks import keys
+
+    manifest = _whole(path)
+    if weights is not None:
+        now = keys.weights_hash_of(manifest, lambda entry: entry[1], shown(path))
+        if now != weights:
+            raise ValueError(f"the model at {shown(path)} is not the one this run recorded: its weights hash "
+                             f"{now[:12]}, the run's {weights[:12]}; publish changed weights under a new URL")
+    return _copy(path, manifest)
+
+
+def open_tokenizer(path: str) -> str:
+    """What ``AutoTokenizer``/``AutoConfig`` load from: a local directory or hub id as given, or this node's copy
+    of a model directory in object storage without its weight files (the driver never downloads the weights)."""
+    if not is_remote(path):
+        return path
+    from tokenclean.tasks.keys import WEIGHT_SUFFIXES
+
+    meta = {rel: entry for rel, entry in _whole(path).items() if Path(rel).suffix not in WEIGHT_SUFFIXES}
+    return _copy(path, meta)
+
+
+def publish_model(local: str | Path, url: str) -> str:
+    """Upload a model directory to ``url`` in object storage, for ``model.base``/``model.reference``; its weights
+    hash. Models are immutable by URL: one already published there with the same files is kept, anything else
+    (other weights, or files tokenclean did not publish) is refused, never replaced."""
+    from tokenclean.tasks import keys
+
+    if not is_remote(url):
+        raise ValueError(f"{url}: not an object-storage URL (s3://, gs://, ...); a local model is used in place")
+    local = Path(local)
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{local}: not a model directory (no config.json)")
+    weights = keys.weights_hash(local)
+    fs, p = filesystem(url)
+    there = read_manifest(url)
+    if there is not None:
+        if keys.weights_hash_of(there, lambda entry: entry[1], shown(url)) == weights:
+            return weights
+        raise FileExistsError(f"{shown(url)} holds another model; publish these weights under a new URL")
+    if fs.exists(p) and fs.ls(p):
+        raise FileExistsError(f"{shown(url)} already holds files tokenclean did not publish; choose an empty URL")
+    commit_dir(url, upload_files(local, url))
+    return weights
 
 
 def _download(url: str, manifest: dict, dest: Path) -> None:
@@ -299,9 +354,10 @@ def under(run_dir, path: str) -> str:
 
 
 def weights_hash(path: str) -> str:
-    """``keys.weights_hash`` of a model directory; in object storage from its manifest, so nothing is downloaded."""
+    """``keys.weights_hash`` of a model directory or cached hub id; in object storage from its manifest, so nothing
+    is downloaded."""
     from tokenclean.tasks import keys
 
     if not is_remote(path):
-        return keys.weights_hash(local_path(str(path)))
+        return keys.weights_hash(keys.resolve_model_dir(local_path(str(path))))
     return keys.weights_hash_of(_whole(path), lambda entry: entry[1], path)

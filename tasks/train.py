@@ -112,6 +112,7 @@ class TrainJob:
     key: str
     label: str = ""
     init_adapter: str | None = None
+    base_weights: str | None = None  # the base's weights hash: a copy from object storage is checked against it
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = False
@@ -156,7 +157,7 @@ def _load_model(job: TrainJob, cfg: TrainConfig, device: torch.device, dtype: to
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(job.base_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(storage.open_model(job.base_path, job.base_weights), dtype=dtype)
     if job.init_adapter:
         return PeftModel.from_pretrained(model, storage.open_dir(job.init_adapter), is_trainable=True)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,

@@ -77,6 +77,18 @@ def _client(gcs: str, env: dict, wait_s: float = 60) -> str:
     return "".join(seen)
 
 
+def _still_running(procs: list) -> list[str]:
+    """Names of ``procs`` (process, creation time) still running: a reused pid is another process."""
+    out = []
+    for p, t in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p.create_time() == t:
+                out.append(p.name())
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
 @pytest.fixture(scope="module")
 def live(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
@@ -122,8 +134,10 @@ def live(tiny, tmp_path_factory):
         alive_before = [(p, p.create_time()) for p in family]
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        time.sleep(30)
-        seen["survivors"] = [p.name() for p, t in alive_before if p.is_running() and p.create_time() == t]
+        deadline = time.monotonic() + 30  # none may be alive 30 s later: done as soon as none is
+        while (survivors := _still_running(alive_before)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        seen["survivors"] = survivors
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -116,50 +116,36 @@ def test_flow_runs_link_the_clusters_ray_dashboard(undisturbed, multinode):
     assert json.loads(urllib.request.urlopen(request, timeout=30).read())["ray_version"]
 
 
-def test_node_lost_while_scoring_run_finishes_and_equals_undisturbed(tiny, data, multinode, undisturbed, tmp_path):
-    """A shard of the base model stalls on some node; that node is killed (raylet and workers) and
-    replaced. Ray re-executes the lost task elsewhere; the run finishes with clean integrity and
-    the same losses, selection, adapters and metrics as the undisturbed run."""
-    cfg = _cfg(tmp_path, data, multinode, "lost-scoring")
-    firsts = shard_first_ids(RunConfig.model_validate(cfg), [1])
-    marker = tmp_path / "stalled"
-    proc, _ = start_run(cfg, tmp_path, {FAULT_ENV: f"stall:base:{firsts[1]}:{marker}"})
-    try:
-        where = wait_for_marker(marker, proc)
-        lost = multinode.kill(where["node"])
-        finish_run(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert where["node"] not in multinode.node_ids().values()  # the node that held the shard is gone ...
-    got = snapshot(RunConfig.model_validate(cfg))
-    assert_same(got, undisturbed)  # ... and its shard was scored again elsewhere: integrity is clean
-    base = next(d for d in got["placement"] if d.get("model") == "base")
-    assert {p["node"] for p in base["placement"]} - {where["node"]}, f"{lost} node's shard never ran elsewhere"
-
-
-def test_node_lost_while_training_resumes_from_checkpoint_and_equals_undisturbed(tiny, data, multinode, undisturbed,
-                                                                                 tmp_path):
-    """The global adapter's training stalls on some node right after its step-1 checkpoint; the node is
-    killed and replaced. Ray re-executes the training task on another node, the Trainer resumes at
-    step 1 (no step runs twice), and the adapter equals the undisturbed one."""
-    cfg = _cfg(tmp_path, data, multinode, "lost-training")
+def test_nodes_lost_while_scoring_and_while_training_the_run_finishes_and_equals_undisturbed(
+        tiny, data, multinode, undisturbed, tmp_path):
+    """One run loses two nodes. A shard of the base model stalls on some node, which is killed (raylet and
+    workers) and replaced: Ray re-executes the lost task elsewhere. Then the global adapter's training stalls
+    right after its step-1 checkpoint, and its node is killed too: Ray re-executes the training task on another
+    node and the Trainer resumes at step 1 from the shared run directory (no step runs twice). The run finishes
+    with clean integrity and the same losses, selection, adapters and metrics as the undisturbed run."""
+    cfg = _cfg(tmp_path, data, multinode, "lost-nodes")
     cfg["train"] = dict(cfg["train"], checkpoint_every=1, callbacks=["tests.faults:StallAfterCheckpoint"])
-    marker = tmp_path / "stalled"
-    proc, _ = start_run(cfg, tmp_path, {STALL_TRAINING_ENV: f"1:{marker}"})
+    firsts = shard_first_ids(RunConfig.model_validate(cfg), [1])
+    scoring, training = tmp_path / "stalled-scoring", tmp_path / "stalled-training"
+    proc, _ = start_run(cfg, tmp_path, {FAULT_ENV: f"stall:base:{firsts[1]}:{scoring}",
+                                        STALL_TRAINING_ENV: f"1:{training}"})
     try:
-        where = wait_for_marker(marker, proc)
-        multinode.kill(where["node"])
+        in_scoring = wait_for_marker(scoring, proc)
+        lost = multinode.kill(in_scoring["node"])
+        assert in_scoring["node"] not in multinode.node_ids().values()  # the node that held the shard is gone
+        in_training = wait_for_marker(training, proc)
+        multinode.kill(in_training["node"])
         finish_run(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
-    run_cfg = RunConfig.model_validate(cfg)
-    got = snapshot(run_cfg)
-    assert_same(got, undisturbed)
+    got = snapshot(RunConfig.model_validate(cfg))
+    assert_same(got, undisturbed)  # the lost shard was scored again elsewhere: integrity is clean
+    base = next(d for d in got["placement"] if d.get("model") == "base")
+    assert {p["node"] for p in base["placement"]} - {in_scoring["node"]}, f"{lost} node's shard never ran elsewhere"
     train = next(d for d in got["placement"] if d.get("key") and d.get("resumed_from") is not None)
     assert train["resumed_from"] == 1 and train["steps"] == train["steps_run"] + 1
-    assert {p["node"] for p in train["placement"]} != {where["node"]}  # finished elsewhere
+    assert {p["node"] for p in train["placement"]} != {in_training["node"]}  # finished elsewhere
 
 
 def test_driver_killed_mid_scoring_then_rerun_resumes(tiny, data, multinode, undisturbed, tmp_path):

@@ -45,7 +45,7 @@ def test_a_base_model_rewritten_since_the_run_is_refused(tmp_path):
     (base / "model.safetensors").write_bytes(b"weights-1")
     con = store.connect(tmp_path / "run.duckdb")
     store.record_model(con, "B", "base", {"weights": keys.weights_hash(base), "path": str(base)})
-    assert verified_base(con, "B") == str(base)
+    assert verified_base(con, "B") == (str(base), keys.weights_hash(base))
     (base / "model.safetensors").write_bytes(b"weights-2")
     with pytest.raises(ValueError, match="not the one this run used"):
         verified_base(con, "B")

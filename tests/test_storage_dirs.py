@@ -4,6 +4,7 @@ the run on isolated nodes against a real S3 endpoint is tests/test_shared_nothin
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 
@@ -121,3 +122,55 @@ def test_urls_in_logs_and_errors_carry_no_password_or_signature():
     with pytest.raises(FileNotFoundError) as e:
         storage.open_dir("memory://bucket-x/nothing?token=hunter2")
     assert "hunter2" not in str(e.value)
+
+
+def _publish(model, url):
+    from typer.testing import CliRunner
+
+    from tokenclean.cli import app
+
+    return CliRunner().invoke(app, ["publish-model", str(model), url])
+
+
+def test_a_model_in_object_storage_loads_on_a_node_only_with_the_weights_the_run_recorded(tiny, tmp_path,
+                                                                                          node_cache):
+    """``tokenclean publish-model``, then what the driver and a worker do with a base model given as a URL: the
+    driver hashes it from the manifest and copies only its tokenizer and configs; a node copies the whole model
+    once and loads it, and refuses it once other weights are published under the URL."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    url = f"memory://bucket-{uuid.uuid4().hex[:8]}/models/tiny"
+    res = _publish(tiny.model, url)
+    assert res.exit_code == 0, res.output
+    weights = keys.weights_hash(tiny.model)
+    assert json.loads(res.output)["weights"] == weights == storage.weights_hash(url)
+    meta = Path(storage.open_tokenizer(url))
+    assert not any(p.suffix in keys.WEIGHT_SUFFIXES for p in meta.rglob("*"))
+    assert AutoTokenizer.from_pretrained(meta).get_vocab() == AutoTokenizer.from_pretrained(tiny.model).get_vocab()
+    copy = storage.open_model(url, weights)
+    assert _files(Path(copy)) == _files(Path(tiny.model))
+    assert storage.open_model(url, weights) == copy and len(_downloads(node_cache)) == 2  # configs, then the model
+    AutoModelForCausalLM.from_pretrained(copy)
+    assert storage.open_model(str(tiny.model), "anything") == str(tiny.model)  # a local model: the node's own
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny.model, other)
+    (other / "model.safetensors").write_bytes(b"other weights")
+    again = _publish(other, url)
+    assert again.exit_code == 2 and "another model" in again.output
+    assert _publish(tiny.model, url).exit_code == 0  # the same model again: kept as it is
+    storage.publish_dir(other, url)  # replaced behind the run's back
+    with pytest.raises(ValueError, match="not the one this run recorded"):
+        storage.open_model(url, weights)
+    assert len(_downloads(node_cache)) == 2
+
+
+def test_publishing_a_model_never_replaces_files_it_did_not_write(tiny, tmp_path):
+    url = f"memory://bucket-{uuid.uuid4().hex[:8]}/models/tiny"
+    fs, p = storage.filesystem(url)
+    fs.pipe(f"{p}/notes.txt", b"someone else's")
+    res = _publish(tiny.model, url)
+    assert res.exit_code == 2 and "did not publish" in res.output
+    assert fs.cat(f"{p}/notes.txt") == b"someone else's" and storage.read_manifest(url) is None
+    assert _publish(tmp_path, f"memory://bucket-{uuid.uuid4().hex[:8]}/m").exit_code == 2  # not a model directory
+    assert _publish(tiny.model, str(tmp_path / "local")).exit_code == 2  # not object storage

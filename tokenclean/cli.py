@@ -276,6 +276,7 @@ def _show_sample(con, sample: str, selection: str) -> None:
 
     from tokenclean.summary import names_of, output_key
     from tokenclean.tasks import store
+    from tokenclean.tasks.storage import open_tokenizer
 
     dataset = store.latest_dataset(con)
     sid = store.sample_id_of_uid(con, dataset, sample)
@@ -298,7 +299,8 @@ def _show_sample(con, sample: str, selection: str) -> None:
     rec = store.selection_record(con, sel_key)
     kept = store.kept_positions(con, sel_key, sid)
     scores = store.sample_scores(con, rec["scores"], sid) if rec["scores"] else {}
-    tok = AutoTokenizer.from_pretrained(store.artifact_inputs(con, "dataset", dataset)["inputs"]["tokenizer"])
+    tokenizer_path = store.artifact_inputs(con, "dataset", dataset)["inputs"]["tokenizer"]
+    tok = AutoTokenizer.from_pretrained(open_tokenizer(tokenizer_path))
     typer.echo(f"sample {row[2]} (sample_id {sid}); selection {selection} = {sel_key}; scores {rec['scores']}")
     for pos, (tid, is_target) in enumerate(zip(row[0], row[1])):
         mark = "KEEP" if pos in kept else ("drop" if is_target else "    ")
@@ -385,6 +387,24 @@ def lm_eval_cmd(run: Path = typer.Argument(..., help="run directory"),
     res = run_lm_eval_for_run(run, adapter, tasks, limit=limit, batch_size=batch_size, device=device,
                               ray_address=ray_address, gpus=gpus)
     typer.echo(json.dumps(res, indent=2))
+
+
+@app.command("publish-model")
+def publish_model_cmd(model: Path = typer.Argument(..., help="model directory: config.json, weights, tokenizer"),
+                      url: str = typer.Argument(..., help="object storage, e.g. s3://bucket/models/NAME")) -> None:
+    """Upload a model for model.base or model.reference on a cluster whose nodes share only object storage.
+
+    Each node then fetches it once into its cache, checked file by file, and loads it only if its weights
+    are the ones the run recorded. A URL holds one model for good: the same files again is a no-op, and
+    anything else already there is refused, never replaced.
+    """
+    from tokenclean.tasks.storage import publish_model, shown
+
+    try:
+        weights = publish_model(model, url)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"url": shown(url), "weights": weights}, indent=2))
 
 
 if __name__ == "__main__":

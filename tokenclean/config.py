@@ -75,12 +75,14 @@ class RefreshConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    base: str = Field("embedded", description="HF model id/path, or 'embedded' for the built-in tiny Llama")
-    tokenizer: str | None = Field(None, description="defaults to the base model's tokenizer")
+    base: str = Field("embedded", description="HF model id/path, a URL in object storage (`tokenclean "
+                                              "publish-model`), or 'embedded' for the built-in tiny Llama")
+    tokenizer: str | None = Field(None, description="defaults to the base model's tokenizer (also a path, id or URL)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     reference: str | None = Field(
-        None, description="an existing model (a local directory, or a hub id in the Hugging Face cache) used as "
+        None, description="an existing model (a local directory, a hub id in the Hugging Face cache, or a URL "
+                          "in object storage) used as "
                           "the reference theta_1 of fixed-model cleaning instead of the base fine-tuned on D0 (as the "
                           "paper's Table 3 uses an instruct model). It must share the run's tokenizer (vocabulary "
                           "and bos/pad ids; checked before any work) and is keyed by its weights like the base. "

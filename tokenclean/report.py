@@ -624,7 +624,9 @@ def _load_tokenizer(con):
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path), None
+        from tokenclean.tasks.storage import open_tokenizer
+
+        return AutoTokenizer.from_pretrained(open_tokenizer(path)), None
     except Exception as e:  # a moved model directory must not stop the report
         return None, f"tokenizer at {path} could not be loaded ({type(e).__name__}: {e}); showing token ids"
 
