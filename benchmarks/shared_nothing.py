@@ -5,10 +5,12 @@ bucket moto's S3 server in this process. The same run (the tests' tiny model, 12
 self-evolving iteration) runs ``--repeats`` times in each mode, alternating, each time in a fresh run directory:
 
 * ``shared-fs``: the run directory outside the hidden directory, so every node sees it (no ``storage:``);
-* ``object-storage``: the run directory hidden from the workers, ``storage: s3://…``.
+* ``object-storage``: the run directory hidden from the workers, ``storage: s3://…``, and the base model in the
+  bucket too (``tokenclean publish-model``, once), so the nodes share nothing but the bucket.
 
 Reported: wall time of each run (and the ratio), and what each node fetched from the bucket (``open_dir``'s log:
-copies, bytes, seconds). Needs the test extras (moto, boto3, s3fs) and ``unshare`` with private mounts.
+copies, bytes, seconds; the base model's copies apart). Needs the test extras (moto, boto3, s3fs) and ``unshare``
+with private mounts.
 
     python benchmarks/shared_nothing.py --out /tmp/shared_nothing.json
 """
@@ -46,10 +48,15 @@ def _bucket(root: Path) -> list[str]:
     return sorted(env)
 
 
+MODEL = "s3://tc-bench/models/tiny"
+
+
 def _config(workdir: Path, data: tuple, name: str, cluster, env_vars: list[str], storage: str | None) -> dict:
     from tests.conftest import tiny_config
 
     cfg = tiny_config(workdir, name=name, mode="both", iterations=1, baselines=["global"])
+    if storage:
+        cfg["model"] = {"base": MODEL}
     cfg["data"] = {"max_length": 256, "paths": [str(data[0])], "eval_paths": [str(data[1])], "ingest_workers": 2}
     cfg["score"] = {"batch_tokens": 4096, "shard_samples": 16}
     cfg["eval"] = {"max_samples": 20, "max_new_tokens": 0}
@@ -67,8 +74,10 @@ def _fetched(cluster, before: dict) -> dict:
     out = {}
     for node, log in now.items():
         new = log[len(before.get(node, [])):]
+        model = [d for d in new if d["url"] == MODEL]
         out[node[:8]] = {"copies": len(new), "bytes": sum(d["bytes"] for d in new),
-                         "seconds": round(sum(d["seconds"] for d in new), 3)}
+                         "seconds": round(sum(d["seconds"] for d in new), 3), "model_copies": len(model),
+                         "model_bytes": sum(d["bytes"] for d in model)}
     return out, now
 
 
@@ -93,6 +102,9 @@ def main() -> None:
     (root / "train.jsonl").write_text("\n".join(rows) + "\n")
     data = (root / "train.jsonl", Path(tiny.eval))
     env_vars = _bucket(root)
+    from tokenclean.tasks.storage import publish_model
+
+    publish_model(tiny.model, MODEL)
     cluster = IsolatedCluster(root / "private", workers=2)
     results, logs = [], {}
     try:
@@ -115,11 +127,11 @@ def main() -> None:
 
 
 def _report(results: list[dict], out: str) -> None:
-    print("\n| repeat | mode | wall s | vs shared-fs | per node: copies / MB / s fetched |")
+    print("\n| repeat | mode | wall s | vs shared-fs | per node: copies (of the model) / MB / s fetched |")
     print("|---:|---|---:|---:|---|")
     for r in results:
         base = next(x for x in results if x["repeat"] == r["repeat"] and x["mode"] == "shared-fs")["seconds"]
-        nodes = "; ".join(f"{n}: {f['copies']} / {f['bytes'] / 1e6:.2f} / {f['seconds']:.2f}"
+        nodes = "; ".join(f"{n}: {f['copies']} ({f['model_copies']}) / {f['bytes'] / 1e6:.2f} / {f['seconds']:.2f}"
                           for n, f in r["fetched"].items())
         print(f"| {r['repeat']} | {r['mode']} | {r['seconds']:.1f} | {r['seconds'] / base:.2f}x | {nodes or '-'} |")
     Path(out).write_text(json.dumps(results, indent=2))

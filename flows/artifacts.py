@@ -25,7 +25,7 @@ from tokenclean.flows import metrics
 from tokenclean.flows.prepare import RunContext
 from tokenclean.flows.runtime import submit_placed
 from tokenclean.flows.scoring import score_model
-from tokenclean.flows.training import submit_training
+from tokenclean.flows.training import submit_training, train_run_name
 from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.evaluate import load_eval_samples, metric_rows
 from tokenclean.tasks.jobs import EvalJob
@@ -107,7 +107,8 @@ def ensure_losses(ctx: RunContext, variant: str, iteration: int, model: Model, p
     """Losses of ``model`` for every response token of the pool; only unscored samples are scored."""
     name = label(variant, iteration)
     key = scorer(ctx, model)
-    stats = score_model(ctx, name, key, model.adapter, parts, base=model.weights)
+    stats = score_model(ctx, name, key, model.adapter, parts, base=model.weights,
+                        adapter_model=model.key if model.adapter else None)
     check = store.check_integrity(ctx.con, key, ctx.dataset, parts)
     log = get_run_logger()
     log.info("scored %s over D%s: %s; integrity %s", name, parts, stats, check)
@@ -223,7 +224,8 @@ def _adapter_step(ctx: RunContext, req: AdapterRequest) -> _AdapterStep:
             step.job = TrainJob(base_path=ctx.base_path, cfg=tcfg.model_dump(mode="json"), data=data, out_dir=out,
                                 checkpoint_dir=checkpoints, key=key, label=name,
                                 init_adapter=parent.adapter if parent else None, device=cfg.model.device,
-                                dtype=cfg.model.dtype, base_weights=ctx.model_weights(ctx.base_model))
+                                dtype=cfg.model.dtype, base_weights=ctx.model_weights(ctx.base_model),
+                                base_key=ctx.base_model, init_adapter_key=parent.key if parent else None)
     return step
 
 
@@ -261,9 +263,10 @@ def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
         path = step.out if ctx.remote else str(Path(step.out).relative_to(ctx.run_dir))
         store.record_adapter(ctx.con, step.key, model_key, path, step.inputs,
                              step.stats, {"base_model": ctx.base_model, "adapter": step.key, "weights": weights})
-        # The adapter is recorded: its optimiser checkpoints have served their purpose.
+        # The adapter is recorded: its optimiser checkpoints, and Ray Train's state of its group, have served
         try:
             storage.remove_tree(ctx.checkpoint_root(step.key))
+            storage.remove_tree(storage.join(ctx.ray_train_dir(), train_run_name(step.key)))
         except OSError as e:  # only space is lost: the adapter is recorded
             get_run_logger().warning("could not remove the checkpoints of %s: %s", step.key, e)
         storage.remove(ctx.training_set(step.key))  # ... and so has its training set

@@ -88,7 +88,7 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
     provenance = {"variant": variant, "adapter": train_key, "model": rec["model"], "base_model": base_key,
                   "base_path": base_path, "template": dataset.get("template", "tulu"),
                   "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
-    res = export_model(base_path, storage.open_dir(storage.under(run, rec["path"])), dataset["tokenizer"], out,
-                       template=dataset.get("template", "tulu"), adapter_only=adapter_only, provenance=provenance,
-                       overwrite=overwrite, base_weights=base_weights)
+    adapter = storage.open_adapter(storage.under(run, rec["path"]), rec["model"], base_key)
+    res = export_model(base_path, adapter, dataset["tokenizer"], out, template=dataset.get("template", "tulu"),
+                       adapter_only=adapter_only, provenance=provenance, overwrite=overwrite, base_weights=base_weights)
     return res | {"variant": variant, "adapter": train_key}

@@ -46,15 +46,15 @@ def record_lm_eval(con, model_key: str, name: str, tasks: list[str], limit: int 
     return key
 
 
-def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[tuple[str, str], str, str | None]:
-    """((base path, weights hash), model key, adapter dir or None) of the run's base or of the variant
+def _model_to_evaluate(run_dir: Path, adapter: str | None) -> tuple[tuple[str, str, str], str, str | None]:
+    """((base path, weights hash, key), model key, adapter dir or None) of the run's base or of the variant
     ``adapter``."""
     con = open_run(run_dir)
     try:
         base_key = output_key(con, "base", "model")
         if base_key is None:
             raise ValueError(f"{run_dir / store.DB_FILE} has no finished flow run: run the pipeline first")
-        base = verified_base(con, base_key)
+        base = (*verified_base(con, base_key), base_key)
         if not adapter:
             return base, base_key, None
         train_key = output_key(con, adapter, "adapter")
@@ -102,8 +102,9 @@ def run_lm_eval_for_run(run_dir: str | Path, adapter: str | None, tasks: list[st
     """
     run_dir = Path(run_dir)
     base, model_key, adapter_dir = _model_to_evaluate(run_dir, adapter)
-    job = LmEvalJob(base=base[0], base_weights=base[1], adapter_dir=adapter_dir, tasks=tasks, task_dirs=task_dirs,
-                    limit=limit, batch_size=batch_size, device=device, facts=_run_world_facts(run_dir, tasks))
+    job = LmEvalJob(base=base[0], base_weights=base[1], base_key=base[2], adapter_key=model_key,
+                    adapter_dir=adapter_dir, tasks=tasks, task_dirs=task_dirs, limit=limit, batch_size=batch_size,
+                    device=device, facts=_run_world_facts(run_dir, tasks))
     results, sources = _run_job(job, ray_address, gpus)
     con = store.connect(run_dir / store.DB_FILE, wait_s=30)
     try:

@@ -143,11 +143,13 @@ def _placement(ctx):
     return remote_options(**placement_options(None, ctx.cfg.ray.num_gpus_per_task, keep_worker=True))
 
 
-def score_job(ctx, model_key: str, adapter: str | None, base: tuple[str, str] | None = None) -> ScoreJob:
+def score_job(ctx, model_key: str, adapter: str | None, base: tuple[str, str] | None = None,
+              adapter_model: str | None = None) -> ScoreJob:
     """What every scoring worker of ``model_key`` is handed: the model, its numerics (``ctx.scorer``), batch sizes.
 
     ``base``: (directory, key) of a whole model loaded in the base's place (a given reference), None for the
     run's base; workers cache the loaded model under that key, so the two are never served for each other.
+    ``adapter_model``: the model key the run recorded for ``adapter``, which a worker's copy must give.
     """
     cfg = ctx.cfg
     path, key = base or (ctx.base_path, ctx.base_model)
@@ -155,17 +157,18 @@ def score_job(ctx, model_key: str, adapter: str | None, base: tuple[str, str] | 
                       backend=cfg.score.backend, compile=ctx.scorer["compile"],
                       linear_ce=ctx.scorer.get("linear_ce", "chunked"), base_weights=ctx.model_weights(key))
     return ScoreJob(spec, model_key, adapter, batch_tokens=cfg.score.batch_tokens, chunk=cfg.score.lm_head_chunk,
-                    chunk_bytes=cfg.score.lm_head_chunk_bytes)
+                    chunk_bytes=cfg.score.lm_head_chunk_bytes, adapter_model=adapter_model)
 
 
 def score_model(ctx, name: str, model_key: str, adapter: str | None, parts: list[int], *, progress: bool = True,
-                max_in_flight: int | None = None, base: tuple[str, str] | None = None) -> dict:
+                max_in_flight: int | None = None, base: tuple[str, str] | None = None,
+                adapter_model: str | None = None) -> dict:
     """Ensure ``token_losses`` holds model ``model_key``'s loss for every response token of the pool.
 
     ``name`` is what the user reads (``base``, ``reference``, ``self-evolving@1``);
-    everything stored is under ``model_key``. ``base``: as ``score_job``'s.
+    everything stored is under ``model_key``. ``base``, ``adapter_model``: as ``score_job``'s.
     """
-    run = _plan(ctx, name, score_job(ctx, model_key, adapter, base), parts)
+    run = _plan(ctx, name, score_job(ctx, model_key, adapter, base, adapter_model), parts)
     max_in_flight = max_in_flight or 2 * run.stats["slots"]  # one queued behind each running shard
     run.start()
     shown = _Progress(ctx.cfg.name, name, run.total, len(run.queue), progress)

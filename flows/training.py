@@ -63,6 +63,11 @@ def submit_training(job: TrainJob, ray_cfg: RayConfig, train_dir: str):
     return run_now(data_parallel, job, ray_cfg, train_dir)
 
 
+def train_run_name(key: str) -> str:
+    """Ray Train's name for the group training adapter ``key``: its state is under ``<ray_train dir>/<name>``."""
+    return f"train-{key}"
+
+
 def data_parallel(job: TrainJob, ray_cfg: RayConfig, train_dir: str) -> dict:
     """``ray_cfg.train_workers`` Ray Train workers, DDP (or FSDP) over their process group."""
     import ray
@@ -79,7 +84,7 @@ def data_parallel(job: TrainJob, ray_cfg: RayConfig, train_dir: str) -> dict:
         scaling_config=ScalingConfig(num_workers=ray_cfg.train_workers, use_gpu=gpus > 0,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
-        run_config=RunConfig(name=f"train-{job.key}", **_ray_train_storage(train_dir),
+        run_config=RunConfig(name=train_run_name(job.key), **_ray_train_storage(train_dir),
                              failure_config=FailureConfig(max_failures=ray_cfg.train_max_failures)),
     )
     result = trainer.fit()

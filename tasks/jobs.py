@@ -28,15 +28,17 @@ class ScoreJob:
     """Scoring one model's shards: the same object goes with every shard of that model."""
 
     scorer: ScorerSpec
-    model_key: str  # the losses' model: base, or base + adapter weights (an adapter is cached under it)
+    model_key: str  # the losses' model: base, or base + adapter weights, and how they are computed
     adapter: str | None
     batch_tokens: int
     chunk: int | None  # most lm_head+CE rows per chunk, within chunk_bytes
     chunk_bytes: int
+    adapter_model: str | None = None  # the adapter's model key (keys.adapter_model_key), which its copy must give
 
     @property
     def adapter_key(self) -> str | None:
-        return self.model_key if self.adapter else None
+        """What a worker caches the adapter under, and checks a copy from object storage against."""
+        return (self.adapter_model or self.model_key) if self.adapter else None
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,8 @@ class LmEvalJob:
     device: str = "cpu"
     facts: list[dict] | None = None
     base_weights: str | None = None  # a base in object storage: its copy is checked against it
+    base_key: str | None = None  # ... and an adapter's copy against its model key (keys.adapter_model_key)
+    adapter_key: str | None = None
 
 
 def run_job(job: LmEvalJob) -> tuple[dict, str]:
@@ -296,9 +298,10 @@ def run_job(job: LmEvalJob) -> tuple[dict, str]:
     with tempfile.TemporaryDirectory(prefix="tokenclean-facts-") as tmp:
         if job.facts is not None:
             data_files[FACTS_TASK] = str(write_facts_jsonl(Path(tmp) / "facts.jsonl", job.facts))
-        from tokenclean.tasks.storage import open_dir, open_model
+        from tokenclean.tasks.storage import open_adapter, open_model
 
-        adapter = job.adapter_dir and open_dir(job.adapter_dir)  # object storage: this node's copy
+        # object storage: this node's copies, checked to be what the run recorded
+        adapter = job.adapter_dir and open_adapter(job.adapter_dir, job.adapter_key, job.base_key)
         base = open_model(job.base, job.base_weights)
         results = run_lm_eval(base, adapter, job.tasks, task_dirs=job.task_dirs, limit=job.limit,
                               batch_size=job.batch_size, device=job.device, data_files=data_files or None)

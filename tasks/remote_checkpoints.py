@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenclean.tasks import keys, storage
 
 _RNG = re.compile(r"rng_state(_\d+)?\.pth")
+KEEP = 2  # committed checkpoints kept in storage: the Trainer's save_total_limit (tasks/train.py)
 
 
 def local_dir(url: str, rank: int) -> Path:
@@ -26,15 +27,20 @@ def local_dir(url: str, rank: int) -> Path:
     return path
 
 
-def newest(url: str) -> str | None:
-    """A local copy of the newest committed checkpoint under ``url`` (None: start fresh)."""
+def _checkpoints(url: str, pattern: str) -> list[tuple[int, str]]:
+    """(step, name) of the checkpoints under ``url`` with a ``pattern`` entry, newest first."""
     fs, p = storage.filesystem(url)
     steps = []
-    for marker in fs.glob(f"{p.rstrip('/')}/checkpoint-*/{storage.COMPLETE}"):
-        name = marker.rstrip("/").split("/")[-2]
+    for found in fs.glob(f"{p.rstrip('/')}/checkpoint-*/{pattern}"):
+        name = found.rstrip("/").split("/")[-2]
         if name.removeprefix("checkpoint-").isdigit():
             steps.append((int(name.removeprefix("checkpoint-")), name))
-    for _, name in sorted(steps, reverse=True):
+    return sorted(set(steps), reverse=True)
+
+
+def newest(url: str) -> str | None:
+    """A local copy of the newest committed checkpoint under ``url`` (None: start fresh)."""
+    for _, name in _checkpoints(url, storage.COMPLETE):
         try:
             return storage.open_dir(storage.join(url, name))
         except OSError:  # a committed checkpoint that no longer matches its manifest: the next older one
@@ -62,6 +68,17 @@ def upload_callback(url: str, rank: int, world: int):
                 torch.distributed.all_gather_object(parts, part)
             if rank == 0:
                 storage.commit_dir(storage.join(url, name), {k: v for p in parts for k, v in p.items()})
+                _prune(url, state.global_step)
             return control
 
     return Upload()
+
+
+def _prune(url: str, step: int) -> None:
+    """Keep the newest ``KEEP`` committed checkpoints up to ``step``, as the Trainer does on its disk: older ones,
+    and uncommitted uploads older than ``step`` (an attempt killed mid-upload), are removed, manifest first."""
+    committed = [s for s, _ in _checkpoints(url, storage.COMPLETE) if s <= step][:KEEP]
+    for s, name in _checkpoints(url, "*"):
+        if s < step and s not in committed:
+            storage.remove(storage.join(url, name, storage.COMPLETE))
+            storage.remove_tree(storage.join(url, name))

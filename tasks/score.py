@@ -405,14 +405,14 @@ class ScoringModel:
     """
 
     def __init__(self, base_path: str, *, device: str = "auto", dtype: str = "auto", compile: bool = False,
-                 linear_ce: str = "chunked"):
+                 linear_ce: str = "chunked", base_key: str | None = None):
         from transformers import AutoModelForCausalLM
 
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         check_linear_ce(linear_ce, self.device.type)
         self.linear_ce = linear_ce
-        self.base_path = base_path
+        self.base_path, self.base_key = base_path, base_key  # an adapter's key is checked against the base's
         self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.dtype).to(self.device).eval()
         if compile:
             if self.device.type == "cuda":
@@ -437,7 +437,8 @@ class ScoringModel:
 
         key = adapter_key or str(Path(adapter).resolve())
         if key not in self._adapters:
-            name, adapter = f"a{len(self._adapters)}", storage.open_dir(adapter)  # object storage: this node's copy
+            # object storage: this node's copy, if it is still the adapter keyed adapter_key
+            name, adapter = f"a{len(self._adapters)}", storage.open_adapter(adapter, adapter_key, self.base_key)
             if not self._adapters:
                 self.model = PeftModel.from_pretrained(self.model, adapter, adapter_name=name).eval()
             else:
@@ -486,5 +487,5 @@ def process_model(base_path: str, device: str = "auto", dtype: str = "auto", com
     if key not in _PROCESS_MODELS:
         _PROCESS_MODELS.clear()  # a new base replaces the old one instead of doubling memory
         _PROCESS_MODELS[key] = ScoringModel(storage.open_model(base_path, weights), device=device, dtype=dtype,
-                                            compile=compile, linear_ce=linear_ce)
+                                            compile=compile, linear_ce=linear_ce, base_key=model_key)
     return _PROCESS_MODELS[key]

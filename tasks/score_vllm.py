@@ -52,9 +52,9 @@ class VllmScorer:
     """
 
     def __init__(self, base_path: str, *, dtype: str = "auto", enable_lora: bool = True, max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.8, **llm_kwargs):
+                 gpu_memory_utilization: float = 0.8, base_key: str | None = None, **llm_kwargs):
         vllm = import_vllm()
-        self.base_path = str(base_path)
+        self.base_path, self.base_key = str(base_path), base_key  # an adapter's key is checked against the base's
         self.enable_lora = enable_lora
         kw = dict(model=self.base_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=0)
         if enable_lora:
@@ -72,12 +72,13 @@ class VllmScorer:
             raise ValueError("VllmScorer was built with enable_lora=False; cannot score with an adapter")
         from vllm.lora.request import LoRARequest
 
-        from tokenclean.tasks.storage import open_dir
+        from tokenclean.tasks.storage import open_adapter
 
         key = adapter_key or str(Path(adapter).resolve())
         if key not in self._adapters:  # the directory resolved once per key (object storage: this node's copy)
             lid = len(self._adapters) + 1
-            self._adapters[key] = LoRARequest(f"a{lid}", lid, str(Path(open_dir(adapter)).resolve()))
+            self._adapters[key] = LoRARequest(f"a{lid}", lid,
+                                               str(Path(open_adapter(adapter, adapter_key, self.base_key)).resolve()))
         return self._adapters[key]
 
     def _sampling_params(self):

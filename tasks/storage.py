@@ -267,15 +267,33 @@ def open_model(path: str, weights: str | None = None) -> str:
     the run recorded for it: a model published again under the same URL is refused, never loaded as the old."""
     if not is_remote(path):
         return path
+    return _checked_copy(path, weights and (lambda now: now == weights),
+                         "publish changed weights under a new URL")
+
+
+def open_adapter(path: str, model_key: str | None = None, base_key: str | None = None) -> str:
+    """``open_dir`` for an adapter, whose copy from object storage is also checked to be the model ``model_key``
+    the run recorded (its weights hash keyed with ``base_key``): an adapter directory published again since, by
+    a writer the run no longer waits for, is refused rather than scored or trained on under the old key."""
+    if not is_remote(path):
+        return local_path(str(path))
+    from tokenclean.tasks.keys import adapter_model_key
+
+    check = model_key and base_key and (lambda now: adapter_model_key(base_key, now) == model_key)
+    return _checked_copy(path, check, "re-run the pipeline to record it again")
+
+
+def _checked_copy(url: str, check, advice: str) -> str:
+    """This node's copy of ``url`` after ``check`` (None: no check) passes on the weights hash of its manifest."""
     from tokenclean.tasks import keys
 
-    manifest = _whole(path)
-    if weights is not None:
-        now = keys.weights_hash_of(manifest, lambda entry: entry[1], shown(path))
-        if now != weights:
-            raise ValueError(f"the model at {shown(path)} is not the one this run recorded: its weights hash "
-                             f"{now[:12]}, the run's {weights[:12]}; publish changed weights under a new URL")
-    return _copy(path, manifest)
+    manifest = _whole(url)
+    if check:
+        now = keys.weights_hash_of(manifest, lambda entry: entry[1], shown(url))
+        if not check(now):
+            raise ValueError(f"{shown(url)} is not the model this run recorded (its weights hash is now "
+                             f"{now[:12]}); {advice}")
+    return _copy(url, manifest)
 
 
 def open_tokenizer(path: str) -> str:

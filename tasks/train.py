@@ -113,6 +113,8 @@ class TrainJob:
     label: str = ""
     init_adapter: str | None = None
     base_weights: str | None = None  # the base's weights hash: a copy from object storage is checked against it
+    base_key: str | None = None  # ... and its model key, with init_adapter's, to check a copy of that adapter
+    init_adapter_key: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     progress: bool = False
@@ -159,7 +161,8 @@ def _load_model(job: TrainJob, cfg: TrainConfig, device: torch.device, dtype: to
 
     model = AutoModelForCausalLM.from_pretrained(storage.open_model(job.base_path, job.base_weights), dtype=dtype)
     if job.init_adapter:
-        return PeftModel.from_pretrained(model, storage.open_dir(job.init_adapter), is_trainable=True)
+        parent = storage.open_adapter(job.init_adapter, job.init_adapter_key, job.base_key)
+        return PeftModel.from_pretrained(model, parent, is_trainable=True)
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
@@ -381,9 +384,9 @@ def _training_arguments(cfg: TrainConfig, accumulation: int, ckpt_dir: Path, dev
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         save_strategy="steps" if cfg.checkpoint_every else "no", save_steps=cfg.checkpoint_every or 1,
-        save_total_limit=2, logging_steps=1, logging_strategy="steps", report_to=[], disable_tqdm=not progress,
-        remove_unused_columns=False, dataloader_num_workers=0, average_tokens_across_devices=True,
-        ddp_find_unused_parameters=False,
+        save_total_limit=remote_checkpoints.KEEP, logging_steps=1, logging_strategy="steps", report_to=[],
+        disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0,
+        average_tokens_across_devices=True, ddp_find_unused_parameters=False,
         fsdp="full_shard auto_wrap" if cfg.strategy == "fsdp" else "",
         fsdp_config={"use_orig_params": True} if cfg.strategy == "fsdp" else None,
     )

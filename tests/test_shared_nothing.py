@@ -201,7 +201,7 @@ def test_two_training_workers_lose_a_node_and_resume_from_the_bucket(cluster, bu
 
     from tests.ingest_helpers import ingest
     from tokenclean.config import RayConfig
-    from tokenclean.flows.training import data_parallel
+    from tokenclean.flows.training import data_parallel, train_run_name
     from tokenclean.tasks.train import TrainJob, TrainSample, train_worker, training_table
 
     rows = ingest([str(data[0])], [], tokenizer, max_length=256, eval_fraction=0.0, n_parts=1, seed=0)
@@ -245,6 +245,11 @@ def test_two_training_workers_lose_a_node_and_resume_from_the_bucket(cluster, bu
     assert stats["world_size"] == 2 and stats["resumed_from"] == 2 and stats["steps_run"] == stats["steps"] - 2
     assert lost not in {p["node"] for p in stats["placement"]}
     assert len({p["node"] for p in stats["placement"]}) == 2
+    # Ray Train kept its run state where the flow removes it once the adapter is recorded; the bucket keeps the
+    # newest committed checkpoints only (steps 2 and 4 of 4), as the Trainer does on a disk
+    assert fs.glob(f"{BUCKET}/two-workers/ray_train/{train_run_name('dp2')}/**")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/two-workers/checkpoints")) == [
+        "checkpoint-2", "checkpoint-4"]
     single = train_worker(TrainJob(str(tiny.model), cfg, training_table(samples), str(tmp_path / "one"),
                                    str(tmp_path / "one.ckpt"), key="one", device="cpu", dtype="float32"))
     assert single["steps"] == stats["steps"] == 4

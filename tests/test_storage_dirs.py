@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tokenclean.tasks import keys, remote_checkpoints, storage
 
@@ -115,6 +116,27 @@ def test_a_rank_uploads_its_own_rng_state_and_rank_0_the_rest(tmp_path):
         "adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth", "rng_state_0.pth"}
 
 
+def test_storage_keeps_the_newest_committed_checkpoints_as_the_trainer_keeps_them_on_disk(tmp_path):
+    """Saves at steps 1-5, with step 2's upload never committed (its writer killed): the newest KEEP committed
+    ones stay, nothing older, and resume takes the newest."""
+    from types import SimpleNamespace
+
+    url = _bucket()
+    callback = remote_checkpoints.upload_callback(url, 0, 1)
+    for step in range(1, 6):
+        local = tmp_path / f"checkpoint-{step}"
+        local.mkdir()
+        (local / "adapter_model.safetensors").write_text(f"step {step}")
+        if step == 2:
+            storage.upload_files(local, storage.join(url, local.name))
+            continue
+        callback.on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=step), None)
+    fs, p = storage.filesystem(url)
+    assert sorted(x.rsplit("/", 1)[-1] for x in fs.ls(p, detail=False)) == ["checkpoint-4", "checkpoint-5"]
+    assert remote_checkpoints.KEEP == 2
+    assert open(f"{remote_checkpoints.newest(url)}/adapter_model.safetensors").read() == "step 5"
+
+
 def test_urls_in_logs_and_errors_carry_no_password_or_signature():
     assert storage.shown("s3://key:secret@bucket/runs/a?X-Amz-Signature=abc") == "s3://bucket/runs/a"
     assert storage.shown("https://user:pw@host:9000/b/c?sig=1&se=2") == "https://host:9000/b/c"
@@ -160,7 +182,7 @@ def test_a_model_in_object_storage_loads_on_a_node_only_with_the_weights_the_run
     assert again.exit_code == 2 and "another model" in again.output
     assert _publish(tiny.model, url).exit_code == 0  # the same model again: kept as it is
     storage.publish_dir(other, url)  # replaced behind the run's back
-    with pytest.raises(ValueError, match="not the one this run recorded"):
+    with pytest.raises(ValueError, match="not the model this run recorded"):
         storage.open_model(url, weights)
     assert len(_downloads(node_cache)) == 2
 
@@ -174,3 +196,35 @@ def test_publishing_a_model_never_replaces_files_it_did_not_write(tiny, tmp_path
     assert fs.cat(f"{p}/notes.txt") == b"someone else's" and storage.read_manifest(url) is None
     assert _publish(tmp_path, f"memory://bucket-{uuid.uuid4().hex[:8]}/m").exit_code == 2  # not a model directory
     assert _publish(tiny.model, str(tmp_path / "local")).exit_code == 2  # not object storage
+
+
+def test_an_adapter_published_again_under_its_url_is_never_scored_under_the_recorded_key(tiny, tmp_path):
+    """A scoring worker's copy of an adapter in object storage must be the model key the run recorded for it
+    (its weights hash keyed with the base's): one republished since, say by a training attempt the run stopped
+    waiting for, is refused before it is loaded, not scored under the old key."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tokenclean.tasks.score import ScoringModel, ShardSample
+
+    def lora(seed: int, where: Path) -> Path:
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny.model),
+                               LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        model.save_pretrained(where)
+        return where
+
+    url = _bucket()
+    storage.publish_dir(lora(1, tmp_path / "one"), url)
+    recorded = keys.adapter_model_key("BASE", storage.weights_hash(url))
+    assert storage.open_adapter(url, recorded, "BASE")
+    with pytest.raises(ValueError, match="not the model this run recorded"):
+        storage.open_adapter(url, recorded, "ANOTHER-BASE")
+    scorer = ScoringModel(str(tiny.model), device="cpu", dtype="float32", base_key="BASE")
+    sample = [ShardSample(1, np.arange(1, 20, dtype=np.int32), np.arange(19) > 0)]  # position 0 is never a target
+    first = scorer.losses(sample, adapter=url, adapter_key=recorded, batch_tokens=256)
+    storage.publish_dir(lora(2, tmp_path / "two"), url)
+    with pytest.raises(ValueError, match="not the model this run recorded"):
+        ScoringModel(str(tiny.model), device="cpu", dtype="float32", base_key="BASE").losses(
+            sample, adapter=url, adapter_key=recorded, batch_tokens=256)
+    assert first.num_rows == 18 and np.isfinite(first.column("loss").to_numpy()).all()
