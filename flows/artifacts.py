@@ -264,11 +264,11 @@ def _record_adapter(ctx: RunContext, step: _AdapterStep) -> Model:
         store.record_adapter(ctx.con, step.key, model_key, path, step.inputs,
                              step.stats, {"base_model": ctx.base_model, "adapter": step.key, "weights": weights})
         # The adapter is recorded: its optimiser checkpoints, and Ray Train's state of its group, have served
-        try:
-            storage.remove_tree(ctx.checkpoint_root(step.key))
-            storage.remove_tree(storage.join(ctx.ray_train_dir(), train_run_name(step.key)))
-        except OSError as e:  # only space is lost: the adapter is recorded
-            get_run_logger().warning("could not remove the checkpoints of %s: %s", step.key, e)
+        for done in (ctx.checkpoint_root(step.key), storage.join(ctx.ray_train_dir(), train_run_name(step.key))):
+            try:
+                storage.remove_tree(done)
+            except OSError as e:  # only space is lost: the adapter is recorded
+                get_run_logger().warning("could not remove %s of %s: %s", storage.shown(done), step.key, e)
         storage.remove(ctx.training_set(step.key))  # ... and so has its training set
     rec = store.adapter_record(ctx.con, step.key)
     _output(ctx, step.variant, step.iteration, "adapter", step.key, step.computed)

@@ -38,7 +38,7 @@ class ScoreJob:
     @property
     def adapter_key(self) -> str | None:
         """What a worker caches the adapter under, and checks a copy from object storage against."""
-        return (self.adapter_model or self.model_key) if self.adapter else None
+        return self.adapter_model if self.adapter else None
 
 
 @dataclass(frozen=True)

@@ -253,11 +253,19 @@ def open_dir(path: str) -> str:
 
 
 def _copy(url: str, manifest: dict) -> str:
+    """This node's copy of ``url``'s ``manifest`` files: made once, by whichever worker asks first (the others wait
+    on a file lock rather than fetching a model each)."""
+    from filelock import FileLock
+
     from tokenclean.tasks.keys import digest
 
     dest = node_cache() / "dirs" / digest("manifest", manifest)
     if not dest.is_dir():
-        _download(url, manifest, dest)
+        locks = node_cache() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(locks / f"{dest.name}.lock"):
+            if not dest.is_dir():
+                _download(url, manifest, dest)
     return str(dest)
 
 
@@ -267,8 +275,10 @@ def open_model(path: str, weights: str | None = None) -> str:
     the run recorded for it: a model published again under the same URL is refused, never loaded as the old."""
     if not is_remote(path):
         return path
-    return _checked_copy(path, weights and (lambda now: now == weights),
-                         "publish changed weights under a new URL")
+    if weights is None:
+        raise ValueError(f"{shown(path)}: a model in object storage is loaded only against the weights hash its run "
+                         "recorded, and none was given")
+    return _checked_copy(path, lambda now: now == weights, "publish changed weights under a new URL")
 
 
 def open_adapter(path: str, model_key: str | None = None, base_key: str | None = None) -> str:
@@ -279,21 +289,26 @@ def open_adapter(path: str, model_key: str | None = None, base_key: str | None =
         return local_path(str(path))
     from tokenclean.tasks.keys import adapter_model_key
 
-    check = model_key and base_key and (lambda now: adapter_model_key(base_key, now) == model_key)
-    return _checked_copy(path, check, "re-run the pipeline to record it again")
+    if model_key is None or base_key is None:
+        raise ValueError(f"{shown(path)}: an adapter in object storage is loaded only against the model key its run "
+                         "recorded, and none was given")
+    return _checked_copy(path, lambda now: adapter_model_key(base_key, now) == model_key,
+                         "re-run the pipeline to record it again")
 
 
 def _checked_copy(url: str, check, advice: str) -> str:
-    """This node's copy of ``url`` after ``check`` (None: no check) passes on the weights hash of its manifest."""
+    """This node's copy of ``url`` once ``check`` passes on the weights hash of its manifest."""
     from tokenclean.tasks import keys
 
     manifest = _whole(url)
-    if check:
-        now = keys.weights_hash_of(manifest, lambda entry: entry[1], shown(url))
-        if not check(now):
-            raise ValueError(f"{shown(url)} is not the model this run recorded (its weights hash is now "
-                             f"{now[:12]}); {advice}")
+    now = keys.weights_hash_of(manifest, lambda entry: entry[1], shown(url))
+    if not check(now):
+        raise ValueError(f"{shown(url)} is not the model this run recorded (its weights hash is now {now[:12]}); "
+                         f"{advice}")
     return _copy(url, manifest)
+
+
+OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".onnx", ".ot", ".tflite")  # other frameworks' weights: never read here
 
 
 def open_tokenizer(path: str) -> str:
@@ -303,7 +318,8 @@ def open_tokenizer(path: str) -> str:
         return path
     from tokenclean.tasks.keys import WEIGHT_SUFFIXES
 
-    meta = {rel: entry for rel, entry in _whole(path).items() if Path(rel).suffix not in WEIGHT_SUFFIXES}
+    heavy = (*WEIGHT_SUFFIXES, *OTHER_WEIGHT_SUFFIXES)
+    meta = {rel: entry for rel, entry in _whole(path).items() if Path(rel).suffix not in heavy}
     return _copy(path, meta)
 
 
@@ -322,11 +338,14 @@ def publish_model(local: str | Path, url: str) -> str:
     fs, p = filesystem(url)
     there = read_manifest(url)
     if there is not None:
-        if keys.weights_hash_of(there, lambda entry: entry[1], shown(url)) == weights:
+        files = sorted(f for f in local.rglob("*") if f.is_file())
+        if there == {f.relative_to(local).as_posix(): [f.stat().st_size, keys.file_sha256(f, cache=False)]
+                     for f in files}:
             return weights
-        raise FileExistsError(f"{shown(url)} holds another model; publish these weights under a new URL")
+        raise FileExistsError(f"{shown(url)} holds another model (other files); publish this one under a new URL")
     if fs.exists(p) and fs.ls(p):
-        raise FileExistsError(f"{shown(url)} already holds files tokenclean did not publish; choose an empty URL")
+        raise FileExistsError(f"{shown(url)} already holds files tokenclean did not publish (or a publish that was "
+                              "interrupted: remove them yourself); choose an empty URL")
     commit_dir(url, upload_files(local, url))
     return weights
 
@@ -376,6 +395,6 @@ def weights_hash(path: str) -> str:
     is downloaded."""
     from tokenclean.tasks import keys
 
-    if not is_remote(path):
-        return keys.weights_hash(keys.resolve_model_dir(local_path(str(path))))
+    if not is_remote(path):  # a directory, or a hub id (never made absolute: "org/name" is not a path here)
+        return keys.weights_hash(keys.resolve_model_dir(str(path).removeprefix("file://")))
     return keys.weights_hash_of(_whole(path), lambda entry: entry[1], path)

@@ -135,6 +135,10 @@ def test_storage_keeps_the_newest_committed_checkpoints_as_the_trainer_keeps_the
     assert sorted(x.rsplit("/", 1)[-1] for x in fs.ls(p, detail=False)) == ["checkpoint-4", "checkpoint-5"]
     assert remote_checkpoints.KEEP == 2
     assert open(f"{remote_checkpoints.newest(url)}/adapter_model.safetensors").read() == "step 5"
+    # a writer that resumed from step 3 (say step 4's copy was bad) and commits it again: nothing newer is touched
+    callback.on_save(SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3), None)
+    assert sorted(x.rsplit("/", 1)[-1] for x in fs.ls(p, detail=False)) == [
+        "checkpoint-3", "checkpoint-4", "checkpoint-5"]
 
 
 def test_urls_in_logs_and_errors_carry_no_password_or_signature():
@@ -174,6 +178,8 @@ def test_a_model_in_object_storage_loads_on_a_node_only_with_the_weights_the_run
     assert storage.open_model(url, weights) == copy and len(_downloads(node_cache)) == 2  # configs, then the model
     AutoModelForCausalLM.from_pretrained(copy)
     assert storage.open_model(str(tiny.model), "anything") == str(tiny.model)  # a local model: the node's own
+    with pytest.raises(ValueError, match="none was given"):  # no recorded key to check a copy against: refused
+        storage.open_model(url, None)
 
     other = tmp_path / "other"
     shutil.copytree(tiny.model, other)
@@ -181,6 +187,10 @@ def test_a_model_in_object_storage_loads_on_a_node_only_with_the_weights_the_run
     again = _publish(other, url)
     assert again.exit_code == 2 and "another model" in again.output
     assert _publish(tiny.model, url).exit_code == 0  # the same model again: kept as it is
+    retemplated = tmp_path / "retemplated"
+    shutil.copytree(tiny.model, retemplated)
+    (retemplated / "tokenizer_config.json").write_text("{}")  # the same weights, another tokenizer: another model
+    assert _publish(retemplated, url).exit_code == 2
     storage.publish_dir(other, url)  # replaced behind the run's back
     with pytest.raises(ValueError, match="not the model this run recorded"):
         storage.open_model(url, weights)
@@ -228,3 +238,35 @@ def test_an_adapter_published_again_under_its_url_is_never_scored_under_the_reco
         ScoringModel(str(tiny.model), device="cpu", dtype="float32", base_key="BASE").losses(
             sample, adapter=url, adapter_key=recorded, batch_tokens=256)
     assert first.num_rows == 18 and np.isfinite(first.column("loss").to_numpy()).all()
+
+
+def test_a_hub_id_is_keyed_from_its_snapshot_in_the_hub_cache_and_loaded_as_given(tiny, tmp_path, monkeypatch):
+    """``model.base: org/name`` (a model in the Hugging Face cache, offline): its weights hash is its snapshot's,
+    and workers load it by the id; it is no path relative to the working directory."""
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny.model, repo / "snapshots" / "abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # the cache only: tests reach no host
+    monkeypatch.chdir(tmp_path)
+    assert storage.weights_hash("org/tiny") == keys.weights_hash(tiny.model)
+    assert storage.open_model("org/tiny", None) == storage.open_tokenizer("org/tiny") == "org/tiny"
+
+
+def test_workers_asking_at_once_make_one_copy_per_node(tmp_path, node_cache):
+    """Several workers of one node (one per GPU) open the same model at the same moment: one fetches it, the
+    others wait for that copy instead of each downloading the whole model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = tmp_path / "model"
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    (local / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(32 << 20))
+    url = f"memory://bucket-{uuid.uuid4().hex[:8]}/models/m"
+    weights = storage.publish_model(local, url)
+    with ThreadPoolExecutor(4) as pool:
+        copies = set(pool.map(lambda _: storage.open_model(url, weights), range(4)))
+    assert len(copies) == 1 and len(_downloads(node_cache)) == 1
