@@ -341,6 +341,7 @@ def _submit_evals(ctx: RunContext, todo: dict[str, EvalRequest]) -> dict:
                       base_key=base_key, base_weights=ctx.model_weights(base_key),
                       adapter_key=model.key if model.adapter else None,
                       device=cfg.model.device, dtype=cfg.model.dtype, tokenizer_path=ctx.tokenizer_path,
+                      tokenizer_fingerprint=ctx.tokenizer_fingerprint,
                       max_new_tokens=cfg.eval.max_new_tokens, label=label(r.variant, r.iteration))
         task = evaluate_task.with_options(task_run_name=f"evaluate/{job.label}")
         running[key] = (time.perf_counter(), submit_placed(task, cfg.ray, cfg.ray.cpus_per_eval_task,

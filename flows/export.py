@@ -90,5 +90,6 @@ def export_run_model(run: Path, name: str, out: Path | None = None, *, adapter_o
                   "tokenizer": dataset["tokenizer"], "train": rec["inputs"].get("train")}
     adapter = storage.open_adapter(storage.under(run, rec["path"]), rec["model"], base_key)
     res = export_model(base_path, adapter, dataset["tokenizer"], out, template=dataset.get("template", "tulu"),
-                       adapter_only=adapter_only, provenance=provenance, overwrite=overwrite, base_weights=base_weights)
+                       adapter_only=adapter_only, provenance=provenance, overwrite=overwrite, base_weights=base_weights,
+                       tokenizer_fingerprint=dataset.get("tokenizer_fingerprint"))
     return res | {"variant": variant, "adapter": train_key}

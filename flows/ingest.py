@@ -34,6 +34,7 @@ class IngestJob:
     inputs: str  # the inputs' content fingerprint
     split: dict  # the split as keyed: parts, eval_fraction, seed (and warmup)
     tokenizer: str  # where the tokenizer was loaded from
+    tokenizer_fingerprint: str  # ... and what it was (template.tokenizer_fingerprint): later loads are checked
     parts_dir: str  # each split's part, in the workers' storage, named by the dataset key
     local_dir: str  # ... copied here to be staged when that storage is remote
     workers: int = 1  # data.ingest_workers: Ray tasks at once when > 1

@@ -19,6 +19,7 @@ from tokenclean.flows.runtime import run_logger
 from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.ingest import IngestSpec, tokenization_of
 from tokenclean.tasks.storage import is_remote, join
+from tokenclean.tasks.template import tokenizer_fingerprint
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunContext:
     reference: dict = field(default_factory=dict)  # which theta_1 this run uses, and why (warmup_reference)
     reference_path: str | None = None  # model.reference's directory, when one is given
     reference_model: str | None = None  # ... and its key (its name and weights, as the base's)
+    tokenizer_fingerprint: str | None = None  # the tokenizer the samples were made with: later loads are checked
 
     @property
     def pool_parts(self) -> list[int]:
@@ -244,7 +246,8 @@ def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
                       dataset=job.dataset, base_model=base_model, scorer=scorer_settings(cfg),
                       train_numerics=placed_numerics(cfg, cfg.ray.gpus_per_train_worker),
                       eval_numerics=placed_numerics(cfg, cfg.ray.gpus_per_eval_task), ingest=info, storage=root,
-                      reference_path=reference and reference[1], reference_model=ref_model)
+                      reference_path=reference and reference[1], reference_model=ref_model,
+                      tokenizer_fingerprint=job.tokenizer_fingerprint)
 
 
 def ingest_job(cfg: RunConfig, con, tokenizer, base_path: str, paths: list[str], eval_paths: list[str], *,
@@ -265,6 +268,7 @@ def ingest_job(cfg: RunConfig, con, tokenizer, base_path: str, paths: list[str],
     return IngestJob(dataset=dataset, spec=spec, paths=tuple(paths), eval_paths=tuple(eval_paths),
                      warmup_paths=tuple(warmup), inputs=inputs, split=split,
                      tokenizer=cfg.model.tokenizer or base_path,
+                     tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
                      parts_dir=join(storage_root(cfg, con), "ingest", dataset),
                      local_dir=str(cfg.run_dir / "ingest" / dataset), workers=cfg.data.ingest_workers,
                      db_memory_limit=cfg.db_memory_limit, progress=progress)
@@ -351,4 +355,5 @@ def _described(job: IngestJob) -> dict:
     """What the dataset was ingested from, as its row records it (``store.dataset_inputs``)."""
     return {"paths": list(job.paths), "eval_paths": list(job.eval_paths), "warmup_paths": list(job.warmup_paths),
             "content": job.inputs, "tokenization": job.spec.tokenization, "tokenizer": job.tokenizer,
+            "tokenizer_fingerprint": job.tokenizer_fingerprint,
             "template": job.spec.template, "max_length": job.spec.max_length, "split": job.split}

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from tokenclean.tasks import storage, store
+from tokenclean.tasks import store
 from tokenclean.tasks.jobs import EvalJob
 from tokenclean.tasks.score import ShardSample, process_model
 
@@ -110,13 +110,13 @@ def evaluate_model(job: EvalJob) -> dict:
 
 def _generated_matches(sm, job: EvalJob) -> dict:
     """{sample_id: answer found in the greedy generation} for the samples that carry an answer."""
-    from transformers import AutoTokenizer
+    from tokenclean.tasks.template import load_tokenizer
 
     meta = job.meta
     with_answer = [s for s in job.samples if meta[s.sample_id].get("answer_text")]
     if not with_answer:
         return {}
-    tokenizer = AutoTokenizer.from_pretrained(storage.open_tokenizer(job.tokenizer_path or job.base_path))
+    tokenizer = load_tokenizer(job.tokenizer_path or job.base_path, job.tokenizer_fingerprint)
     prompts = [s.input_ids[:last_turn_start(s.target)] for s in with_answer]
     texts = sm.generate(prompts, adapter=job.adapter, adapter_key=job.adapter_key, tokenizer=tokenizer,
                         max_new_tokens=job.max_new_tokens, stop_ids=stop_token_ids(tokenizer, with_answer))

@@ -129,18 +129,17 @@ def write_dataset(readers, out: Path, fmt: str, *, overwrite: bool = False, mani
 
 def export_model(base_path: str, adapter_dir: str, tokenizer_path: str, out: Path, *, template: str,
                  adapter_only: bool = False, provenance: dict | None = None, overwrite: bool = False,
-                 base_weights: str | None = None) -> dict:
+                 base_weights: str | None = None, tokenizer_fingerprint: str | None = None) -> dict:
     """Base + adapter merged (or the adapter alone) into ``out``, with the tokenizer and a provenance manifest.
-    A base in object storage loads from this machine's copy, checked against ``base_weights``.
+    A base in object storage loads from this machine's copy, checked against ``base_weights``; the tokenizer is
+    checked against ``tokenizer_fingerprint`` (the one the training data was tokenized with), when recorded.
 
     ``out`` must be new, or an earlier export of the same kind with ``overwrite`` (``export_target``)."""
-    from transformers import AutoTokenizer
-
-    from tokenclean.tasks.template import TULU_JINJA
+    from tokenclean.tasks.template import TULU_JINJA, load_tokenizer
 
     out, kind = Path(out), "adapter" if adapter_only else "model"
     check_target(out, kind, overwrite=overwrite)
-    tokenizer = AutoTokenizer.from_pretrained(storage.open_tokenizer(tokenizer_path))
+    tokenizer = load_tokenizer(tokenizer_path, tokenizer_fingerprint)
     if template == "tulu":
         tokenizer.chat_template = TULU_JINJA  # serve with the text the model was trained on
     with staging(out) as stage:

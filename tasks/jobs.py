@@ -56,6 +56,7 @@ class EvalJob:
     device: str = "auto"
     dtype: str = "auto"
     tokenizer_path: str | None = None  # None: the base model's
+    tokenizer_fingerprint: str | None = None  # the run's tokenizer: a tokenizer changed since is refused
     max_new_tokens: int = 128  # greedy generation budget of answer_match (0: skip it)
     chunk: int = 2048  # lm_head+CE rows per chunk
     label: str = ""  # the variant's name, for the log

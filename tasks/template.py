@@ -813,6 +813,21 @@ def _scatter(size: int, dest: np.ndarray, values: np.ndarray, fill: int, dtype) 
     return out
 
 
+def load_tokenizer(path: str, fingerprint: str | None = None):
+    """The tokenizer at ``path`` (a directory, hub id, or model in object storage), checked to be the one the run's
+    samples were tokenized with when its ``fingerprint`` is given: ids decoded, or a model exported, with a
+    tokenizer changed since would be silently wrong."""
+    from transformers import AutoTokenizer
+
+    from tokenclean.tasks.storage import open_tokenizer, shown
+
+    tokenizer = AutoTokenizer.from_pretrained(open_tokenizer(path))
+    if fingerprint is not None and (now := tokenizer_fingerprint(tokenizer)) != fingerprint:
+        raise ValueError(f"the tokenizer at {shown(path)} is not the one this run's samples were tokenized with "
+                         f"(fingerprint {now}, the run's {fingerprint}); restore it, or re-run the pipeline")
+    return tokenizer
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of the vocabulary, merges and special tokens: anything that changes ids or which tokens are special."""
     h = hashlib.sha256()

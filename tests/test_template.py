@@ -110,6 +110,24 @@ def test_fingerprint_changes_with_vocabulary(tokenizer):
     assert tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(other)
 
 
+def test_a_tokenizer_changed_since_the_run_is_refused_where_it_is_loaded_again(tiny, tmp_path):
+    """Evaluation's generation and the model export load the run's tokenizer by path again: one whose special
+    tokens changed since the samples were tokenized is refused, the same one passes."""
+    import shutil
+
+    from tokenclean.tasks.template import load_tokenizer
+
+    path = tmp_path / "tok"
+    shutil.copytree(tiny.model, path)
+    recorded = tokenizer_fingerprint(load_tokenizer(str(path)))
+    assert tokenizer_fingerprint(load_tokenizer(str(path), recorded)) == recorded
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["eos_token"] = config.get("bos_token") or "<s>"  # generation would stop at another token
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not the one this run's samples were tokenized with"):
+        load_tokenizer(str(path), recorded)
+
+
 # ---- the model's own chat template (data.template: model) ---------------------------------------------------
 
 # Written in the style of each family's template (local files, no hub). Mistral's puts the system prompt into
