@@ -175,17 +175,31 @@ def is_remote(path: str) -> bool:
 
 def upload_files(local: str | Path, url: str, names: list[str] | None = None) -> dict:
     """Copy the files under ``local`` (or just ``names``, relative to it) to ``url``; their manifest entries."""
-    from tokenclean.tasks.keys import file_sha256
-
     root = Path(local)
-    files = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root / n for n in names] if names is not None else _files_under(root)
     fs, p = filesystem(url)
     manifest = {}
     for f in files:
         rel = f.relative_to(root).as_posix()
         fs.put_file(str(f), f"{p}/{rel}")
-        manifest[rel] = [f.stat().st_size, file_sha256(f, cache=False)]
+        manifest[rel] = _entry(f)
     return manifest
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _entry(f: Path) -> list:
+    """A file's manifest entry: [size, sha256]."""
+    from tokenclean.tasks.keys import file_sha256
+
+    return [f.stat().st_size, file_sha256(f, cache=False)]
+
+
+def local_manifest(root: Path) -> dict:
+    """The manifest ``publish_dir`` would commit for the local directory ``root``, without uploading it."""
+    return {f.relative_to(root).as_posix(): _entry(f) for f in _files_under(root)}
 
 
 def commit_dir(url: str, manifest: dict) -> None:
@@ -296,12 +310,17 @@ def open_adapter(path: str, model_key: str | None = None, base_key: str | None =
                          "re-run the pipeline to record it again")
 
 
+def _manifest_weights(url: str, manifest: dict) -> str:
+    """``keys.weights_hash`` of the published directory ``url``, from its manifest."""
+    from tokenclean.tasks.keys import weights_hash_of
+
+    return weights_hash_of(manifest, lambda entry: entry[1], shown(url))
+
+
 def _checked_copy(url: str, check, advice: str) -> str:
     """This node's copy of ``url`` once ``check`` passes on the weights hash of its manifest."""
-    from tokenclean.tasks import keys
-
     manifest = _whole(url)
-    now = keys.weights_hash_of(manifest, lambda entry: entry[1], shown(url))
+    now = _manifest_weights(url, manifest)
     if not check(now):
         raise ValueError(f"{shown(url)} is not the model this run recorded (its weights hash is now {now[:12]}); "
                          f"{advice}")
@@ -338,9 +357,7 @@ def publish_model(local: str | Path, url: str) -> str:
     fs, p = filesystem(url)
     there = read_manifest(url)
     if there is not None:
-        files = sorted(f for f in local.rglob("*") if f.is_file())
-        if there == {f.relative_to(local).as_posix(): [f.stat().st_size, keys.file_sha256(f, cache=False)]
-                     for f in files}:
+        if there == local_manifest(local):
             return weights
         raise FileExistsError(f"{shown(url)} holds another model (other files); publish this one under a new URL")
     if fs.exists(p) and fs.ls(p):
@@ -351,8 +368,6 @@ def publish_model(local: str | Path, url: str) -> str:
 
 
 def _download(url: str, manifest: dict, dest: Path) -> None:
-    from tokenclean.tasks.keys import file_sha256
-
     fs, p = filesystem(url)
     bad = [rel for rel in manifest if rel.startswith("/") or ".." in rel.split("/")]
     if bad:
@@ -363,7 +378,7 @@ def _download(url: str, manifest: dict, dest: Path) -> None:
         for rel, (size, sha) in manifest.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(f"{p}/{rel}", str(tmp / rel))
-            if (tmp / rel).stat().st_size != size or file_sha256(tmp / rel, cache=False) != sha:
+            if _entry(tmp / rel) != [size, sha]:
                 raise OSError(f"{shown(url)}/{rel}: the copy does not match its manifest (size {size}, sha256 "
                               f"{sha[:12]}…)")
         try:
@@ -397,4 +412,4 @@ def weights_hash(path: str) -> str:
 
     if not is_remote(path):  # a directory, or a hub id (never made absolute: "org/name" is not a path here)
         return keys.weights_hash(keys.resolve_model_dir(str(path).removeprefix("file://")))
-    return keys.weights_hash_of(_whole(path), lambda entry: entry[1], path)
+    return _manifest_weights(path, _whole(path))
