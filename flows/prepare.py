@@ -19,7 +19,7 @@ from tokenclean.flows.runtime import run_logger
 from tokenclean.tasks import keys, storage, store
 from tokenclean.tasks.ingest import IngestSpec, tokenization_of
 from tokenclean.tasks.storage import is_remote, join
-from tokenclean.tasks.template import tokenizer_fingerprint
+from tokenclean.tasks.template import load_tokenizer, tokenizer_fingerprint
 
 
 @dataclass
@@ -217,10 +217,8 @@ def scorer_settings(cfg: RunConfig) -> dict:
 
 def prepare(cfg: RunConfig, *, progress: bool = True) -> RunContext:
     """Open the run; ingest the inputs unless a dataset with the same key is already stored."""
-    from transformers import AutoTokenizer
-
     base_path, paths, eval_paths = resolve_inputs(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(storage.open_tokenizer(cfg.model.tokenizer or base_path))
+    tokenizer = load_tokenizer(cfg.model.tokenizer or base_path)
     identity = base_model_identity(cfg, base_path)
     # refused before the run directory is made: a reference that cannot read the run's ids costs nothing
     reference = reference_identity(cfg, tokenizer, cfg.model.tokenizer or base_path, identity)

@@ -272,11 +272,9 @@ def _show_quarantine(con, limit: int | None) -> None:
 def _show_sample(con, sample: str, selection: str) -> None:
     """One sample's tokens with the scores and KEEP/drop marks of one variant's selection (same iteration);
     for an id whose rows were all refused, where they were and why."""
-    from transformers import AutoTokenizer
-
     from tokenclean.summary import names_of, output_key
     from tokenclean.tasks import store
-    from tokenclean.tasks.storage import open_tokenizer
+    from tokenclean.tasks.template import load_tokenizer
 
     dataset = store.latest_dataset(con)
     sid = store.sample_id_of_uid(con, dataset, sample)
@@ -299,8 +297,7 @@ def _show_sample(con, sample: str, selection: str) -> None:
     rec = store.selection_record(con, sel_key)
     kept = store.kept_positions(con, sel_key, sid)
     scores = store.sample_scores(con, rec["scores"], sid) if rec["scores"] else {}
-    tokenizer_path = store.artifact_inputs(con, "dataset", dataset)["inputs"]["tokenizer"]
-    tok = AutoTokenizer.from_pretrained(open_tokenizer(tokenizer_path))
+    tok = load_tokenizer(store.artifact_inputs(con, "dataset", dataset)["inputs"]["tokenizer"])
     typer.echo(f"sample {row[2]} (sample_id {sid}); selection {selection} = {sel_key}; scores {rec['scores']}")
     for pos, (tid, is_target) in enumerate(zip(row[0], row[1])):
         mark = "KEEP" if pos in kept else ("drop" if is_target else "    ")

@@ -622,11 +622,9 @@ def _load_tokenizer(con):
     if not path:
         return None, "no dataset recorded by a flow run: showing token ids instead of text"
     try:
-        from transformers import AutoTokenizer
+        from tokenclean.tasks.template import load_tokenizer
 
-        from tokenclean.tasks.storage import open_tokenizer
-
-        return AutoTokenizer.from_pretrained(open_tokenizer(path)), None
+        return load_tokenizer(path), None
     except Exception as e:  # a moved model directory must not stop the report
         return None, f"tokenizer at {path} could not be loaded ({type(e).__name__}: {e}); showing token ids"
 
