@@ -60,3 +60,12 @@ def assert_same(got: dict, want: dict) -> None:
                 assert g[m] == pytest.approx(w[m], rel=1e-4, abs=1e-5), (k, m)
         elif k == "kept":
             assert g == w
+
+
+def nodes_of(details: list[dict]) -> set[str]:
+    """The Ray nodes that the stage_log ``details`` (their ``placement``: one entry or a list) ran on."""
+    out = set()
+    for d in details:
+        where = d.get("placement") or []
+        out |= {p["node"] for p in (where if isinstance(where, list) else [where])}
+    return out

@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import tiny_config
 from tests.faults import BACKEND, FAULT_ENV, STALL_TRAINING_ENV, kill_tree, shard_first_ids
 from tests.run_process import finish_run, start_run, wait_for_marker
-from tests.run_snapshot import assert_same, snapshot
+from tests.run_snapshot import assert_same, nodes_of, snapshot
 from tokenclean.config import RunConfig
 
 
@@ -43,14 +43,6 @@ def _cfg(workdir: Path, data, multinode, name: str, **over) -> dict:
     return cfg
 
 
-def _nodes(details: list[dict]) -> set[str]:
-    out = set()
-    for d in details:
-        where = d.get("placement") or []
-        out |= {p["node"] for p in (where if isinstance(where, list) else [where])}
-    return out
-
-
 @pytest.fixture(scope="module")
 def undisturbed(tiny, data, multinode, tmp_path_factory):
     """The config every disturbed run uses, run once without faults, in this process, by address."""
@@ -66,7 +58,7 @@ def undisturbed(tiny, data, multinode, tmp_path_factory):
 def test_scoring_spreads_over_the_nodes_of_a_cluster_given_by_address(undisturbed, multinode):
     scoring = [d for d in undisturbed["placement"] if "samples_scored" in d]
     assert len(scoring) == 2  # base and reference
-    used = _nodes(scoring)
+    used = nodes_of(scoring)
     assert len(used) >= 2, used  # shards of one stage ran on more than one node
     assert used <= set(multinode.node_ids().values())  # and never on the head (no CPUs there)
     # every model was loaded once per worker process that scored with it, on whichever node
@@ -82,7 +74,7 @@ def test_ingest_reads_its_input_splits_on_the_worker_nodes(undisturbed, multinod
     by sample id and content."""
     (ingest,) = undisturbed["ingest"]
     assert ingest["splits"] >= 2 and ingest["splits_reused"] == 0
-    used = _nodes([ingest])
+    used = nodes_of([ingest])
     assert used and used <= set(multinode.node_ids().values()), used
 
 

@@ -20,7 +20,7 @@ from tests.conftest import tiny_config
 from tests.faults import STALL_TRAINING_ENV
 from tests.isolated_cluster import IsolatedCluster, can_isolate, node_downloads
 from tests.run_process import finish_run, start_run, wait_for_marker
-from tests.run_snapshot import assert_same, snapshot
+from tests.run_snapshot import assert_same, nodes_of, snapshot
 from tokenclean.config import RunConfig
 from tokenclean.tasks import store
 
@@ -127,14 +127,6 @@ def shared_nothing(cluster, data, bucket, published, tmp_path_factory):
     return run_cfg, snapshot(run_cfg, ADAPTERS), cluster.on_each_node(node_downloads), lost
 
 
-def _placed_on(snap: dict) -> set[str]:
-    out = set()
-    for d in snap["placement"]:
-        where = d.get("placement") or []
-        out |= {p["node"] for p in (where if isinstance(where, list) else [where])}
-    return out
-
-
 def test_a_run_on_nodes_that_share_nothing_equals_the_local_run(shared_nothing, local_run, cluster):
     """Ingest, scoring, training (one node lost mid-way), evaluation and a self-evolving iteration on worker nodes
     that share only the bucket: the same losses, kept tokens, adapters and metrics as the local run. The lost
@@ -148,7 +140,7 @@ def test_a_run_on_nodes_that_share_nothing_equals_the_local_run(shared_nothing, 
     train = next(d for d in snap["placement"] if d.get("key") and d.get("resumed_from") is not None)
     assert train["resumed_from"] == 1 and train["steps"] == train["steps_run"] + 1
     assert lost not in {p["node"] for p in train["placement"]}
-    placed = _placed_on(snap)
+    placed = nodes_of(snap["placement"])
     assert lost in placed and placed - {lost} <= set(cluster.node_ids()), (placed, lost)
     assert {p.name for p in cfg.run_dir.iterdir() if p.name != "ingest"} == {store.DB_FILE, "config.yaml"}
     assert not any((cfg.run_dir / "ingest").rglob("*.parquet"))  # staged parts are not kept here
